@@ -1,0 +1,367 @@
+//! Daemon settings: one typed struct loaded from a YAML file, overridden by `ZTUND_*` environment
+//! variables and flags, validated in one place. Everything else receives a `Config`.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// What went wrong reading the daemon config.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{path}: field `{field}`: {reason}")]
+    Invalid {
+        path: String,
+        field: &'static str,
+        reason: String,
+    },
+}
+
+/// How pods are handed to ztund.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum CaptureMode {
+    /// No transparent capture: HBONE and SOCKS5 listeners in the daemon's own namespace; local
+    /// workloads are processes of this host reached on their addresses.
+    #[default]
+    None,
+    /// Pods from the mesh file that name a network namespace; ztund installs the redirection.
+    Standalone,
+    /// Pods from istio-cni over the ZDS socket; istio-cni owns the redirection.
+    IstioCni,
+    /// A VM host: the host's own processes are the workload, captured in the host namespace.
+    Host,
+}
+
+/// Where workload certificates come from.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "mode", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum CaConfig {
+    /// ztund's built-in CA: a directory made by `ztund ca init`.
+    Builtin { dir: PathBuf },
+    /// An organisation's intermediate in Istio's `cacerts` layout.
+    Cacerts { dir: PathBuf },
+}
+
+/// Listener ports; Istio's numbers by default.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct Ports {
+    pub hbone: u16,
+    pub socks5: u16,
+    pub outbound: u16,
+    pub inbound_plaintext: u16,
+    pub admin: u16,
+    pub metrics: u16,
+    pub readiness: u16,
+}
+
+impl Default for Ports {
+    fn default() -> Self {
+        Ports {
+            hbone: 15008,
+            socks5: 15080,
+            outbound: 15001,
+            inbound_plaintext: 15006,
+            admin: 15000,
+            metrics: 15020,
+            readiness: 15021,
+        }
+    }
+}
+
+/// Connection pool settings for the HBONE client.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct PoolConfig {
+    pub max_streams_per_connection: u32,
+    #[serde(with = "duration_text")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            max_streams_per_connection: 100,
+            idle_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// The daemon configuration.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Config {
+    /// This node's name; workloads whose `node` equals it are local.
+    pub node: String,
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: String,
+    /// Multi-document Kubernetes/Istio YAML describing the mesh; watched for changes.
+    pub mesh_file: PathBuf,
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    pub ca: CaConfig,
+    #[serde(default = "default_cert_ttl", with = "duration_text")]
+    pub cert_ttl: Duration,
+    #[serde(default)]
+    pub ports: Ports,
+    /// Address the SOCKS5 listener binds; localhost unless configured.
+    #[serde(default = "default_socks5_bind")]
+    pub socks5_bind: IpAddr,
+    /// Address of the HBONE listener in capture mode `none` (the node's own namespace).
+    #[serde(default = "default_hbone_bind")]
+    pub hbone_bind: IpAddr,
+    #[serde(default)]
+    pub capture: CaptureMode,
+    #[serde(default = "default_zds_socket")]
+    pub zds_socket: PathBuf,
+    #[serde(default)]
+    pub pool: PoolConfig,
+    #[serde(default = "default_root_namespace")]
+    pub root_namespace: String,
+    #[serde(default)]
+    pub log_format: LogFormat,
+    /// How often the mesh file is checked for changes.
+    #[serde(default = "default_watch_interval", with = "duration_text")]
+    pub watch_interval: Duration,
+}
+
+fn default_trust_domain() -> String {
+    "cluster.local".into()
+}
+fn default_state_dir() -> PathBuf {
+    "/var/lib/ztund".into()
+}
+fn default_cert_ttl() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+fn default_socks5_bind() -> IpAddr {
+    IpAddr::from([127, 0, 0, 1])
+}
+fn default_hbone_bind() -> IpAddr {
+    IpAddr::from([0, 0, 0, 0])
+}
+fn default_zds_socket() -> PathBuf {
+    "/var/run/ztunnel/ztunnel.sock".into()
+}
+fn default_root_namespace() -> String {
+    "istio-system".into()
+}
+fn default_watch_interval() -> Duration {
+    Duration::from_millis(500)
+}
+
+impl Config {
+    /// Reads and validates a config file. Relative paths inside it are resolved against the
+    /// file's directory, so a config and its mesh file can travel together.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let mut config = Config::parse(&text, &path.display().to_string())?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.resolve_relative_paths(base);
+        Ok(config)
+    }
+
+    /// Parses and validates config text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let config: Config = serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(text))
+            .map_err(|e| {
+                let field = e.path().to_string();
+                let message = if field == "." {
+                    e.inner().to_string()
+                } else {
+                    format!("field `{field}`: {}", e.inner())
+                };
+                ConfigError::Parse {
+                    path: origin.to_string(),
+                    message,
+                }
+            })?;
+        config.validate(origin)?;
+        Ok(config)
+    }
+
+    /// Applies `ZTUND_<FIELD>` overrides for the settings operators change per node.
+    pub fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        if let Some(node) = env("ZTUND_NODE") {
+            self.node = node;
+        }
+        if let Some(td) = env("ZTUND_TRUST_DOMAIN") {
+            self.trust_domain = td;
+        }
+        if let Some(mesh) = env("ZTUND_MESH_FILE") {
+            self.mesh_file = mesh.into();
+        }
+        self.validate("environment")
+    }
+
+    fn resolve_relative_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.mesh_file);
+        fix(&mut self.state_dir);
+        match &mut self.ca {
+            CaConfig::Builtin { dir } | CaConfig::Cacerts { dir } => fix(dir),
+        }
+    }
+
+    fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let invalid = |field: &'static str, reason: String| ConfigError::Invalid {
+            path: origin.to_string(),
+            field,
+            reason,
+        };
+        if self.node.trim().is_empty() {
+            return Err(invalid("node", "must not be empty".into()));
+        }
+        if crate::identity::SpiffeId::new(&self.trust_domain, "ns", "sa").is_err() {
+            return Err(invalid(
+                "trustDomain",
+                format!("{:?} is not a valid SPIFFE trust domain", self.trust_domain),
+            ));
+        }
+        if self.cert_ttl < Duration::from_secs(60) {
+            return Err(invalid("certTtl", "must be at least 60s".into()));
+        }
+        if self.pool.max_streams_per_connection == 0 {
+            return Err(invalid(
+                "pool.maxStreamsPerConnection",
+                "must be at least 1".into(),
+            ));
+        }
+        let p = &self.ports;
+        let all = [
+            ("ports.hbone", p.hbone),
+            ("ports.socks5", p.socks5),
+            ("ports.outbound", p.outbound),
+            ("ports.inboundPlaintext", p.inbound_plaintext),
+            ("ports.admin", p.admin),
+            ("ports.metrics", p.metrics),
+            ("ports.readiness", p.readiness),
+        ];
+        for (i, (field, port)) in all.iter().enumerate() {
+            if *port == 0 {
+                return Err(invalid(field, "must not be 0".into()));
+            }
+            if let Some((other, _)) = all[..i].iter().find(|(_, q)| q == port) {
+                return Err(invalid(field, format!("port {port} is also {other}")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Durations written as `500ms`, `30s`, `5m`, `24h` (or a bare number of seconds).
+pub mod duration_text {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Seconds(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Seconds(s) => Ok(Duration::from_secs(s)),
+            Raw::Text(t) => parse(&t).map_err(serde::de::Error::custom),
+        }
+    }
+
+    /// Parses `500ms`, `30s`, `5m`, `24h`, `7d`.
+    pub fn parse(text: &str) -> Result<Duration, String> {
+        let text = text.trim();
+        let split = text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len());
+        let (digits, unit) = text.split_at(split);
+        let n: u64 = digits
+            .parse()
+            .map_err(|_| format!("{text:?} is not a duration like 30s, 5m or 24h"))?;
+        let secs = match unit {
+            "ms" => return Ok(Duration::from_millis(n)),
+            "" | "s" => n,
+            "m" => n * 60,
+            "h" => n * 3600,
+            "d" => n * 86400,
+            _ => return Err(format!("{text:?} has unknown unit {unit:?} (use ms, s, m, h, d)")),
+        };
+        Ok(Duration::from_secs(secs))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "node: node1\nmeshFile: mesh.yaml\nca: {mode: builtin, dir: ca}\n";
+
+    #[test]
+    fn minimal_config_gets_istio_defaults() {
+        let c = Config::parse(MINIMAL, "t.yaml").unwrap();
+        assert_eq!(c.trust_domain, "cluster.local");
+        assert_eq!(c.ports.hbone, 15008);
+        assert_eq!(c.ports.socks5, 15080);
+        assert_eq!(c.cert_ttl, Duration::from_secs(86400));
+        assert_eq!(c.socks5_bind, IpAddr::from([127, 0, 0, 1]));
+        assert_eq!(c.pool.max_streams_per_connection, 100);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            ("node: ''\nmeshFile: m\nca: {mode: builtin, dir: c}\n", "node"),
+            (
+                "node: n\nmeshFile: m\nca: {mode: builtin, dir: c}\ntrustDomain: Bad Domain\n",
+                "trustDomain",
+            ),
+            (
+                "node: n\nmeshFile: m\nca: {mode: builtin, dir: c}\nports: {socks5: 15008}\n",
+                "ports.socks5",
+            ),
+            ("node: n\nmeshFile: m\nca: {mode: builtin, dir: c}\ncertTtl: 5x\n", "certTtl"),
+            ("node: n\nmeshFile: m\nca: {mode: builtin, dir: c}\nnodee: x\n", "nodee"),
+            ("node: n\nca: {mode: builtin, dir: c}\n", "meshFile"),
+        ];
+        for (text, field) in cases {
+            let err = Config::parse(text, "cfg.yaml").unwrap_err().to_string();
+            assert!(err.contains("cfg.yaml"), "{err}");
+            assert!(err.contains(field), "{err} should name {field}");
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(duration_text::parse("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(duration_text::parse("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(duration_text::parse("24h").unwrap(), Duration::from_secs(86400));
+        assert!(duration_text::parse("h").is_err());
+        assert!(duration_text::parse("3w").is_err());
+    }
+}

@@ -1,0 +1,172 @@
+//! SPIFFE workload identities of the one shape Istio uses:
+//! `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
+//! Anything else is an error; this module knows nothing about certificates.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// Why a string is not a SPIFFE id ztund accepts.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpiffeIdError {
+    #[error("{value:?} does not start with spiffe://")]
+    MissingScheme { value: String },
+    #[error("{value:?} must have exactly the segments <trust-domain>/ns/<namespace>/sa/<service-account>")]
+    WrongShape { value: String },
+    #[error("{value:?} has an empty {part}")]
+    EmptyPart { value: String, part: &'static str },
+    #[error("{value:?} has an invalid character in {part}")]
+    InvalidCharacter { value: String, part: &'static str },
+}
+
+/// A workload identity: trust domain, namespace and service account.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SpiffeId {
+    trust_domain: String,
+    namespace: String,
+    service_account: String,
+}
+
+impl SpiffeId {
+    /// Builds an id from its parts, checking each the way parsing would.
+    pub fn new(
+        trust_domain: &str,
+        namespace: &str,
+        service_account: &str,
+    ) -> Result<Self, SpiffeIdError> {
+        format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}").parse()
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    pub fn service_account(&self) -> &str {
+        &self.service_account
+    }
+
+    /// The id without its scheme (`td/ns/x/sa/y`): what Istio authorization compares principals with.
+    pub fn principal(&self) -> String {
+        format!(
+            "{}/ns/{}/sa/{}",
+            self.trust_domain, self.namespace, self.service_account
+        )
+    }
+}
+
+impl fmt::Display for SpiffeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "spiffe://{}/ns/{}/sa/{}",
+            self.trust_domain, self.namespace, self.service_account
+        )
+    }
+}
+
+impl FromStr for SpiffeId {
+    type Err = SpiffeIdError;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        let rest = value
+            .strip_prefix("spiffe://")
+            .ok_or_else(|| SpiffeIdError::MissingScheme {
+                value: value.to_string(),
+            })?;
+        let parts: Vec<&str> = rest.split('/').collect();
+        let [td, ns_key, ns, sa_key, sa] = parts.as_slice() else {
+            return Err(SpiffeIdError::WrongShape {
+                value: value.to_string(),
+            });
+        };
+        if *ns_key != "ns" || *sa_key != "sa" {
+            return Err(SpiffeIdError::WrongShape {
+                value: value.to_string(),
+            });
+        }
+        for (part, text, allowed) in [
+            ("trust domain", *td, is_trust_domain_char as fn(char) -> bool),
+            ("namespace", *ns, is_path_char),
+            ("service account", *sa, is_path_char),
+        ] {
+            if text.is_empty() {
+                return Err(SpiffeIdError::EmptyPart {
+                    value: value.to_string(),
+                    part,
+                });
+            }
+            if !text.chars().all(allowed) {
+                return Err(SpiffeIdError::InvalidCharacter {
+                    value: value.to_string(),
+                    part,
+                });
+            }
+        }
+        Ok(SpiffeId {
+            trust_domain: td.to_string(),
+            namespace: ns.to_string(),
+            service_account: sa.to_string(),
+        })
+    }
+}
+
+/// The SPIFFE spec allows lowercase letters, digits, `-`, `.` and `_` in a trust domain.
+fn is_trust_domain_char(c: char) -> bool {
+    c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '.' | '_')
+}
+
+/// Path segments may also hold uppercase letters (Kubernetes names do not, but SPIFFE allows them).
+fn is_path_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_istio_shape() {
+        let id: SpiffeId = "spiffe://cluster.local/ns/default/sa/sleep".parse().unwrap();
+        assert_eq!(id.trust_domain(), "cluster.local");
+        assert_eq!(id.namespace(), "default");
+        assert_eq!(id.service_account(), "sleep");
+        assert_eq!(id.principal(), "cluster.local/ns/default/sa/sleep");
+        assert_eq!(id.to_string(), "spiffe://cluster.local/ns/default/sa/sleep");
+    }
+
+    #[test]
+    fn new_round_trips_through_display() {
+        let id = SpiffeId::new("example.org", "prod", "api").unwrap();
+        assert_eq!(id.to_string().parse::<SpiffeId>().unwrap(), id);
+    }
+
+    #[test]
+    fn refuses_everything_else() {
+        let bad = [
+            ("", "scheme"),
+            ("http://cluster.local/ns/a/sa/b", "scheme"),
+            ("spiffe://cluster.local/ns/a", "shape"),
+            ("spiffe://cluster.local/ns/a/sa/b/extra", "shape"),
+            ("spiffe://cluster.local/sa/a/ns/b", "shape"),
+            ("spiffe://cluster.local/ns//sa/b", "empty"),
+            ("spiffe:///ns/a/sa/b", "empty"),
+            ("spiffe://Cluster.Local/ns/a/sa/b", "char"),
+            ("spiffe://cluster.local/ns/a b/sa/b", "char"),
+            ("spiffe://cluster.local/ns/a/sa/b?x=1", "char"),
+        ];
+        for (value, kind) in bad {
+            let err = value.parse::<SpiffeId>().unwrap_err();
+            let matches = match kind {
+                "scheme" => matches!(err, SpiffeIdError::MissingScheme { .. }),
+                "shape" => matches!(err, SpiffeIdError::WrongShape { .. }),
+                "empty" => matches!(err, SpiffeIdError::EmptyPart { .. }),
+                _ => matches!(err, SpiffeIdError::InvalidCharacter { .. }),
+            };
+            assert!(matches, "{value:?} gave {err:?}, expected {kind}");
+            assert!(err.to_string().contains(value) || value.is_empty());
+        }
+    }
+}

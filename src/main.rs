@@ -1,0 +1,5 @@
+//! The `ztund` command line.
+
+fn main() {
+    println!("ztund: under construction");
+}

@@ -1,0 +1,2 @@
+//! Reading Kubernetes/Istio YAML into the mesh model.
+//! TODO(mesh helper): implement.

@@ -1,0 +1,9 @@
+//! The node's view of the mesh: the model, the immutable snapshot and its store, and the readers
+//! that turn Kubernetes/Istio YAML into the model. Knows nothing about where updates come from.
+
+pub mod k8s;
+pub mod model;
+pub mod snapshot;
+
+pub use model::{DocRef, Endpoints, HealthStatus, Labels, Service, ServicePort, TunnelProtocol, Workload};
+pub use snapshot::{MeshStore, Snapshot, service_key};

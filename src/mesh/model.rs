@@ -1,0 +1,126 @@
+//! The node's view of the mesh as plain data: workloads, services and the policy documents that
+//! came with them. Built by a source (mesh file, xDS), frozen into a [`Snapshot`], never mutated.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use crate::identity::SpiffeId;
+
+/// Labels of a workload or a selector.
+pub type Labels = BTreeMap<String, String>;
+
+/// How a workload is reached by other mesh members.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TunnelProtocol {
+    /// mTLS + HTTP/2 CONNECT to the workload's address on port 15008.
+    #[default]
+    Hbone,
+    /// Plain TCP: the workload is known to the mesh but has no ztund in front of it.
+    None,
+}
+
+/// Whether a workload takes new connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HealthStatus {
+    #[default]
+    Healthy,
+    Unhealthy,
+}
+
+/// One workload: a pod, a `WorkloadEntry` (a VM or a host process).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Workload {
+    /// Stable key, `cluster/group/kind/namespace/name` as Istio writes it
+    /// (`Kubernetes//Pod/default/sleep-1`).
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub trust_domain: String,
+    pub labels: Labels,
+    /// Pod IPs; the first is the primary.
+    pub addresses: Vec<IpAddr>,
+    /// Name of the node the workload runs on.
+    pub node: String,
+    pub tunnel: TunnelProtocol,
+    pub status: HealthStatus,
+    /// Standalone in-pod mode: the network namespace (`/var/run/netns/NAME` or a path).
+    pub netns: Option<String>,
+    /// RFC3339 creation time, used for tie-breaks between policies; pods rarely need it.
+    pub creation_timestamp: Option<String>,
+}
+
+impl Workload {
+    /// The identity this workload proves in TLS.
+    pub fn identity(&self) -> SpiffeId {
+        SpiffeId::new(&self.trust_domain, &self.namespace, &self.service_account)
+            .unwrap_or_else(|_| {
+                // Parsing validated every part; this fallback is unreachable for parsed workloads.
+                SpiffeId::new("invalid", "invalid", "invalid").expect("static id is valid")
+            })
+    }
+}
+
+/// A port of a service and the endpoint port it maps to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServicePort {
+    pub name: Option<String>,
+    pub port: u16,
+    pub target_port: u16,
+}
+
+/// Which workloads back a service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoints {
+    /// Workloads of the service's namespace whose labels include all of these.
+    Selector(Labels),
+    /// Fixed endpoint addresses (a `ServiceEntry` with `endpoints`): not mesh workloads unless a
+    /// workload owns the address.
+    Addresses(Vec<IpAddr>),
+    /// No endpoints: traffic to the VIP passes through to the hostname's real address.
+    None,
+}
+
+/// A Kubernetes `Service` or an Istio `ServiceEntry`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    /// Fully qualified (`reviews.default.svc.cluster.local`, or the ServiceEntry host).
+    pub hostname: String,
+    pub vips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+    pub endpoints: Endpoints,
+    /// Extra identities a client accepts from this service's endpoints.
+    pub subject_alt_names: Vec<SpiffeId>,
+    /// True for `ServiceEntry` with `location: MESH_EXTERNAL`.
+    pub external: bool,
+}
+
+impl Service {
+    /// The port entry for a service port, if the service exposes it.
+    pub fn port(&self, port: u16) -> Option<&ServicePort> {
+        self.ports.iter().find(|p| p.port == port)
+    }
+}
+
+/// Where a document came from, for error messages and `ztund check` output.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DocRef {
+    pub file: String,
+    /// 1-based index of the document in its file.
+    pub index: usize,
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for DocRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} document {} ({} {}/{})",
+            self.file, self.index, self.kind, self.namespace, self.name
+        )
+    }
+}

@@ -1,0 +1,174 @@
+//! One immutable view of the mesh with the lookups the data path needs, and the store that swaps
+//! it atomically. Readers never lock: they load an `Arc<Snapshot>` and keep it for a connection.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+
+use super::model::{Endpoints, HealthStatus, Service, Workload};
+use crate::policy::PolicySet;
+
+/// Everything ztund knows about the mesh at one moment.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    workloads: Vec<Arc<Workload>>,
+    services: Vec<Arc<Service>>,
+    workload_by_ip: HashMap<IpAddr, Arc<Workload>>,
+    workload_by_uid: HashMap<String, Arc<Workload>>,
+    service_by_vip: HashMap<IpAddr, Arc<Service>>,
+    services_by_hostname: HashMap<String, Vec<Arc<Service>>>,
+    /// Endpoints of each service, keyed by `namespace/hostname`.
+    endpoints: HashMap<String, Vec<Arc<Workload>>>,
+    /// The policy documents in force with this view.
+    pub policies: PolicySet,
+    /// Bumped on every swap; lets logs and tests tell snapshots apart.
+    pub generation: u64,
+}
+
+impl Snapshot {
+    /// Indexes workloads and services; endpoints are resolved here once, not per connection.
+    pub fn build(workloads: Vec<Workload>, services: Vec<Service>, policies: PolicySet) -> Self {
+        let workloads: Vec<Arc<Workload>> = workloads.into_iter().map(Arc::new).collect();
+        let services: Vec<Arc<Service>> = services.into_iter().map(Arc::new).collect();
+        let mut snapshot = Snapshot {
+            policies,
+            ..Default::default()
+        };
+        for workload in &workloads {
+            for ip in &workload.addresses {
+                snapshot.workload_by_ip.insert(*ip, workload.clone());
+            }
+            snapshot
+                .workload_by_uid
+                .insert(workload.uid.clone(), workload.clone());
+        }
+        for service in &services {
+            for vip in &service.vips {
+                snapshot.service_by_vip.insert(*vip, service.clone());
+            }
+            snapshot
+                .services_by_hostname
+                .entry(service.hostname.clone())
+                .or_default()
+                .push(service.clone());
+            let members: Vec<Arc<Workload>> = match &service.endpoints {
+                Endpoints::Selector(selector) => workloads
+                    .iter()
+                    .filter(|w| {
+                        w.namespace == service.namespace
+                            && selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+                    })
+                    .cloned()
+                    .collect(),
+                Endpoints::Addresses(ips) => ips
+                    .iter()
+                    .filter_map(|ip| snapshot.workload_by_ip.get(ip).cloned())
+                    .collect(),
+                Endpoints::None => Vec::new(),
+            };
+            snapshot.endpoints.insert(service_key(service), members);
+        }
+        snapshot.workloads = workloads;
+        snapshot.services = services;
+        snapshot
+    }
+
+    pub fn workloads(&self) -> &[Arc<Workload>] {
+        &self.workloads
+    }
+
+    pub fn services(&self) -> &[Arc<Service>] {
+        &self.services
+    }
+
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
+        self.workload_by_ip.get(&ip)
+    }
+
+    pub fn workload_by_uid(&self, uid: &str) -> Option<&Arc<Workload>> {
+        self.workload_by_uid.get(uid)
+    }
+
+    pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
+        self.service_by_vip.get(&ip)
+    }
+
+    /// A service by hostname; with several of the same name, the one in the client's namespace.
+    pub fn service_by_hostname(&self, hostname: &str, client_namespace: &str) -> Option<&Arc<Service>> {
+        let candidates = self.services_by_hostname.get(hostname)?;
+        candidates
+            .iter()
+            .find(|s| s.namespace == client_namespace)
+            .or_else(|| candidates.first())
+    }
+
+    /// Every workload that backs the service, healthy or not.
+    pub fn endpoints(&self, service: &Service) -> &[Arc<Workload>] {
+        self.endpoints
+            .get(&service_key(service))
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+    }
+
+    /// Healthy endpoints only: the ones a new connection may be sent to.
+    pub fn healthy_endpoints<'a>(&'a self, service: &Service) -> impl Iterator<Item = &'a Arc<Workload>> {
+        self.endpoints(service)
+            .iter()
+            .filter(|w| w.status == HealthStatus::Healthy)
+    }
+
+    /// Services a workload belongs to.
+    pub fn services_of<'a>(&'a self, workload: &'a Workload) -> impl Iterator<Item = &'a Arc<Service>> {
+        self.services.iter().filter(move |s| {
+            self.endpoints(s).iter().any(|w| w.uid == workload.uid)
+        })
+    }
+
+    /// Workloads that run on the named node.
+    pub fn local_workloads<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Arc<Workload>> {
+        self.workloads.iter().filter(move |w| w.node == node)
+    }
+}
+
+/// `namespace/hostname`, the key Istio uses for services.
+pub fn service_key(service: &Service) -> String {
+    format!("{}/{}", service.namespace, service.hostname)
+}
+
+/// Holds the current snapshot; swaps are atomic and announced to watchers.
+#[derive(Debug)]
+pub struct MeshStore {
+    current: ArcSwap<Snapshot>,
+    changes: watch::Sender<u64>,
+}
+
+impl MeshStore {
+    pub fn new(initial: Snapshot) -> Self {
+        let (changes, _) = watch::channel(initial.generation);
+        MeshStore {
+            current: ArcSwap::from_pointee(initial),
+            changes,
+        }
+    }
+
+    /// The snapshot in force now.
+    pub fn load(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// Replaces the snapshot, giving it the next generation number, and wakes watchers.
+    pub fn replace(&self, mut next: Snapshot) {
+        let generation = self.current.load().generation + 1;
+        next.generation = generation;
+        self.current.store(Arc::new(next));
+        self.changes.send_replace(generation);
+    }
+
+    /// A receiver that changes whenever the snapshot is replaced.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+}
