@@ -124,3 +124,11 @@ impl std::fmt::Display for DocRef {
         )
     }
 }
+
+/// One YAML document of a known kind, not yet turned into the model.
+#[derive(Debug, Clone)]
+pub struct RawDocument {
+    pub doc: DocRef,
+    pub api_version: String,
+    pub body: serde_yaml::Value,
+}

@@ -1,2 +1,0 @@
-//! Reading Kubernetes/Istio YAML into the mesh model.
-//! TODO(mesh helper): implement.

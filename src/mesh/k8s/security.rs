@@ -1,0 +1,2 @@
+//! PeerAuthentication, AuthorizationPolicy and DestinationRule documents.
+//! TODO(policy helper): implement.

@@ -1,0 +1,2 @@
+//! Pod, WorkloadEntry, Service and ServiceEntry documents.
+//! TODO(mesh helper): implement.
