@@ -185,19 +185,21 @@ impl Config {
 
     /// Parses and validates config text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        let config: Config = serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(text))
-            .map_err(|e| {
-                let field = e.path().to_string();
-                let message = if field == "." {
-                    e.inner().to_string()
-                } else {
-                    format!("field `{field}`: {}", e.inner())
-                };
-                ConfigError::Parse {
-                    path: origin.to_string(),
-                    message,
-                }
-            })?;
+        let config: Config = serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(
+            text,
+        ))
+        .map_err(|e| {
+            let field = e.path().to_string();
+            let message = if field == "." {
+                e.inner().to_string()
+            } else {
+                format!("field `{field}`: {}", e.inner())
+            };
+            ConfigError::Parse {
+                path: origin.to_string(),
+                message,
+            }
+        })?;
         config.validate(origin)?;
         Ok(config)
     }
@@ -310,7 +312,11 @@ pub mod duration_text {
             "m" => n * 60,
             "h" => n * 3600,
             "d" => n * 86400,
-            _ => return Err(format!("{text:?} has unknown unit {unit:?} (use ms, s, m, h, d)")),
+            _ => {
+                return Err(format!(
+                    "{text:?} has unknown unit {unit:?} (use ms, s, m, h, d)"
+                ));
+            }
         };
         Ok(Duration::from_secs(secs))
     }
@@ -336,7 +342,10 @@ mod tests {
     #[test]
     fn errors_name_the_field() {
         let cases = [
-            ("node: ''\nmeshFile: m\nca: {mode: builtin, dir: c}\n", "node"),
+            (
+                "node: ''\nmeshFile: m\nca: {mode: builtin, dir: c}\n",
+                "node",
+            ),
             (
                 "node: n\nmeshFile: m\nca: {mode: builtin, dir: c}\ntrustDomain: Bad Domain\n",
                 "trustDomain",
@@ -345,8 +354,14 @@ mod tests {
                 "node: n\nmeshFile: m\nca: {mode: builtin, dir: c}\nports: {socks5: 15008}\n",
                 "ports.socks5",
             ),
-            ("node: n\nmeshFile: m\nca: {mode: builtin, dir: c}\ncertTtl: 5x\n", "certTtl"),
-            ("node: n\nmeshFile: m\nca: {mode: builtin, dir: c}\nnodee: x\n", "nodee"),
+            (
+                "node: n\nmeshFile: m\nca: {mode: builtin, dir: c}\ncertTtl: 5x\n",
+                "certTtl",
+            ),
+            (
+                "node: n\nmeshFile: m\nca: {mode: builtin, dir: c}\nnodee: x\n",
+                "nodee",
+            ),
             ("node: n\nca: {mode: builtin, dir: c}\n", "meshFile"),
         ];
         for (text, field) in cases {
@@ -358,9 +373,18 @@ mod tests {
 
     #[test]
     fn durations() {
-        assert_eq!(duration_text::parse("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(duration_text::parse("5m").unwrap(), Duration::from_secs(300));
-        assert_eq!(duration_text::parse("24h").unwrap(), Duration::from_secs(86400));
+        assert_eq!(
+            duration_text::parse("500ms").unwrap(),
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            duration_text::parse("5m").unwrap(),
+            Duration::from_secs(300)
+        );
+        assert_eq!(
+            duration_text::parse("24h").unwrap(),
+            Duration::from_secs(86400)
+        );
         assert!(duration_text::parse("h").is_err());
         assert!(duration_text::parse("3w").is_err());
     }

@@ -64,5 +64,8 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// Anything that can issue a certificate for a workload identity.
 pub trait IdentitySource: Send + Sync + std::fmt::Debug {
     /// Issues a fresh certificate (and key) for `id`.
-    fn issue<'a>(&'a self, id: &'a SpiffeId) -> BoxFuture<'a, Result<WorkloadCertificate, IdentityError>>;
+    fn issue<'a>(
+        &'a self,
+        id: &'a SpiffeId,
+    ) -> BoxFuture<'a, Result<WorkloadCertificate, IdentityError>>;
 }

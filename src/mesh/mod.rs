@@ -5,5 +5,8 @@ pub mod k8s;
 pub mod model;
 pub mod snapshot;
 
-pub use model::{DocRef, RawDocument, Endpoints, HealthStatus, Labels, Service, ServicePort, TunnelProtocol, Workload};
+pub use model::{
+    DocRef, Endpoints, HealthStatus, Labels, RawDocument, Service, ServicePort, TunnelProtocol,
+    Workload,
+};
 pub use snapshot::{MeshStore, Snapshot, service_key};

@@ -53,11 +53,12 @@ pub struct Workload {
 impl Workload {
     /// The identity this workload proves in TLS.
     pub fn identity(&self) -> SpiffeId {
-        SpiffeId::new(&self.trust_domain, &self.namespace, &self.service_account)
-            .unwrap_or_else(|_| {
+        SpiffeId::new(&self.trust_domain, &self.namespace, &self.service_account).unwrap_or_else(
+            |_| {
                 // Parsing validated every part; this fallback is unreachable for parsed workloads.
                 SpiffeId::new("invalid", "invalid", "invalid").expect("static id is valid")
-            })
+            },
+        )
     }
 }
 

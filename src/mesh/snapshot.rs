@@ -97,7 +97,11 @@ impl Snapshot {
     }
 
     /// A service by hostname; with several of the same name, the one in the client's namespace.
-    pub fn service_by_hostname(&self, hostname: &str, client_namespace: &str) -> Option<&Arc<Service>> {
+    pub fn service_by_hostname(
+        &self,
+        hostname: &str,
+        client_namespace: &str,
+    ) -> Option<&Arc<Service>> {
         let candidates = self.services_by_hostname.get(hostname)?;
         candidates
             .iter()
@@ -114,17 +118,23 @@ impl Snapshot {
     }
 
     /// Healthy endpoints only: the ones a new connection may be sent to.
-    pub fn healthy_endpoints<'a>(&'a self, service: &Service) -> impl Iterator<Item = &'a Arc<Workload>> {
+    pub fn healthy_endpoints<'a>(
+        &'a self,
+        service: &Service,
+    ) -> impl Iterator<Item = &'a Arc<Workload>> {
         self.endpoints(service)
             .iter()
             .filter(|w| w.status == HealthStatus::Healthy)
     }
 
     /// Services a workload belongs to.
-    pub fn services_of<'a>(&'a self, workload: &'a Workload) -> impl Iterator<Item = &'a Arc<Service>> {
-        self.services.iter().filter(move |s| {
-            self.endpoints(s).iter().any(|w| w.uid == workload.uid)
-        })
+    pub fn services_of<'a>(
+        &'a self,
+        workload: &'a Workload,
+    ) -> impl Iterator<Item = &'a Arc<Service>> {
+        self.services
+            .iter()
+            .filter(move |s| self.endpoints(s).iter().any(|w| w.uid == workload.uid))
     }
 
     /// Workloads that run on the named node.

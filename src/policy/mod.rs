@@ -12,7 +12,10 @@ pub struct PolicySet {}
 impl PolicySet {
     /// Reads the security documents (PeerAuthentication, AuthorizationPolicy, DestinationRule)
     /// among `docs`, ignoring other kinds. Any invalid value refuses the whole set.
-    pub fn from_documents(docs: &[RawDocument], root_namespace: &str) -> Result<PolicySet, PolicyError> {
+    pub fn from_documents(
+        docs: &[RawDocument],
+        root_namespace: &str,
+    ) -> Result<PolicySet, PolicyError> {
         let _ = (docs, root_namespace);
         Ok(PolicySet::default())
     }
