@@ -70,7 +70,7 @@ impl Collector for ProcessCollector {
             gauge(
                 &mut encoder,
                 "process_open_fds",
-                "Open file descriptors",
+                "Open file descriptors.",
                 fds,
             )?;
         }
@@ -78,7 +78,7 @@ impl Collector for ProcessCollector {
             gauge(
                 &mut encoder,
                 "process_max_fds",
-                "Maximum open file descriptors",
+                "Maximum open file descriptors.",
                 fds,
             )?;
         }
@@ -93,7 +93,7 @@ impl Collector for ProcessCollector {
             let metric = ConstCounter::new(seconds);
             metric.encode(encoder.encode_descriptor(
                 "process_cpu_seconds",
-                "User and system CPU time spent, in seconds",
+                "User and system CPU time spent, in seconds.",
                 None,
                 metric.metric_type(),
             )?)?;
@@ -103,20 +103,20 @@ impl Collector for ProcessCollector {
             gauge(
                 &mut encoder,
                 "process_resident_memory_bytes",
-                "Resident memory size in bytes",
+                "Resident memory size in bytes.",
                 i64::try_from(bytes).unwrap_or(i64::MAX),
             )?;
         }
         gauge(
             &mut encoder,
             "process_virtual_memory_bytes",
-            "Virtual memory size in bytes",
+            "Virtual memory size in bytes.",
             i64::try_from(stat.virtual_bytes).unwrap_or(i64::MAX),
         )?;
         gauge(
             &mut encoder,
             "process_threads",
-            "OS threads in the process",
+            "OS threads in the process.",
             stat.threads,
         )
     }
