@@ -1,10 +1,12 @@
 //! ztund: a node-level zero-trust tunnel daemon. See ARCHITECTURE.md for the path of one
 //! connection through these modules.
 
+pub mod admin;
 pub mod capture;
 pub mod config;
 pub mod hbone;
 pub mod identity;
+pub mod logging;
 pub mod mesh;
 pub mod net;
 pub mod policy;

@@ -1,0 +1,112 @@
+//! Readiness: the set of start-up tasks still pending (PROTOCOL.md §6.2). The daemon is ready
+//! when the set is empty. It knows nothing of what the tasks are; the components that own them
+//! register and complete them.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// Shared, cloneable view of the pending start-up tasks.
+#[derive(Debug, Clone, Default)]
+pub struct Readiness {
+    pending: Arc<Mutex<BTreeSet<String>>>,
+}
+
+impl Readiness {
+    /// Nothing pending: ready until a task registers.
+    pub fn new() -> Readiness {
+        Readiness::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, BTreeSet<String>> {
+        // The set stays consistent even if a holder panicked: every operation is one insert or
+        // remove.
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Marks `task` pending and returns a guard that marks it ready when completed or dropped.
+    pub fn register(&self, task: &str) -> ReadyGuard {
+        self.mark_pending(task);
+        ReadyGuard {
+            readiness: self.clone(),
+            task: task.to_string(),
+        }
+    }
+
+    /// Marks `task` pending (again).
+    pub fn mark_pending(&self, task: &str) {
+        self.lock().insert(task.to_string());
+    }
+
+    /// Marks `task` ready; unknown tasks are ignored.
+    pub fn mark_ready(&self, task: &str) {
+        self.lock().remove(task);
+    }
+
+    /// The tasks still pending, sorted.
+    pub fn pending(&self) -> Vec<String> {
+        self.lock().iter().cloned().collect()
+    }
+
+    /// Whether no task is pending.
+    pub fn is_ready(&self) -> bool {
+        self.lock().is_empty()
+    }
+}
+
+/// A pending task; ready when [`ReadyGuard::ready`] is called or the guard is dropped (so a
+/// task that ends by an early return does not keep the daemon unready forever).
+#[derive(Debug)]
+#[must_use = "dropping the guard marks the task ready at once"]
+pub struct ReadyGuard {
+    readiness: Readiness,
+    task: String,
+}
+
+impl ReadyGuard {
+    /// Marks the task ready.
+    pub fn ready(self) {
+        drop(self);
+    }
+
+    /// The task's name.
+    pub fn task(&self) -> &str {
+        &self.task
+    }
+}
+
+impl Drop for ReadyGuard {
+    fn drop(&mut self) {
+        self.readiness.mark_ready(&self.task);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_only_after_every_task_completes() {
+        let readiness = Readiness::new();
+        assert!(readiness.is_ready());
+        let proxy = readiness.register("proxy");
+        let state = readiness.register("state manager");
+        assert_eq!(readiness.pending(), vec!["proxy", "state manager"]);
+        proxy.ready();
+        assert_eq!(readiness.pending(), vec!["state manager"]);
+        assert!(!readiness.is_ready());
+        drop(state);
+        assert!(readiness.is_ready());
+    }
+
+    #[test]
+    fn mark_pending_and_ready_by_name() {
+        let readiness = Readiness::new();
+        readiness.mark_pending("workload proxy manager");
+        readiness.mark_pending("workload proxy manager");
+        assert_eq!(readiness.pending(), vec!["workload proxy manager"]);
+        readiness.mark_ready("not registered");
+        assert!(!readiness.is_ready());
+        readiness.mark_ready("workload proxy manager");
+        assert!(readiness.is_ready());
+    }
+}
