@@ -1,9 +1,12 @@
 //! The node's view of the mesh: the model, the immutable snapshot and its store, and the readers
 //! that turn Kubernetes/Istio YAML into the model. Knows nothing about where updates come from.
 
+pub mod file;
 pub mod k8s;
 pub mod model;
 pub mod snapshot;
 
 pub use model::{DocRef, RawDocument, Endpoints, HealthStatus, Labels, Service, ServicePort, TunnelProtocol, Workload};
+pub use file::{load_and_watch, load_snapshot, snapshot_from_text, spawn_watcher};
+pub use k8s::{MeshError, MeshSettings};
 pub use snapshot::{MeshStore, Snapshot, service_key};
