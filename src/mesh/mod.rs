@@ -1,10 +1,13 @@
 //! The node's view of the mesh: the model, the immutable snapshot and its store, and the readers
 //! that turn Kubernetes/Istio YAML into the model. Knows nothing about where updates come from.
 
+pub mod file;
 pub mod k8s;
 pub mod model;
 pub mod snapshot;
 
+pub use file::{load_and_watch, load_snapshot, snapshot_from_text, spawn_watcher};
+pub use k8s::{MeshError, MeshSettings};
 pub use model::{
     DocRef, Endpoints, HealthStatus, Labels, RawDocument, Service, ServicePort, TunnelProtocol,
     Workload,

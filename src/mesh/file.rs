@@ -1,0 +1,465 @@
+//! The mesh file as a source of snapshots: loading it once, and watching it so that a valid edit
+//! replaces the snapshot and an invalid one is logged once and refused while the last good
+//! snapshot keeps serving. Reading YAML is `k8s`'s job; deciding anything is `policy`'s.
+//!
+//! Watching is by polling (file identity, size, times, then a content hash) on purpose: it follows
+//! a ConfigMap's `..data` symlink swap and an editor's rename-on-save without inotify.
+
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::task::JoinHandle;
+use tracing::{error, info};
+
+use super::k8s::{MeshError, MeshSettings, parse_mesh, split_documents};
+use super::snapshot::{MeshStore, Snapshot};
+use crate::policy::PolicySet;
+
+/// Builds a snapshot from mesh-file text; `file` names it in errors.
+pub fn snapshot_from_text(
+    file: &str,
+    text: &str,
+    settings: &MeshSettings,
+) -> Result<Snapshot, MeshError> {
+    let docs = split_documents(file, text)?;
+    let mesh = parse_mesh(&docs, settings)?;
+    let policies = PolicySet::from_documents(&docs, &settings.root_namespace)?;
+    Ok(Snapshot::build(mesh.workloads, mesh.services, policies))
+}
+
+/// Reads and parses the mesh file.
+pub fn load_snapshot(path: &Path, settings: &MeshSettings) -> Result<Snapshot, MeshError> {
+    let text = read_text(path)?;
+    snapshot_from_text(&path.display().to_string(), &text, settings)
+}
+
+/// Loads the mesh file into a new store and watches it, with no gap between the two: the
+/// watcher's baseline is the very content the first snapshot was built from.
+pub fn load_and_watch(
+    path: PathBuf,
+    settings: MeshSettings,
+    interval: Duration,
+) -> Result<(Arc<MeshStore>, JoinHandle<()>), MeshError> {
+    let mut watch = MeshFileWatch::unstarted(path, settings);
+    let snapshot = match watch.poll() {
+        Some(Reload::Applied(snapshot)) => snapshot,
+        Some(Reload::Refused(e)) => return Err(e),
+        // A fresh watch has seen nothing, so its first poll always reports.
+        Some(Reload::Restored) | None => Snapshot::default(),
+    };
+    let store = Arc::new(MeshStore::new(snapshot));
+    let handle = tokio::spawn(run(watch, store.clone(), interval));
+    Ok((store, handle))
+}
+
+/// Polls the mesh file every `interval` and applies valid changes to `store`. The store is
+/// taken to hold the file's content as it is now (call this right after [`load_snapshot`], or
+/// use [`load_and_watch`]).
+pub fn spawn_watcher(
+    path: PathBuf,
+    settings: MeshSettings,
+    store: Arc<MeshStore>,
+    interval: Duration,
+) -> JoinHandle<()> {
+    // The baseline is taken before returning so that an edit made right after this call is seen.
+    let watch = MeshFileWatch::new(path, settings);
+    tokio::spawn(run(watch, store, interval))
+}
+
+async fn run(mut watch: MeshFileWatch, store: Arc<MeshStore>, interval: Duration) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        // Reading and parsing are blocking work; keep them off the runtime's threads.
+        let checked = tokio::task::spawn_blocking(move || {
+            let outcome = watch.poll();
+            (watch, outcome)
+        })
+        .await;
+        let outcome;
+        (watch, outcome) = match checked {
+            Ok(checked) => checked,
+            // Only when the runtime is shutting down (poll does not panic on any input).
+            Err(_) => return,
+        };
+        let file = watch.path.display();
+        match outcome {
+            None => {}
+            Some(Reload::Applied(snapshot)) => {
+                let (workloads, services) = (snapshot.workloads().len(), snapshot.services().len());
+                store.replace(snapshot);
+                let generation = store.load().generation;
+                info!(%file, generation, workloads, services, "mesh file applied");
+            }
+            Some(Reload::Refused(e)) => {
+                error!(%file, error = %e, "mesh file refused; the last good snapshot keeps serving");
+            }
+            Some(Reload::Restored) => {
+                info!(%file, "mesh file is back to the content in force; nothing to apply");
+            }
+        }
+    }
+}
+
+/// What one poll found.
+#[derive(Debug)]
+pub enum Reload {
+    /// New, valid content: the snapshot to swap in.
+    Applied(Snapshot),
+    /// New content (or a missing file) that cannot be used; reported once per distinct content.
+    Refused(MeshError),
+    /// After a refusal, the file again holds the content already in force.
+    Restored,
+}
+
+/// The watcher's memory of the file: what it last saw and what is in force. Synchronous, so the
+/// change-detection rules are testable without timers.
+#[derive(Debug)]
+pub struct MeshFileWatch {
+    path: PathBuf,
+    settings: MeshSettings,
+    seen: Seen,
+    /// Hash of the content the store holds.
+    applied: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Seen {
+    Nothing,
+    Unreadable,
+    Content { stamp: Stamp, hash: u64 },
+}
+
+/// File identity, size and times: any write, rename over or symlink swap changes one of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+    modified: Option<SystemTime>,
+}
+
+impl Stamp {
+    fn of(meta: &std::fs::Metadata) -> Stamp {
+        Stamp {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+            modified: meta.modified().ok(),
+        }
+    }
+
+    /// A file modified in the last couple of seconds may change again without its times
+    /// moving (coarse timestamps); its content is compared instead of trusting the stamp.
+    fn is_recent(&self) -> bool {
+        match self.modified.map(|m| SystemTime::now().duration_since(m)) {
+            Some(Ok(age)) => age < Duration::from_secs(2),
+            _ => true,
+        }
+    }
+}
+
+impl MeshFileWatch {
+    /// A watch whose baseline is the file as it is now, taken to be in force.
+    pub fn new(path: PathBuf, settings: MeshSettings) -> MeshFileWatch {
+        let mut watch = MeshFileWatch::unstarted(path, settings);
+        if let Ok((stamp, bytes)) = watch.read() {
+            let hash = content_hash(&bytes);
+            watch.seen = Seen::Content { stamp, hash };
+            watch.applied = Some(hash);
+        } else {
+            watch.seen = Seen::Unreadable;
+        }
+        watch
+    }
+
+    /// A watch that has seen nothing: its first poll reports the file's content.
+    fn unstarted(path: PathBuf, settings: MeshSettings) -> MeshFileWatch {
+        MeshFileWatch {
+            path,
+            settings,
+            seen: Seen::Nothing,
+            applied: None,
+        }
+    }
+
+    /// Checks the file once; `None` when there is nothing new to report.
+    pub fn poll(&mut self) -> Option<Reload> {
+        if let (Seen::Content { stamp, .. }, Ok(meta)) = (&self.seen, std::fs::metadata(&self.path))
+            && *stamp == Stamp::of(&meta)
+            && !stamp.is_recent()
+        {
+            return None;
+        }
+        let (stamp, bytes) = match self.read() {
+            Ok(read) => read,
+            Err(e) => {
+                if self.seen == Seen::Unreadable {
+                    return None;
+                }
+                self.seen = Seen::Unreadable;
+                return Some(Reload::Refused(e));
+            }
+        };
+        let hash = content_hash(&bytes);
+        let previous = std::mem::replace(&mut self.seen, Seen::Content { stamp, hash });
+        if matches!(previous, Seen::Content { hash: seen, .. } if seen == hash) {
+            return None;
+        }
+        if self.applied == Some(hash) {
+            return Some(Reload::Restored);
+        }
+        let file = self.path.display().to_string();
+        let parsed = String::from_utf8(bytes)
+            .map_err(|_| MeshError::Io {
+                path: file.clone(),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text"),
+            })
+            .and_then(|text| snapshot_from_text(&file, &text, &self.settings));
+        match parsed {
+            Ok(snapshot) => {
+                self.applied = Some(hash);
+                Some(Reload::Applied(snapshot))
+            }
+            Err(e) => Some(Reload::Refused(e)),
+        }
+    }
+
+    /// The stamp is taken before the content, so a write in between shows up at the next poll.
+    fn read(&self) -> Result<(Stamp, Vec<u8>), MeshError> {
+        let io = |source| MeshError::Io {
+            path: self.path.display().to_string(),
+            source,
+        };
+        let stamp = Stamp::of(&std::fs::metadata(&self.path).map_err(io)?);
+        let bytes = std::fs::read(&self.path).map_err(io)?;
+        Ok((stamp, bytes))
+    }
+}
+
+fn read_text(path: &Path) -> Result<String, MeshError> {
+    std::fs::read_to_string(path).map_err(|source| MeshError::Io {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+fn content_hash(bytes: &[u8]) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    bytes.hash(&mut hasher);
+    hasher.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use super::*;
+    use crate::mesh::model::{Endpoints, TunnelProtocol};
+
+    const SLEEP: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: sleep, labels: {app: sleep}}\nspec: {nodeName: node1}\nstatus: {podIP: 10.201.1.2}\n";
+    const ECHO: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: echo, labels: {app: echo}}\nspec: {nodeName: node2}\nstatus: {podIP: 10.201.2.2}\n";
+    const BROKEN: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: echo}\nspec: {nodeName: node2}\nstatus: {podIP: not-an-ip}\n";
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
+    /// Saves the way editors do: write a sibling file, then rename it over the original.
+    fn save(path: &Path, text: &str) {
+        let tmp = path.with_extension("swp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, path).unwrap();
+    }
+
+    #[test]
+    fn the_example_mesh_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/mesh.yaml");
+        let snapshot = load_snapshot(&path, &MeshSettings::default()).unwrap();
+        let sleep = snapshot
+            .workload_by_ip(ip("10.201.1.2"))
+            .expect("sleep pod");
+        assert_eq!(
+            (sleep.name.as_str(), sleep.node.as_str()),
+            ("sleep", "node1")
+        );
+        assert_eq!(
+            sleep.identity().to_string(),
+            "spiffe://cluster.local/ns/default/sa/sleep"
+        );
+        let echo = snapshot.workload_by_ip(ip("10.201.2.2")).expect("echo pod");
+        assert_eq!((echo.name.as_str(), echo.node.as_str()), ("echo", "node2"));
+        assert_eq!(echo.tunnel, TunnelProtocol::Hbone);
+        let service = snapshot
+            .service_by_vip(ip("10.96.0.10"))
+            .expect("echo service");
+        assert_eq!(service.hostname, "echo.default.svc.cluster.local");
+        assert_eq!(service.port(80).map(|p| p.target_port), Some(8080));
+        let endpoints: Vec<&str> = snapshot
+            .endpoints(service)
+            .iter()
+            .map(|w| w.name.as_str())
+            .collect();
+        assert_eq!(endpoints, ["echo"]);
+        let external = snapshot
+            .service_by_hostname("httpbin.org", "default")
+            .expect("external service");
+        assert!(external.external);
+        assert_eq!(external.endpoints, Endpoints::None);
+        assert_eq!(snapshot.local_workloads("node1").count(), 1);
+    }
+
+    #[test]
+    fn a_missing_file_is_an_error_naming_it() {
+        let err = load_snapshot(
+            Path::new("/nonexistent/mesh.yaml"),
+            &MeshSettings::default(),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("reading mesh file /nonexistent/mesh.yaml: "),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn polling_reports_each_distinct_content_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mesh.yaml");
+        std::fs::write(&path, SLEEP).unwrap();
+        let mut watch = MeshFileWatch::new(path.clone(), MeshSettings::default());
+        assert!(watch.poll().is_none(), "the baseline is in force already");
+
+        save(&path, &format!("{SLEEP}---\n{ECHO}"));
+        let Some(Reload::Applied(snapshot)) = watch.poll() else {
+            panic!("valid edit must apply")
+        };
+        assert!(snapshot.workload_by_ip(ip("10.201.2.2")).is_some());
+        assert!(watch.poll().is_none());
+
+        save(&path, &format!("{SLEEP}---\n{BROKEN}"));
+        let Some(Reload::Refused(err)) = watch.poll() else {
+            panic!("invalid edit must be refused")
+        };
+        let err = err.to_string();
+        assert!(
+            err.contains("mesh.yaml document 2 (Pod default/echo): field `status.podIP`"),
+            "{err}"
+        );
+        // The same bad content, even rewritten, is not reported again.
+        assert!(watch.poll().is_none());
+        save(&path, &format!("{SLEEP}---\n{BROKEN}"));
+        assert!(watch.poll().is_none());
+
+        save(&path, &format!("{SLEEP}---\n{ECHO}"));
+        assert!(matches!(watch.poll(), Some(Reload::Restored)));
+
+        std::fs::remove_file(&path).unwrap();
+        let Some(Reload::Refused(MeshError::Io { .. })) = watch.poll() else {
+            panic!("missing file must be reported")
+        };
+        assert!(watch.poll().is_none(), "a missing file is reported once");
+
+        save(&path, SLEEP);
+        let Some(Reload::Applied(snapshot)) = watch.poll() else {
+            panic!("file came back with new content")
+        };
+        assert_eq!(snapshot.workloads().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn the_watcher_applies_valid_edits_and_keeps_serving_through_bad_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mesh.yaml");
+        std::fs::write(&path, SLEEP).unwrap();
+        let settings = MeshSettings::default();
+        let store = Arc::new(MeshStore::new(load_snapshot(&path, &settings).unwrap()));
+        let mut changes = store.subscribe();
+        let watcher = spawn_watcher(
+            path.clone(),
+            settings,
+            store.clone(),
+            Duration::from_millis(20),
+        );
+        let wait_for_change = async |changes: &mut tokio::sync::watch::Receiver<u64>| {
+            tokio::time::timeout(Duration::from_secs(5), changes.changed())
+                .await
+                .expect("the watcher applies a valid edit within 5s")
+                .unwrap();
+        };
+
+        save(&path, &format!("{SLEEP}---\n{ECHO}"));
+        wait_for_change(&mut changes).await;
+        let snapshot = store.load();
+        assert_eq!(snapshot.generation, 1);
+        assert_eq!(
+            snapshot
+                .workload_by_ip(ip("10.201.2.2"))
+                .map(|w| w.name.as_str()),
+            Some("echo")
+        );
+
+        save(&path, BROKEN);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let snapshot = store.load();
+        assert_eq!(
+            snapshot.generation, 1,
+            "an invalid edit must not replace the snapshot"
+        );
+        assert!(snapshot.workload_by_ip(ip("10.201.2.2")).is_some());
+        assert!(!changes.has_changed().unwrap());
+
+        save(&path, ECHO);
+        wait_for_change(&mut changes).await;
+        let snapshot = store.load();
+        assert_eq!(snapshot.generation, 2);
+        assert!(
+            snapshot.workload_by_ip(ip("10.201.1.2")).is_none(),
+            "sleep was removed"
+        );
+        assert!(snapshot.workload_by_ip(ip("10.201.2.2")).is_some());
+        watcher.abort();
+    }
+
+    #[tokio::test]
+    async fn load_and_watch_starts_from_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mesh.yaml");
+        std::fs::write(&path, BROKEN).unwrap();
+        let err = load_and_watch(
+            path.clone(),
+            MeshSettings::default(),
+            Duration::from_millis(20),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("field `status.podIP`"), "{err}");
+
+        std::fs::write(&path, SLEEP).unwrap();
+        let (store, watcher) = load_and_watch(
+            path.clone(),
+            MeshSettings::default(),
+            Duration::from_millis(20),
+        )
+        .unwrap();
+        assert_eq!(store.load().workloads().len(), 1);
+        assert_eq!(store.load().generation, 0);
+        let mut changes = store.subscribe();
+        save(&path, ECHO);
+        tokio::time::timeout(Duration::from_secs(5), changes.changed())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(store.load().workloads()[0].name, "echo");
+        watcher.abort();
+    }
+}
