@@ -391,4 +391,4 @@ fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), IdentityErro
 
 #[cfg(test)]
 #[path = "ca_tests.rs"]
-mod tests;
+pub(crate) mod tests;

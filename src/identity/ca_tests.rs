@@ -152,10 +152,10 @@ fn identities_of_another_trust_domain_are_refused() {
 }
 
 /// An organisation's hierarchy: root → intermediate, written out as `cacerts` by hand.
-struct Hierarchy {
-    root: rcgen::Certificate,
-    intermediate: rcgen::Certificate,
-    intermediate_key: KeyPair,
+pub(crate) struct Hierarchy {
+    pub(crate) root: rcgen::Certificate,
+    pub(crate) intermediate: rcgen::Certificate,
+    pub(crate) intermediate_key: KeyPair,
 }
 
 fn ca_params(common_name: &str) -> CertificateParams {
@@ -174,7 +174,7 @@ fn ca_params(common_name: &str) -> CertificateParams {
     params
 }
 
-fn hierarchy() -> Hierarchy {
+pub(crate) fn hierarchy() -> Hierarchy {
     let root_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
     let root = ca_params("Example Root").self_signed(&root_key).unwrap();
     let intermediate_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
@@ -188,7 +188,7 @@ fn hierarchy() -> Hierarchy {
     }
 }
 
-fn write_cacerts(dir: &Path, h: &Hierarchy, extra_root: Option<&rcgen::Certificate>) {
+pub(crate) fn write_cacerts(dir: &Path, h: &Hierarchy, extra_root: Option<&rcgen::Certificate>) {
     std::fs::write(dir.join(CA_CERT), h.intermediate.pem()).unwrap();
     std::fs::write(dir.join(CA_KEY), h.intermediate_key.serialize_pem()).unwrap();
     let mut bundle = h.root.pem();
