@@ -101,7 +101,12 @@ impl CertManager {
     }
 
     fn slot(&self, id: &SpiffeId) -> Arc<Slot> {
-        self.lock_slots()
+        let mut slots = self.lock_slots();
+        // The hot path (a cached identity) must not allocate a key.
+        if let Some(slot) = slots.get(id) {
+            return slot.clone();
+        }
+        slots
             .entry(id.clone())
             .or_insert_with(|| {
                 Arc::new(Slot {

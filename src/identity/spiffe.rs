@@ -10,9 +10,7 @@ use std::str::FromStr;
 pub enum SpiffeIdError {
     #[error("{value:?} does not start with spiffe://")]
     MissingScheme { value: String },
-    #[error(
-        "{value:?} must have exactly the segments <trust-domain>/ns/<namespace>/sa/<service-account>"
-    )]
+    #[error("{value:?} must have exactly the segments <trust-domain>/ns/<namespace>/sa/<service-account>")]
     WrongShape { value: String },
     #[error("{value:?} has an empty {part}")]
     EmptyPart { value: String, part: &'static str },
@@ -90,11 +88,7 @@ impl FromStr for SpiffeId {
             });
         }
         for (part, text, allowed) in [
-            (
-                "trust domain",
-                *td,
-                is_trust_domain_char as fn(char) -> bool,
-            ),
+            ("trust domain", *td, is_trust_domain_char as fn(char) -> bool),
             ("namespace", *ns, is_path_char),
             ("service account", *sa, is_path_char),
         ] {
@@ -135,9 +129,7 @@ mod tests {
 
     #[test]
     fn parses_the_istio_shape() {
-        let id: SpiffeId = "spiffe://cluster.local/ns/default/sa/sleep"
-            .parse()
-            .unwrap();
+        let id: SpiffeId = "spiffe://cluster.local/ns/default/sa/sleep".parse().unwrap();
         assert_eq!(id.trust_domain(), "cluster.local");
         assert_eq!(id.namespace(), "default");
         assert_eq!(id.service_account(), "sleep");
