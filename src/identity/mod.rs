@@ -4,6 +4,7 @@
 
 pub mod ca;
 pub mod manager;
+mod pem;
 pub mod spiffe;
 
 use std::future::Future;
@@ -12,6 +13,7 @@ use std::time::SystemTime;
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
+pub use ca::CertificateAuthority;
 pub use manager::CertManager;
 pub use spiffe::{SpiffeId, SpiffeIdError};
 
@@ -56,6 +58,18 @@ pub enum IdentityError {
     ForeignTrustDomain { id: String, trust_domain: String },
     #[error("CA {dir} already exists; refusing to overwrite it")]
     AlreadyExists { dir: String },
+    #[error("writing {path}: {source}")]
+    Write {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("trust domain {trust_domain:?}: {source}")]
+    BadTrustDomain {
+        trust_domain: String,
+        #[source]
+        source: SpiffeIdError,
+    },
 }
 
 /// A boxed future, so sources can sit behind `dyn IdentitySource`.
