@@ -1,0 +1,212 @@
+//! `ztund run`: wires the pieces together in the order data flows — identity, mesh, policy,
+//! listeners, admin — runs until told to stop, then drains.
+
+mod dump;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use crate::admin::{
+    AdminState, Metrics, Readiness, bind_admin, serve_admin, serve_metrics, serve_readiness,
+};
+use crate::config::{CaConfig, CaptureMode, Config};
+use crate::hbone::pool::{Pool, PoolSettings};
+use crate::identity::ca::CertificateAuthority;
+use crate::identity::{CertManager, IdentitySource};
+use crate::logging::LogControl;
+use crate::mesh::{MeshSettings, MeshStore, load_and_watch};
+use crate::net::SocketFactory;
+use crate::proxy::context::{Owner, ProxyContext, Scope};
+use crate::proxy::{inbound, outbound};
+use crate::tls::Credentials;
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("certificate authority: {0}")]
+    Ca(#[from] crate::identity::IdentityError),
+    #[error("mesh file: {0}")]
+    Mesh(String),
+    #[error("binding {what} on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("admin server: {0}")]
+    Admin(String),
+    #[error("capture: {0}")]
+    Capture(String),
+    #[error("starting the runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// Runs the daemon until SIGINT/SIGTERM or `POST /quitquitquit`.
+pub fn run(config: Config, log: LogControl) -> Result<(), DaemonError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(worker_threads())
+        .thread_name("ztund")
+        .enable_all()
+        .build()
+        .map_err(DaemonError::Runtime)?;
+    runtime.block_on(serve(Arc::new(config), log))
+}
+
+/// Two workers on a small node, a quarter of the cores on a big one: the apps need the rest.
+fn worker_threads() -> usize {
+    if let Some(n) = std::env::var("ZTUND_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n: &usize| *n > 0)
+    {
+        return n;
+    }
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    cores.div_ceil(4).max(2)
+}
+
+async fn serve(config: Arc<Config>, log: LogControl) -> Result<(), DaemonError> {
+    info!(node = %config.node, trust_domain = %config.trust_domain, "ztund starting");
+    let (drain_tx, drain) = watch::channel(false);
+    let readiness = Readiness::new();
+    let metrics = Metrics::new();
+
+    // Identity: every node of a standalone mesh shares the CA's root.
+    let ca_dir = match &config.ca {
+        CaConfig::Builtin { dir } | CaConfig::Cacerts { dir } => dir.clone(),
+    };
+    let ca = CertificateAuthority::load(&ca_dir, &config.trust_domain, config.cert_ttl)?;
+    let source: Arc<dyn IdentitySource> = Arc::new(ca);
+    let certificates = CertManager::new(source);
+    let credentials = Arc::new(Credentials::new(certificates.clone()));
+
+    // Mesh: an invalid file at start-up stops the daemon with the reason.
+    let settings = MeshSettings::from_config(&config);
+    let (mesh, _watcher) = load_and_watch(config.mesh_file.clone(), settings, config.watch_interval)
+        .map_err(|e| DaemonError::Mesh(e.to_string()))?;
+    let snapshot = mesh.load();
+    info!(
+        workloads = snapshot.workloads().len(),
+        services = snapshot.services().len(),
+        "mesh file loaded"
+    );
+    prefetch_certificates(&config, &mesh, &certificates);
+
+    let pool = Arc::new(Pool::new(PoolSettings::from_config(&config.pool)));
+    let ctx = Arc::new(ProxyContext {
+        config: config.clone(),
+        mesh: mesh.clone(),
+        credentials,
+        pool,
+        metrics: metrics.clone(),
+        drain: drain.clone(),
+    });
+
+    // Listeners.
+    let ports = &config.ports;
+    let node_scope = Scope {
+        owner: Owner::Node,
+        sockets: SocketFactory::default(),
+    };
+    match config.capture {
+        CaptureMode::None => {
+            let hbone = bind("HBONE", SocketAddr::new(config.hbone_bind, ports.hbone))?;
+            tokio::spawn(inbound::serve(ctx.clone(), node_scope.clone(), hbone));
+        }
+        other => {
+            crate::capture::start(ctx.clone(), other, &readiness)
+                .await
+                .map_err(|e| DaemonError::Capture(e.to_string()))?;
+        }
+    }
+    let socks5 = bind("SOCKS5", SocketAddr::new(config.socks5_bind, ports.socks5))?;
+    tokio::spawn(outbound::serve(
+        ctx.clone(),
+        node_scope,
+        socks5,
+        outbound::Entry::Socks5,
+    ));
+
+    // Admin, metrics, readiness.
+    let (quit_tx, mut quit) = watch::channel(false);
+    let quit_tx = Arc::new(quit_tx);
+    let dump_mesh = mesh.clone();
+    let dump_certs = certificates.clone();
+    let state = AdminState {
+        config_dump: Arc::new(move || dump::config_dump(&dump_mesh.load(), &dump_certs)),
+        log,
+        shutdown: quit_tx,
+        metrics: metrics.clone(),
+    };
+    let admin_listeners = bind_admin(ports.admin)
+        .await
+        .map_err(|e| DaemonError::Admin(e.to_string()))?;
+    for listener in admin_listeners {
+        tokio::spawn(serve_admin(listener, state.clone(), drain.clone()));
+    }
+    let metrics_listener = bind("metrics", SocketAddr::from(([0, 0, 0, 0], ports.metrics)))?;
+    tokio::spawn(serve_metrics(metrics_listener, metrics.clone(), drain.clone()));
+    let ready_listener = bind("readiness", SocketAddr::from(([0, 0, 0, 0], ports.readiness)))?;
+    tokio::spawn(serve_readiness(ready_listener, readiness.clone(), drain.clone()));
+
+    info!(
+        hbone = ports.hbone,
+        socks5 = %SocketAddr::new(config.socks5_bind, ports.socks5),
+        "ztund ready"
+    );
+    wait_for_stop(&mut quit).await;
+
+    // Drain: stop accepting, let open connections finish for a while, then leave.
+    info!("draining");
+    let _ = drain_tx.send(true);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    Ok(())
+}
+
+fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, DaemonError> {
+    SocketFactory::default()
+        .listener(addr, false)
+        .map_err(|source| DaemonError::Bind { what, addr, source })
+}
+
+/// Certificates for the identities of this node's workloads, before the first connection needs
+/// them, so the first handshake does not wait for signing.
+fn prefetch_certificates(config: &Config, mesh: &MeshStore, certificates: &Arc<CertManager>) {
+    let snapshot = mesh.load();
+    let mut ids: Vec<_> = snapshot
+        .local_workloads(&config.node)
+        .map(|w| w.identity())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    for id in ids {
+        let certificates = certificates.clone();
+        tokio::spawn(async move {
+            if let Err(e) = certificates.fetch(&id).await {
+                warn!(%id, error = %e, "prefetching a certificate");
+            }
+        });
+    }
+}
+
+async fn wait_for_stop(quit: &mut watch::Receiver<bool>) {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(e) => {
+            error!(error = %e, "cannot watch SIGTERM");
+            let _ = quit.wait_for(|q| *q).await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => info!("SIGINT"),
+        _ = term.recv() => info!("SIGTERM"),
+        _ = quit.wait_for(|q| *q) => info!("quit requested"),
+    }
+}

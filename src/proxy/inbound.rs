@@ -1,0 +1,213 @@
+//! The HBONE listener (15008): accept → prove our identity (TLS) → for each CONNECT: validate the
+//! destination → authorize → connect to the app → answer 200 → copy → record.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+
+use super::context::{Owner, ProxyContext, Scope};
+use super::copy::copy_tcp_h2;
+use crate::hbone::server::{Authority, ConnectionInfo, IncomingConnect, Refusal, serve_connection};
+use crate::mesh::{Snapshot, Workload};
+use crate::policy::{self, ConnectionFacts, Decision};
+
+/// Accepts HBONE connections until the daemon drains.
+pub async fn serve(ctx: Arc<ProxyContext>, scope: Scope, listener: TcpListener) {
+    let mut drain = ctx.drain.clone();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = drain.wait_for(|d| *d) => return,
+        };
+        match accepted {
+            Ok((tcp, peer)) => {
+                let ctx = ctx.clone();
+                let scope = scope.clone();
+                tokio::spawn(async move {
+                    if let Err(reason) = handle_connection(ctx, scope, tcp, peer).await {
+                        debug!(%peer, %reason, "HBONE connection ended");
+                    }
+                });
+            }
+            Err(e) => {
+                warn!(error = %e, "accepting on the HBONE listener");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// One TLS connection carrying any number of CONNECT streams.
+async fn handle_connection(
+    ctx: Arc<ProxyContext>,
+    scope: Scope,
+    tcp: TcpStream,
+    peer: SocketAddr,
+) -> Result<(), String> {
+    let _ = tcp.set_nodelay(true);
+    let local = tcp.local_addr().map_err(|e| e.to_string())?;
+    let snapshot = ctx.mesh.load();
+    let Some(workload) = scope.local_workload(&snapshot, &ctx.config.node, local.ip()) else {
+        return Err(format!("no local workload owns {local}; closing"));
+    };
+    let server_config = ctx
+        .credentials
+        .server_config(&workload.identity())
+        .await
+        .map_err(|e| e.to_string())?;
+    let tls = TlsAcceptor::from(server_config)
+        .accept(tcp)
+        .await
+        .map_err(|e| format!("TLS handshake: {e}"))?;
+    let info = ConnectionInfo { peer, local };
+    let settings = crate::hbone::H2Settings::server();
+    serve_connection(tls, info, &settings, ctx.drain.clone(), move |incoming| {
+        tokio::spawn(handle_connect(ctx.clone(), scope.clone(), incoming));
+    })
+    .await
+    .map_err(|e| e.to_string())
+}
+
+/// One CONNECT stream, start to end.
+async fn handle_connect(ctx: Arc<ProxyContext>, scope: Scope, incoming: IncomingConnect) {
+    let started = Instant::now();
+    let snapshot = ctx.mesh.load();
+    let peer = incoming.peer_addr;
+    let peer_identity = incoming.peer_identity.clone();
+    let src_identity = peer_identity
+        .as_ref()
+        .map(ToString::to_string)
+        .unwrap_or_default();
+
+    // Decide: is the target ours, and may this peer reach it?
+    let (workload, target) = match destination(&ctx, &scope, &snapshot, &incoming) {
+        Ok(found) => found,
+        Err(refusal) => {
+            access_refused(peer, &src_identity, &incoming.authority, &refusal);
+            incoming.refuse(refusal);
+            return;
+        }
+    };
+    let facts = ConnectionFacts {
+        source_ip: peer.ip(),
+        source_identity: peer_identity.clone(),
+        destination_ip: target.ip(),
+        destination_port: target.port(),
+    };
+    if let Decision::Deny(reason) = policy::authorize(&snapshot.policies, &workload, &facts) {
+        ctx.metrics.policy_denial(&reason);
+        let refusal = Refusal::Denied(reason);
+        access_refused(peer, &src_identity, &incoming.authority, &refusal);
+        incoming.refuse(refusal);
+        return;
+    }
+
+    // Connect to the app, keeping the client's address when we are inside the pod.
+    let spoof = match scope.owner {
+        Owner::Pod(_) if peer.ip() != target.ip() => Some(peer.ip()),
+        _ => None,
+    };
+    let upstream = match scope.sockets.connect(target, spoof).await {
+        Ok(upstream) => upstream,
+        Err(e) => {
+            let refusal = Refusal::Unavailable(format!("connecting to {target}: {e}"));
+            access_refused(peer, &src_identity, &incoming.authority, &refusal);
+            incoming.refuse(refusal);
+            return;
+        }
+    };
+    let stream = match incoming.accept() {
+        Ok(stream) => stream,
+        Err(e) => {
+            debug!(%peer, error = %e, "client went away before 200");
+            return;
+        }
+    };
+
+    // Copy, then record.
+    let labels = super::labels::inbound(&workload, peer_identity.as_ref(), &snapshot);
+    ctx.metrics.connection_opened(&labels);
+    let result = copy_tcp_h2(upstream, stream).await;
+    let (received, sent) = match &result {
+        Ok(t) => (t.to_upstream, t.to_downstream),
+        Err(_) => (0, 0),
+    };
+    ctx.metrics.connection_closed(&labels, received, sent);
+    info!(
+        target: "access",
+        direction = "inbound",
+        src.addr = %peer,
+        src.identity = %src_identity,
+        dst.addr = %target,
+        dst.workload = %workload.name,
+        dst.namespace = %workload.namespace,
+        bytes_received = received,
+        bytes_sent = sent,
+        duration_ms = started.elapsed().as_millis() as u64,
+        error = result.as_ref().err().map(ToString::to_string).unwrap_or_default(),
+        "connection complete"
+    );
+}
+
+/// The local workload and socket address a CONNECT authority names, or why it is refused.
+/// An address must be the one the TLS connection arrived on (ztund is never an open proxy); a
+/// service hostname must have an endpoint that is this very workload.
+fn destination(
+    ctx: &ProxyContext,
+    scope: &Scope,
+    snapshot: &Snapshot,
+    incoming: &IncomingConnect,
+) -> Result<(Arc<Workload>, SocketAddr), Refusal> {
+    let local = incoming.local_addr;
+    let Some(workload) = scope.local_workload(snapshot, &ctx.config.node, local.ip()) else {
+        return Err(Refusal::Unavailable(format!("no local workload at {local}")));
+    };
+    let target = match &incoming.authority {
+        Authority::Addr(addr) => {
+            if addr.ip() != local.ip() || !workload.addresses.contains(&addr.ip()) {
+                return Err(Refusal::BadRequest(format!(
+                    "{addr} is not the workload this connection reached ({})",
+                    local.ip()
+                )));
+            }
+            *addr
+        }
+        Authority::Host(host, port) => {
+            let Some(service) = snapshot.service_by_hostname(host, &workload.namespace) else {
+                return Err(Refusal::Unavailable(format!("unknown service {host}")));
+            };
+            if !snapshot.endpoints(service).iter().any(|w| w.uid == workload.uid) {
+                return Err(Refusal::BadRequest(format!(
+                    "{host} has no endpoint on this workload"
+                )));
+            }
+            let Some(port) = service.port(*port) else {
+                return Err(Refusal::Unavailable(format!("{host} has no port {port}")));
+            };
+            SocketAddr::new(local.ip(), port.target_port)
+        }
+    };
+    if super::route::SELF_PORTS.contains(&target.port()) {
+        return Err(Refusal::Unavailable(format!(
+            "{target} is one of ztund's own ports"
+        )));
+    }
+    Ok((workload, target))
+}
+
+fn access_refused(peer: SocketAddr, identity: &str, authority: &Authority, refusal: &Refusal) {
+    info!(
+        target: "access",
+        direction = "inbound",
+        src.addr = %peer,
+        src.identity = %identity,
+        dst.authority = %authority,
+        status = refusal.status().as_u16(),
+        reason = %refusal,
+        "connection refused"
+    );
+}

@@ -1,0 +1,104 @@
+//! The inbound plaintext listener (15006): TCP that reached a pod without HBONE. accept → find
+//! the pod and port → authorize with no peer identity (so STRICT refuses it) → connect to the app
+//! with the client's address → copy → record.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, info, warn};
+
+use super::context::{ProxyContext, Scope};
+use super::copy::copy_bidirectional;
+use crate::policy::{self, ConnectionFacts, Decision};
+
+/// Accepts plaintext connections until the pod or the daemon drains.
+pub async fn serve(ctx: Arc<ProxyContext>, scope: Scope, listener: TcpListener) {
+    let mut drain = ctx.drain.clone();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = drain.wait_for(|d| *d) => return,
+        };
+        match accepted {
+            Ok((client, peer)) => {
+                let ctx = ctx.clone();
+                let scope = scope.clone();
+                tokio::spawn(async move {
+                    if let Err(reason) = handle(&ctx, &scope, client, peer).await {
+                        debug!(%peer, %reason, "plaintext connection ended");
+                    }
+                });
+            }
+            Err(e) => {
+                warn!(error = %e, "accepting on the plaintext listener");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn handle(
+    ctx: &ProxyContext,
+    scope: &Scope,
+    client: TcpStream,
+    peer: SocketAddr,
+) -> Result<(), String> {
+    let started = Instant::now();
+    let _ = client.set_nodelay(true);
+    let target = crate::net::original_destination(&client).map_err(|e| e.to_string())?;
+    let snapshot = ctx.mesh.load();
+    let Some(workload) = scope.local_workload(&snapshot, &ctx.config.node, target.ip()) else {
+        return Err(format!("no local workload owns {target}; closing"));
+    };
+    if super::route::SELF_PORTS.contains(&target.port()) {
+        return Err(format!("{target} is one of ztund's own ports"));
+    }
+    let facts = ConnectionFacts {
+        source_ip: peer.ip(),
+        source_identity: None,
+        destination_ip: target.ip(),
+        destination_port: target.port(),
+    };
+    if let Decision::Deny(reason) = policy::authorize(&snapshot.policies, &workload, &facts) {
+        ctx.metrics.policy_denial(&reason);
+        info!(
+            target: "access",
+            direction = "inbound_plaintext",
+            src.addr = %peer,
+            dst.addr = %target,
+            dst.workload = %workload.name,
+            reason = %reason,
+            "connection refused"
+        );
+        return Ok(());
+    }
+    let spoof = (peer.ip() != target.ip()).then_some(peer.ip());
+    let upstream = scope
+        .sockets
+        .connect(target, spoof)
+        .await
+        .map_err(|e| format!("connecting to {target}: {e}"))?;
+    let labels = super::labels::inbound(&workload, None, &snapshot);
+    ctx.metrics.connection_opened(&labels);
+    let result = copy_bidirectional(client, upstream).await;
+    let (received, sent) = match &result {
+        Ok(t) => (t.to_upstream, t.to_downstream),
+        Err(_) => (0, 0),
+    };
+    ctx.metrics.connection_closed(&labels, received, sent);
+    info!(
+        target: "access",
+        direction = "inbound_plaintext",
+        src.addr = %peer,
+        dst.addr = %target,
+        dst.workload = %workload.name,
+        bytes_received = received,
+        bytes_sent = sent,
+        duration_ms = started.elapsed().as_millis() as u64,
+        error = result.as_ref().err().map(ToString::to_string).unwrap_or_default(),
+        "connection complete"
+    );
+    Ok(())
+}

@@ -1,0 +1,266 @@
+//! Outbound listeners: the transparent one (15001, fed by redirection) and SOCKS5 (15080).
+//! accept → identify the source workload → find the destination → plan → connect (HBONE through
+//! the pool, or plain TCP) → copy → record.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsConnector;
+use tracing::{debug, info, warn};
+
+use super::context::{ProxyContext, Scope};
+use super::copy::{copy_bidirectional, copy_tcp_h2};
+use super::route::{self, Plan};
+use super::socks5;
+use crate::hbone::pool::PoolKey;
+use crate::hbone::{ConnectRequest, H2Stream, HboneError};
+use crate::mesh::{Snapshot, Workload};
+
+/// Which way into the mesh a client came.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entry {
+    /// Redirected by the kernel; the destination is the original one.
+    Transparent,
+    /// A SOCKS5 client naming its destination.
+    Socks5,
+}
+
+/// Accepts outbound connections until the daemon drains.
+pub async fn serve(ctx: Arc<ProxyContext>, scope: Scope, listener: TcpListener, entry: Entry) {
+    let mut drain = ctx.drain.clone();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = drain.wait_for(|d| *d) => return,
+        };
+        match accepted {
+            Ok((client, peer)) => {
+                let ctx = ctx.clone();
+                let scope = scope.clone();
+                tokio::spawn(async move {
+                    let _ = client.set_nodelay(true);
+                    let result = match entry {
+                        Entry::Transparent => handle_transparent(&ctx, &scope, client, peer).await,
+                        Entry::Socks5 => handle_socks5(&ctx, &scope, client, peer).await,
+                    };
+                    if let Err(reason) = result {
+                        debug!(%peer, %reason, "outbound connection ended");
+                    }
+                });
+            }
+            Err(e) => {
+                warn!(error = %e, "accepting on an outbound listener");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn handle_transparent(
+    ctx: &ProxyContext,
+    scope: &Scope,
+    client: TcpStream,
+    peer: SocketAddr,
+) -> Result<(), String> {
+    let destination = crate::net::original_destination(&client).map_err(|e| e.to_string())?;
+    let snapshot = ctx.mesh.load();
+    let source = scope.source_workload(&snapshot, &ctx.config.node, peer.ip());
+    let started = Instant::now();
+    let plan = route::plan(&snapshot, destination, ctx.config.ports.hbone);
+    let upstream = connect(ctx, scope, source.as_deref(), peer, &plan).await;
+    carry(ctx, &snapshot, source, peer, destination, plan, upstream, client, started).await;
+    Ok(())
+}
+
+async fn handle_socks5(
+    ctx: &ProxyContext,
+    scope: &Scope,
+    mut client: TcpStream,
+    peer: SocketAddr,
+) -> Result<(), String> {
+    let target = socks5::accept(&mut client).await.map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    let snapshot = ctx.mesh.load();
+    let Some(source) = scope.source_workload(&snapshot, &ctx.config.node, peer.ip()) else {
+        let _ = socks5::reply(&mut client, socks5::Reply::NotAllowed).await;
+        return Err(format!("{peer} is not a workload of this node"));
+    };
+    let destination = match target {
+        socks5::Target::Addr(addr) => addr,
+        socks5::Target::Domain(name, port) => {
+            match route::resolve_hostname(&snapshot, &name, port, &source.namespace) {
+                Some(addr) => addr,
+                None => {
+                    let _ = socks5::reply(&mut client, socks5::Reply::HostUnreachable).await;
+                    return Err(format!("{name} is not a mesh service"));
+                }
+            }
+        }
+    };
+    let plan = route::plan(&snapshot, destination, ctx.config.ports.hbone);
+    let upstream = connect(ctx, scope, Some(&source), peer, &plan).await;
+    let code = match &upstream {
+        Ok(_) => socks5::Reply::Succeeded,
+        Err(Failure::Refused(_)) => socks5::Reply::NotAllowed,
+        Err(Failure::Unreachable(_)) => socks5::Reply::ConnectionRefused,
+    };
+    socks5::reply(&mut client, code)
+        .await
+        .map_err(|e| e.to_string())?;
+    carry(ctx, &snapshot, Some(source), peer, destination, plan, upstream, client, started).await;
+    Ok(())
+}
+
+/// Where an outbound connection's bytes go once it is set up.
+enum Upstream {
+    Tunnel(H2Stream),
+    Tcp(TcpStream),
+}
+
+/// Why an outbound connection could not be set up.
+#[derive(Debug)]
+enum Failure {
+    /// The plan forbids it.
+    Refused(String),
+    /// The next hop could not be reached or said no.
+    Unreachable(String),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Refused(r) | Failure::Unreachable(r) => f.write_str(r),
+        }
+    }
+}
+
+async fn connect(
+    ctx: &ProxyContext,
+    scope: &Scope,
+    source: Option<&Workload>,
+    client: SocketAddr,
+    plan: &Plan,
+) -> Result<Upstream, Failure> {
+    match plan {
+        Plan::Refuse(reason) => Err(Failure::Refused(reason.clone())),
+        Plan::Passthrough { target } | Plan::Direct { target, .. } => scope
+            .sockets
+            .connect(*target, None)
+            .await
+            .map(Upstream::Tcp)
+            .map_err(|e| Failure::Unreachable(format!("connecting to {target}: {e}"))),
+        Plan::Hbone {
+            next_hop,
+            authority,
+            expected,
+            service,
+            ..
+        } => {
+            let Some(source) = source else {
+                return Err(Failure::Refused(format!(
+                    "{client} is not a mesh workload of this node; it cannot use HBONE"
+                )));
+            };
+            let request = ConnectRequest::new(authority.to_string())
+                .forwarded_for(client, service.as_ref().map(|s| s.hostname.as_str()));
+            // In-pod, each pod dials from its own namespace and address: never share its tunnels.
+            let source_ip = match scope.owner {
+                super::context::Owner::Pod(_) => source.addresses.first().copied(),
+                super::context::Owner::Node => None,
+            };
+            let key = PoolKey {
+                source: source.identity(),
+                expected: expected.clone(),
+                destination: *next_hop,
+                source_ip,
+            };
+            open_tunnel(ctx, scope, key, request)
+                .await
+                .map(Upstream::Tunnel)
+                .map_err(|e| Failure::Unreachable(format!("HBONE to {next_hop}: {e}")))
+        }
+    }
+}
+
+/// A CONNECT stream from the pool, dialling (in the scope's namespace) when needed.
+async fn open_tunnel(
+    ctx: &ProxyContext,
+    scope: &Scope,
+    key: PoolKey,
+    request: ConnectRequest,
+) -> Result<H2Stream, HboneError> {
+    let (source, expected, next_hop) = (key.source.clone(), key.expected.clone(), key.destination);
+    let sockets = scope.sockets.clone();
+    let credentials = ctx.credentials.clone();
+    let dial = move || -> crate::identity::BoxFuture<'static, Result<_, HboneError>> {
+        Box::pin(async move {
+            let tcp = sockets
+                .connect(next_hop, None)
+                .await
+                .map_err(|e| HboneError::Dial(next_hop, e.to_string()))?;
+            let config = credentials
+                .client_config(&source, &expected)
+                .await
+                .map_err(|e| HboneError::Dial(next_hop, e.to_string()))?;
+            TlsConnector::from(config)
+                .connect(crate::tls::dummy_server_name(), tcp)
+                .await
+                .map_err(|e| HboneError::Dial(next_hop, format!("TLS: {e}")))
+        })
+    };
+    ctx.pool.open(&key, dial, request).await
+}
+
+/// Copies until both sides are done, then writes the access log and metrics.
+#[allow(clippy::too_many_arguments)]
+async fn carry(
+    ctx: &ProxyContext,
+    snapshot: &Snapshot,
+    source: Option<Arc<Workload>>,
+    peer: SocketAddr,
+    destination: SocketAddr,
+    plan: Plan,
+    upstream: Result<Upstream, Failure>,
+    client: TcpStream,
+    started: Instant,
+) {
+    let (path, target) = describe(&plan);
+    let labels = super::labels::outbound(source.as_deref(), &plan);
+    ctx.metrics.connection_opened(&labels);
+    let result = match upstream {
+        Ok(Upstream::Tunnel(stream)) => copy_tcp_h2(client, stream).await.map_err(|e| e.to_string()),
+        Ok(Upstream::Tcp(tcp)) => copy_bidirectional(client, tcp).await.map_err(|e| e.to_string()),
+        Err(failure) => Err(failure.to_string()),
+    };
+    let (received, sent) = match &result {
+        Ok(t) => (t.to_upstream, t.to_downstream),
+        Err(_) => (0, 0),
+    };
+    ctx.metrics.connection_closed(&labels, received, sent);
+    info!(
+        target: "access",
+        direction = "outbound",
+        path,
+        src.addr = %peer,
+        src.workload = source.as_ref().map(|w| w.name.as_str()).unwrap_or(""),
+        src.identity = %source.as_ref().map(|w| w.identity().to_string()).unwrap_or_default(),
+        dst.addr = %destination,
+        dst.hbone_addr = %target,
+        bytes_sent = received,
+        bytes_received = sent,
+        duration_ms = started.elapsed().as_millis() as u64,
+        error = result.as_ref().err().cloned().unwrap_or_default(),
+        "connection complete"
+    );
+}
+
+fn describe(plan: &Plan) -> (&'static str, String) {
+    match plan {
+        Plan::Hbone { authority, .. } => ("hbone", authority.to_string()),
+        Plan::Direct { target, .. } => ("direct", target.to_string()),
+        Plan::Passthrough { target } => ("passthrough", target.to_string()),
+        Plan::Refuse(_) => ("refused", String::new()),
+    }
+}
