@@ -2,6 +2,7 @@
 //! connection through these modules.
 
 pub mod capture;
+pub mod check;
 pub mod config;
 pub mod hbone;
 pub mod identity;
