@@ -86,6 +86,13 @@ pub(super) struct Meta {
 impl Meta {
     fn read(root: &Node<'_>) -> Result<Meta, PolicyError> {
         let metadata = root.field("metadata");
+        // The mesh-file reader fills the DocRef from metadata (namespace defaulted); a policy
+        // still needs a name to be referenced and reported.
+        if root.doc.name.is_empty() {
+            return Err(metadata
+                .field("name")
+                .invalid("missing: every policy needs a name"));
+        }
         let created = match metadata.field("creationTimestamp").optional() {
             Some(node) => {
                 let text = node.str()?;
