@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod capture;
+pub mod check;
 pub mod config;
 pub mod hbone;
 pub mod identity;
