@@ -37,7 +37,10 @@ async fn accepted(listener: &TcpListener) -> (TcpStream, SocketAddr) {
 
 async fn nothing_lands_on(listener: &TcpListener) {
     let outcome = tokio::time::timeout(Duration::from_millis(300), listener.accept()).await;
-    assert!(outcome.is_err(), "no connection should have been redirected here");
+    assert!(
+        outcome.is_err(),
+        "no connection should have been redirected here"
+    );
 }
 
 fn install(netns: &Netns) {
@@ -52,13 +55,19 @@ async fn outbound_lands_on_15001_with_the_original_destination_and_the_mark_bypa
     install(&client_ns);
     let outbound = listen(&client_ns, 15001);
 
-    let _app_side = bed.connect_from(1, 1, app).await.expect("connect is answered by 15001");
+    let _app_side = bed
+        .connect_from(1, 1, app)
+        .await
+        .expect("connect is answered by 15001");
     let (captured, peer) = accepted(&outbound).await;
     assert_eq!(original_destination(&captured).unwrap(), app);
     assert_eq!(peer.ip(), bed.pod_ip(1, 1));
 
     // ztund's own socket (mark 0x539) goes straight to the destination.
-    let direct = ztund_sockets(client_ns.clone()).connect(app, None).await.unwrap();
+    let direct = ztund_sockets(client_ns.clone())
+        .connect(app, None)
+        .await
+        .unwrap();
     Testbed::assert_echo(direct, MIB).await;
     nothing_lands_on(&outbound).await;
 }
@@ -75,7 +84,10 @@ async fn inbound_plaintext_lands_on_15006_and_the_app_sees_the_client_through_a_
     let client_ip = bed.pod_ip(1, 1);
 
     // A plaintext client: its connection is held by ztund's transparent listener.
-    let client = bed.connect_from(1, 1, app).await.expect("connect is answered by 15006");
+    let client = bed
+        .connect_from(1, 1, app)
+        .await
+        .expect("connect is answered by 15006");
     let (captured, peer) = accepted(&inbound).await;
     assert_eq!(captured.local_addr().unwrap(), app);
     assert_eq!(original_destination(&captured).unwrap(), app);
@@ -120,14 +132,21 @@ async fn install_is_idempotent_and_removal_restores_direct_traffic() {
     install(&ns);
     assert!(nft::redirection_installed(&ns).unwrap());
     let rules = bed.run_in(Place::Pod(1, 1), &["ip", "rule", "show", "pref", "32764"]);
-    assert_eq!(rules.lines().count(), 1, "one reply rule after two installs:\n{rules}");
+    assert_eq!(
+        rules.lines().count(),
+        1,
+        "one reply rule after two installs:\n{rules}"
+    );
     let tables = bed.run_in(Place::Pod(1, 1), &["nft", "list", "tables"]);
     assert_eq!(tables.matches("ztund").count(), 1, "{tables}");
 
     nft::remove_redirection(&ns).unwrap();
     nft::remove_redirection(&ns).expect("removing twice is fine");
     assert!(!nft::redirection_installed(&ns).unwrap());
-    assert_eq!(bed.run_in(Place::Pod(1, 1), &["ip", "rule", "show", "pref", "32764"]), "");
+    assert_eq!(
+        bed.run_in(Place::Pod(1, 1), &["ip", "rule", "show", "pref", "32764"]),
+        ""
+    );
     let routes = bed.try_run_in(Place::Pod(1, 1), &["ip", "route", "show", "table", "100"]);
     assert!(routes.unwrap_or_default().trim().is_empty());
 
@@ -151,12 +170,19 @@ async fn host_mode_captures_the_hosts_own_traffic_and_leaves_forwarded_traffic_a
         .unwrap();
 
     // A host process calling out lands on 15001.
-    let _c = bed.app_sockets(Place::Node(1)).connect(remote, None).await.unwrap();
+    let _c = bed
+        .app_sockets(Place::Node(1))
+        .connect(remote, None)
+        .await
+        .unwrap();
     let (captured, _) = accepted(&outbound).await;
     assert_eq!(original_destination(&captured).unwrap(), remote);
 
     // ztund's own marked socket passes.
-    let direct = ztund_sockets(host.clone()).connect(remote, None).await.unwrap();
+    let direct = ztund_sockets(host.clone())
+        .connect(remote, None)
+        .await
+        .unwrap();
     Testbed::assert_echo(direct, 64 * 1024).await;
 
     // A peer calling a host service lands on 15006 with the service address as destination.
@@ -167,7 +193,10 @@ async fn host_mode_captures_the_hosts_own_traffic_and_leaves_forwarded_traffic_a
     assert_eq!(peer.ip(), bed.pod_ip(2, 1));
 
     // The exempt port reaches the host's own listener.
-    let _c = bed.connect_from(2, 1, SocketAddr::new(bed.node_ip(1), 22)).await.unwrap();
+    let _c = bed
+        .connect_from(2, 1, SocketAddr::new(bed.node_ip(1), 22))
+        .await
+        .unwrap();
     accepted(&ssh).await;
 
     // Pod traffic routed through the host is not the host's: untouched.

@@ -15,26 +15,41 @@ async fn pods_reach_each_other_across_nodes_and_on_one_node() {
     let remote = bed.echo_server(2, 1, 8080);
     let neighbour = bed.echo_server(1, 2, 8080);
 
-    let across = bed.connect_from(1, 1, remote).await.expect("pod 1/1 → pod 2/1");
+    let across = bed
+        .connect_from(1, 1, remote)
+        .await
+        .expect("pod 1/1 → pod 2/1");
     assert_eq!(across.local_addr().unwrap().ip(), bed.pod_ip(1, 1));
     Testbed::assert_echo(across, MIB).await;
 
-    let same_node = bed.connect_from(1, 1, neighbour).await.expect("pod 1/1 → pod 1/2");
+    let same_node = bed
+        .connect_from(1, 1, neighbour)
+        .await
+        .expect("pod 1/1 → pod 1/2");
     Testbed::assert_echo(same_node, MIB).await;
 
     // The app sees the client pod's own address: no NAT anywhere in the testbed.
     let whoami = bed.whoami_server(2, 2, 9000);
     let mut stream = bed.connect_from(1, 2, whoami).await.unwrap();
     let mut line = String::new();
-    tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut line).await.unwrap();
-    assert!(line.starts_with(&format!("{}:", bed.pod_ip(1, 2))), "{line}");
+    tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut line)
+        .await
+        .unwrap();
+    assert!(
+        line.starts_with(&format!("{}:", bed.pod_ip(1, 2))),
+        "{line}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_reach_pods_and_a_closed_port_is_refused() {
     let bed = Testbed::new(2, 1);
     let app = bed.echo_server(2, 1, 8080);
-    let from_node = bed.app_sockets(Place::Node(1)).connect(app, None).await.unwrap();
+    let from_node = bed
+        .app_sockets(Place::Node(1))
+        .connect(app, None)
+        .await
+        .unwrap();
     Testbed::assert_echo(from_node, 4096).await;
     let closed = std::net::SocketAddr::new(bed.pod_ip(2, 1), 8081);
     let err = bed.connect_from(1, 1, closed).await.unwrap_err();
@@ -51,12 +66,21 @@ fn dropping_the_testbed_deletes_every_namespace_also_on_panic() {
             .map(|p| bed.netns_name(p))
             .collect();
         for name in &names {
-            assert!(Path::new("/var/run/netns").join(name).exists(), "{name} missing");
+            assert!(
+                Path::new("/var/run/netns").join(name).exists(),
+                "{name} missing"
+            );
         }
-        assert!(bed.run_in(Place::Pod(1, 1), &["ip", "-brief", "addr"]).contains("10.201.1.2/32"));
+        assert!(
+            bed.run_in(Place::Pod(1, 1), &["ip", "-brief", "addr"])
+                .contains("10.201.1.2/32")
+        );
     }
     for name in &names {
-        assert!(!Path::new("/var/run/netns").join(name).exists(), "{name} left behind");
+        assert!(
+            !Path::new("/var/run/netns").join(name).exists(),
+            "{name} left behind"
+        );
     }
 
     let mut leaked = Vec::new();

@@ -47,19 +47,24 @@ impl CniServer {
 
     /// Waits for ztund to connect and say hello.
     pub async fn accept(&self) -> Result<CniConnection, ZdsError> {
-        let socket = self.listener.accept().await.map_err(|source| ZdsError::Io {
-            path: self.path.display().to_string(),
-            source,
-        })?;
+        let socket = self
+            .listener
+            .accept()
+            .await
+            .map_err(|source| ZdsError::Io {
+                path: self.path.display().to_string(),
+                source,
+            })?;
         let connection = CniConnection {
             socket,
             path: self.path.display().to_string(),
         };
         let packet = connection.recv_packet().await?;
-        let hello = proto::ZdsHello::decode(packet.as_slice()).map_err(|source| ZdsError::Decode {
-            message: "ZdsHello",
-            source,
-        })?;
+        let hello =
+            proto::ZdsHello::decode(packet.as_slice()).map_err(|source| ZdsError::Decode {
+                message: "ZdsHello",
+                source,
+            })?;
         if hello.version != proto::Version::V1 as i32 {
             return Err(ZdsError::Version(hello.version));
         }
@@ -124,10 +129,7 @@ impl CniConnection {
         bytes: &[u8],
         fds: &[BorrowedFd<'_>],
     ) -> Result<Result<(), String>, ZdsError> {
-        self.socket
-            .send(bytes, fds)
-            .await
-            .map_err(|e| self.io(e))?;
+        self.socket.send(bytes, fds).await.map_err(|e| self.io(e))?;
         self.recv_ack().await
     }
 
@@ -151,11 +153,12 @@ impl CniConnection {
 
     async fn recv_ack(&self) -> Result<Result<(), String>, ZdsError> {
         let packet = self.recv_packet().await?;
-        let response =
-            proto::WorkloadResponse::decode(packet.as_slice()).map_err(|source| ZdsError::Decode {
+        let response = proto::WorkloadResponse::decode(packet.as_slice()).map_err(|source| {
+            ZdsError::Decode {
                 message: "WorkloadResponse",
                 source,
-            })?;
+            }
+        })?;
         match response.payload {
             Some(proto::workload_response::Payload::Ack(ack)) if ack.error.is_empty() => Ok(Ok(())),
             Some(proto::workload_response::Payload::Ack(ack)) => Ok(Err(ack.error)),

@@ -15,7 +15,9 @@ pub use zds::{PodEvent, PodEvents, ZdsClient, ZdsError};
 /// What went wrong setting up a pod's capture.
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
-    #[error("`{binary}` is not installed; it is needed to redirect pod traffic (apt-get install {package})")]
+    #[error(
+        "`{binary}` is not installed; it is needed to redirect pod traffic (apt-get install {package})"
+    )]
     MissingTool {
         binary: &'static str,
         package: &'static str,

@@ -230,9 +230,32 @@ pub fn install_host_redirection(netns: &Netns, host: &HostRedirection) -> Result
 pub fn remove_redirection(netns: &Netns) -> Result<(), CaptureError> {
     apply_nft(netns, &replace_table())?;
     while reply_rule_present(netns)? {
-        run_in(netns, "ip", &["rule", "del", "pref", RULE_PREF, "fwmark", &rule_mark(), "lookup", ROUTE_TABLE], None)?;
+        run_in(
+            netns,
+            "ip",
+            &[
+                "rule",
+                "del",
+                "pref",
+                RULE_PREF,
+                "fwmark",
+                &rule_mark(),
+                "lookup",
+                ROUTE_TABLE,
+            ],
+            None,
+        )?;
     }
-    let route = ["route", "del", "local", "0.0.0.0/0", "dev", "lo", "table", ROUTE_TABLE];
+    let route = [
+        "route",
+        "del",
+        "local",
+        "0.0.0.0/0",
+        "dev",
+        "lo",
+        "table",
+        ROUTE_TABLE,
+    ];
     match run_in(netns, "ip", &route, None) {
         Err(CaptureError::Command { stderr, .. }) if stderr.contains("No such process") => Ok(()),
         other => other.map(drop),
@@ -256,14 +279,32 @@ fn install_reply_routing(netns: &Netns) -> Result<(), CaptureError> {
     run_in(
         netns,
         "ip",
-        &["route", "replace", "local", "0.0.0.0/0", "dev", "lo", "table", ROUTE_TABLE],
+        &[
+            "route",
+            "replace",
+            "local",
+            "0.0.0.0/0",
+            "dev",
+            "lo",
+            "table",
+            ROUTE_TABLE,
+        ],
         None,
     )?;
     if !reply_rule_present(netns)? {
         run_in(
             netns,
             "ip",
-            &["rule", "add", "fwmark", &rule_mark(), "pref", RULE_PREF, "lookup", ROUTE_TABLE],
+            &[
+                "rule",
+                "add",
+                "fwmark",
+                &rule_mark(),
+                "pref",
+                RULE_PREF,
+                "lookup",
+                ROUTE_TABLE,
+            ],
             None,
         )?;
     }
@@ -306,7 +347,11 @@ fn run_in(
     let mut command = Command::new(binary);
     command
         .args(args)
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     // SAFETY: between fork and exec the child only makes the async-signal-safe setns syscall on
@@ -368,7 +413,10 @@ mod tests {
             exempt_inbound_ports: vec![22, 9100],
         };
         let text = host_ruleset(&host);
-        assert!(text.contains("tcp dport { 15008, 22, 9100 } accept"), "{text}");
+        assert!(
+            text.contains("tcp dport { 15008, 22, 9100 } accept"),
+            "{text}"
+        );
         assert!(text.contains("meta mark & 0xfff == 0x539 accept"), "{text}");
         assert!(text.contains("redirect to :15001"), "{text}");
     }

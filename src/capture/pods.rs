@@ -37,7 +37,9 @@ pub trait PodProxies: Send + Sync {
 pub enum PodSource {
     Zds,
     /// From the mesh file, with the netns name or path it gave.
-    Standalone { netns: String },
+    Standalone {
+        netns: String,
+    },
 }
 
 /// One tracked pod, for status output and tests.
@@ -133,7 +135,8 @@ impl PodManager {
             .pods
             .iter()
             .filter(|(uid, t)| {
-                matches!(t.source, PodSource::Standalone { .. }) && !wanted_uids.contains(uid.as_str())
+                matches!(t.source, PodSource::Standalone { .. })
+                    && !wanted_uids.contains(uid.as_str())
             })
             .map(|(uid, _)| uid.clone())
             .collect();
@@ -266,8 +269,12 @@ impl PodManager {
             let removed = tokio::task::spawn_blocking(move || nft::remove_redirection(&ns)).await;
             match removed {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!(uid = %tracked.info.uid, netns = %path, error = %e, "removing redirection"),
-                Err(e) => tracing::warn!(uid = %tracked.info.uid, error = %e, "removing redirection"),
+                Ok(Err(e)) => {
+                    tracing::warn!(uid = %tracked.info.uid, netns = %path, error = %e, "removing redirection")
+                }
+                Err(e) => {
+                    tracing::warn!(uid = %tracked.info.uid, error = %e, "removing redirection")
+                }
             }
         }
         if tracked.running {

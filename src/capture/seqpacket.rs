@@ -6,8 +6,8 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
 use nix::sys::socket::{
-    self, AddressFamily, Backlog, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType,
-    UnixAddr,
+    self, AddressFamily, Backlog, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag,
+    SockType, UnixAddr,
 };
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
@@ -57,15 +57,11 @@ impl SeqPacket {
         let fd = new_socket()?;
         let addr = UnixAddr::new(path).map_err(errno)?;
         socket::connect(fd.as_raw_fd(), &addr).map_err(errno)?;
-        Ok(SeqPacket {
-            fd: register(fd)?,
-        })
+        Ok(SeqPacket { fd: register(fd)? })
     }
 
     fn from_fd(fd: OwnedFd) -> io::Result<SeqPacket> {
-        Ok(SeqPacket {
-            fd: register(fd)?,
-        })
+        Ok(SeqPacket { fd: register(fd)? })
     }
 
     /// Sends one packet with `fds` attached.
@@ -101,7 +97,11 @@ impl SeqPacket {
                 for cmsg in message.cmsgs().map_err(errno)? {
                     if let ControlMessageOwned::ScmRights(received) = cmsg {
                         // SAFETY: the kernel just installed these fds for us; nobody else owns them.
-                        fds.extend(received.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+                        fds.extend(
+                            received
+                                .into_iter()
+                                .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                        );
                     }
                 }
                 let truncated = message
@@ -142,9 +142,7 @@ impl SeqPacketListener {
         let addr = UnixAddr::new(path).map_err(errno)?;
         socket::bind(fd.as_raw_fd(), &addr).map_err(errno)?;
         socket::listen(&fd, Backlog::new(16).map_err(errno)?).map_err(errno)?;
-        Ok(SeqPacketListener {
-            fd: register(fd)?,
-        })
+        Ok(SeqPacketListener { fd: register(fd)? })
     }
 
     /// Waits for the next connection.
@@ -152,8 +150,11 @@ impl SeqPacketListener {
         let fd = self
             .fd
             .async_io(Interest::READABLE, |fd| {
-                socket::accept4(fd.as_raw_fd(), SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK)
-                    .map_err(errno)
+                socket::accept4(
+                    fd.as_raw_fd(),
+                    SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+                )
+                .map_err(errno)
             })
             .await?;
         // SAFETY: accept4 returned a fresh fd that nothing else owns.

@@ -54,7 +54,9 @@ pub enum ZdsError {
     Version(i32),
     #[error("WorkloadRequest without a payload")]
     EmptyRequest,
-    #[error("Add for pod {uid:?} carries {count} file descriptors; exactly one netns fd is required")]
+    #[error(
+        "Add for pod {uid:?} carries {count} file descriptors; exactly one netns fd is required"
+    )]
     AddFds { uid: String, count: usize },
     #[error("Add for pod {uid:?} has no workload_info")]
     MissingWorkloadInfo { uid: String },
@@ -372,7 +374,10 @@ mod tests {
         ];
         for request in cases {
             let err = validate(packet(request, 1), false).unwrap_err();
-            assert!(matches!(err, ZdsError::UnexpectedFds { count: 1, .. }), "{err}");
+            assert!(
+                matches!(err, ZdsError::UnexpectedFds { count: 1, .. }),
+                "{err}"
+            );
         }
     }
 
@@ -401,16 +406,25 @@ mod tests {
             fds: vec![],
             truncated: false,
         };
-        assert!(matches!(validate(garbage, false), Err(ZdsError::Decode { .. })));
+        assert!(matches!(
+            validate(garbage, false),
+            Err(ZdsError::Decode { .. })
+        ));
         let mut truncated = packet(add("u1", true), 1);
         truncated.truncated = true;
-        assert!(matches!(validate(truncated, false), Err(ZdsError::Truncated)));
+        assert!(matches!(
+            validate(truncated, false),
+            Err(ZdsError::Truncated)
+        ));
         let empty = Packet {
             bytes: proto::WorkloadRequest { payload: None }.encode_to_vec(),
             fds: vec![],
             truncated: false,
         };
-        assert!(matches!(validate(empty, false), Err(ZdsError::EmptyRequest)));
+        assert!(matches!(
+            validate(empty, false),
+            Err(ZdsError::EmptyRequest)
+        ));
     }
 
     #[test]

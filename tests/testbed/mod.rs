@@ -86,8 +86,8 @@ impl Testbed {
             }
             ip_batch(None, &format!("netns add {name}"));
             self.created.push(name.clone());
-            let netns = Netns::open(&name)
-                .unwrap_or_else(|e| panic!("testbed: opening netns {name}: {e}"));
+            let netns =
+                Netns::open(&name).unwrap_or_else(|e| panic!("testbed: opening netns {name}: {e}"));
             self.opened.insert(place, Arc::new(netns));
         }
         let switch = self.netns_name(Place::Switch);
@@ -253,22 +253,30 @@ impl Testbed {
 
     /// An echo server on `pod_ip(n, p):port` inside the pod (a tokio task, stopped on drop).
     pub fn echo_server(&self, n: usize, p: usize, port: u16) -> SocketAddr {
-        self.serve(Place::Pod(n, p), SocketAddr::new(self.pod_ip(n, p), port), |mut stream, _| {
-            Box::pin(async move {
-                let (mut reader, mut writer) = stream.split();
-                let _ = tokio::io::copy(&mut reader, &mut writer).await;
-            })
-        })
+        self.serve(
+            Place::Pod(n, p),
+            SocketAddr::new(self.pod_ip(n, p), port),
+            |mut stream, _| {
+                Box::pin(async move {
+                    let (mut reader, mut writer) = stream.split();
+                    let _ = tokio::io::copy(&mut reader, &mut writer).await;
+                })
+            },
+        )
     }
 
     /// A server that writes the client's address as seen by the app (`ip:port\n`), then closes.
     pub fn whoami_server(&self, n: usize, p: usize, port: u16) -> SocketAddr {
-        self.serve(Place::Pod(n, p), SocketAddr::new(self.pod_ip(n, p), port), |mut stream, peer| {
-            Box::pin(async move {
-                let _ = stream.write_all(format!("{peer}\n").as_bytes()).await;
-                let _ = stream.shutdown().await;
-            })
-        })
+        self.serve(
+            Place::Pod(n, p),
+            SocketAddr::new(self.pod_ip(n, p), port),
+            |mut stream, peer| {
+                Box::pin(async move {
+                    let _ = stream.write_all(format!("{peer}\n").as_bytes()).await;
+                    let _ = stream.shutdown().await;
+                })
+            },
+        )
     }
 
     /// Serves `addr` inside `place` with `handle` per connection (a task stopped on drop).
@@ -299,7 +307,12 @@ impl Testbed {
     }
 
     /// Connects from inside pod `(n, p)` as an application would (no mark).
-    pub async fn connect_from(&self, n: usize, p: usize, dst: SocketAddr) -> std::io::Result<TcpStream> {
+    pub async fn connect_from(
+        &self,
+        n: usize,
+        p: usize,
+        dst: SocketAddr,
+    ) -> std::io::Result<TcpStream> {
         self.app_sockets(Place::Pod(n, p)).connect(dst, None).await
     }
 
@@ -310,7 +323,10 @@ impl Testbed {
         let (mut reader, mut writer) = stream.into_split();
         let sent = pattern.clone();
         let writing = tokio::spawn(async move {
-            writer.write_all(&sent).await.expect("writing to the echo server");
+            writer
+                .write_all(&sent)
+                .await
+                .expect("writing to the echo server");
             writer.shutdown().await.expect("closing the write side");
         });
         let mut back = Vec::with_capacity(len);
@@ -319,7 +335,12 @@ impl Testbed {
             .await
             .expect("reading the echo");
         writing.await.expect("writer task");
-        assert_eq!(back.len(), len, "echo returned {} of {len} bytes", back.len());
+        assert_eq!(
+            back.len(),
+            len,
+            "echo returned {} of {len} bytes",
+            back.len()
+        );
         assert!(back == pattern, "echoed bytes differ from what was sent");
     }
 }
