@@ -208,3 +208,33 @@ async fn host_mode_captures_the_hosts_own_traffic_and_leaves_forwarded_traffic_a
     nft::remove_redirection(&host).unwrap();
     assert!(!nft::redirection_installed(&host).unwrap());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dual_stack_listeners_take_redirected_ipv4_with_v4_addresses() {
+    let bed = Testbed::new(2, 1);
+    let app = bed.echo_server(2, 1, 8080);
+    let client_ns = bed.netns(Place::Pod(1, 1));
+    let server_ns = bed.netns(Place::Pod(2, 1));
+    install(&client_ns);
+    install(&server_ns);
+    let any6 = |port| SocketAddr::from(([0u16; 8], port));
+    let outbound = ztund_sockets(client_ns.clone())
+        .listener(any6(15001), true)
+        .unwrap();
+    let inbound = ztund_sockets(server_ns.clone())
+        .listener(any6(15006), true)
+        .unwrap();
+
+    let _app_side = bed.connect_from(1, 1, app).await.unwrap();
+    let (captured, _) = accepted(&outbound).await;
+    assert_eq!(original_destination(&captured).unwrap(), app);
+
+    // ztund's outbound connection (marked) meets the destination pod's inbound capture.
+    let _upstream = ztund_sockets(client_ns.clone())
+        .connect(app, None)
+        .await
+        .unwrap();
+    let (captured, peer) = accepted(&inbound).await;
+    assert_eq!(original_destination(&captured).unwrap(), app);
+    assert_eq!(ztund::net::canonical(peer).ip(), bed.pod_ip(1, 1));
+}

@@ -162,7 +162,7 @@ impl CniConnection {
         match response.payload {
             Some(proto::workload_response::Payload::Ack(ack)) if ack.error.is_empty() => Ok(Ok(())),
             Some(proto::workload_response::Payload::Ack(ack)) => Ok(Err(ack.error)),
-            None => Err(ZdsError::EmptyRequest),
+            None => Err(ZdsError::EmptyResponse),
         }
     }
 

@@ -54,6 +54,8 @@ pub enum ZdsError {
     Version(i32),
     #[error("WorkloadRequest without a payload")]
     EmptyRequest,
+    #[error("WorkloadResponse without an Ack")]
+    EmptyResponse,
     #[error(
         "Add for pod {uid:?} carries {count} file descriptors; exactly one netns fd is required"
     )]
