@@ -369,6 +369,12 @@ impl Drop for Testbed {
 pub struct ChildGuard(Option<Child>);
 
 impl ChildGuard {
+    /// The process id.
+    pub fn id(&self) -> u32 {
+        self.0.as_ref().map_or(0, Child::id)
+    }
+
+    /// The child, to wait on it or read its pipes.
     pub fn child(&mut self) -> &mut Child {
         self.0.as_mut().expect("child present until drop")
     }
