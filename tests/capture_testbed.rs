@@ -92,3 +92,27 @@ fn dropping_the_testbed_deletes_every_namespace_also_on_panic() {
     assert!(outcome.is_err());
     assert!(!Path::new("/var/run/netns").join(&leaked[0]).exists());
 }
+
+#[test]
+fn spawned_processes_run_inside_the_pod_and_die_with_the_guard() {
+    let bed = Testbed::new(1, 1);
+    let mut command = std::process::Command::new("ip");
+    command
+        .args(["-brief", "addr", "show", "eth0"])
+        .stdout(std::process::Stdio::piped());
+    let mut shown = bed.spawn_in(Place::Pod(1, 1), command);
+    let output = shown.child().stdout.take().unwrap();
+    let text = std::io::read_to_string(output).unwrap();
+    assert!(text.contains("10.201.1.2/32"), "{text}");
+
+    let mut sleeper = std::process::Command::new("sleep");
+    sleeper.arg("30");
+    let guard = bed.spawn_in(Place::Node(1), sleeper);
+    let pid = guard.id();
+    assert!(Path::new(&format!("/proc/{pid}")).exists());
+    drop(guard);
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "sleep {pid} still running"
+    );
+}
