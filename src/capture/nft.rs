@@ -1,0 +1,428 @@
+//! The traffic redirection ztund installs itself: per pod namespace in standalone mode (the same
+//! effect as istio-cni's rules, PROTOCOL.md §5.5, in the nftables form TESTBED.md verified), and
+//! in the host namespace on a VM host. Runs `nft` and `ip` inside a given namespace; knows nothing
+//! about pods or listeners.
+//!
+//! IPv4 only for now: the verified rule set is an `ip` table.
+
+use std::io::Write;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+
+use super::CaptureError;
+use crate::net::{Netns, TPROXY_CONNMARK, ZTUND_MARK};
+
+/// nftables table holding every ztund rule of a namespace.
+const TABLE: &str = "ztund";
+/// Routing table that delivers connmarked replies locally (to ztund's transparent sockets).
+const ROUTE_TABLE: &str = "100";
+const RULE_PREF: &str = "32764";
+/// kubelet probes arrive SNATed to this address and must reach the app directly.
+const PROBE_SOURCE: &str = "169.254.7.127";
+
+/// The ports traffic is redirected to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RedirectPorts {
+    pub outbound: u16,
+    pub inbound_plaintext: u16,
+    pub hbone: u16,
+}
+
+impl Default for RedirectPorts {
+    fn default() -> Self {
+        RedirectPorts {
+            outbound: 15001,
+            inbound_plaintext: 15006,
+            hbone: 15008,
+        }
+    }
+}
+
+impl From<&crate::config::Ports> for RedirectPorts {
+    fn from(ports: &crate::config::Ports) -> Self {
+        RedirectPorts {
+            outbound: ports.outbound,
+            inbound_plaintext: ports.inbound_plaintext,
+            hbone: ports.hbone,
+        }
+    }
+}
+
+/// Host mode: the host's own processes are the workload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostRedirection {
+    pub ports: RedirectPorts,
+    /// Inbound ports left alone (besides HBONE), so that a stopped ztund does not lock
+    /// operators out; 22 by default.
+    pub exempt_inbound_ports: Vec<u16>,
+}
+
+impl Default for HostRedirection {
+    fn default() -> Self {
+        HostRedirection {
+            ports: RedirectPorts::default(),
+            exempt_inbound_ports: vec![22],
+        }
+    }
+}
+
+/// Fails with a message naming the package when `nft` or `ip` is missing.
+pub fn check_tools() -> Result<(), CaptureError> {
+    for (binary, package) in [("nft", "nftables"), ("ip", "iproute2")] {
+        match Command::new(binary)
+            .arg("-V")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+        {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(CaptureError::MissingTool { binary, package });
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The nftables script for a pod namespace. Applying it replaces any earlier ztund table.
+pub fn pod_ruleset(ports: &RedirectPorts) -> String {
+    let RedirectPorts {
+        outbound,
+        inbound_plaintext,
+        hbone,
+    } = *ports;
+    let m = Marks::default();
+    let Marks {
+        is_ztund,
+        not_ztund,
+        set_tproxy,
+        is_tproxy,
+        tag_connection,
+    } = &m;
+    format!(
+        "{replace}
+table ip {TABLE} {{
+  chain prerouting_mangle {{
+    type filter hook prerouting priority mangle; policy accept;
+    {is_ztund} {tag_connection}
+    ip saddr {PROBE_SOURCE} meta l4proto tcp accept
+    iifname \"lo\" ip daddr != 127.0.0.1 meta l4proto tcp accept
+    tcp dport {hbone} {not_ztund} {set_tproxy} tproxy to :{hbone} accept
+    meta l4proto tcp ct state established,related accept
+    ip daddr != 127.0.0.1 meta l4proto tcp {not_ztund} {set_tproxy} tproxy to :{inbound_plaintext} accept
+  }}
+  chain output_mangle {{
+    type route hook output priority mangle; policy accept;
+    {is_tproxy_ct} meta mark set ct mark
+  }}
+  chain output_nat {{
+    type nat hook output priority -100; policy accept;
+    ip daddr {PROBE_SOURCE} meta l4proto tcp accept
+    meta l4proto tcp {is_tproxy} accept
+    oifname \"lo\" ip daddr != 127.0.0.1 accept
+    ip daddr != 127.0.0.1 meta l4proto tcp {not_ztund} redirect to :{outbound}
+  }}
+}}
+",
+        replace = replace_table(),
+        is_tproxy_ct = m.is_tproxy_ct(),
+    )
+}
+
+/// The nftables script for a VM host's own namespace: outbound TCP of the host's processes goes
+/// to the outbound listener (except ztund's marked sockets and local/loopback traffic); new TCP
+/// connections to the host's own addresses go to the inbound plaintext listener (except HBONE
+/// and the exempt ports); forwarded traffic is left alone.
+pub fn host_ruleset(host: &HostRedirection) -> String {
+    let RedirectPorts {
+        outbound,
+        inbound_plaintext,
+        hbone,
+    } = host.ports;
+    let m = Marks::default();
+    let Marks {
+        is_ztund,
+        not_ztund,
+        set_tproxy,
+        is_tproxy,
+        tag_connection,
+    } = &m;
+    let mut exempt: Vec<String> = vec![hbone.to_string()];
+    exempt.extend(host.exempt_inbound_ports.iter().map(u16::to_string));
+    let exempt = exempt.join(", ");
+    format!(
+        "{replace}
+table ip {TABLE} {{
+  chain prerouting_mangle {{
+    type filter hook prerouting priority mangle; policy accept;
+    {is_ztund} {tag_connection}
+    iifname \"lo\" accept
+    fib daddr type != local accept
+    meta l4proto tcp ct state established,related accept
+    tcp dport {{ {exempt} }} accept
+    meta l4proto tcp {not_ztund} {set_tproxy} tproxy to :{inbound_plaintext} accept
+  }}
+  chain output_mangle {{
+    type route hook output priority mangle; policy accept;
+    {is_tproxy_ct} meta mark set ct mark
+  }}
+  chain output_nat {{
+    type nat hook output priority -100; policy accept;
+    meta l4proto tcp {is_tproxy} accept
+    {is_ztund} accept
+    oifname \"lo\" accept
+    ip daddr 127.0.0.0/8 accept
+    meta l4proto tcp redirect to :{outbound}
+  }}
+}}
+",
+        replace = replace_table(),
+        is_tproxy_ct = m.is_tproxy_ct(),
+    )
+}
+
+/// nftables matches on the low 12 bits of marks, leaving the rest to other software.
+struct Marks {
+    is_ztund: String,
+    not_ztund: String,
+    set_tproxy: String,
+    is_tproxy: String,
+    tag_connection: String,
+}
+
+impl Default for Marks {
+    fn default() -> Self {
+        Marks {
+            is_ztund: format!("meta mark & 0xfff == {ZTUND_MARK:#x}"),
+            not_ztund: format!("meta mark & 0xfff != {ZTUND_MARK:#x}"),
+            set_tproxy: format!("meta mark set meta mark & 0xfffff000 | {TPROXY_CONNMARK:#x}"),
+            is_tproxy: format!("meta mark & 0xfff == {TPROXY_CONNMARK:#x}"),
+            tag_connection: format!("ct mark set ct mark & 0xfffff000 | {TPROXY_CONNMARK:#x}"),
+        }
+    }
+}
+
+impl Marks {
+    fn is_tproxy_ct(&self) -> String {
+        format!("ct mark & 0xfff == {TPROXY_CONNMARK:#x}")
+    }
+}
+
+/// Creating then deleting the table first makes one atomic `nft -f` replace whatever was there.
+fn replace_table() -> String {
+    format!("table ip {TABLE} {{}}\ndelete table ip {TABLE}")
+}
+
+/// Installs (or replaces) the pod redirection in `netns`.
+pub fn install_pod_redirection(netns: &Netns, ports: &RedirectPorts) -> Result<(), CaptureError> {
+    apply_nft(netns, &pod_ruleset(ports))?;
+    install_reply_routing(netns)
+}
+
+/// Installs (or replaces) the host-mode redirection in `netns` (the host's own namespace).
+pub fn install_host_redirection(netns: &Netns, host: &HostRedirection) -> Result<(), CaptureError> {
+    apply_nft(netns, &host_ruleset(host))?;
+    install_reply_routing(netns)
+}
+
+/// Removes ztund's table, rule and route from `netns`; succeeds when they are already gone.
+pub fn remove_redirection(netns: &Netns) -> Result<(), CaptureError> {
+    apply_nft(netns, &replace_table())?;
+    while reply_rule_present(netns)? {
+        run_in(
+            netns,
+            "ip",
+            &[
+                "rule",
+                "del",
+                "pref",
+                RULE_PREF,
+                "fwmark",
+                &rule_mark(),
+                "lookup",
+                ROUTE_TABLE,
+            ],
+            None,
+        )?;
+    }
+    let route = [
+        "route",
+        "del",
+        "local",
+        "0.0.0.0/0",
+        "dev",
+        "lo",
+        "table",
+        ROUTE_TABLE,
+    ];
+    match run_in(netns, "ip", &route, None) {
+        Err(CaptureError::Command { stderr, .. }) if stderr.contains("No such process") => Ok(()),
+        other => other.map(drop),
+    }
+}
+
+/// Whether `netns` has ztund's nftables table.
+pub fn redirection_installed(netns: &Netns) -> Result<bool, CaptureError> {
+    match run_in(netns, "nft", &["list", "table", "ip", TABLE], None) {
+        Ok(_) => Ok(true),
+        Err(CaptureError::Command { stderr, .. }) if stderr.contains("No such file") => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+fn rule_mark() -> String {
+    format!("{TPROXY_CONNMARK:#x}/0xfff")
+}
+
+fn install_reply_routing(netns: &Netns) -> Result<(), CaptureError> {
+    run_in(
+        netns,
+        "ip",
+        &[
+            "route",
+            "replace",
+            "local",
+            "0.0.0.0/0",
+            "dev",
+            "lo",
+            "table",
+            ROUTE_TABLE,
+        ],
+        None,
+    )?;
+    if !reply_rule_present(netns)? {
+        run_in(
+            netns,
+            "ip",
+            &[
+                "rule",
+                "add",
+                "fwmark",
+                &rule_mark(),
+                "pref",
+                RULE_PREF,
+                "lookup",
+                ROUTE_TABLE,
+            ],
+            None,
+        )?;
+    }
+    Ok(())
+}
+
+fn reply_rule_present(netns: &Netns) -> Result<bool, CaptureError> {
+    let rules = run_in(netns, "ip", &["rule", "show", "pref", RULE_PREF], None)?;
+    let wanted = format!("fwmark {} lookup {ROUTE_TABLE}", rule_mark());
+    Ok(rules.lines().any(|line| line.contains(&wanted)))
+}
+
+fn apply_nft(netns: &Netns, script: &str) -> Result<(), CaptureError> {
+    run_in(netns, "nft", &["-f", "-"], Some(script)).map(drop)
+}
+
+/// Runs a tool inside `netns` (the child `setns`es before exec) and returns its stdout.
+fn run_in(
+    netns: &Netns,
+    binary: &'static str,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> Result<String, CaptureError> {
+    let command_text = format!("{binary} {}", args.join(" "));
+    let spawn_error = |source: std::io::Error| {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            CaptureError::MissingTool {
+                binary,
+                package: package_of(binary),
+            }
+        } else {
+            CaptureError::Spawn {
+                command: command_text.clone(),
+                netns: netns.describe(),
+                source,
+            }
+        }
+    };
+    let fd: RawFd = netns.as_fd().as_raw_fd();
+    let mut command = Command::new(binary);
+    command
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: between fork and exec the child only makes the async-signal-safe setns syscall on
+    // an fd the parent keeps open (`netns` outlives the spawn).
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setns(fd, libc::CLONE_NEWNET) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    let mut child = command.spawn().map_err(spawn_error)?;
+    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(text.as_bytes()).map_err(spawn_error)?;
+    }
+    let output = child.wait_with_output().map_err(spawn_error)?;
+    if !output.status.success() {
+        return Err(CaptureError::Command {
+            command: command_text,
+            netns: netns.describe(),
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+fn package_of(binary: &str) -> &'static str {
+    match binary {
+        "nft" => "nftables",
+        _ => "iproute2",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pod_ruleset_matches_the_verified_shape() {
+        let text = pod_ruleset(&RedirectPorts::default());
+        for line in [
+            "meta mark & 0xfff == 0x539 ct mark set ct mark & 0xfffff000 | 0x111",
+            "tcp dport 15008 meta mark & 0xfff != 0x539 meta mark set meta mark & 0xfffff000 | 0x111 tproxy to :15008 accept",
+            "ip daddr != 127.0.0.1 meta l4proto tcp meta mark & 0xfff != 0x539 meta mark set meta mark & 0xfffff000 | 0x111 tproxy to :15006 accept",
+            "ct mark & 0xfff == 0x111 meta mark set ct mark",
+            "ip daddr != 127.0.0.1 meta l4proto tcp meta mark & 0xfff != 0x539 redirect to :15001",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+        assert!(text.starts_with("table ip ztund {}\ndelete table ip ztund\n"));
+    }
+
+    #[test]
+    fn host_ruleset_exempts_hbone_and_listed_ports() {
+        let host = HostRedirection {
+            ports: RedirectPorts::default(),
+            exempt_inbound_ports: vec![22, 9100],
+        };
+        let text = host_ruleset(&host);
+        assert!(
+            text.contains("tcp dport { 15008, 22, 9100 } accept"),
+            "{text}"
+        );
+        assert!(text.contains("meta mark & 0xfff == 0x539 accept"), "{text}");
+        assert!(text.contains("redirect to :15001"), "{text}");
+    }
+
+    #[test]
+    fn tools_are_installed_here() {
+        check_tools().unwrap();
+    }
+}

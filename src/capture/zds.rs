@@ -1,0 +1,449 @@
+//! The ztund side of ZDS (PROTOCOL.md §5): connect to istio-cni's SEQPACKET socket, say hello,
+//! then turn each request into a [`PodEvent`] for a [`PodEvents`] consumer and answer with its
+//! Ack. Validates every message; a violation is answered with an error Ack (and, for the
+//! snapshot-order violations, a reconnect), never a panic. Knows nothing about what a pod's
+//! proxy does.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use prost::Message;
+
+use super::pods::PodInfo;
+use super::seqpacket::{MAX_PACKET, Packet, SeqPacket};
+use crate::net::Netns;
+
+/// The generated ZDS messages (package `istio.workload.zds`).
+pub mod proto {
+    include!(concat!(env!("OUT_DIR"), "/istio.workload.zds.rs"));
+}
+
+use proto::workload_request::Payload as Request;
+
+const BACKOFF_START: Duration = Duration::from_millis(10);
+const BACKOFF_MAX: Duration = Duration::from_secs(15);
+
+/// What went wrong on the ZDS socket, on either side.
+#[derive(Debug, thiserror::Error)]
+pub enum ZdsError {
+    #[error("connecting to the ZDS socket {path}: {source}")]
+    Connect {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("ZDS socket {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("ZDS peer closed the connection")]
+    Closed,
+    #[error("ZDS message or its file descriptors did not fit in {MAX_PACKET} bytes")]
+    Truncated,
+    #[error("undecodable ZDS {message}: {source}")]
+    Decode {
+        message: &'static str,
+        #[source]
+        source: prost::DecodeError,
+    },
+    #[error("ZDS hello has version {0}; only V1 is supported")]
+    Version(i32),
+    #[error("WorkloadRequest without a payload")]
+    EmptyRequest,
+    #[error("WorkloadResponse without an Ack")]
+    EmptyResponse,
+    #[error(
+        "Add for pod {uid:?} carries {count} file descriptors; exactly one netns fd is required"
+    )]
+    AddFds { uid: String, count: usize },
+    #[error("Add for pod {uid:?} has no workload_info")]
+    MissingWorkloadInfo { uid: String },
+    #[error("{kind} has an empty uid")]
+    EmptyUid { kind: &'static str },
+    #[error("{kind} carries {count} file descriptor(s); only Add may carry one")]
+    UnexpectedFds { kind: &'static str, count: usize },
+    #[error("Keep for pod {uid:?} after the snapshot was complete")]
+    KeepAfterSnapshot { uid: String },
+    #[error("a second SnapshotSent")]
+    DuplicateSnapshotSent,
+    #[error("netns fd of pod {uid:?}: {source}")]
+    Netns {
+        uid: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("ztund refused {request}: {error}")]
+    Refused { request: String, error: String },
+}
+
+impl ZdsError {
+    /// Violations that leave the two sides disagreeing about the snapshot: the session ends.
+    pub fn ends_session(&self) -> bool {
+        matches!(
+            self,
+            ZdsError::KeepAfterSnapshot { .. } | ZdsError::DuplicateSnapshotSent
+        )
+    }
+}
+
+/// One validated request from the CNI.
+#[derive(Debug)]
+pub enum PodEvent {
+    /// Serve this pod in this namespace.
+    Add { pod: PodInfo, netns: Netns },
+    /// Snapshot only: the pod exists but its netns could not be opened; keep what runs.
+    Keep { uid: String },
+    /// The pod is gone.
+    Del { uid: String },
+    /// Every pod that exists was named: drop the others.
+    SnapshotSent,
+}
+
+/// Whoever acts on pod events (the pod lifecycle).
+pub trait PodEvents: Send + Sync {
+    /// A new connection said hello; a fresh snapshot follows.
+    fn session_started(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+    /// Handles one event; `Err` becomes the Ack's error text.
+    fn handle(&self, event: PodEvent) -> BoxFuture<'_, Result<(), String>>;
+    /// The connection ended (readiness drops until the next snapshot).
+    fn session_ended(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+}
+
+/// Checks one received packet against the protocol rules and turns it into an event.
+/// `snapshot_done` says whether this session already saw SnapshotSent.
+pub fn validate(packet: Packet, snapshot_done: bool) -> Result<PodEvent, ZdsError> {
+    if packet.truncated {
+        return Err(ZdsError::Truncated);
+    }
+    let request = proto::WorkloadRequest::decode(packet.bytes.as_slice()).map_err(|source| {
+        ZdsError::Decode {
+            message: "WorkloadRequest",
+            source,
+        }
+    })?;
+    let mut fds = packet.fds;
+    let no_fds = |kind: &'static str, count: usize| match count {
+        0 => Ok(()),
+        count => Err(ZdsError::UnexpectedFds { kind, count }),
+    };
+    let non_empty = |kind: &'static str, uid: String| match uid.is_empty() {
+        true => Err(ZdsError::EmptyUid { kind }),
+        false => Ok(uid),
+    };
+    match request.payload {
+        None => {
+            no_fds("WorkloadRequest", fds.len())?;
+            Err(ZdsError::EmptyRequest)
+        }
+        Some(Request::Add(add)) => {
+            let uid = non_empty("Add", add.uid)?;
+            if fds.len() != 1 {
+                return Err(ZdsError::AddFds {
+                    uid,
+                    count: fds.len(),
+                });
+            }
+            let Some(info) = add.workload_info else {
+                return Err(ZdsError::MissingWorkloadInfo { uid });
+            };
+            let fd = fds.remove(0);
+            let netns = Netns::from_fd(fd).map_err(|source| ZdsError::Netns {
+                uid: uid.clone(),
+                source,
+            })?;
+            if !netns.is_network_namespace() {
+                // The kernel refuses setns into anything else; starting the proxy will say so.
+                tracing::warn!(%uid, "ZDS Add carries an fd that is not a network namespace");
+            }
+            let pod = PodInfo {
+                uid,
+                name: info.name,
+                namespace: info.namespace,
+                service_account: info.service_account,
+            };
+            Ok(PodEvent::Add { pod, netns })
+        }
+        Some(Request::Keep(keep)) => {
+            no_fds("Keep", fds.len())?;
+            let uid = non_empty("Keep", keep.uid)?;
+            if snapshot_done {
+                return Err(ZdsError::KeepAfterSnapshot { uid });
+            }
+            Ok(PodEvent::Keep { uid })
+        }
+        Some(Request::Del(del)) => {
+            no_fds("Del", fds.len())?;
+            let uid = non_empty("Del", del.uid)?;
+            Ok(PodEvent::Del { uid })
+        }
+        Some(Request::SnapshotSent(_)) => {
+            no_fds("SnapshotSent", fds.len())?;
+            if snapshot_done {
+                return Err(ZdsError::DuplicateSnapshotSent);
+            }
+            Ok(PodEvent::SnapshotSent)
+        }
+    }
+}
+
+/// Encodes the answer to one request.
+pub fn ack(result: &Result<(), String>) -> Vec<u8> {
+    let error = match result {
+        Ok(()) => String::new(),
+        Err(e) => e.clone(),
+    };
+    proto::WorkloadResponse {
+        payload: Some(proto::workload_response::Payload::Ack(proto::Ack { error })),
+    }
+    .encode_to_vec()
+}
+
+/// The ztund side: keeps a session with the CNI agent open, reconnecting with backoff.
+pub struct ZdsClient {
+    path: PathBuf,
+    events: Arc<dyn PodEvents>,
+}
+
+impl ZdsClient {
+    /// A client for the socket at `path` (config `zdsSocket`) feeding `events`.
+    pub fn new(path: impl Into<PathBuf>, events: Arc<dyn PodEvents>) -> ZdsClient {
+        ZdsClient {
+            path: path.into(),
+            events,
+        }
+    }
+
+    /// Runs sessions forever: 10 ms backoff doubling to 15 s between failed connects, reset
+    /// after a session that got going. Cancel by dropping the future.
+    pub async fn run(&self) {
+        let mut backoff = BACKOFF_START;
+        loop {
+            match self.session().await {
+                Ok(()) => {
+                    tracing::info!(path = %self.path.display(), "ZDS session closed by the CNI agent");
+                    backoff = BACKOFF_START;
+                }
+                Err(e @ ZdsError::Connect { .. }) => {
+                    tracing::debug!(error = %e, ?backoff, "ZDS connect failed");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "ZDS session ended");
+                    backoff = BACKOFF_START;
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    /// One connection: hello, then requests until the peer closes (`Ok`) or a fatal error.
+    pub async fn session(&self) -> Result<(), ZdsError> {
+        let socket = SeqPacket::connect(&self.path).map_err(|source| ZdsError::Connect {
+            path: self.path.display().to_string(),
+            source,
+        })?;
+        let hello = proto::ZdsHello {
+            version: proto::Version::V1 as i32,
+        };
+        self.send(&socket, &hello.encode_to_vec()).await?;
+        self.events.session_started().await;
+        let outcome = self.serve(&socket).await;
+        self.events.session_ended().await;
+        outcome
+    }
+
+    async fn serve(&self, socket: &SeqPacket) -> Result<(), ZdsError> {
+        let mut snapshot_done = false;
+        loop {
+            let packet = match socket.recv().await.map_err(|e| self.io(e))? {
+                Some(packet) => packet,
+                None => return Ok(()),
+            };
+            let event = match validate(packet, snapshot_done) {
+                Ok(event) => event,
+                Err(e) => {
+                    tracing::warn!(error = %e, "refusing ZDS request");
+                    self.send(socket, &ack(&Err(e.to_string()))).await?;
+                    if e.ends_session() {
+                        return Err(e);
+                    }
+                    continue;
+                }
+            };
+            if matches!(event, PodEvent::SnapshotSent) {
+                snapshot_done = true;
+            }
+            let result = self.events.handle(event).await;
+            if let Err(error) = &result {
+                tracing::warn!(%error, "ZDS request failed");
+            }
+            self.send(socket, &ack(&result)).await?;
+        }
+    }
+
+    async fn send(&self, socket: &SeqPacket, bytes: &[u8]) -> Result<(), ZdsError> {
+        socket.send(bytes, &[]).await.map_err(|e| self.io(e))
+    }
+
+    fn io(&self, source: std::io::Error) -> ZdsError {
+        ZdsError::Io {
+            path: self.path.display().to_string(),
+            source,
+        }
+    }
+
+    /// The socket path this client connects to.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::OwnedFd;
+
+    use super::*;
+
+    fn fd() -> OwnedFd {
+        std::fs::File::open("/proc/self/ns/net").unwrap().into()
+    }
+
+    fn packet(request: Request, fds: usize) -> Packet {
+        let bytes = proto::WorkloadRequest {
+            payload: Some(request),
+        }
+        .encode_to_vec();
+        Packet {
+            bytes,
+            fds: (0..fds).map(|_| fd()).collect(),
+            truncated: false,
+        }
+    }
+
+    fn add(uid: &str, info: bool) -> Request {
+        Request::Add(proto::AddWorkload {
+            uid: uid.into(),
+            workload_info: info.then(|| proto::WorkloadInfo {
+                name: "sleep-1".into(),
+                namespace: "default".into(),
+                service_account: "sleep".into(),
+            }),
+        })
+    }
+
+    #[test]
+    fn add_with_one_fd_and_info_is_accepted() {
+        let event = validate(packet(add("u1", true), 1), false).unwrap();
+        let PodEvent::Add { pod, netns } = event else {
+            panic!("not an add: {event:?}");
+        };
+        assert_eq!(pod.uid, "u1");
+        assert_eq!(pod.service_account, "sleep");
+        assert!(netns.is_network_namespace());
+        // Adds stay valid after the snapshot.
+        assert!(validate(packet(add("u2", true), 1), true).is_ok());
+    }
+
+    #[test]
+    fn add_needs_exactly_one_fd_and_info() {
+        let cases = [
+            (packet(add("u1", true), 0), "0 file descriptors"),
+            (packet(add("u1", true), 2), "2 file descriptors"),
+            (packet(add("u1", false), 1), "no workload_info"),
+            (packet(add("", true), 1), "empty uid"),
+        ];
+        for (packet, text) in cases {
+            let err = validate(packet, false).unwrap_err();
+            assert!(err.to_string().contains(text), "{err} should say {text}");
+            assert!(!err.ends_session());
+        }
+    }
+
+    #[test]
+    fn only_add_may_carry_an_fd() {
+        let cases = [
+            Request::Del(proto::DelWorkload { uid: "u1".into() }),
+            Request::Keep(proto::KeepWorkload { uid: "u1".into() }),
+            Request::SnapshotSent(proto::SnapshotSent {}),
+        ];
+        for request in cases {
+            let err = validate(packet(request, 1), false).unwrap_err();
+            assert!(
+                matches!(err, ZdsError::UnexpectedFds { count: 1, .. }),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn snapshot_order_violations_end_the_session() {
+        let keep = Request::Keep(proto::KeepWorkload { uid: "u1".into() });
+        assert!(matches!(
+            validate(packet(keep.clone(), 0), false),
+            Ok(PodEvent::Keep { .. })
+        ));
+        let err = validate(packet(keep, 0), true).unwrap_err();
+        assert!(matches!(err, ZdsError::KeepAfterSnapshot { .. }) && err.ends_session());
+        let sent = Request::SnapshotSent(proto::SnapshotSent {});
+        assert!(matches!(
+            validate(packet(sent.clone(), 0), false),
+            Ok(PodEvent::SnapshotSent)
+        ));
+        let err = validate(packet(sent, 0), true).unwrap_err();
+        assert!(matches!(err, ZdsError::DuplicateSnapshotSent) && err.ends_session());
+    }
+
+    #[test]
+    fn garbage_truncation_and_empty_requests_are_errors() {
+        let garbage = Packet {
+            bytes: vec![0xff, 0xff, 0xff],
+            fds: vec![],
+            truncated: false,
+        };
+        assert!(matches!(
+            validate(garbage, false),
+            Err(ZdsError::Decode { .. })
+        ));
+        let mut truncated = packet(add("u1", true), 1);
+        truncated.truncated = true;
+        assert!(matches!(
+            validate(truncated, false),
+            Err(ZdsError::Truncated)
+        ));
+        let empty = Packet {
+            bytes: proto::WorkloadRequest { payload: None }.encode_to_vec(),
+            fds: vec![],
+            truncated: false,
+        };
+        assert!(matches!(
+            validate(empty, false),
+            Err(ZdsError::EmptyRequest)
+        ));
+    }
+
+    #[test]
+    fn wire_field_numbers_match_istio() {
+        // DelWorkload.uid is field 2: tag byte 0x12; WorkloadRequest.keep is field 5: tag 0x2a.
+        let del = proto::WorkloadRequest {
+            payload: Some(Request::Del(proto::DelWorkload { uid: "x".into() })),
+        }
+        .encode_to_vec();
+        assert_eq!(del, [0x12, 3, 0x12, 1, b'x']);
+        let keep = proto::WorkloadRequest {
+            payload: Some(Request::Keep(proto::KeepWorkload { uid: "x".into() })),
+        }
+        .encode_to_vec();
+        assert_eq!(keep, [0x2a, 3, 0x0a, 1, b'x']);
+        let hello = proto::ZdsHello { version: 1 }.encode_to_vec();
+        assert_eq!(hello, [0x08, 1]);
+        assert_eq!(ack(&Ok(())), [0x0a, 0]);
+    }
+}

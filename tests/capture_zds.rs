@@ -1,0 +1,340 @@
+//! ZDS conformance against the CNI side (`CniServer`), with ztund's real client and pod
+//! lifecycle and a recording `PodProxies` that binds a real listener in each pod's namespace:
+//! hello, snapshot with Add(fd) and Keep, SnapshotSent dropping pods not named, Add/Del after it,
+//! a known uid in a new namespace replacing its proxy, and malformed requests refused without
+//! harming the daemon. Also the standalone source: pods from the mesh file get proxies and nft
+//! rules, gone pods lose both.
+
+mod testbed;
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::os::fd::AsFd;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use prost::Message;
+use testbed::{Place, Testbed};
+use tokio::net::TcpListener;
+use ztund::capture::cni::{CniConnection, CniServer, SnapshotPod};
+use ztund::capture::nft::{self, RedirectPorts};
+use ztund::capture::zds::proto;
+use ztund::capture::{PodInfo, PodManager, PodProxies, ZdsClient, ZdsError};
+use ztund::net::{Netns, SocketFactory};
+
+/// Records starts and stops; a started pod holds a real listener on 15008 in its namespace.
+#[derive(Default)]
+struct Recorder {
+    log: Mutex<Vec<String>>,
+    listeners: Mutex<HashMap<String, TcpListener>>,
+    refuse: Mutex<HashSet<String>>,
+}
+
+impl Recorder {
+    fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+    fn running(&self) -> Vec<String> {
+        let mut uids: Vec<String> = self.listeners.lock().unwrap().keys().cloned().collect();
+        uids.sort();
+        uids
+    }
+}
+
+impl PodProxies for Recorder {
+    fn start(&self, pod: PodInfo, netns: Arc<Netns>) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            if self.refuse.lock().unwrap().contains(&pod.uid) {
+                return Err(format!("cannot bind for {}", pod.uid));
+            }
+            let listener = SocketFactory::in_netns(netns.clone())
+                .listener(SocketAddr::from(([0, 0, 0, 0], 15008)), true)
+                .map_err(|e| e.to_string())?;
+            self.log
+                .lock()
+                .unwrap()
+                .push(format!("start {} {}", pod.uid, netns.id().ino));
+            self.listeners.lock().unwrap().insert(pod.uid, listener);
+            Ok(())
+        })
+    }
+
+    fn stop<'a>(&'a self, uid: &'a str) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            self.log.lock().unwrap().push(format!("stop {uid}"));
+            self.listeners.lock().unwrap().remove(uid);
+        })
+    }
+}
+
+fn pod(uid: &str) -> PodInfo {
+    PodInfo {
+        uid: uid.into(),
+        name: format!("{uid}-name"),
+        namespace: "default".into(),
+        service_account: "sleep".into(),
+    }
+}
+
+struct Daemon {
+    recorder: Arc<Recorder>,
+    manager: Arc<PodManager>,
+    client: tokio::task::JoinHandle<()>,
+    server: CniServer,
+    _dir: tempfile::TempDir,
+}
+
+fn daemon() -> Daemon {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ztunnel.sock");
+    let server = CniServer::bind(&path).unwrap();
+    let recorder = Arc::new(Recorder::default());
+    let manager = Arc::new(PodManager::new(recorder.clone()));
+    let client = ZdsClient::new(&path, manager.clone());
+    let client = tokio::spawn(async move { client.run().await });
+    Daemon {
+        recorder,
+        manager,
+        client,
+        server,
+        _dir: dir,
+    }
+}
+
+impl Daemon {
+    async fn accept(&self) -> CniConnection {
+        tokio::time::timeout(Duration::from_secs(5), self.server.accept())
+            .await
+            .expect("ztund connects (again)")
+            .expect("hello")
+    }
+}
+
+fn ino(bed: &Testbed, place: Place) -> u64 {
+    bed.netns(place).id().ino
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_keep_and_later_adds_and_dels_drive_the_proxies() {
+    let bed = Testbed::new(1, 3);
+    let d = daemon();
+    let (p1, p2, p3) = (
+        bed.netns(Place::Pod(1, 1)),
+        bed.netns(Place::Pod(1, 2)),
+        bed.netns(Place::Pod(1, 3)),
+    );
+    let (a, c, x) = (pod("a"), pod("c"), pod("x"));
+
+    let first = d.accept().await;
+    assert!(
+        !d.manager.is_ready(true).await,
+        "not ready before the snapshot"
+    );
+    first
+        .send_snapshot(&[
+            SnapshotPod::Add(&a, &p1),
+            SnapshotPod::Add(&c, &p2),
+            SnapshotPod::Add(&x, &p3),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(d.recorder.running(), ["a", "c", "x"]);
+    assert!(d.manager.is_ready(true).await);
+    // The listener really lives in pod a's namespace.
+    bed.app_sockets(Place::Pod(1, 2))
+        .connect(SocketAddr::new(bed.pod_ip(1, 1), 15008), None)
+        .await
+        .expect("pod a's 15008 listener answers on pod a's address");
+
+    // The CNI restarts: a new snapshot names a (same netns) and keeps c; x is gone.
+    drop(first);
+    let second = d.accept().await;
+    second
+        .send_snapshot(&[SnapshotPod::Add(&a, &p1), SnapshotPod::Keep("c")])
+        .await
+        .unwrap();
+    assert_eq!(d.recorder.running(), ["a", "c"]);
+    let starts_of_a = d
+        .recorder
+        .log()
+        .iter()
+        .filter(|l| l.starts_with("start a "))
+        .count();
+    assert_eq!(
+        starts_of_a, 1,
+        "a repeated Add with the same netns is idempotent"
+    );
+
+    second.del("c").await.unwrap();
+    second
+        .del("never-seen")
+        .await
+        .expect("Del of an unknown pod is fine");
+    second.add(&x, &p3).await.unwrap();
+    assert_eq!(d.recorder.running(), ["a", "x"]);
+
+    // Pod a reappears in another namespace: old proxy stopped, new one started there.
+    second.add(&a, &p2).await.unwrap();
+    let log = d.recorder.log();
+    let tail: Vec<&str> = log.iter().rev().take(2).rev().map(String::as_str).collect();
+    assert_eq!(
+        tail,
+        [
+            "stop a".to_string(),
+            format!("start a {}", ino(&bed, Place::Pod(1, 2)))
+        ]
+    );
+    let status = d.manager.pods().await;
+    let a_status = status.iter().find(|s| s.info.uid == "a").unwrap();
+    assert_eq!(a_status.netns, p2.id());
+    assert_eq!(a_status.info.service_account, "sleep");
+    assert!(!d.client.is_finished());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_are_refused_and_the_daemon_carries_on() {
+    let bed = Testbed::new(1, 1);
+    let d = daemon();
+    let ns = bed.netns(Place::Pod(1, 1));
+    let conn = d.accept().await;
+    let add = |uid: &str, info: bool| {
+        proto::WorkloadRequest {
+            payload: Some(proto::workload_request::Payload::Add(proto::AddWorkload {
+                uid: uid.into(),
+                workload_info: info.then(proto::WorkloadInfo::default),
+            })),
+        }
+        .encode_to_vec()
+    };
+    let del = proto::WorkloadRequest {
+        payload: Some(proto::workload_request::Payload::Del(proto::DelWorkload {
+            uid: "a".into(),
+        })),
+    }
+    .encode_to_vec();
+
+    let refusals = [
+        (
+            conn.send_raw(&add("a", true), &[]).await,
+            "exactly one netns fd",
+        ),
+        (
+            conn.send_raw(&add("a", true), &[ns.as_fd(), ns.as_fd()])
+                .await,
+            "2 file descriptors",
+        ),
+        (
+            conn.send_raw(&add("a", false), &[ns.as_fd()]).await,
+            "no workload_info",
+        ),
+        (
+            conn.send_raw(&del, &[ns.as_fd()]).await,
+            "only Add may carry",
+        ),
+        (
+            conn.send_raw(&vec![0x0a; 2000], &[]).await,
+            "did not fit in 1024 bytes",
+        ),
+        (conn.send_raw(&[0xff, 0xff, 0xff], &[]).await, "undecodable"),
+    ];
+    for (ack, text) in refusals {
+        let error = ack.expect("an Ack comes back").expect_err("refused");
+        assert!(error.contains(text), "{error:?} should mention {text:?}");
+    }
+    assert!(
+        d.recorder.log().is_empty(),
+        "no refused request started anything"
+    );
+
+    // The session is still good: a proper snapshot works.
+    conn.send_snapshot(&[SnapshotPod::Add(&pod("a"), &ns)])
+        .await
+        .unwrap();
+    assert_eq!(d.recorder.running(), ["a"]);
+
+    // Keep after the snapshot: refused, and ztund reconnects for a fresh snapshot.
+    let err = conn.keep("a").await.unwrap_err();
+    assert!(
+        matches!(&err, ZdsError::Refused { error, .. } if error.contains("after the snapshot")),
+        "{err}"
+    );
+    conn.closed()
+        .await
+        .expect("ztund hangs up after a snapshot-order violation");
+    let again = d.accept().await;
+    again.snapshot_sent().await.unwrap();
+    let err = again.snapshot_sent().await.unwrap_err();
+    assert!(err.to_string().contains("second SnapshotSent"), "{err}");
+    again.closed().await.unwrap();
+    assert!(
+        d.recorder.running().is_empty(),
+        "the empty snapshot dropped pod a"
+    );
+
+    let third = d.accept().await;
+    assert!(!d.client.is_finished(), "the ZDS client is alive");
+    drop(third);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_that_fails_to_start_is_reported_and_retried() {
+    let bed = Testbed::new(1, 1);
+    let d = daemon();
+    let ns = bed.netns(Place::Pod(1, 1));
+    d.recorder.refuse.lock().unwrap().insert("a".into());
+    let conn = d.accept().await;
+    let err = conn.add(&pod("a"), &ns).await.unwrap_err();
+    assert!(err.to_string().contains("cannot bind for a"), "{err}");
+    conn.snapshot_sent().await.unwrap();
+    assert!(
+        !d.manager.is_ready(true).await,
+        "a pending pod keeps the daemon unready"
+    );
+
+    assert_eq!(d.manager.retry_pending().await.len(), 1);
+    d.recorder.refuse.lock().unwrap().clear();
+    assert!(d.manager.retry_pending().await.is_empty());
+    assert_eq!(d.recorder.running(), ["a"]);
+    assert!(d.manager.is_ready(true).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_pods_get_proxies_and_redirection_and_lose_both_when_gone() {
+    let bed = Testbed::new(1, 2);
+    let recorder = Arc::new(Recorder::default());
+    let manager = PodManager::new(recorder.clone()).with_redirection(RedirectPorts::default());
+    let (ns1, ns2) = (bed.netns(Place::Pod(1, 1)), bed.netns(Place::Pod(1, 2)));
+    let name1 = bed.netns_name(Place::Pod(1, 1));
+    let path2 = format!("/var/run/netns/{}", bed.netns_name(Place::Pod(1, 2)));
+
+    let report = manager
+        .reconcile_standalone(vec![
+            (pod("a"), name1.clone()),
+            (pod("b"), path2.clone()),
+            (pod("lost"), "/var/run/netns/ztund-no-such-netns".into()),
+        ])
+        .await;
+    assert_eq!(report.started, ["a", "b"]);
+    assert_eq!(report.failed.len(), 1);
+    assert!(
+        report.failed[0].1.contains("ztund-no-such-netns"),
+        "{:?}",
+        report.failed
+    );
+    assert!(nft::redirection_installed(&ns1).unwrap());
+    assert!(nft::redirection_installed(&ns2).unwrap());
+
+    // Unchanged pods are left alone; b is gone.
+    let report = manager.reconcile_standalone(vec![(pod("a"), name1)]).await;
+    assert!(report.started.is_empty(), "{report:?}");
+    assert_eq!(report.stopped, ["b"]);
+    assert_eq!(recorder.running(), ["a"]);
+    assert!(nft::redirection_installed(&ns1).unwrap());
+    assert!(!nft::redirection_installed(&ns2).unwrap());
+
+    let report = manager.reconcile_standalone(vec![]).await;
+    assert_eq!(report.stopped, ["a"]);
+    assert!(!nft::redirection_installed(&ns1).unwrap());
+    assert!(recorder.running().is_empty());
+}
