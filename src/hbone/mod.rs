@@ -5,6 +5,7 @@
 
 mod keepalive;
 pub mod pool;
+pub mod request;
 pub mod server;
 pub mod stream;
 #[doc(hidden)]
@@ -17,7 +18,8 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-pub use pool::{ConnectRequest, Pool, PoolKey, PoolSettings, PoolStats};
+pub use pool::{Pool, PoolKey, PoolSettings, PoolStats};
+pub use request::ConnectRequest;
 pub use server::{ConnectionInfo, IncomingConnect, Refusal, serve_connection};
 pub use stream::{H2Recv, H2Send, H2Stream};
 

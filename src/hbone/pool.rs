@@ -16,12 +16,12 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use h2::Reason;
 use h2::client::SendRequest;
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Version};
+use http::{Request, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::oneshot;
 
 use super::keepalive::keepalive;
-use super::{ALPN_H2, H2Settings, H2Stream, HboneError};
+use super::{ALPN_H2, ConnectRequest, H2Settings, H2Stream, HboneError};
 use crate::identity::SpiffeId;
 
 /// Which connections a stream may share: all four must be equal (PROTOCOL.md §1.7).
@@ -79,109 +79,6 @@ impl From<&crate::config::PoolConfig> for PoolSettings {
             idle_timeout: config.idle_timeout,
             h2: H2Settings::client(),
         }
-    }
-}
-
-/// A CONNECT to send: the `:authority` and the §1.3 headers.
-#[derive(Debug, Clone)]
-pub struct ConnectRequest {
-    authority: String,
-    headers: HeaderMap,
-    /// The first header that could not be encoded; reported by [`Pool::open`].
-    invalid: Option<(String, String)>,
-}
-
-impl ConnectRequest {
-    /// A CONNECT to `authority`: `ip:port`, `[v6]:port` or `host:port`, with the target port.
-    pub fn new(authority: impl Into<String>) -> Self {
-        ConnectRequest {
-            authority: authority.into(),
-            headers: HeaderMap::new(),
-            invalid: None,
-        }
-    }
-
-    pub fn authority(&self) -> &str {
-        &self.authority
-    }
-
-    pub fn headers(&self) -> &HeaderMap {
-        &self.headers
-    }
-
-    /// `forwarded: for="<client>"` plus `;host=<service FQDN>` when the service is known.
-    pub fn forwarded(self, client: SocketAddr, service_host: Option<&str>) -> Self {
-        let value = match service_host {
-            Some(host) => format!("for=\"{client}\";host={host}"),
-            None => format!("for=\"{client}\""),
-        };
-        self.header_text("forwarded", &value)
-    }
-
-    /// `baggage`: the source workload's `k=v` pairs, comma-separated.
-    pub fn baggage<'a>(self, entries: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
-        let value = entries
-            .into_iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(",");
-        if value.is_empty() {
-            return self;
-        }
-        self.header_text("baggage", &value)
-    }
-
-    /// `traceparent` with a fresh random trace id and parent id.
-    pub fn random_traceparent(self) -> Self {
-        let trace_id: u128 = rand::random::<u128>().max(1);
-        let parent_id: u64 = rand::random::<u64>().max(1);
-        self.header_text("traceparent", &format!("00-{trace_id:032x}-{parent_id:016x}-00"))
-    }
-
-    /// `x-forwarded-network`: only on the inner CONNECT of double HBONE.
-    pub fn forwarded_network(self, network: &str) -> Self {
-        self.header_text("x-forwarded-network", network)
-    }
-
-    /// Any other header.
-    pub fn header(mut self, name: HeaderName, value: HeaderValue) -> Self {
-        self.headers.insert(name, value);
-        self
-    }
-
-    fn header_text(mut self, name: &'static str, value: &str) -> Self {
-        match HeaderValue::from_str(value) {
-            Ok(value) => {
-                self.headers.insert(HeaderName::from_static(name), value);
-            }
-            Err(_) if self.invalid.is_none() => {
-                self.invalid = Some((name.to_string(), value.to_string()));
-            }
-            Err(_) => {}
-        }
-        self
-    }
-
-    fn to_http(&self) -> Result<Request<()>, HboneError> {
-        if let Some((name, value)) = &self.invalid {
-            return Err(HboneError::BadHeader {
-                name: name.clone(),
-                reason: format!("{value:?} is not a valid header value"),
-            });
-        }
-        let uri = http::Uri::builder()
-            .authority(self.authority.as_str())
-            .build()
-            .map_err(|_| HboneError::BadAuthority {
-                authority: self.authority.clone(),
-                reason: "not a valid URI authority",
-            })?;
-        let mut request = Request::new(());
-        *request.method_mut() = Method::CONNECT;
-        *request.uri_mut() = uri;
-        *request.version_mut() = Version::HTTP_2;
-        *request.headers_mut() = self.headers.clone();
-        Ok(request)
     }
 }
 
@@ -286,7 +183,8 @@ impl Pool {
     pub async fn open<IO>(
         &self,
         key: &PoolKey,
-        dial: impl FnOnce() -> BoxFuture<'static, Result<tokio_rustls::client::TlsStream<IO>, HboneError>>,
+        dial: impl FnOnce()
+            -> BoxFuture<'static, Result<tokio_rustls::client::TlsStream<IO>, HboneError>>,
         request: ConnectRequest,
     ) -> Result<H2Stream, HboneError>
     where
@@ -356,7 +254,8 @@ impl Pool {
         &self,
         key: &PoolKey,
         entry: &Arc<KeyEntry>,
-        dial: impl FnOnce() -> BoxFuture<'static, Result<tokio_rustls::client::TlsStream<IO>, HboneError>>,
+        dial: impl FnOnce()
+            -> BoxFuture<'static, Result<tokio_rustls::client::TlsStream<IO>, HboneError>>,
     ) -> Result<(Arc<PooledConnection>, Arc<StreamLease>), HboneError>
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -469,7 +368,7 @@ impl Pool {
             self.inner.streams_refused.fetch_add(1, Ordering::Relaxed);
             return Err(Attempt::Fail(HboneError::Status {
                 peer,
-                authority: request.authority.clone(),
+                authority: request.authority().to_string(),
                 status: response.status(),
             }));
         }
@@ -641,5 +540,7 @@ async fn idle_watch(
 
 /// Locks a mutex; a panic elsewhere while holding it leaves plain data still usable.
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

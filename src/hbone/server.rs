@@ -52,9 +52,9 @@ impl Refusal {
 
     pub fn reason(&self) -> &str {
         match self {
-            Refusal::BadRequest(reason) | Refusal::Denied(reason) | Refusal::Unavailable(reason) => {
-                reason
-            }
+            Refusal::BadRequest(reason)
+            | Refusal::Denied(reason)
+            | Refusal::Unavailable(reason) => reason,
         }
     }
 }
@@ -271,7 +271,11 @@ fn dispatch(
         answer(&mut respond, StatusCode::BAD_REQUEST);
         return;
     }
-    let authority = match request.uri().authority().map(|a| Authority::parse(a.as_str())) {
+    let authority = match request
+        .uri()
+        .authority()
+        .map(|a| Authority::parse(a.as_str()))
+    {
         Some(Ok(authority)) => authority,
         Some(Err(e)) => {
             tracing::debug!(peer = %info.peer_addr, "{e}");

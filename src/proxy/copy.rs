@@ -106,7 +106,10 @@ fn is_close(e: &io::Error) -> bool {
 }
 
 /// Half-closes `writer`; a peer that is already gone needs no telling.
-fn poll_half_close<W: AsyncWrite>(cx: &mut Context<'_>, writer: Pin<&mut W>) -> Poll<io::Result<()>> {
+fn poll_half_close<W: AsyncWrite>(
+    cx: &mut Context<'_>,
+    writer: Pin<&mut W>,
+) -> Poll<io::Result<()>> {
     match ready!(writer.poll_shutdown(cx)) {
         Err(e) if !is_close(&e) => Poll::Ready(Err(e)),
         _ => Poll::Ready(Ok(())),
@@ -164,16 +167,17 @@ impl StreamToStream {
                 Phase::Reading => {
                     self.buf.clear();
                     self.written = 0;
-                    let read = match poll_read_adaptive(cx, reader.as_mut(), &mut self.buf, self.copied) {
-                        Poll::Pending => {
-                            if self.unflushed {
-                                ready!(writer.as_mut().poll_flush(cx))?;
-                                self.unflushed = false;
+                    let read =
+                        match poll_read_adaptive(cx, reader.as_mut(), &mut self.buf, self.copied) {
+                            Poll::Pending => {
+                                if self.unflushed {
+                                    ready!(writer.as_mut().poll_flush(cx))?;
+                                    self.unflushed = false;
+                                }
+                                return Poll::Pending;
                             }
-                            return Poll::Pending;
-                        }
-                        Poll::Ready(read) => read,
-                    };
+                            Poll::Ready(read) => read,
+                        };
                     self.phase = match read {
                         Ok(0) => Phase::HalfClosing,
                         Ok(_) => Phase::Writing,
@@ -229,7 +233,12 @@ impl StreamToH2 {
         loop {
             match self.phase {
                 Phase::Reading => {
-                    let read = ready!(poll_read_adaptive(cx, reader.as_mut(), &mut self.buf, self.copied));
+                    let read = ready!(poll_read_adaptive(
+                        cx,
+                        reader.as_mut(),
+                        &mut self.buf,
+                        self.copied
+                    ));
                     self.phase = match read {
                         Ok(0) => Phase::HalfClosing,
                         Ok(_) => {
@@ -329,5 +338,123 @@ impl H2ToStream {
                 Phase::Done => return Poll::Ready(Ok(())),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    #[test]
+    fn the_read_buffer_grows_with_the_bytes_copied() {
+        let cases = [
+            (0, 1024),
+            (128 * 1024 - 1, 1024),
+            (128 * 1024, 16_320),
+            (10 * 1024 * 1024 - 1, 16_320),
+            (10 * 1024 * 1024, 262_080),
+            (u64::MAX, 262_080),
+        ];
+        for (copied, size) in cases {
+            assert_eq!(read_buffer_size(copied), size, "after {copied} bytes");
+        }
+    }
+
+    #[tokio::test]
+    async fn one_read_takes_no_more_than_the_adaptive_size() {
+        let mut source = tokio::io::repeat(7);
+        let mut buf = BytesMut::new();
+        for (copied, size) in [(0, 1024), (200_000, 16_320), (20_000_000, 262_080)] {
+            buf.clear();
+            let n = poll_fn(|cx| poll_read_adaptive(cx, Pin::new(&mut source), &mut buf, copied))
+                .await
+                .unwrap();
+            assert_eq!(n, size);
+            assert_eq!(buf.len(), size);
+        }
+    }
+
+    /// A proxy on loopback: accepts one connection, dials `upstream`, copies, reports.
+    async fn proxy(
+        upstream: SocketAddr,
+    ) -> (SocketAddr, tokio::task::JoinHandle<io::Result<Transferred>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let (downstream, _) = listener.accept().await?;
+            let upstream = TcpStream::connect(upstream).await?;
+            copy_bidirectional(downstream, upstream).await
+        });
+        (addr, task)
+    }
+
+    #[tokio::test]
+    async fn bytes_and_half_closes_cross_in_both_directions() {
+        // Upstream: reads to EOF, then answers with a large reply and closes.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream = listener.local_addr().unwrap();
+        let reply: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let expected_reply = reply.clone();
+        let app = tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let mut request = Vec::new();
+            tcp.read_to_end(&mut request).await.unwrap();
+            tcp.write_all(&reply).await.unwrap();
+            tcp.shutdown().await.unwrap();
+            request
+        });
+        let (proxy_addr, proxy_task) = proxy(upstream).await;
+
+        let mut client = TcpStream::connect(proxy_addr).await.unwrap();
+        let request: Vec<u8> = (0..500_000u32).map(|i| (i % 241) as u8).collect();
+        client.write_all(&request).await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+
+        assert!(got == expected_reply, "reply differs");
+        assert!(app.await.unwrap() == request, "request differs");
+        let transferred = proxy_task.await.unwrap().unwrap();
+        assert_eq!(
+            transferred,
+            Transferred {
+                to_upstream: 500_000,
+                to_downstream: 3_000_000
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn a_reset_from_the_upstream_is_a_normal_close() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let mut first = [0; 5];
+            tcp.read_exact(&mut first).await.unwrap();
+            tcp.write_all(b"bye").await.unwrap();
+            // Linger 0: closing sends RST instead of FIN.
+            tcp.set_zero_linger().unwrap();
+            drop(tcp);
+        });
+        let (proxy_addr, proxy_task) = proxy(upstream).await;
+        let mut client = TcpStream::connect(proxy_addr).await.unwrap();
+        client.write_all(b"hello").await.unwrap();
+        let mut got = Vec::new();
+        // The client sees the proxy close (or reset) its side.
+        let _ = client.read_to_end(&mut got).await;
+        let _ = client.write_all(b"more after the reset").await;
+        drop(client);
+        let outcome = tokio::time::timeout(std::time::Duration::from_secs(5), proxy_task)
+            .await
+            .expect("copy finished")
+            .unwrap();
+        let transferred = outcome.expect("a reset is not an error");
+        assert_eq!(transferred.to_upstream, 5);
     }
 }

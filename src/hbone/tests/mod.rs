@@ -26,6 +26,8 @@ use crate::proxy::copy::copy_tcp_h2;
 pub(super) const CLIENT_ID: &str = "spiffe://cluster.local/ns/apps/sa/client";
 pub(super) const SERVER_ID: &str = "spiffe://cluster.local/ns/apps/sa/server";
 
+/// Each CONNECT the caller was handed: the client's identity and the authority.
+pub(super) type Seen = Arc<Mutex<Vec<(Option<crate::identity::SpiffeId>, Authority)>>>;
 pub(super) type OnConnect = Arc<dyn Fn(IncomingConnect) + Send + Sync>;
 pub(super) type Dial =
     Box<dyn FnOnce() -> BoxFuture<'static, Result<TlsStream<TcpStream>, HboneError>> + Send>;
@@ -167,16 +169,16 @@ impl Concurrency {
     /// The busiest connection's peak and the number of connections seen.
     pub fn peak(&self) -> (usize, usize) {
         let map = self.current.lock().expect("concurrency");
-        (map.values().map(|(_, max)| *max).max().unwrap_or(0), map.len())
+        (
+            map.values().map(|(_, max)| *max).max().unwrap_or(0),
+            map.len(),
+        )
     }
 }
 
 /// What an inbound proxy does on the happy path: connect to the authority, then accept and copy.
 /// Records each CONNECT's identity and authority.
-pub(super) fn forward(
-    seen: Arc<Mutex<Vec<(Option<crate::identity::SpiffeId>, Authority)>>>,
-    concurrency: Arc<Concurrency>,
-) -> OnConnect {
+pub(super) fn forward(seen: Seen, concurrency: Arc<Concurrency>) -> OnConnect {
     Arc::new(move |incoming: IncomingConnect| {
         seen.lock()
             .expect("seen")
@@ -184,7 +186,9 @@ pub(super) fn forward(
         let concurrency = concurrency.clone();
         tokio::spawn(async move {
             let Authority::Addr(target) = incoming.authority else {
-                incoming.refuse(Refusal::Unavailable("hostnames are not resolved here".into()));
+                incoming.refuse(Refusal::Unavailable(
+                    "hostnames are not resolved here".into(),
+                ));
                 return;
             };
             let upstream = match TcpStream::connect(target).await {
@@ -287,11 +291,20 @@ pub(super) fn small_pool() -> Pool {
 #[test]
 fn authorities_parse_like_the_server_must() {
     let cases: &[(&str, Option<Authority>)] = &[
-        ("10.1.2.3:8080", Some(Authority::Addr("10.1.2.3:8080".parse().unwrap()))),
-        ("[fd00::3]:8080", Some(Authority::Addr("[fd00::3]:8080".parse().unwrap()))),
+        (
+            "10.1.2.3:8080",
+            Some(Authority::Addr("10.1.2.3:8080".parse().unwrap())),
+        ),
+        (
+            "[fd00::3]:8080",
+            Some(Authority::Addr("[fd00::3]:8080".parse().unwrap())),
+        ),
         (
             "reviews.default.svc.cluster.local:9080",
-            Some(Authority::Host("reviews.default.svc.cluster.local".into(), 9080)),
+            Some(Authority::Host(
+                "reviews.default.svc.cluster.local".into(),
+                9080,
+            )),
         ),
         ("Reviews:80", Some(Authority::Host("reviews".into(), 80))),
         ("reviews", None),

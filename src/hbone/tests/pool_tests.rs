@@ -17,15 +17,15 @@ const MIB: usize = 1024 * 1024;
 async fn sixteen_mib_round_trip_is_byte_exact_and_identified() {
     let echo = Echo::start("127.0.0.1:0").await;
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let world = World::start(
-        H2Settings::server(),
-        forward(seen.clone(), Arc::default()),
-    )
-    .await;
+    let world = World::start(H2Settings::server(), forward(seen.clone(), Arc::default())).await;
     let pool = small_pool();
 
     let stream = pool
-        .open(&world.key(), world.dial(), ConnectRequest::new(echo.addr.to_string()))
+        .open(
+            &world.key(),
+            world.dial(),
+            ConnectRequest::new(echo.addr.to_string()),
+        )
         .await
         .expect("open");
     let data = pattern(16 * MIB);
@@ -59,10 +59,18 @@ async fn half_close_propagates_both_ways() {
             });
         }
     });
-    let world = World::start(H2Settings::server(), forward(Arc::default(), Arc::default())).await;
+    let world = World::start(
+        H2Settings::server(),
+        forward(Arc::default(), Arc::default()),
+    )
+    .await;
     let pool = small_pool();
     let mut stream = pool
-        .open(&world.key(), world.dial(), ConnectRequest::new(upstream.to_string()))
+        .open(
+            &world.key(),
+            world.dial(),
+            ConnectRequest::new(upstream.to_string()),
+        )
         .await
         .expect("open");
 
@@ -82,7 +90,11 @@ async fn half_close_propagates_both_ways() {
     // The other order: the client half-closes first and still reads the whole reply.
     let echo = Echo::start("127.0.0.1:0").await;
     let stream = pool
-        .open(&world.key(), world.dial(), ConnectRequest::new(echo.addr.to_string()))
+        .open(
+            &world.key(),
+            world.dial(),
+            ConnectRequest::new(echo.addr.to_string()),
+        )
         .await
         .expect("open");
     let back = round_trip(stream, pattern(300_000)).await.unwrap();
@@ -126,12 +138,19 @@ async fn hold_concurrently(world: &World, pool: &Pool, target: SocketAddr, count
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hundred_concurrent_streams_share_one_connection() {
     let echo = Echo::start("127.0.0.1:0").await;
-    let world = World::start(H2Settings::server(), forward(Arc::default(), Arc::default())).await;
+    let world = World::start(
+        H2Settings::server(),
+        forward(Arc::default(), Arc::default()),
+    )
+    .await;
     let pool = small_pool();
 
     let connections = hold_concurrently(&world, &pool, echo.addr, 100).await;
 
-    assert!(connections <= 2, "{connections} connections for 100 streams");
+    assert!(
+        connections <= 2,
+        "{connections} connections for 100 streams"
+    );
     assert!(world.accepted.load(Ordering::SeqCst) <= 2);
     assert_eq!(pool.stats().streams_opened, 100);
 }
@@ -140,7 +159,11 @@ async fn hundred_concurrent_streams_share_one_connection() {
 async fn our_stream_limit_spreads_streams_over_connections() {
     let echo = Echo::start("127.0.0.1:0").await;
     let concurrency = Arc::new(Concurrency::default());
-    let world = World::start(H2Settings::server(), forward(Arc::default(), concurrency.clone())).await;
+    let world = World::start(
+        H2Settings::server(),
+        forward(Arc::default(), concurrency.clone()),
+    )
+    .await;
     let pool = Pool::new(PoolSettings {
         max_streams_per_connection: 10,
         ..PoolSettings::default()
@@ -175,7 +198,11 @@ async fn the_servers_stream_limit_is_respected() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cold_pool_dials_once_for_many_callers() {
     let echo = Echo::start("127.0.0.1:0").await;
-    let world = World::start(H2Settings::server(), forward(Arc::default(), Arc::default())).await;
+    let world = World::start(
+        H2Settings::server(),
+        forward(Arc::default(), Arc::default()),
+    )
+    .await;
     let pool = small_pool();
     let dials = Arc::new(AtomicUsize::new(0));
 
@@ -196,13 +223,23 @@ async fn a_cold_pool_dials_once_for_many_callers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unused_connection_is_closed_after_the_idle_timeout() {
     let echo = Echo::start("127.0.0.1:0").await;
-    let world = World::start(H2Settings::server(), forward(Arc::default(), Arc::default())).await;
+    let world = World::start(
+        H2Settings::server(),
+        forward(Arc::default(), Arc::default()),
+    )
+    .await;
     let pool = Pool::new(PoolSettings {
         idle_timeout: Duration::from_millis(300),
         ..PoolSettings::default()
     });
     let key = world.key();
-    let open = || pool.open(&key, world.dial(), ConnectRequest::new(echo.addr.to_string()));
+    let open = || {
+        pool.open(
+            &key,
+            world.dial(),
+            ConnectRequest::new(echo.addr.to_string()),
+        )
+    };
 
     // A stream held open past the idle timeout keeps its connection.
     let mut held = open().await.expect("open");
@@ -218,22 +255,41 @@ async fn an_unused_connection_is_closed_after_the_idle_timeout() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(pool.connection_count(), 1, "closed before the idle timeout");
     assert!(eventually(Duration::from_secs(3), || pool.connection_count() == 0).await);
-    assert!(eventually(Duration::from_secs(3), || world.served.lock().unwrap().len() == 1).await);
+    assert!(
+        eventually(Duration::from_secs(3), || world
+            .served
+            .lock()
+            .unwrap()
+            .len()
+            == 1)
+        .await
+    );
     assert_eq!(world.served.lock().unwrap()[0], Ok(()));
 
     // The next stream dials afresh.
     let stream = open().await.expect("open after idle close");
-    assert_eq!(round_trip(stream, b"again".to_vec()).await.unwrap(), b"again");
+    assert_eq!(
+        round_trip(stream, b"again".to_vec()).await.unwrap(),
+        b"again"
+    );
     assert_eq!(pool.stats().dials, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drained_server_finishes_open_streams_and_the_pool_moves_on() {
     let echo = Echo::start("127.0.0.1:0").await;
-    let world = World::start(H2Settings::server(), forward(Arc::default(), Arc::default())).await;
+    let world = World::start(
+        H2Settings::server(),
+        forward(Arc::default(), Arc::default()),
+    )
+    .await;
     let pool = small_pool();
     let mut stream = pool
-        .open(&world.key(), world.dial(), ConnectRequest::new(echo.addr.to_string()))
+        .open(
+            &world.key(),
+            world.dial(),
+            ConnectRequest::new(echo.addr.to_string()),
+        )
         .await
         .expect("open");
 
@@ -245,11 +301,22 @@ async fn a_drained_server_finishes_open_streams_and_the_pool_moves_on() {
     let mut back = [0; 11];
     stream.read_exact(&mut back).await.unwrap();
     assert_eq!(&back, b"after drain");
-    assert!(world.served.lock().unwrap().is_empty(), "server ended with a stream open");
+    assert!(
+        world.served.lock().unwrap().is_empty(),
+        "server ended with a stream open"
+    );
     drop(stream);
 
     // Then the server ends the connection cleanly, and the pool lets go of it.
-    assert!(eventually(Duration::from_secs(3), || world.served.lock().unwrap().len() == 1).await);
+    assert!(
+        eventually(Duration::from_secs(3), || world
+            .served
+            .lock()
+            .unwrap()
+            .len()
+            == 1)
+        .await
+    );
     assert_eq!(world.served.lock().unwrap()[0], Ok(()));
     assert!(eventually(Duration::from_secs(3), || pool.connection_count() == 0).await);
 }
@@ -274,7 +341,11 @@ async fn freezable_relay(target: SocketAddr) -> (SocketAddr, Arc<tokio::sync::No
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unanswered_ping_tears_the_connection_down() {
     let echo = Echo::start("127.0.0.1:0").await;
-    let world = World::start(H2Settings::server(), forward(Arc::default(), Arc::default())).await;
+    let world = World::start(
+        H2Settings::server(),
+        forward(Arc::default(), Arc::default()),
+    )
+    .await;
     let (relay, freeze) = freezable_relay(world.addr).await;
     let pool = Pool::new(PoolSettings {
         h2: H2Settings {
@@ -284,7 +355,10 @@ async fn an_unanswered_ping_tears_the_connection_down() {
         },
         ..PoolSettings::default()
     });
-    let key = PoolKey { destination: relay, ..world.key() };
+    let key = PoolKey {
+        destination: relay,
+        ..world.key()
+    };
     let dial = dial_to(relay, world.pki.client_config(CLIENT_ID));
     let mut stream = pool
         .open(&key, dial, ConnectRequest::new(echo.addr.to_string()))
@@ -301,5 +375,48 @@ async fn an_unanswered_ping_tears_the_connection_down() {
     );
     let mut rest = Vec::new();
     let outcome = tokio::time::timeout(Duration::from_secs(1), stream.read_to_end(&mut rest)).await;
-    assert!(outcome.is_ok(), "the stream still waits on a dead connection");
+    assert!(
+        outcome.is_ok(),
+        "the stream still waits on a dead connection"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_socket_copied_into_a_pooled_stream_round_trips() {
+    let echo = Echo::start("127.0.0.1:0").await;
+    let world = World::start(
+        H2Settings::server(),
+        forward(Arc::default(), Arc::default()),
+    )
+    .await;
+    let pool = small_pool();
+    // The outbound side of a proxy: app socket in, HBONE stream out, the copier between.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let outbound = listener.local_addr().unwrap();
+    let (key, dial, target) = (world.key(), world.dial(), echo.addr.to_string());
+    let proxy = tokio::spawn(async move {
+        let (app, _) = listener.accept().await.unwrap();
+        let stream = pool
+            .open(&key, dial, ConnectRequest::new(target))
+            .await
+            .unwrap();
+        crate::proxy::copy::copy_tcp_h2(app, stream).await
+    });
+
+    let app = TcpStream::connect(outbound).await.unwrap();
+    let (mut read, mut write) = app.into_split();
+    let data = pattern(4 * MIB);
+    let sent = data.clone();
+    let writer = tokio::spawn(async move {
+        write.write_all(&sent).await.unwrap();
+        write.shutdown().await.unwrap();
+    });
+    let mut back = Vec::new();
+    read.read_to_end(&mut back).await.unwrap();
+    writer.await.unwrap();
+
+    assert!(back == data, "echoed bytes differ");
+    let transferred = proxy.await.unwrap().expect("copy");
+    assert_eq!(transferred.to_upstream, (4 * MIB) as u64);
+    assert_eq!(transferred.to_downstream, (4 * MIB) as u64);
 }

@@ -81,7 +81,11 @@ async fn malformed_authorities_get_400_without_reaching_the_caller() {
             .open(&world.key(), world.dial(), ConnectRequest::new(authority))
             .await
             .expect_err(authority);
-        assert_eq!(error.status(), Some(StatusCode::BAD_REQUEST), "{authority}: {error}");
+        assert_eq!(
+            error.status(),
+            Some(StatusCode::BAD_REQUEST),
+            "{authority}: {error}"
+        );
     }
     assert_eq!(world.connects.load(Ordering::SeqCst), 0);
 }
@@ -89,7 +93,11 @@ async fn malformed_authorities_get_400_without_reaching_the_caller() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_method_other_than_connect_gets_400_without_reaching_the_caller() {
     let echo = Echo::start("127.0.0.1:0").await;
-    let world = World::start(H2Settings::server(), forward(Arc::default(), Arc::default())).await;
+    let world = World::start(
+        H2Settings::server(),
+        forward(Arc::default(), Arc::default()),
+    )
+    .await;
     let tls = (world.dial())().await.expect("dial");
     let (client, conn) = h2::client::handshake(tls).await.expect("h2 handshake");
     tokio::spawn(conn);
@@ -101,7 +109,8 @@ async fn a_method_other_than_connect_gets_400_without_reaching_the_caller() {
             .body(())
             .unwrap();
         let (response, mut body) = client.send_request(request, false).unwrap();
-        body.send_data(Bytes::from_static(b"payload"), true).unwrap();
+        body.send_data(Bytes::from_static(b"payload"), true)
+            .unwrap();
         let response = response.await.expect("response");
         assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{method}");
         client = client.ready().await.unwrap();
@@ -112,7 +121,11 @@ async fn a_method_other_than_connect_gets_400_without_reaching_the_caller() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tls_client_without_alpn_never_gets_http2() {
-    let world = World::start(H2Settings::server(), forward(Arc::default(), Arc::default())).await;
+    let world = World::start(
+        H2Settings::server(),
+        forward(Arc::default(), Arc::default()),
+    )
+    .await;
     let dial = dial_to(world.addr, world.pki.client_config_without_alpn(CLIENT_ID));
     let mut tls = dial().await.expect("the TLS handshake itself succeeds");
     assert_eq!(tls.get_ref().1.alpn_protocol(), None);
@@ -123,9 +136,20 @@ async fn a_tls_client_without_alpn_never_gets_http2() {
     let read = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut rest)).await;
     assert!(read.is_ok(), "server kept the connection open");
     assert!(rest.is_empty(), "server answered: {rest:?}");
-    assert!(eventually(Duration::from_secs(3), || world.served.lock().unwrap().len() == 1).await);
+    assert!(
+        eventually(Duration::from_secs(3), || world
+            .served
+            .lock()
+            .unwrap()
+            .len()
+            == 1)
+        .await
+    );
     let served = world.served.lock().unwrap()[0].clone();
-    assert!(matches!(&served, Err(e) if e.contains("ALPN")), "{served:?}");
+    assert!(
+        matches!(&served, Err(e) if e.contains("ALPN")),
+        "{served:?}"
+    );
     assert_eq!(world.connects.load(Ordering::SeqCst), 0);
 
     // And the pool refuses such a connection from its side too.
@@ -140,14 +164,26 @@ async fn a_tls_client_without_alpn_never_gets_http2() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plaintext_client_never_reaches_the_caller() {
-    let world = World::start(H2Settings::server(), forward(Arc::default(), Arc::default())).await;
+    let world = World::start(
+        H2Settings::server(),
+        forward(Arc::default(), Arc::default()),
+    )
+    .await;
     let mut tcp = TcpStream::connect(world.addr).await.unwrap();
     tcp.write_all(b"CONNECT 127.0.0.1:80 HTTP/1.1\r\nHost: 127.0.0.1:80\r\n\r\n")
         .await
         .unwrap();
     let mut rest = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut rest)).await;
-    assert!(eventually(Duration::from_secs(3), || world.served.lock().unwrap().len() == 1).await);
+    assert!(
+        eventually(Duration::from_secs(3), || world
+            .served
+            .lock()
+            .unwrap()
+            .len()
+            == 1)
+        .await
+    );
     let served = world.served.lock().unwrap()[0].clone();
     assert!(matches!(&served, Err(e) if e.contains("TLS")), "{served:?}");
     assert_eq!(world.connects.load(Ordering::SeqCst), 0);
@@ -164,7 +200,10 @@ async fn an_ipv6_authority_reaches_an_ipv6_upstream() {
         .open(&world.key(), world.dial(), ConnectRequest::new(authority))
         .await
         .expect("open");
-    assert_eq!(round_trip(stream, b"over v6".to_vec()).await.unwrap(), b"over v6");
+    assert_eq!(
+        round_trip(stream, b"over v6".to_vec()).await.unwrap(),
+        b"over v6"
+    );
     let seen = seen.lock().unwrap();
     assert!(matches!(seen[0].1, Authority::Addr(addr) if addr.is_ipv6() && addr == echo.addr));
 }
@@ -179,7 +218,10 @@ async fn connect_request_headers_arrive_as_sent() {
     });
     let world = World::start(H2Settings::server(), on_connect).await;
     let request = ConnectRequest::new("10.1.2.3:8080")
-        .forwarded("10.0.0.7:43210".parse().unwrap(), Some("reviews.default.svc.cluster.local"))
+        .forwarded(
+            "10.0.0.7:43210".parse().unwrap(),
+            Some("reviews.default.svc.cluster.local"),
+        )
         .baggage([("k8s.namespace.name", "apps"), ("service.name", "client")])
         .random_traceparent();
     let error = small_pool()
@@ -192,9 +234,15 @@ async fn connect_request_headers_arrive_as_sent() {
         headers["forwarded"],
         "for=\"10.0.0.7:43210\";host=reviews.default.svc.cluster.local"
     );
-    assert_eq!(headers["baggage"], "k8s.namespace.name=apps,service.name=client");
+    assert_eq!(
+        headers["baggage"],
+        "k8s.namespace.name=apps,service.name=client"
+    );
     let traceparent = headers["traceparent"].to_str().unwrap();
     let parts: Vec<&str> = traceparent.split('-').collect();
     assert_eq!(parts.len(), 4, "{traceparent}");
-    assert_eq!((parts[0], parts[1].len(), parts[2].len(), parts[3]), ("00", 32, 16, "00"));
+    assert_eq!(
+        (parts[0], parts[1].len(), parts[2].len(), parts[3]),
+        ("00", 32, 16, "00")
+    );
 }
