@@ -5,6 +5,8 @@ pub mod admin;
 pub mod capture;
 pub mod check;
 pub mod config;
+pub mod daemon;
+pub mod demo;
 pub mod hbone;
 pub mod identity;
 pub mod logging;

@@ -2,6 +2,7 @@
 //! listeners, admin — runs until told to stop, then drains.
 
 mod dump;
+pub mod pods;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -88,8 +89,9 @@ async fn serve(config: Arc<Config>, log: LogControl) -> Result<(), DaemonError> 
 
     // Mesh: an invalid file at start-up stops the daemon with the reason.
     let settings = MeshSettings::from_config(&config);
-    let (mesh, _watcher) = load_and_watch(config.mesh_file.clone(), settings, config.watch_interval)
-        .map_err(|e| DaemonError::Mesh(e.to_string()))?;
+    let (mesh, _watcher) =
+        load_and_watch(config.mesh_file.clone(), settings, config.watch_interval)
+            .map_err(|e| DaemonError::Mesh(e.to_string()))?;
     let snapshot = mesh.load();
     info!(
         workloads = snapshot.workloads().len(),
@@ -98,7 +100,7 @@ async fn serve(config: Arc<Config>, log: LogControl) -> Result<(), DaemonError> 
     );
     prefetch_certificates(&config, &mesh, &certificates);
 
-    let pool = Arc::new(Pool::new(PoolSettings::from_config(&config.pool)));
+    let pool = Arc::new(Pool::new(PoolSettings::from(&config.pool)));
     let ctx = Arc::new(ProxyContext {
         config: config.clone(),
         mesh: mesh.clone(),
@@ -120,7 +122,7 @@ async fn serve(config: Arc<Config>, log: LogControl) -> Result<(), DaemonError> 
             tokio::spawn(inbound::serve(ctx.clone(), node_scope.clone(), hbone));
         }
         other => {
-            crate::capture::start(ctx.clone(), other, &readiness)
+            pods::start(ctx.clone(), other, &readiness)
                 .await
                 .map_err(|e| DaemonError::Capture(e.to_string()))?;
         }
@@ -151,9 +153,20 @@ async fn serve(config: Arc<Config>, log: LogControl) -> Result<(), DaemonError> 
         tokio::spawn(serve_admin(listener, state.clone(), drain.clone()));
     }
     let metrics_listener = bind("metrics", SocketAddr::from(([0, 0, 0, 0], ports.metrics)))?;
-    tokio::spawn(serve_metrics(metrics_listener, metrics.clone(), drain.clone()));
-    let ready_listener = bind("readiness", SocketAddr::from(([0, 0, 0, 0], ports.readiness)))?;
-    tokio::spawn(serve_readiness(ready_listener, readiness.clone(), drain.clone()));
+    tokio::spawn(serve_metrics(
+        metrics_listener,
+        metrics.clone(),
+        drain.clone(),
+    ));
+    let ready_listener = bind(
+        "readiness",
+        SocketAddr::from(([0, 0, 0, 0], ports.readiness)),
+    )?;
+    tokio::spawn(serve_readiness(
+        ready_listener,
+        readiness.clone(),
+        drain.clone(),
+    ));
 
     info!(
         hbone = ports.hbone,

@@ -1,3 +1,192 @@
-//! HBONE: HTTP/2 CONNECT over mutual TLS. The server side (port 15008) and the pooled,
-//! multiplexed client side. Knows nothing about policy: the caller decides.
-//! TODO(hbone helper): implement.
+//! HBONE: HTTP/2 CONNECT over mutual TLS (PROTOCOL.md §1). The server side (port 15008), the
+//! pooled, multiplexed client side, and the stream both hand out. Knows nothing about policy:
+//! the server reports who asked for what and the caller accepts or refuses; the client is given
+//! an already-verified TLS stream by the caller's dial function.
+
+mod keepalive;
+pub mod pool;
+pub mod request;
+pub mod server;
+pub mod stream;
+#[doc(hidden)]
+pub mod testing;
+
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+pub use pool::{Pool, PoolKey, PoolSettings, PoolStats};
+pub use request::ConnectRequest;
+pub use server::{ConnectionInfo, IncomingConnect, Refusal, serve_connection};
+pub use stream::{H2Recv, H2Send, H2Stream};
+
+/// The port peers listen on for HBONE.
+pub const HBONE_PORT: u16 = 15008;
+/// The only ALPN protocol either side offers or accepts.
+pub const ALPN_H2: &[u8] = b"h2";
+
+const KIB: u32 = 1024;
+const MIB: u32 = 1024 * 1024;
+
+/// HTTP/2 settings for one side of an HBONE connection (PROTOCOL.md §1.2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct H2Settings {
+    pub stream_window: u32,
+    pub connection_window: u32,
+    pub max_frame_size: u32,
+    pub max_header_list_size: u32,
+    /// Bytes one stream may queue for sending beyond what flow control lets out.
+    pub max_send_buffer: usize,
+    /// Server: advertised SETTINGS_MAX_CONCURRENT_STREAMS. Client: what is assumed of the peer
+    /// until its SETTINGS arrive.
+    pub max_concurrent_streams: u32,
+    /// Time from setup (and from each PONG) to the next keepalive PING.
+    pub keepalive_interval: Duration,
+    /// A PING not answered within this tears the connection down.
+    pub keepalive_timeout: Duration,
+}
+
+impl H2Settings {
+    /// The pool (client) side.
+    pub fn client() -> Self {
+        H2Settings {
+            stream_window: 4 * MIB,
+            connection_window: 16 * MIB,
+            max_frame_size: MIB,
+            max_header_list_size: 16 * KIB,
+            max_send_buffer: 4 * MIB as usize,
+            max_concurrent_streams: 100,
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(20),
+        }
+    }
+
+    /// The port-15008 (server) side.
+    pub fn server() -> Self {
+        H2Settings {
+            max_header_list_size: 64 * KIB,
+            max_send_buffer: 400 * KIB as usize,
+            max_concurrent_streams: 200,
+            ..H2Settings::client()
+        }
+    }
+}
+
+/// Where a CONNECT asks to go: its `:authority`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Authority {
+    /// `10.1.2.3:8080` or `[fd00::3]:8080`.
+    Addr(SocketAddr),
+    /// `reviews.default.svc.cluster.local:9080`: a service hostname (double HBONE, waypoints).
+    Host(String, u16),
+}
+
+impl Authority {
+    /// Parses an `:authority` the way the server must: an `ip:port` first, else `host:port`.
+    pub fn parse(text: &str) -> Result<Authority, HboneError> {
+        let bad = |reason: &'static str| HboneError::BadAuthority {
+            authority: text.to_string(),
+            reason,
+        };
+        if let Ok(addr) = text.parse::<SocketAddr>() {
+            return Ok(Authority::Addr(addr));
+        }
+        let (host, port) = text.rsplit_once(':').ok_or_else(|| bad("no port"))?;
+        let port: u16 = port.parse().map_err(|_| bad("the port is not a number"))?;
+        if port == 0 {
+            return Err(bad("port 0"));
+        }
+        if host.is_empty() {
+            return Err(bad("no host"));
+        }
+        if host.starts_with('[') || host.parse::<IpAddr>().is_ok() {
+            return Err(bad("malformed IP address"));
+        }
+        let label_ok = |label: &str| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        };
+        if host.len() > 253 || !host.split('.').all(label_ok) {
+            return Err(bad("the host is not a DNS name"));
+        }
+        Ok(Authority::Host(host.to_ascii_lowercase(), port))
+    }
+
+    pub fn port(&self) -> u16 {
+        match self {
+            Authority::Addr(addr) => addr.port(),
+            Authority::Host(_, port) => *port,
+        }
+    }
+}
+
+impl fmt::Display for Authority {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Authority::Addr(addr) => write!(f, "{addr}"),
+            Authority::Host(host, port) => write!(f, "{host}:{port}"),
+        }
+    }
+}
+
+/// What went wrong on an HBONE connection or stream; each names the peer.
+#[derive(Debug, thiserror::Error)]
+pub enum HboneError {
+    #[error("connecting to {peer}: {source}")]
+    Dial {
+        peer: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TLS with {peer}: {source}")]
+    Tls {
+        peer: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{peer} negotiated ALPN {alpn:?} instead of \"h2\"; closing without HTTP/2")]
+    Alpn { peer: SocketAddr, alpn: String },
+    #[error("HTTP/2 with {peer}: {source}")]
+    H2 {
+        peer: SocketAddr,
+        #[source]
+        source: h2::Error,
+    },
+    #[error("{peer} answered CONNECT {authority} with {status}")]
+    Status {
+        peer: SocketAddr,
+        authority: String,
+        status: http::StatusCode,
+    },
+    #[error("{peer} allows no streams on a new connection (SETTINGS_MAX_CONCURRENT_STREAMS 0)")]
+    StreamLimit { peer: SocketAddr },
+    #[error("{peer}: no answer to {what} within {after:?}")]
+    Timeout {
+        peer: SocketAddr,
+        what: &'static str,
+        after: Duration,
+    },
+    #[error("CONNECT authority {authority:?}: {reason}")]
+    BadAuthority {
+        authority: String,
+        reason: &'static str,
+    },
+    #[error("CONNECT header {name}: {reason}")]
+    BadHeader { name: String, reason: String },
+}
+
+impl HboneError {
+    /// The HTTP status the peer refused a CONNECT with, if that is what happened.
+    pub fn status(&self) -> Option<http::StatusCode> {
+        match self {
+            HboneError::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}

@@ -6,7 +6,9 @@ pub mod k8s;
 pub mod model;
 pub mod snapshot;
 
-pub use file::{load_and_watch, load_snapshot, snapshot_from_text, spawn_watcher};
+pub use file::{
+    load_and_watch, load_snapshot, snapshot_from_files, snapshot_from_text, spawn_watcher,
+};
 pub use k8s::{MeshError, MeshSettings};
 pub use model::{
     DocRef, Endpoints, HealthStatus, Labels, RawDocument, Service, ServicePort, TunnelProtocol,

@@ -14,6 +14,7 @@ use crate::net::SocketFactory;
 use crate::tls::Credentials;
 
 /// Shared by all listeners of one daemon.
+#[derive(Clone)]
 pub struct ProxyContext {
     pub config: Arc<Config>,
     pub mesh: Arc<MeshStore>,

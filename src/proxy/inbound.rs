@@ -11,7 +11,8 @@ use tracing::{debug, info, warn};
 
 use super::context::{Owner, ProxyContext, Scope};
 use super::copy::copy_tcp_h2;
-use crate::hbone::server::{Authority, ConnectionInfo, IncomingConnect, Refusal, serve_connection};
+use crate::hbone::Authority;
+use crate::hbone::server::{ConnectionInfo, IncomingConnect, Refusal, serve_connection};
 use crate::mesh::{Snapshot, Workload};
 use crate::policy::{self, ConnectionFacts, Decision};
 
@@ -63,7 +64,10 @@ async fn handle_connection(
         .accept(tcp)
         .await
         .map_err(|e| format!("TLS handshake: {e}"))?;
-    let info = ConnectionInfo { peer, local };
+    let info = ConnectionInfo {
+        peer_addr: peer,
+        local_addr: local,
+    };
     let settings = crate::hbone::H2Settings::server();
     serve_connection(tls, info, &settings, ctx.drain.clone(), move |incoming| {
         tokio::spawn(handle_connect(ctx.clone(), scope.clone(), incoming));
@@ -164,7 +168,9 @@ fn destination(
 ) -> Result<(Arc<Workload>, SocketAddr), Refusal> {
     let local = incoming.local_addr;
     let Some(workload) = scope.local_workload(snapshot, &ctx.config.node, local.ip()) else {
-        return Err(Refusal::Unavailable(format!("no local workload at {local}")));
+        return Err(Refusal::Unavailable(format!(
+            "no local workload at {local}"
+        )));
     };
     let target = match &incoming.authority {
         Authority::Addr(addr) => {
@@ -180,7 +186,11 @@ fn destination(
             let Some(service) = snapshot.service_by_hostname(host, &workload.namespace) else {
                 return Err(Refusal::Unavailable(format!("unknown service {host}")));
             };
-            if !snapshot.endpoints(service).iter().any(|w| w.uid == workload.uid) {
+            if !snapshot
+                .endpoints(service)
+                .iter()
+                .any(|w| w.uid == workload.uid)
+            {
                 return Err(Refusal::BadRequest(format!(
                     "{host} has no endpoint on this workload"
                 )));
@@ -207,7 +217,7 @@ fn access_refused(peer: SocketAddr, identity: &str, authority: &Authority, refus
         src.identity = %identity,
         dst.authority = %authority,
         status = refusal.status().as_u16(),
-        reason = %refusal,
+        reason = refusal.reason(),
         "connection refused"
     );
 }

@@ -90,11 +90,33 @@ fn version(w: &Workload) -> String {
 }
 
 fn canonical_service(w: &Workload) -> String {
-    let found = label(w, &["service.istio.io/canonical-name", "app.kubernetes.io/name", "app"]);
-    if found.is_empty() { w.name.clone() } else { found }
+    let found = label(
+        w,
+        &[
+            "service.istio.io/canonical-name",
+            "app.kubernetes.io/name",
+            "app",
+        ],
+    );
+    if found.is_empty() {
+        w.name.clone()
+    } else {
+        found
+    }
 }
 
 fn canonical_revision(w: &Workload) -> String {
-    let found = label(w, &["service.istio.io/canonical-revision", "app.kubernetes.io/version", "version"]);
-    if found.is_empty() { "latest".into() } else { found }
+    let found = label(
+        w,
+        &[
+            "service.istio.io/canonical-revision",
+            "app.kubernetes.io/version",
+            "version",
+        ],
+    );
+    if found.is_empty() {
+        "latest".into()
+    } else {
+        found
+    }
 }

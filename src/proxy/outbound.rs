@@ -16,7 +16,7 @@ use super::route::{self, Plan};
 use super::socks5;
 use crate::hbone::pool::PoolKey;
 use crate::hbone::{ConnectRequest, H2Stream, HboneError};
-use crate::mesh::{Snapshot, Workload};
+use crate::mesh::Workload;
 
 /// Which way into the mesh a client came.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,7 +70,17 @@ async fn handle_transparent(
     let started = Instant::now();
     let plan = route::plan(&snapshot, destination, ctx.config.ports.hbone);
     let upstream = connect(ctx, scope, source.as_deref(), peer, &plan).await;
-    carry(ctx, &snapshot, source, peer, destination, plan, upstream, client, started).await;
+    carry(
+        ctx,
+        source,
+        peer,
+        destination,
+        plan,
+        upstream,
+        client,
+        started,
+    )
+    .await;
     Ok(())
 }
 
@@ -80,7 +90,9 @@ async fn handle_socks5(
     mut client: TcpStream,
     peer: SocketAddr,
 ) -> Result<(), String> {
-    let target = socks5::accept(&mut client).await.map_err(|e| e.to_string())?;
+    let target = socks5::accept(&mut client)
+        .await
+        .map_err(|e| e.to_string())?;
     let started = Instant::now();
     let snapshot = ctx.mesh.load();
     let Some(source) = scope.source_workload(&snapshot, &ctx.config.node, peer.ip()) else {
@@ -109,7 +121,17 @@ async fn handle_socks5(
     socks5::reply(&mut client, code)
         .await
         .map_err(|e| e.to_string())?;
-    carry(ctx, &snapshot, Some(source), peer, destination, plan, upstream, client, started).await;
+    carry(
+        ctx,
+        Some(source),
+        peer,
+        destination,
+        plan,
+        upstream,
+        client,
+        started,
+    )
+    .await;
     Ok(())
 }
 
@@ -164,7 +186,7 @@ async fn connect(
                 )));
             };
             let request = ConnectRequest::new(authority.to_string())
-                .forwarded_for(client, service.as_ref().map(|s| s.hostname.as_str()));
+                .forwarded(client, service.as_ref().map(|s| s.hostname.as_str()));
             // In-pod, each pod dials from its own namespace and address: never share its tunnels.
             let source_ip = match scope.owner {
                 super::context::Owner::Pod(_) => source.addresses.first().copied(),
@@ -199,15 +221,24 @@ async fn open_tunnel(
             let tcp = sockets
                 .connect(next_hop, None)
                 .await
-                .map_err(|e| HboneError::Dial(next_hop, e.to_string()))?;
+                .map_err(|source| HboneError::Dial {
+                    peer: next_hop,
+                    source,
+                })?;
             let config = credentials
                 .client_config(&source, &expected)
                 .await
-                .map_err(|e| HboneError::Dial(next_hop, e.to_string()))?;
+                .map_err(|e| HboneError::Tls {
+                    peer: next_hop,
+                    source: std::io::Error::other(e),
+                })?;
             TlsConnector::from(config)
                 .connect(crate::tls::dummy_server_name(), tcp)
                 .await
-                .map_err(|e| HboneError::Dial(next_hop, format!("TLS: {e}")))
+                .map_err(|source| HboneError::Tls {
+                    peer: next_hop,
+                    source,
+                })
         })
     };
     ctx.pool.open(&key, dial, request).await
@@ -217,7 +248,6 @@ async fn open_tunnel(
 #[allow(clippy::too_many_arguments)]
 async fn carry(
     ctx: &ProxyContext,
-    snapshot: &Snapshot,
     source: Option<Arc<Workload>>,
     peer: SocketAddr,
     destination: SocketAddr,
@@ -230,8 +260,12 @@ async fn carry(
     let labels = super::labels::outbound(source.as_deref(), &plan);
     ctx.metrics.connection_opened(&labels);
     let result = match upstream {
-        Ok(Upstream::Tunnel(stream)) => copy_tcp_h2(client, stream).await.map_err(|e| e.to_string()),
-        Ok(Upstream::Tcp(tcp)) => copy_bidirectional(client, tcp).await.map_err(|e| e.to_string()),
+        Ok(Upstream::Tunnel(stream)) => {
+            copy_tcp_h2(client, stream).await.map_err(|e| e.to_string())
+        }
+        Ok(Upstream::Tcp(tcp)) => copy_bidirectional(client, tcp)
+            .await
+            .map_err(|e| e.to_string()),
         Err(failure) => Err(failure.to_string()),
     };
     let (received, sent) = match &result {

@@ -1,0 +1,230 @@
+//! Capture wiring: per-pod listeners (15001/15006/15008 inside each pod's namespace) for the pods
+//! that istio-cni (ZDS) or the mesh file (standalone) hand over, and host mode for a VM.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use tokio::net::TcpListener;
+use tokio::sync::{Mutex, watch};
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::admin::Readiness;
+use crate::capture::nft::{self, HostRedirection, RedirectPorts};
+use crate::capture::pods::{PodInfo, PodManager, PodProxies};
+use crate::capture::zds::ZdsClient;
+use crate::config::{CaptureMode, Config};
+use crate::mesh::Snapshot;
+use crate::net::{Netns, SocketFactory};
+use crate::proxy::context::{Owner, PodRef, ProxyContext, Scope};
+use crate::proxy::outbound::Entry;
+use crate::proxy::{inbound, inbound_plaintext, outbound};
+
+/// How long a removed pod's open connections may finish before they are cut.
+const POD_DRAIN_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Starts transparent capture in the configured mode.
+pub async fn start(
+    ctx: Arc<ProxyContext>,
+    mode: CaptureMode,
+    readiness: &Readiness,
+) -> Result<(), String> {
+    let ports = RedirectPorts::from(&ctx.config.ports);
+    match mode {
+        CaptureMode::None => Ok(()),
+        CaptureMode::Host => start_host(ctx, ports),
+        CaptureMode::Standalone => {
+            nft::check_tools().map_err(|e| e.to_string())?;
+            let proxies = Arc::new(InPodProxies::new(ctx.clone()));
+            let manager = Arc::new(PodManager::new(proxies).with_redirection(ports));
+            let ready = readiness.register("workload proxy manager");
+            reconcile(&manager, &ctx.mesh.load(), &ctx.config).await;
+            ready.ready();
+            tokio::spawn(follow_mesh(ctx, manager.clone()));
+            tokio::spawn(manager.run_retries(Duration::from_secs(5)));
+            Ok(())
+        }
+        CaptureMode::IstioCni => {
+            let proxies = Arc::new(InPodProxies::new(ctx.clone()));
+            let manager = Arc::new(PodManager::new(proxies));
+            let client = ZdsClient::new(ctx.config.zds_socket.clone(), manager.clone());
+            tokio::spawn(async move { client.run().await });
+            tokio::spawn(manager.run_retries(Duration::from_secs(5)));
+            Ok(())
+        }
+    }
+}
+
+/// A VM host: the host's own processes are the workload; listeners and rules live here.
+fn start_host(ctx: Arc<ProxyContext>, ports: RedirectPorts) -> Result<(), String> {
+    nft::check_tools().map_err(|e| e.to_string())?;
+    let sockets = SocketFactory {
+        netns: None,
+        mark: Some(crate::net::ZTUND_MARK),
+    };
+    let scope = Scope {
+        owner: Owner::Node,
+        sockets: sockets.clone(),
+    };
+    let listeners = bind_set(&sockets, &ports)?;
+    spawn_set(&ctx, &scope, listeners);
+    let current = Netns::current().map_err(|e| format!("opening this namespace: {e}"))?;
+    let rules = HostRedirection {
+        ports,
+        ..HostRedirection::default()
+    };
+    nft::install_host_redirection(&current, &rules).map_err(|e| e.to_string())?;
+    info!("host capture installed");
+    Ok(())
+}
+
+/// The pods the mesh file places on this node with a network namespace.
+async fn reconcile(manager: &PodManager, snapshot: &Snapshot, config: &Config) {
+    let wanted: Vec<(PodInfo, String)> = snapshot
+        .local_workloads(&config.node)
+        .filter_map(|w| {
+            let netns = w.netns.clone()?;
+            let info = PodInfo {
+                uid: w.uid.clone(),
+                name: w.name.clone(),
+                namespace: w.namespace.clone(),
+                service_account: w.service_account.clone(),
+            };
+            Some((info, netns))
+        })
+        .collect();
+    let report = manager.reconcile_standalone(wanted).await;
+    for (uid, reason) in &report.failed {
+        warn!(%uid, %reason, "pod capture failed; retrying");
+    }
+}
+
+async fn follow_mesh(ctx: Arc<ProxyContext>, manager: Arc<PodManager>) {
+    let mut changes = ctx.mesh.subscribe();
+    while changes.changed().await.is_ok() {
+        reconcile(&manager, &ctx.mesh.load(), &ctx.config).await;
+    }
+}
+
+/// The listeners of one pod (or of a VM host).
+struct ListenerSet {
+    outbound: TcpListener,
+    inbound_plaintext: TcpListener,
+    hbone: TcpListener,
+}
+
+fn bind_set(sockets: &SocketFactory, ports: &RedirectPorts) -> Result<ListenerSet, String> {
+    let bind = |port: u16| {
+        // Dual-stack where the namespace has IPv6, plain IPv4 where it does not.
+        sockets
+            .listener(SocketAddr::new(crate::net::unspecified(true), port), true)
+            .or_else(|_| {
+                sockets.listener(SocketAddr::new(crate::net::unspecified(false), port), true)
+            })
+            .map_err(|e| format!("binding port {port}: {e}"))
+    };
+    Ok(ListenerSet {
+        outbound: bind(ports.outbound)?,
+        inbound_plaintext: bind(ports.inbound_plaintext)?,
+        hbone: bind(ports.hbone)?,
+    })
+}
+
+fn spawn_set(ctx: &Arc<ProxyContext>, scope: &Scope, set: ListenerSet) -> Vec<JoinHandle<()>> {
+    vec![
+        tokio::spawn(outbound::serve(
+            ctx.clone(),
+            scope.clone(),
+            set.outbound,
+            Entry::Transparent,
+        )),
+        tokio::spawn(inbound_plaintext::serve(
+            ctx.clone(),
+            scope.clone(),
+            set.inbound_plaintext,
+        )),
+        tokio::spawn(inbound::serve(ctx.clone(), scope.clone(), set.hbone)),
+    ]
+}
+
+/// A running pod proxy: its drain signal and listener tasks.
+struct RunningPod {
+    drain: watch::Sender<bool>,
+    listeners: Vec<JoinHandle<()>>,
+}
+
+/// The daemon's side of [`PodProxies`]: binds a pod's listeners inside its namespace.
+pub struct InPodProxies {
+    ctx: Arc<ProxyContext>,
+    running: Mutex<HashMap<String, RunningPod>>,
+}
+
+impl InPodProxies {
+    pub fn new(ctx: Arc<ProxyContext>) -> InPodProxies {
+        InPodProxies {
+            ctx,
+            running: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl PodProxies for InPodProxies {
+    fn start(&self, pod: PodInfo, netns: Arc<Netns>) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            let sockets = SocketFactory::in_netns(netns);
+            let ports = RedirectPorts::from(&self.ctx.config.ports);
+            let set = bind_set(&sockets, &ports)?;
+            let (drain, drain_rx) = watch::channel(false);
+            let pod_ctx = Arc::new(ProxyContext {
+                drain: drain_rx,
+                ..(*self.ctx).clone()
+            });
+            let scope = Scope {
+                owner: Owner::Pod(PodRef {
+                    uid: pod.uid.clone(),
+                    name: pod.name.clone(),
+                    namespace: pod.namespace.clone(),
+                }),
+                sockets,
+            };
+            let listeners = spawn_set(&pod_ctx, &scope, set);
+            let previous = self
+                .running
+                .lock()
+                .await
+                .insert(pod.uid.clone(), RunningPod { drain, listeners });
+            if let Some(previous) = previous {
+                stop_pod(previous);
+            }
+            self.ctx.metrics.proxy_started();
+            info!(uid = %pod.uid, pod = %format!("{}/{}", pod.namespace, pod.name), "pod proxy started");
+            Ok(())
+        })
+    }
+
+    fn stop<'a>(&'a self, uid: &'a str) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            if let Some(pod) = self.running.lock().await.remove(uid) {
+                stop_pod(pod);
+                self.ctx.metrics.proxy_stopped();
+                info!(%uid, "pod proxy stopped");
+            }
+        })
+    }
+}
+
+/// Closes the listeners now; open connections get [`POD_DRAIN_DEADLINE`] to finish.
+fn stop_pod(pod: RunningPod) {
+    let _ = pod.drain.send(true);
+    for task in pod.listeners {
+        task.abort();
+    }
+}
+
+/// The deadline connections of a draining scope get (see `ProxyContext::track`).
+pub fn drain_deadline() -> Duration {
+    POD_DRAIN_DEADLINE
+}

@@ -1,0 +1,546 @@
+//! The HBONE client: a pool of HTTP/2 connections, each carrying many CONNECT streams
+//! (PROTOCOL.md §1.7). A connection is shared only by callers with an equal [`PoolKey`], holds
+//! at most min(our limit, the peer's SETTINGS_MAX_CONCURRENT_STREAMS) streams, is dialled by one
+//! caller at a time per key, and is closed when nobody used it for the idle timeout. The caller's
+//! dial function makes the socket and the TLS handshake (netns, identity checks); this module
+//! knows nothing about either.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use h2::Reason;
+use h2::client::SendRequest;
+use http::{Request, StatusCode};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::oneshot;
+
+use super::keepalive::keepalive;
+use super::{ALPN_H2, ConnectRequest, H2Settings, H2Stream, HboneError};
+use crate::identity::SpiffeId;
+
+/// Which connections a stream may share: all four must be equal (PROTOCOL.md §1.7).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub source: SpiffeId,
+    /// The identities the server may prove, sorted and without duplicates.
+    pub expected: Vec<SpiffeId>,
+    /// The next hop: a peer's IP and its HBONE port.
+    pub destination: SocketAddr,
+    pub source_ip: Option<IpAddr>,
+}
+
+impl PoolKey {
+    pub fn new(
+        source: SpiffeId,
+        mut expected: Vec<SpiffeId>,
+        destination: SocketAddr,
+        source_ip: Option<IpAddr>,
+    ) -> Self {
+        expected.sort();
+        expected.dedup();
+        PoolKey {
+            source,
+            expected,
+            destination,
+            source_ip,
+        }
+    }
+}
+
+/// Pool limits and the client-side HTTP/2 settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolSettings {
+    pub max_streams_per_connection: u32,
+    /// A connection with no streams and no checkout for this long is closed.
+    pub idle_timeout: Duration,
+    pub h2: H2Settings,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        PoolSettings {
+            max_streams_per_connection: 100,
+            idle_timeout: Duration::from_secs(300),
+            h2: H2Settings::client(),
+        }
+    }
+}
+
+impl From<&crate::config::PoolConfig> for PoolSettings {
+    fn from(config: &crate::config::PoolConfig) -> Self {
+        PoolSettings {
+            max_streams_per_connection: config.max_streams_per_connection,
+            idle_timeout: config.idle_timeout,
+            h2: H2Settings::client(),
+        }
+    }
+}
+
+/// Counters since the pool was made, for metrics and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    pub dials: u64,
+    pub dial_failures: u64,
+    pub connections_opened: u64,
+    pub connections_closed: u64,
+    pub streams_opened: u64,
+    /// CONNECTs the peer answered with a status other than 200.
+    pub streams_refused: u64,
+}
+
+/// The HBONE client pool. Cheap to clone; clones share connections.
+#[derive(Debug, Clone)]
+pub struct Pool {
+    inner: Arc<PoolInner>,
+}
+
+#[derive(Debug)]
+struct PoolInner {
+    settings: PoolSettings,
+    keys: Mutex<HashMap<PoolKey, Arc<KeyEntry>>>,
+    next_id: AtomicU64,
+    dials: AtomicU64,
+    dial_failures: AtomicU64,
+    connections_opened: AtomicU64,
+    connections_closed: AtomicU64,
+    streams_opened: AtomicU64,
+    streams_refused: AtomicU64,
+}
+
+/// The connections of one key, and the lock that makes dials for it take turns.
+#[derive(Debug, Default)]
+struct KeyEntry {
+    connections: Mutex<Vec<Arc<PooledConnection>>>,
+    dialling: tokio::sync::Mutex<()>,
+}
+
+#[derive(Debug)]
+struct PooledConnection {
+    send: SendRequest<Bytes>,
+    state: Arc<ConnectionState>,
+}
+
+/// What the pool, the connection's task and the streams' leases share.
+#[derive(Debug)]
+struct ConnectionState {
+    id: u64,
+    peer: SocketAddr,
+    /// Streams checked out; raised only under the key's lock.
+    active: AtomicUsize,
+    last_used: Mutex<Instant>,
+    closed: AtomicBool,
+}
+
+/// One stream's slot on a pooled connection; freed when the stream's halves are dropped.
+#[derive(Debug)]
+pub(crate) struct StreamLease {
+    state: Arc<ConnectionState>,
+}
+
+impl Drop for StreamLease {
+    fn drop(&mut self) {
+        // Touch before release, so an idle check never sees "no streams" with a stale time.
+        *lock(&self.state.last_used) = Instant::now();
+        self.state.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// How one attempt at opening a stream failed.
+enum Attempt {
+    /// The stream never reached the peer (connection going away, REFUSED_STREAM): try again.
+    Retry(HboneError),
+    Fail(HboneError),
+}
+
+const MAX_ATTEMPTS: usize = 3;
+
+impl Pool {
+    pub fn new(settings: PoolSettings) -> Self {
+        Pool {
+            inner: Arc::new(PoolInner {
+                settings,
+                keys: Mutex::new(HashMap::new()),
+                next_id: AtomicU64::new(1),
+                dials: AtomicU64::new(0),
+                dial_failures: AtomicU64::new(0),
+                connections_opened: AtomicU64::new(0),
+                connections_closed: AtomicU64::new(0),
+                streams_opened: AtomicU64::new(0),
+                streams_refused: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Opens a CONNECT stream to `request`'s authority over a connection for `key`, dialling
+    /// one with `dial` (TCP + TLS, the server's identity already checked) if none has room.
+    /// Any status other than 200 is [`HboneError::Status`].
+    pub async fn open<IO>(
+        &self,
+        key: &PoolKey,
+        dial: impl FnOnce()
+            -> BoxFuture<'static, Result<tokio_rustls::client::TlsStream<IO>, HboneError>>,
+        request: ConnectRequest,
+    ) -> Result<H2Stream, HboneError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let mut dial = Some(dial);
+        let entry = self.inner.entry(key);
+        let mut attempt = 0;
+        let mut last_error = None;
+        loop {
+            attempt += 1;
+            let http_request = request.to_http()?;
+            let (connection, lease) = match self.inner.checkout(&entry) {
+                Some(found) => found,
+                None => {
+                    let _turn = entry.dialling.lock().await;
+                    match self.inner.checkout(&entry) {
+                        Some(found) => found,
+                        None => {
+                            let Some(dial) = dial.take() else {
+                                return Err(last_error.unwrap_or(HboneError::StreamLimit {
+                                    peer: key.destination,
+                                }));
+                            };
+                            self.connect(key, &entry, dial).await?
+                        }
+                    }
+                }
+            };
+            match self.send(&connection, lease, http_request, &request).await {
+                Ok(stream) => {
+                    self.inner.streams_opened.fetch_add(1, Ordering::Relaxed);
+                    return Ok(stream);
+                }
+                Err(Attempt::Retry(e)) if attempt < MAX_ATTEMPTS => {
+                    tracing::debug!(peer = %key.destination, "retrying HBONE CONNECT: {e}");
+                    last_error = Some(e);
+                }
+                Err(Attempt::Retry(e) | Attempt::Fail(e)) => return Err(e),
+            }
+        }
+    }
+
+    /// Live HTTP/2 connections (pooled, or draining their last streams).
+    pub fn connection_count(&self) -> usize {
+        let stats = self.stats();
+        stats
+            .connections_opened
+            .saturating_sub(stats.connections_closed) as usize
+    }
+
+    pub fn stats(&self) -> PoolStats {
+        let inner = &self.inner;
+        PoolStats {
+            dials: inner.dials.load(Ordering::Relaxed),
+            dial_failures: inner.dial_failures.load(Ordering::Relaxed),
+            connections_opened: inner.connections_opened.load(Ordering::Relaxed),
+            connections_closed: inner.connections_closed.load(Ordering::Relaxed),
+            streams_opened: inner.streams_opened.load(Ordering::Relaxed),
+            streams_refused: inner.streams_refused.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Dials, runs the HTTP/2 handshake, waits for the peer's SETTINGS (so its stream limit
+    /// is known before anyone shares the connection), then pools it with one slot taken.
+    async fn connect<IO>(
+        &self,
+        key: &PoolKey,
+        entry: &Arc<KeyEntry>,
+        dial: impl FnOnce()
+            -> BoxFuture<'static, Result<tokio_rustls::client::TlsStream<IO>, HboneError>>,
+    ) -> Result<(Arc<PooledConnection>, Arc<StreamLease>), HboneError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let inner = &self.inner;
+        let h2 = &inner.settings.h2;
+        let peer = key.destination;
+        inner.dials.fetch_add(1, Ordering::Relaxed);
+        let tls = dial().await.inspect_err(|_| {
+            inner.dial_failures.fetch_add(1, Ordering::Relaxed);
+        })?;
+        let alpn = tls.get_ref().1.alpn_protocol();
+        if alpn != Some(ALPN_H2) {
+            inner.dial_failures.fetch_add(1, Ordering::Relaxed);
+            let alpn = alpn.map_or_else(
+                || "none".to_string(),
+                |p| String::from_utf8_lossy(p).into_owned(),
+            );
+            return Err(HboneError::Alpn { peer, alpn });
+        }
+        let (send, mut conn) = client_builder(h2)
+            .handshake::<_, Bytes>(tls)
+            .await
+            .map_err(|source| HboneError::H2 { peer, source })?;
+
+        let state = Arc::new(ConnectionState {
+            id: inner.next_id.fetch_add(1, Ordering::Relaxed),
+            peer,
+            active: AtomicUsize::new(0),
+            last_used: Mutex::new(Instant::now()),
+            closed: AtomicBool::new(false),
+        });
+        let (settled_tx, settled_rx) = oneshot::channel();
+        let keepalive = keepalive(
+            conn.ping_pong(),
+            Duration::ZERO,
+            h2.keepalive_interval,
+            h2.keepalive_timeout,
+            Some(settled_tx),
+        );
+        inner.connections_opened.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(drive(
+            conn,
+            keepalive,
+            Arc::clone(&state),
+            Arc::downgrade(inner),
+            key.clone(),
+        ));
+        match tokio::time::timeout(h2.keepalive_timeout, settled_rx).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_closed)) => {
+                return Err(HboneError::H2 {
+                    peer,
+                    source: h2::Error::from(Reason::CONNECT_ERROR),
+                });
+            }
+            Err(_) => {
+                return Err(HboneError::Timeout {
+                    peer,
+                    what: "the HTTP/2 SETTINGS",
+                    after: h2.keepalive_timeout,
+                });
+            }
+        }
+
+        let connection = Arc::new(PooledConnection { send, state });
+        if inner.limit(&connection) == 0 {
+            return Err(HboneError::StreamLimit { peer });
+        }
+        connection.state.active.fetch_add(1, Ordering::AcqRel);
+        let lease = Arc::new(StreamLease {
+            state: Arc::clone(&connection.state),
+        });
+        lock(&entry.connections).push(Arc::clone(&connection));
+        tracing::debug!(%peer, id = connection.state.id, "HBONE connection pooled");
+        Ok((connection, lease))
+    }
+
+    /// Sends the CONNECT on `connection` and waits for the answer.
+    async fn send(
+        &self,
+        connection: &PooledConnection,
+        lease: Arc<StreamLease>,
+        http_request: Request<()>,
+        request: &ConnectRequest,
+    ) -> Result<H2Stream, Attempt> {
+        let peer = connection.state.peer;
+        let mut sender = connection.send.clone();
+        let (response, send_stream) = match sender.send_request(http_request, false) {
+            Ok(sent) => sent,
+            Err(source) => {
+                // The connection is going away or gone: nothing was sent on it.
+                connection.state.closed.store(true, Ordering::Release);
+                return Err(Attempt::Retry(HboneError::H2 { peer, source }));
+            }
+        };
+        let response = match response.await {
+            Ok(response) => response,
+            Err(source) => {
+                let refused = source.reason() == Some(Reason::REFUSED_STREAM);
+                let error = HboneError::H2 { peer, source };
+                return Err(if refused {
+                    Attempt::Retry(error)
+                } else {
+                    Attempt::Fail(error)
+                });
+            }
+        };
+        if response.status() != StatusCode::OK {
+            self.inner.streams_refused.fetch_add(1, Ordering::Relaxed);
+            return Err(Attempt::Fail(HboneError::Status {
+                peer,
+                authority: request.authority().to_string(),
+                status: response.status(),
+            }));
+        }
+        Ok(H2Stream::new(
+            send_stream,
+            response.into_body(),
+            Some(lease),
+        ))
+    }
+}
+
+impl PoolInner {
+    fn entry(&self, key: &PoolKey) -> Arc<KeyEntry> {
+        Arc::clone(lock(&self.keys).entry(key.clone()).or_default())
+    }
+
+    /// How many streams `connection` may carry.
+    fn limit(&self, connection: &PooledConnection) -> usize {
+        let ours = self.settings.max_streams_per_connection as usize;
+        ours.min(connection.send.current_max_send_streams())
+    }
+
+    /// Takes a slot on the first usable connection with room, dropping dead ones on the way.
+    fn checkout(&self, entry: &KeyEntry) -> Option<(Arc<PooledConnection>, Arc<StreamLease>)> {
+        let mut connections = lock(&entry.connections);
+        connections.retain(|c| c.is_usable());
+        let connection = connections
+            .iter()
+            .find(|c| c.state.active.load(Ordering::Acquire) < self.limit(c))?;
+        connection.state.active.fetch_add(1, Ordering::AcqRel);
+        *lock(&connection.state.last_used) = Instant::now();
+        let lease = Arc::new(StreamLease {
+            state: Arc::clone(&connection.state),
+        });
+        Some((Arc::clone(connection), lease))
+    }
+
+    /// Drops the connection from its key if it has had no streams for the idle timeout.
+    /// Returns whether it did.
+    fn evict_if_idle(&self, key: &PoolKey, state: &ConnectionState) -> bool {
+        let Some(entry) = lock(&self.keys).get(key).cloned() else {
+            return true;
+        };
+        let mut connections = lock(&entry.connections);
+        let idle = state.active.load(Ordering::Acquire) == 0
+            && lock(&state.last_used).elapsed() >= self.settings.idle_timeout;
+        if idle {
+            connections.retain(|c| c.state.id != state.id);
+        }
+        idle
+    }
+
+    /// Forgets a closed connection, and its key once nothing else refers to it.
+    fn remove(&self, key: &PoolKey, id: u64) {
+        let mut keys = lock(&self.keys);
+        let Some(entry) = keys.get(key) else {
+            return;
+        };
+        let empty = {
+            let mut connections = lock(&entry.connections);
+            connections.retain(|c| c.state.id != id);
+            connections.is_empty()
+        };
+        // Only the map holds the entry: no caller is waiting to dial or check out.
+        if empty && Arc::strong_count(entry) == 1 {
+            keys.remove(key);
+        }
+    }
+}
+
+impl PooledConnection {
+    /// Not closed, and HTTP/2 still lets new streams open (no GOAWAY received).
+    fn is_usable(&self) -> bool {
+        if self.state.closed.load(Ordering::Acquire) {
+            return false;
+        }
+        let mut probe = self.send.clone();
+        let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+        match probe.poll_ready(&mut cx) {
+            Poll::Ready(Ok(())) => true,
+            Poll::Ready(Err(_)) => {
+                self.state.closed.store(true, Ordering::Release);
+                false
+            }
+            // Only a pending stream of this very handle makes it wait; a fresh clone has none.
+            Poll::Pending => true,
+        }
+    }
+}
+
+fn client_builder(settings: &H2Settings) -> h2::client::Builder {
+    let mut builder = h2::client::Builder::new();
+    builder
+        .initial_window_size(settings.stream_window)
+        .initial_connection_window_size(settings.connection_window)
+        .max_frame_size(settings.max_frame_size)
+        .max_header_list_size(settings.max_header_list_size)
+        .max_send_buffer_size(settings.max_send_buffer)
+        .initial_max_send_streams(settings.max_concurrent_streams as usize)
+        .enable_push(false);
+    builder
+}
+
+/// Runs one client connection: HTTP/2 I/O, the keepalive, and the idle timer. Ends when the
+/// connection closes or a PING goes unanswered.
+async fn drive<IO>(
+    conn: h2::client::Connection<tokio_rustls::client::TlsStream<IO>, Bytes>,
+    keepalive: impl std::future::Future<Output = ()>,
+    state: Arc<ConnectionState>,
+    pool: Weak<PoolInner>,
+    key: PoolKey,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let idle_timeout = match pool.upgrade() {
+        Some(inner) => inner.settings.idle_timeout,
+        None => return,
+    };
+    let idle = idle_watch(&state, &pool, &key, idle_timeout);
+    tokio::pin!(conn, keepalive, idle);
+    let peer = state.peer;
+    let mut evicted = false;
+    loop {
+        tokio::select! {
+            result = &mut conn => {
+                if let Err(e) = result {
+                    tracing::debug!(%peer, "HBONE connection ended: {e}");
+                }
+                break;
+            }
+            () = &mut keepalive => {
+                tracing::warn!(%peer, "HBONE connection did not answer a PING; closing it");
+                break;
+            }
+            // The pool has let go of it; HTTP/2 closes once the last stream is done.
+            () = &mut idle, if !evicted => evicted = true,
+        }
+    }
+    state.closed.store(true, Ordering::Release);
+    if let Some(inner) = pool.upgrade() {
+        inner.remove(&key, state.id);
+        inner.connections_closed.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Completes once the connection has been idle for `idle_timeout` and left the pool.
+async fn idle_watch(
+    state: &ConnectionState,
+    pool: &Weak<PoolInner>,
+    key: &PoolKey,
+    idle_timeout: Duration,
+) {
+    loop {
+        let since = *lock(&state.last_used);
+        tokio::time::sleep_until((since + idle_timeout).into()).await;
+        let Some(inner) = pool.upgrade() else {
+            return;
+        };
+        if inner.evict_if_idle(key, state) {
+            tracing::debug!(peer = %state.peer, id = state.id, "closing idle HBONE connection");
+            return;
+        }
+        if state.active.load(Ordering::Acquire) > 0 {
+            // Busy: look again one timeout from now.
+            *lock(&state.last_used) = Instant::now();
+        }
+    }
+}
+
+/// Locks a mutex; a panic elsewhere while holding it leaves plain data still usable.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}

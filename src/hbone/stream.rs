@@ -1,0 +1,272 @@
+//! One HBONE tunnel: an HTTP/2 CONNECT stream seen as a byte stream (PROTOCOL.md §1.2 "Stream
+//! mapping"). Reading hands out each DATA chunk and releases its flow-control capacity at once;
+//! END_STREAM, or a RST_STREAM with NO_ERROR or CANCEL, reads as EOF. Writing sends only what
+//! flow control grants; shutdown sends END_STREAM. Knows nothing about who opened the stream.
+
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, Bytes};
+use h2::{Reason, RecvStream, SendStream};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::pool::StreamLease;
+
+/// A bidirectional CONNECT stream. Use it as `AsyncRead + AsyncWrite`, or split it with
+/// [`H2Stream::into_parts`] to move `Bytes` without copying.
+#[derive(Debug)]
+pub struct H2Stream {
+    send: H2Send,
+    recv: H2Recv,
+}
+
+/// The sending half: DATA frames toward the peer.
+#[derive(Debug)]
+pub struct H2Send {
+    stream: SendStream<Bytes>,
+    finished: bool,
+    /// Holds the stream's slot on a pooled connection until both halves are gone.
+    _lease: Option<Arc<StreamLease>>,
+}
+
+/// The receiving half: DATA frames from the peer.
+#[derive(Debug)]
+pub struct H2Recv {
+    stream: RecvStream,
+    /// What an `AsyncRead` caller has not taken yet of the last chunk.
+    leftover: Bytes,
+    eof: bool,
+    _lease: Option<Arc<StreamLease>>,
+}
+
+impl H2Stream {
+    pub(crate) fn new(
+        send: SendStream<Bytes>,
+        recv: RecvStream,
+        lease: Option<Arc<StreamLease>>,
+    ) -> Self {
+        H2Stream {
+            send: H2Send {
+                stream: send,
+                finished: false,
+                _lease: lease.clone(),
+            },
+            recv: H2Recv {
+                stream: recv,
+                leftover: Bytes::new(),
+                eof: false,
+                _lease: lease,
+            },
+        }
+    }
+
+    /// The two halves, for a copier that moves `Bytes` in both directions at once.
+    pub fn into_parts(self) -> (H2Send, H2Recv) {
+        (self.send, self.recv)
+    }
+}
+
+impl H2Send {
+    /// Sends all of `data`, each DATA frame no larger than the flow-control capacity granted.
+    /// The `Bytes` are handed to HTTP/2 as they are (split, never copied).
+    pub async fn send(&mut self, mut data: Bytes) -> io::Result<()> {
+        poll_fn(|cx| self.poll_send(cx, &mut data)).await
+    }
+
+    /// Polls [`H2Send::send`]: sends what capacity allows and leaves the rest in `data`;
+    /// `Ready(Ok)` once `data` is empty.
+    pub fn poll_send(&mut self, cx: &mut Context<'_>, data: &mut Bytes) -> Poll<io::Result<()>> {
+        while !data.is_empty() {
+            let granted = ready!(self.poll_granted(cx, data.len()))?;
+            let chunk = data.split_to(granted.min(data.len()));
+            self.stream.send_data(chunk, false).map_err(h2_to_io)?;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Ends our direction: an empty DATA frame with END_STREAM. Idempotent. A peer that is
+    /// already gone (stream reset, connection closed) has nothing left to tell, so that is not
+    /// an error.
+    pub fn finish(&mut self) {
+        if !self.finished {
+            self.finished = true;
+            let _ = self.stream.send_data(Bytes::new(), true);
+        }
+    }
+
+    /// Waits until flow control grants some capacity toward `want` bytes.
+    fn poll_granted(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
+        if self.finished {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "HBONE stream: write after shutdown",
+            )));
+        }
+        self.stream.reserve_capacity(want);
+        loop {
+            let capacity = self.stream.capacity();
+            if capacity > 0 {
+                return Poll::Ready(Ok(capacity));
+            }
+            match self.stream.poll_capacity(cx) {
+                Poll::Ready(Some(Ok(0))) => continue,
+                Poll::Ready(Some(Ok(granted))) => return Poll::Ready(Ok(granted)),
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(h2_to_io(e))),
+                Poll::Ready(None) => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::BrokenPipe,
+                        "HBONE stream closed by the peer",
+                    )));
+                }
+                Poll::Pending => {
+                    // A peer that resets the stream never grants capacity: watch for that too.
+                    return match self.stream.poll_reset(cx) {
+                        Poll::Ready(Ok(reason)) => Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::BrokenPipe,
+                            format!("HBONE stream reset by the peer: {reason}"),
+                        ))),
+                        Poll::Ready(Err(e)) => Poll::Ready(Err(h2_to_io(e))),
+                        Poll::Pending => Poll::Pending,
+                    };
+                }
+            }
+        }
+    }
+}
+
+impl H2Recv {
+    /// The next DATA chunk as received, or `None` at EOF.
+    pub async fn chunk(&mut self) -> io::Result<Option<Bytes>> {
+        poll_fn(|cx| self.poll_chunk(cx)).await
+    }
+
+    /// Polls [`H2Recv::chunk`].
+    pub fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
+        if !self.leftover.is_empty() {
+            return Poll::Ready(Ok(Some(std::mem::take(&mut self.leftover))));
+        }
+        if self.eof {
+            return Poll::Ready(Ok(None));
+        }
+        loop {
+            match ready!(self.stream.poll_data(cx)) {
+                Some(Ok(chunk)) => {
+                    // A failure here means the stream is gone; the next poll reports that.
+                    let _ = self.stream.flow_control().release_capacity(chunk.len());
+                    if chunk.is_empty() {
+                        continue;
+                    }
+                    return Poll::Ready(Ok(Some(chunk)));
+                }
+                Some(Err(e)) if is_clean_reset(&e) => {
+                    self.eof = true;
+                    return Poll::Ready(Ok(None));
+                }
+                Some(Err(e)) => return Poll::Ready(Err(h2_to_io(e))),
+                None => {
+                    self.eof = true;
+                    return Poll::Ready(Ok(None));
+                }
+            }
+        }
+    }
+}
+
+/// RST_STREAM NO_ERROR or CANCEL: the peer is done, which reads as a clean EOF.
+fn is_clean_reset(e: &h2::Error) -> bool {
+    e.is_reset() && matches!(e.reason(), Some(Reason::NO_ERROR | Reason::CANCEL))
+}
+
+/// HTTP/2 errors as I/O errors; other resets become `ConnectionReset` so copiers treat them as
+/// the peer closing.
+pub(crate) fn h2_to_io(e: h2::Error) -> io::Error {
+    if e.is_io() {
+        return e
+            .into_io()
+            .unwrap_or_else(|| io::Error::other("HTTP/2 I/O error"));
+    }
+    let kind = if e.is_reset() {
+        io::ErrorKind::ConnectionReset
+    } else {
+        io::ErrorKind::Other
+    };
+    io::Error::new(kind, e)
+}
+
+impl AsyncRead for H2Recv {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.leftover.is_empty() {
+            match ready!(self.poll_chunk(cx))? {
+                Some(chunk) => self.leftover = chunk,
+                None => return Poll::Ready(Ok(())),
+            }
+        }
+        let n = self.leftover.len().min(buf.remaining());
+        buf.put_slice(&self.leftover[..n]);
+        self.leftover.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for H2Send {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let granted = ready!(self.poll_granted(cx, buf.len()))?;
+        let n = granted.min(buf.len());
+        self.stream
+            .send_data(Bytes::copy_from_slice(&buf[..n]), false)
+            .map_err(h2_to_io)?;
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // The HTTP/2 connection task writes queued frames out as soon as it can.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.finish();
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncRead for H2Stream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.recv).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for H2Stream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.send).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.send).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.send).poll_shutdown(cx)
+    }
+}
