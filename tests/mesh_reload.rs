@@ -30,10 +30,21 @@ fn an_invalid_mesh_file_stops_the_daemon_with_the_field() {
         .arg(&config)
         .output()
         .expect("running ztund");
-    assert!(!out.status.success(), "ztund started with an invalid mesh file");
+    assert!(
+        !out.status.success(),
+        "ztund started with an invalid mesh file"
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
-    for needle in ["mesh.yaml", "document 1", "Service default/web", "spec.ports[0].targetPort"] {
-        assert!(stderr.contains(needle), "error does not name {needle:?}: {stderr}");
+    for needle in [
+        "mesh.yaml",
+        "document 1",
+        "Service default/web",
+        "spec.ports[0].targetPort",
+    ] {
+        assert!(
+            stderr.contains(needle),
+            "error does not name {needle:?}: {stderr}"
+        );
     }
 }
 
@@ -49,7 +60,10 @@ fn an_invalid_config_names_the_field() {
         .expect("running ztund");
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("node1.yaml") && stderr.contains("ports.socks5"), "{stderr}");
+    assert!(
+        stderr.contains("node1.yaml") && stderr.contains("ports.socks5"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -83,15 +97,29 @@ async fn a_bad_change_is_refused_and_the_last_good_mesh_keeps_serving() {
         &format!("{good}---\napiVersion: v1\nkind: Pod\nmetadata: {{name: bad, namespace: default}}\nspec: {{nodeName: node1}}\nstatus: {{podIP: not-an-ip}}\n"),
     );
     let line = node1.wait_log(&["mesh file refused"]).await;
-    assert!(line.contains("Pod default/bad") && line.contains("status.podIP"), "{line}");
-    let stream = socks5_connect(&bed, Place::Node(1), app).await.expect("still serving");
+    assert!(
+        line.contains("Pod default/bad") && line.contains("status.podIP"),
+        "{line}"
+    );
+    let stream = socks5_connect(&bed, Place::Node(1), app)
+        .await
+        .expect("still serving");
     Testbed::assert_echo(stream, 1 << 20).await;
 
     // A valid edit that renames the echo workload's service account: applied without restart
     // on both nodes; the client now expects the new identity and node 2 proves it.
-    cluster.write("mesh.yaml", &good.replace("serviceAccount: echo", "serviceAccount: echo-v2"));
-    node1.wait_log(&["mesh file applied", "\"generation\":1"]).await;
-    node2.wait_log(&["mesh file applied", "\"generation\":1"]).await;
-    let stream = socks5_connect(&bed, Place::Node(1), app).await.expect("serving after reload");
+    cluster.write(
+        "mesh.yaml",
+        &good.replace("serviceAccount: echo", "serviceAccount: echo-v2"),
+    );
+    node1
+        .wait_log(&["mesh file applied", "\"generation\":1"])
+        .await;
+    node2
+        .wait_log(&["mesh file applied", "\"generation\":1"])
+        .await;
+    let stream = socks5_connect(&bed, Place::Node(1), app)
+        .await
+        .expect("serving after reload");
     Testbed::assert_echo(stream, 1 << 16).await;
 }

@@ -12,7 +12,7 @@ use tracing::{debug, info, warn};
 use super::context::{Owner, ProxyContext, Scope};
 use super::copy::copy_tcp_h2;
 use crate::hbone::Authority;
-use crate::hbone::server::{ConnectionInfo, IncomingConnect, Refusal, serve_connection};
+use crate::hbone::server::{ConnectionInfo, IncomingConnect, Refusal, accept_and_serve};
 use crate::mesh::{Snapshot, Workload};
 use crate::policy::{self, ConnectionFacts, Decision};
 
@@ -26,6 +26,8 @@ pub async fn serve(ctx: Arc<ProxyContext>, scope: Scope, listener: TcpListener) 
         };
         match accepted {
             Ok((tcp, peer)) => {
+                // Dual-stack listeners report IPv4 peers as ::ffff:a.b.c.d.
+                let peer = crate::net::canonical(peer);
                 let ctx = ctx.clone();
                 let scope = scope.clone();
                 tokio::spawn(async move {
@@ -50,7 +52,7 @@ async fn handle_connection(
     peer: SocketAddr,
 ) -> Result<(), String> {
     let _ = tcp.set_nodelay(true);
-    let local = tcp.local_addr().map_err(|e| e.to_string())?;
+    let local = crate::net::canonical(tcp.local_addr().map_err(|e| e.to_string())?);
     let snapshot = ctx.mesh.load();
     let Some(workload) = scope.local_workload(&snapshot, &ctx.config.node, local.ip()) else {
         return Err(format!("no local workload owns {local}; closing"));
@@ -60,16 +62,14 @@ async fn handle_connection(
         .server_config(&workload.identity())
         .await
         .map_err(|e| e.to_string())?;
-    let tls = TlsAcceptor::from(server_config)
-        .accept(tcp)
-        .await
-        .map_err(|e| format!("TLS handshake: {e}"))?;
     let info = ConnectionInfo {
         peer_addr: peer,
         local_addr: local,
     };
     let settings = crate::hbone::H2Settings::server();
-    serve_connection(tls, info, &settings, ctx.drain.clone(), move |incoming| {
+    let acceptor = TlsAcceptor::from(server_config);
+    let drain = ctx.drain.clone();
+    accept_and_serve(tcp, &acceptor, info, &settings, drain, move |incoming| {
         tokio::spawn(handle_connect(ctx.clone(), scope.clone(), incoming));
     })
     .await
