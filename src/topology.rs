@@ -149,6 +149,7 @@ impl Topology {
                 let _ = Command::new("ip")
                     .args(["netns", "del", &name])
                     .stderr(Stdio::null())
+                    .process_group(0)
                     .status();
             }
             ip_batch(None, &format!("netns add {name}"))?;
@@ -316,7 +317,11 @@ impl Topology {
     }
 
     /// Starts a process inside a place; it is killed (by its pid) when the guard drops.
-    pub fn spawn_in(&self, place: Place, mut command: Command) -> Result<ChildGuard, TopologyError> {
+    pub fn spawn_in(
+        &self,
+        place: Place,
+        mut command: Command,
+    ) -> Result<ChildGuard, TopologyError> {
         self.enter_on_exec(place, &mut command)?;
         let child = command.spawn().map_err(|e| TopologyError::Command {
             program: command.get_program().to_string_lossy().into_owned(),
@@ -441,6 +446,7 @@ impl Drop for Topology {
             let status = Command::new("ip")
                 .args(["netns", "del", name])
                 .stderr(Stdio::null())
+                .process_group(0)
                 .status();
             if !matches!(status, Ok(s) if s.success()) {
                 eprintln!("topology: could not delete netns {name}");
@@ -475,9 +481,12 @@ fn gateway_ip(n: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 201, n as u8, 1)
 }
 
-/// Runs `ip [-n netns] -batch -` with `commands`.
+/// Runs `ip [-n netns] -batch -` with `commands`. Like every `ip` the topology runs, in its own
+/// process group: a Ctrl-C at the terminal goes to the owner, who then builds or tears down in
+/// order instead of finding half a batch applied.
 fn ip_batch(netns: Option<&str>, commands: &str) -> Result<(), TopologyError> {
     let mut command = Command::new("ip");
+    command.process_group(0);
     if let Some(netns) = netns {
         command.args(["-n", netns]);
     }

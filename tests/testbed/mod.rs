@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-pub use ztund::topology::*;
 use ztund::net::{Netns, SocketFactory};
+pub use ztund::topology::*;
 
 /// A [`Topology`] for one test; everything is removed when it drops, also on panic.
 pub struct Testbed(Topology);
