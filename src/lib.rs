@@ -15,3 +15,4 @@ pub mod net;
 pub mod policy;
 pub mod proxy;
 pub mod tls;
+pub mod topology;

@@ -1,0 +1,246 @@
+//! What the demo mesh is: four pods on two nodes, a Service, and two Istio policies, written as
+//! the Kubernetes and Istio YAML a user would write, plus each node's ztund config. Pure text;
+//! knows nothing about namespaces being built or daemons running.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+
+use crate::topology::{Place, Topology};
+
+/// The trust domain of the demo's built-in CA.
+pub const TRUST_DOMAIN: &str = "cluster.local";
+
+/// The `echo` Service's virtual IP and port (targetPort 8080).
+pub const ECHO_VIP: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10)), 80);
+
+/// One pod of the demo: where it runs, who it is, and the port its app serves (if any).
+#[derive(Debug, Clone, Copy)]
+pub struct Pod {
+    pub name: &'static str,
+    pub node: usize,
+    /// 1-based index on its node.
+    pub index: usize,
+    pub port: Option<u16>,
+}
+
+impl Pod {
+    pub fn place(&self) -> Place {
+        Place::Pod(self.node, self.index)
+    }
+
+    /// The app's address, for pods that serve.
+    pub fn addr(&self, topology: &Topology) -> Option<SocketAddr> {
+        let ip = topology.pod_ip(self.node, self.index);
+        self.port.map(|port| SocketAddr::new(ip, port))
+    }
+}
+
+pub const SLEEP: Pod = Pod {
+    name: "sleep",
+    node: 1,
+    index: 1,
+    port: None,
+};
+pub const HTTPBIN: Pod = Pod {
+    name: "httpbin",
+    node: 1,
+    index: 2,
+    port: Some(8000),
+};
+pub const ECHO: Pod = Pod {
+    name: "echo",
+    node: 2,
+    index: 1,
+    port: Some(8080),
+};
+pub const DB: Pod = Pod {
+    name: "db",
+    node: 2,
+    index: 2,
+    port: Some(5432),
+};
+
+/// Every pod, in the order the mesh file lists them.
+pub const PODS: [Pod; 4] = [SLEEP, HTTPBIN, ECHO, DB];
+
+/// The PeerAuthentication that makes `db` STRICT.
+pub const DB_STRICT: &str = "db-strict";
+/// The AuthorizationPolicy that denies `httpbin` → `db`.
+pub const DB_DENY: &str = "db-deny-httpbin";
+
+/// Nodes and pods per node the topology needs.
+pub const NODES: usize = 2;
+pub const PODS_PER_NODE: usize = 2;
+
+/// The node name ztund knows node `n` by.
+pub fn node_name(n: usize) -> String {
+    format!("node{n}")
+}
+
+/// Where a pod landed: its address and network namespace name.
+#[derive(Debug, Clone)]
+pub struct Placement {
+    pub pod: Pod,
+    pub ip: IpAddr,
+    pub netns: String,
+}
+
+/// Every pod placed in `topology`.
+pub fn placements(topology: &Topology) -> Vec<Placement> {
+    PODS.iter()
+        .map(|pod| Placement {
+            pod: *pod,
+            ip: topology.pod_ip(pod.node, pod.index),
+            netns: topology.netns_name(pod.place()),
+        })
+        .collect()
+}
+
+/// The mesh file both nodes read. The Pods carry what the kubelet would fill in (`nodeName`,
+/// `podIP`) and the `ztund.io/netns` annotation naming the pod's namespace for standalone
+/// capture; the Service and the Istio policies are exactly what a user writes.
+pub fn mesh_yaml(placements: &[Placement]) -> String {
+    let mut yaml = String::from("# ztund demo: two nodes, four pods, one Service, two policies.\n");
+    for Placement { pod, ip, netns } in placements {
+        yaml += &format!(
+            "apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+  namespace: default
+  labels: {{app: {name}}}
+  annotations: {{ztund.io/netns: {netns}}}
+spec:
+  serviceAccountName: {name}
+  nodeName: {node}
+status:
+  podIP: {ip}
+---
+",
+            name = pod.name,
+            node = node_name(pod.node),
+        );
+    }
+    yaml += &format!(
+        "apiVersion: v1
+kind: Service
+metadata:
+  name: echo
+  namespace: default
+spec:
+  clusterIP: {vip}
+  selector: {{app: echo}}
+  ports:
+  - name: tcp-echo
+    port: {port}
+    targetPort: {target}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata:
+  name: {strict}
+  namespace: default
+spec:
+  selector:
+    matchLabels: {{app: db}}
+  mtls:
+    mode: STRICT
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: {deny}
+  namespace: default
+spec:
+  selector:
+    matchLabels: {{app: db}}
+  action: DENY
+  rules:
+  - from:
+    - source:
+        principals: [\"{td}/ns/default/sa/httpbin\"]
+",
+        vip = ECHO_VIP.ip(),
+        port = ECHO_VIP.port(),
+        target = ECHO.port.unwrap_or(8080),
+        td = TRUST_DOMAIN,
+        strict = DB_STRICT,
+        deny = DB_DENY,
+    );
+    yaml
+}
+
+/// Node `n`'s ztund config: the shared CA and mesh file, in-pod capture from the mesh file.
+pub fn node_config(n: usize, dir: &Path) -> String {
+    format!(
+        "node: {node}
+trustDomain: {TRUST_DOMAIN}
+meshFile: {mesh}
+stateDir: {state}
+ca: {{mode: builtin, dir: {ca}}}
+capture: standalone
+watchInterval: 1s
+",
+        node = node_name(n),
+        mesh = dir.join("mesh.yaml").display(),
+        state = dir.join(format!("state-{}", node_name(n))).display(),
+        ca = dir.join("ca").display(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mesh::{MeshSettings, snapshot_from_text};
+    use crate::policy::{self, ConnectionFacts, Decision};
+
+    fn placed() -> Vec<Placement> {
+        PODS.iter()
+            .map(|pod| Placement {
+                pod: *pod,
+                ip: IpAddr::V4(Ipv4Addr::new(10, 201, pod.node as u8, pod.index as u8 + 1)),
+                netns: format!("ztdemo-n{}p{}", pod.node, pod.index),
+            })
+            .collect()
+    }
+
+    fn identity(name: &str) -> crate::identity::SpiffeId {
+        crate::identity::SpiffeId::new(TRUST_DOMAIN, "default", name).expect("valid id")
+    }
+
+    #[test]
+    fn the_mesh_places_pods_and_the_policies_guard_db() {
+        let yaml = mesh_yaml(&placed());
+        let snapshot = snapshot_from_text("mesh.yaml", &yaml, &MeshSettings::default())
+            .unwrap_or_else(|e| panic!("demo mesh must parse: {e}\n{yaml}"));
+        assert_eq!(snapshot.local_workloads("node1").count(), 2);
+        assert_eq!(snapshot.local_workloads("node2").count(), 2);
+        let echo_vip = snapshot.service_by_vip(ECHO_VIP.ip()).expect("echo VIP");
+        assert_eq!(snapshot.endpoints(echo_vip).len(), 1);
+        let db = snapshot
+            .workload_by_ip("10.201.2.3".parse().unwrap())
+            .expect("db");
+        assert_eq!(db.netns.as_deref(), Some("/var/run/netns/ztdemo-n2p2"));
+        let facts = |id: Option<&str>| ConnectionFacts {
+            source_ip: "10.201.1.2".parse().unwrap(),
+            source_identity: id.map(identity),
+            destination_ip: "10.201.2.3".parse().unwrap(),
+            destination_port: 5432,
+        };
+        let verdict = |id| policy::authorize(&snapshot.policies, db, &facts(id));
+        assert_eq!(verdict(Some("sleep")), Decision::Allow);
+        assert!(
+            matches!(verdict(Some("httpbin")), Decision::Deny(r) if r.contains("db-deny-httpbin"))
+        );
+        assert!(matches!(verdict(None), Decision::Deny(r) if r.contains("db-strict")));
+    }
+
+    #[test]
+    fn the_config_is_valid_and_in_standalone_capture() {
+        let text = node_config(2, Path::new("/tmp/ztdemo-x"));
+        let config = crate::config::Config::parse(&text, "node2.yaml").expect("valid config");
+        assert_eq!(config.node, "node2");
+        assert_eq!(config.capture, crate::config::CaptureMode::Standalone);
+        assert_eq!(config.mesh_file, Path::new("/tmp/ztdemo-x/mesh.yaml"));
+    }
+}

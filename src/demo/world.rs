@@ -1,0 +1,220 @@
+//! The demo's running world: the namespace topology, a private working directory (CA, mesh file,
+//! node configs, daemon logs), the apps in the pods, and one real `ztund run` per node. Dropping
+//! it kills the daemons by PID, deletes the namespaces and removes the directory, in that order.
+
+use std::fs::DirBuilder;
+use std::net::SocketAddr;
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::DemoError;
+use super::scenario::{self, NODES, PODS, PODS_PER_NODE};
+use crate::identity::ca::CertificateAuthority;
+use crate::topology::{ChildGuard, Place, Topology};
+
+/// The prefix of every namespace the demo creates.
+pub const PREFIX: &str = "ztdemo";
+
+/// The name of the demo's working directory under the temp dir, before the pid.
+const WORK_DIR_PREFIX: &str = "ztund-demo-";
+
+/// How long a daemon may take to answer its readiness probe.
+const READY_DEADLINE: Duration = Duration::from_secs(15);
+
+/// One node's daemon and where its log goes.
+pub struct NodeDaemon {
+    pub node: usize,
+    pub log: PathBuf,
+    child: ChildGuard,
+}
+
+impl NodeDaemon {
+    /// The daemon's log so far (empty when it cannot be read).
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn log_tail(&self) -> String {
+        let text = self.log_text();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(8)..].join("\n")
+    }
+}
+
+/// Everything the demo made; torn down on drop (fields drop in this order).
+pub struct World {
+    pub daemons: Vec<NodeDaemon>,
+    pub topology: Topology,
+    pub dir: WorkDir,
+}
+
+impl World {
+    /// Builds the namespaces, writes the CA and files, starts the apps and the daemons, and
+    /// waits until every daemon is ready. Anything made before a failure is removed again.
+    pub async fn start() -> Result<World, DemoError> {
+        let dir = WorkDir::create()?;
+        let topology = Topology::with_prefix(PREFIX, NODES, PODS_PER_NODE)?;
+        CertificateAuthority::init(&dir.path().join("ca"), scenario::TRUST_DOMAIN)
+            .map_err(|e| DemoError::Setup(format!("creating the demo CA: {e}")))?;
+        let mesh = scenario::mesh_yaml(&scenario::placements(&topology));
+        dir.write("mesh.yaml", &mesh)?;
+        for pod in PODS {
+            if let Some(port) = pod.port {
+                topology.echo_server(pod.node, pod.index, port)?;
+            }
+        }
+        let mut world = World {
+            daemons: Vec::new(),
+            topology,
+            dir,
+        };
+        for n in 1..=NODES {
+            let config = world.dir.write(
+                &format!("{}.yaml", scenario::node_name(n)),
+                &scenario::node_config(n, world.dir.path()),
+            )?;
+            let daemon = world.spawn_daemon(n, &config)?;
+            world.daemons.push(daemon);
+        }
+        for daemon in &mut world.daemons {
+            wait_ready(&world.topology, daemon).await?;
+        }
+        Ok(world)
+    }
+
+    fn spawn_daemon(&self, n: usize, config: &Path) -> Result<NodeDaemon, DemoError> {
+        let exe = std::env::current_exe()
+            .map_err(|e| DemoError::Setup(format!("finding the ztund binary: {e}")))?;
+        let log = self
+            .dir
+            .path()
+            .join(format!("{}.log", scenario::node_name(n)));
+        let log_file = std::fs::File::create(&log).map_err(|source| DemoError::File {
+            path: log.clone(),
+            source,
+        })?;
+        let mut command = Command::new(exe);
+        command
+            .args(["--log-json", "run", "--config"])
+            .arg(config)
+            .env("ZTUND_LOG", "info,access=info")
+            .env("ZTUND_WORKER_THREADS", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            // Ctrl-C reaches only the demo, which stops the daemons itself, in order.
+            .process_group(0);
+        // SAFETY: prctl is async-signal-safe. The daemon dies with the demo even if the demo is
+        // killed outright; the demo forks from its main thread, which lives as long as it does.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+        let child = self.topology.spawn_in(Place::Node(n), command)?;
+        Ok(NodeDaemon {
+            node: n,
+            log,
+            child,
+        })
+    }
+
+    /// The daemon of node `n`.
+    pub fn daemon(&self, n: usize) -> Option<&NodeDaemon> {
+        self.daemons.iter().find(|d| d.node == n)
+    }
+}
+
+/// Polls node `n`'s readiness endpoint (15021 inside the node namespace) until it answers 200.
+async fn wait_ready(topology: &Topology, daemon: &mut NodeDaemon) -> Result<(), DemoError> {
+    let deadline = Instant::now() + READY_DEADLINE;
+    let sockets = topology.app_sockets(Place::Node(daemon.node))?;
+    let probe = SocketAddr::from(([127, 0, 0, 1], 15021));
+    loop {
+        if let Ok(Some(status)) = daemon.child.child().try_wait() {
+            return Err(DemoError::Daemon {
+                node: scenario::node_name(daemon.node),
+                reason: format!("exited ({status})"),
+                log: daemon.log_tail(),
+            });
+        }
+        if let Ok(mut stream) = sockets.connect(probe, None).await {
+            let request =
+                b"GET /healthz/ready HTTP/1.1\r\nHost: ztund\r\nConnection: close\r\n\r\n";
+            let mut answer = String::new();
+            if stream.write_all(request).await.is_ok()
+                && stream.read_to_string(&mut answer).await.is_ok()
+                && answer.starts_with("HTTP/1.1 200")
+            {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(DemoError::Daemon {
+                node: scenario::node_name(daemon.node),
+                reason: format!("not ready after {}s", READY_DEADLINE.as_secs()),
+                log: daemon.log_tail(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A private directory under the system temp dir, removed on drop.
+pub struct WorkDir(PathBuf);
+
+impl WorkDir {
+    fn create() -> Result<WorkDir, DemoError> {
+        let temp = std::env::temp_dir();
+        // The caller holds the demo lock, so any other demo directory was left by a demo that
+        // was killed outright.
+        if let Ok(entries) = std::fs::read_dir(&temp) {
+            for entry in entries.flatten() {
+                if entry
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with(WORK_DIR_PREFIX)
+                {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
+        let path = temp.join(format!("{WORK_DIR_PREFIX}{}", std::process::id()));
+        DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .map_err(|source| DemoError::File {
+                path: path.clone(),
+                source,
+            })?;
+        Ok(WorkDir(path))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    fn write(&self, name: &str, text: &str) -> Result<PathBuf, DemoError> {
+        let path = self.0.join(name);
+        std::fs::write(&path, text).map_err(|source| DemoError::File {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(path)
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

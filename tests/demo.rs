@@ -1,0 +1,179 @@
+//! `ztund demo`, run as a user would: the table names the client's SPIFFE identity on an HBONE
+//! row, shows the AuthorizationPolicy denying and STRICT refusing plaintext, every flow ends as
+//! the policies say, and nothing of the demo (namespaces, daemons, files) is left afterwards —
+//! also after Ctrl-C. Without root it refuses with a clear message and builds nothing.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// The demo's namespace names are fixed, so demos of this file run one at a time.
+static ONE_DEMO: Mutex<()> = Mutex::new(());
+
+fn ztund() -> &'static str {
+    env!("CARGO_BIN_EXE_ztund")
+}
+
+fn demo_namespaces() -> Vec<String> {
+    let out = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip netns list");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with("ztdemo"))
+        .map(str::to_string)
+        .collect()
+}
+
+fn demo_dirs() -> Vec<String> {
+    std::fs::read_dir(std::env::temp_dir())
+        .expect("temp dir")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("ztund-demo-"))
+        .collect()
+}
+
+/// The table row whose first cell is `from_to`.
+fn row<'a>(stdout: &'a str, from_to: &str) -> &'a str {
+    stdout
+        .lines()
+        .find(|l| l.trim_start_matches(['!', ' ']).starts_with(from_to))
+        .unwrap_or_else(|| panic!("no row for {from_to}:\n{stdout}"))
+}
+
+fn assert_nothing_left(stdout: &str) {
+    assert_eq!(
+        demo_namespaces(),
+        Vec::<String>::new(),
+        "demo namespaces left behind:\n{stdout}"
+    );
+    assert_eq!(
+        demo_dirs(),
+        Vec::<String>::new(),
+        "demo directories left behind"
+    );
+}
+
+#[test]
+fn the_demo_shows_identities_and_policies_then_leaves_nothing() {
+    let _one = ONE_DEMO.lock().unwrap_or_else(|e| e.into_inner());
+    let started = Instant::now();
+    let out = Command::new(ztund())
+        .arg("demo")
+        .output()
+        .expect("running ztund demo");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "ztund demo failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+
+    let hbone = row(&stdout, "sleep → echo:8080");
+    assert!(hbone.contains("HBONE node1→node2"), "{hbone}");
+    assert!(
+        hbone.contains("spiffe://cluster.local/ns/default/sa/sleep"),
+        "the server must name the client's identity: {hbone}"
+    );
+    assert!(hbone.trim_end().ends_with("| ok"), "{hbone}");
+
+    let via_service = row(&stdout, "httpbin → echo VIP");
+    assert!(
+        via_service.contains("spiffe://cluster.local/ns/default/sa/httpbin"),
+        "{via_service}"
+    );
+    assert!(via_service.trim_end().ends_with("| ok"), "{via_service}");
+
+    let denied = row(&stdout, "httpbin → db:5432");
+    assert!(
+        denied.contains("denied by AuthorizationPolicy default/db-deny-httpbin"),
+        "{denied}"
+    );
+    assert!(
+        denied.contains("spiffe://cluster.local/ns/default/sa/httpbin"),
+        "{denied}"
+    );
+
+    let refused = row(&stdout, "node1 (no mesh) → db:5432");
+    assert!(refused.contains("plaintext"), "{refused}");
+    assert!(
+        refused.contains("refused: PeerAuthentication default/db-strict is STRICT"),
+        "{refused}"
+    );
+
+    // The same outside client is let into a PERMISSIVE pod: STRICT above was the policy's doing.
+    let permissive = row(&stdout, "node1 (no mesh) → echo:8080");
+    assert!(permissive.trim_end().ends_with("| ok"), "{permissive}");
+
+    assert!(
+        !stdout.lines().any(|l| l.starts_with('!')),
+        "a flow ended unlike the policies say:\n{stdout}"
+    );
+    assert!(
+        stdout.lines().count() <= 22,
+        "the demo's output should read in about 20 lines:\n{stdout}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "the demo took {:?}",
+        started.elapsed()
+    );
+    assert_nothing_left(&stdout);
+}
+
+#[test]
+fn ctrl_c_while_holding_tears_everything_down() {
+    let _one = ONE_DEMO.lock().unwrap_or_else(|e| e.into_inner());
+    let mut demo = Command::new(ztund())
+        .args(["demo", "--hold"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running ztund demo --hold");
+    let mut stdout = BufReader::new(demo.stdout.take().expect("stdout"));
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        let read = stdout.read_line(&mut line).expect("reading the demo");
+        assert!(read > 0, "the demo ended before holding:\n{seen}");
+        seen += &line;
+        if line.starts_with("holding:") {
+            break;
+        }
+    }
+    assert_eq!(demo_namespaces().len(), 7, "held topology:\n{seen}");
+
+    let pid = nix::unistd::Pid::from_raw(demo.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("SIGINT");
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).expect("reading the demo");
+    let status = demo.wait().expect("waiting for the demo");
+    assert!(status.success(), "{status}:\n{seen}{rest}");
+    assert!(rest.contains("torn down"), "{rest}");
+    assert_nothing_left(&rest);
+}
+
+#[test]
+fn without_root_the_demo_says_so_and_builds_nothing() {
+    // A copy nobody can read the original's directory for is still runnable by `nobody`.
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let copy = dir.path().join("ztund");
+    std::fs::copy(ztund(), &copy).expect("copying ztund");
+    let before = demo_namespaces();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&copy)
+        .arg("demo")
+        .output()
+        .expect("running setpriv (util-linux)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the demo ran without root: {stderr}");
+    assert!(stderr.contains("ztund demo needs root"), "{stderr}");
+    assert_eq!(demo_namespaces(), before);
+}
