@@ -51,7 +51,9 @@ async fn handle_connection(
     peer: SocketAddr,
 ) -> Result<(), String> {
     let _ = tcp.set_nodelay(true);
-    let local = tcp.local_addr().map_err(|e| e.to_string())?;
+    // Dual-stack listeners (host and in-pod capture) see IPv4 peers as `::ffff:a.b.c.d`.
+    let local = crate::net::canonical(tcp.local_addr().map_err(|e| e.to_string())?);
+    let peer = crate::net::canonical(peer);
     let snapshot = ctx.mesh.load();
     let Some(workload) = scope.local_workload(&snapshot, &ctx.config.node, local.ip()) else {
         return Err(format!("no local workload owns {local}; closing"));

@@ -49,6 +49,7 @@ async fn handle(
     let started = Instant::now();
     let _ = client.set_nodelay(true);
     let target = crate::net::original_destination(&client).map_err(|e| e.to_string())?;
+    let peer = crate::net::canonical(peer);
     let snapshot = ctx.mesh.load();
     let Some(workload) = scope.local_workload(&snapshot, &ctx.config.node, target.ip()) else {
         return Err(format!("no local workload owns {target}; closing"));
