@@ -3,7 +3,8 @@
 //! 10.200.0.11 — that reach the mesh through its SOCKS5 listener, and plays plaintext clients
 //! with plain TCP. Node 2 (capture `host`: its inbound TCP goes to 15006, HBONE to 15008) holds
 //! `default/echo` on 10.200.0.2 (apps on 9000 and 9001, behind `example-service` 10.96.0.20:80)
-//! and `bar/bar` on 10.200.0.22 (app on 9000). Policies change by rewriting the one mesh file
+//! and `bar/bar` on 10.200.0.22 (app on 9000); node 2 also routes to pod 10.201.2.2, which is
+//! no mesh member (for destinations outside the mesh). Policies change by rewriting the one mesh file
 //! both daemons watch. Use it with `mod support; mod testbed; mod policy_world;`.
 #![allow(dead_code)]
 
@@ -22,6 +23,8 @@ pub const SLEEP: &str = "10.200.0.1";
 pub const FOO: &str = "10.200.0.11";
 pub const ECHO: &str = "10.200.0.2";
 pub const BAR: &str = "10.200.0.22";
+/// Pod 1 of node 2: reachable, but no mesh member.
+pub const OUTSIDE: &str = "10.201.2.2";
 pub const EXAMPLE_SERVICE: &str = "10.96.0.20:80";
 
 /// The four documents of Istio's mutual-TLS guide, as the issue gives them.
@@ -170,7 +173,7 @@ pub struct World {
 impl World {
     /// Both daemons up with the base mesh plus `policies`.
     pub async fn new(policies: &[&str]) -> World {
-        let bed = Testbed::new(2, 0);
+        let bed = Testbed::new(2, 1);
         bed.run_in(
             Place::Node(1),
             &["ip", "addr", "add", "10.200.0.11/24", "dev", "eth0"],
