@@ -125,7 +125,7 @@ async fn originate(
     let tcp = TcpStream::connect(addr).await.unwrap();
     let mut stream = Originator::new().connect(tcp, addr, tls, name).await?;
     stream.write_all(b"ping").await.unwrap();
-    let mut answer = vec![0u8; 128];
+    let mut answer = [0u8; 128];
     let mut got = 0;
     while !answer[..got].ends_with(b"ping") {
         let n = stream.read(&mut answer[got..]).await.unwrap();

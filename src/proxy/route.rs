@@ -120,7 +120,7 @@ fn plan_service(
     };
     let endpoint = match pick_endpoint(snapshot, service, destination, port.target_port) {
         Ok(endpoint) => endpoint,
-        Err(refusal) => return refusal,
+        Err(reason) => return Plan::Refuse(reason),
     };
     let tls = policy::outbound_tls(
         &snapshot.policies,
@@ -165,17 +165,17 @@ fn plan_service(
 }
 
 /// A healthy endpoint of the service (workloads first, then fixed addresses), the dialled
-/// address for a service without endpoints, or the refusal.
+/// address for a service without endpoints, or why there is none.
 fn pick_endpoint<'a>(
     snapshot: &'a Snapshot,
     service: &'a Service,
     destination: SocketAddr,
     target_port: u16,
-) -> Result<Endpoint<'a>, Plan> {
+) -> Result<Endpoint<'a>, String> {
     if matches!(service.endpoints, Endpoints::None) {
         return Ok(Endpoint::Address(destination));
     }
-    let no_upstream = || Plan::Refuse(format!("no healthy upstream for {}", service.hostname));
+    let no_upstream = || format!("no healthy upstream for {}", service.hostname);
     let healthy: Vec<&Arc<Workload>> = snapshot.healthy_endpoints(service).collect();
     if healthy.is_empty() {
         if let Endpoints::Addresses(ips) = &service.endpoints
@@ -187,10 +187,7 @@ fn pick_endpoint<'a>(
     }
     let workload = pick(&healthy).ok_or_else(no_upstream)?;
     let Some(ip) = preferred_address(workload, destination.ip()) else {
-        return Err(Plan::Refuse(format!(
-            "workload {} has no address",
-            workload.uid
-        )));
+        return Err(format!("workload {} has no address", workload.uid));
     };
     Ok(Endpoint::Workload(
         workload,
