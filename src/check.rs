@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use crate::mesh::{Snapshot, Workload};
-use crate::policy::{self, EffectiveMode, PolicySet};
+use crate::policy::{self, EffectiveMode, OutboundTls, PolicySet};
 
 /// The report for one snapshot.
 pub fn report(snapshot: &Snapshot) -> String {
@@ -58,7 +58,7 @@ pub fn report(snapshot: &Snapshot) -> String {
                 &service.namespace,
                 port,
             );
-            let _ = writeln!(out, "    port {port}: {tls} ({by})");
+            let _ = writeln!(out, "    port {port}: {tls}{} ({by})", origination(&tls));
         }
     }
     out
@@ -125,6 +125,37 @@ fn authorization_lines(out: &mut String, policies: &PolicySet, workload: &Worklo
             line.push_str(" [dry-run: logged only]");
         }
         let _ = writeln!(out, "{line}");
+    }
+}
+
+/// What TLS origination will use, so a wrong path or name shows before traffic does.
+fn origination(tls: &OutboundTls) -> String {
+    let OutboundTls::Originate(tls) = tls else {
+        return String::new();
+    };
+    let mut parts = Vec::new();
+    let mut add = |name: &str, value: &Option<String>| {
+        if let Some(value) = value {
+            parts.push(format!("{name} {value}"));
+        }
+    };
+    add("sni", &tls.sni);
+    add("caCertificates", &tls.ca_certificates);
+    add("clientCertificate", &tls.client_certificate);
+    add("privateKey", &tls.private_key);
+    if !tls.subject_alt_names.is_empty() {
+        parts.push(format!(
+            "subjectAltNames [{}]",
+            tls.subject_alt_names.join(", ")
+        ));
+    }
+    if tls.insecure_skip_verify {
+        parts.push("insecureSkipVerify".to_string());
+    }
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!(" [{}]", parts.join("; "))
     }
 }
 

@@ -94,7 +94,7 @@ workload shop/web-1 (spiffe://cluster.local/ns/shop/sa/web) on node \"node-1\"
 service legacy/old (old.legacy.svc.cluster.local)
   outbound TLS from a client in legacy:
     port 80: plaintext (DISABLE) (DestinationRule legacy/legacy-plain)
-    port 443: TLS origination (SIMPLE) (DestinationRule legacy/legacy-plain)
+    port 443: TLS origination (SIMPLE) [sni old.example] (DestinationRule legacy/legacy-plain)
 
 service shop/cart (cart.shop.svc.cluster.local)
   outbound TLS from a client in shop:

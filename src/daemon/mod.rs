@@ -23,6 +23,8 @@ use crate::logging::LogControl;
 use crate::mesh::{MeshSettings, MeshStore, load_and_watch};
 use crate::net::SocketFactory;
 use crate::proxy::context::{Owner, ProxyContext, Scope};
+use crate::proxy::originate::Originator;
+use crate::proxy::tracker::{self, ConnectionTracker};
 use crate::proxy::{inbound, outbound};
 use crate::tls::Credentials;
 
@@ -107,8 +109,16 @@ async fn serve(config: Arc<Config>, log: LogControl) -> Result<(), DaemonError> 
         credentials,
         pool,
         metrics: metrics.clone(),
+        tracker: ConnectionTracker::new(),
+        originator: Arc::new(Originator::new()),
         drain: drain.clone(),
     });
+    tokio::spawn(tracker::watch_policies(
+        ctx.tracker.clone(),
+        mesh.clone(),
+        metrics.clone(),
+        drain.clone(),
+    ));
 
     // Listeners.
     let ports = &config.ports;

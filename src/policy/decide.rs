@@ -48,10 +48,25 @@ pub fn authorize(policies: &PolicySet, workload: &Workload, conn: &ConnectionFac
     match verdict {
         ControlFlow::Break(reason) => Decision::Deny(reason),
         ControlFlow::Continue(()) if !allow_policies || allowed => Decision::Allow,
-        ControlFlow::Continue(()) => {
-            Decision::Deny("allow policies exist, but none allowed".to_string())
-        }
+        ControlFlow::Continue(()) => Decision::Deny(format!(
+            "allow policies exist, but none allowed (ALLOW policies: {})",
+            allow_keys(policies, workload).join(", ")
+        )),
     }
+}
+
+/// The enforced ALLOW policies of a workload, for the denial's log line (the deny path only).
+fn allow_keys(policies: &PolicySet, workload: &Workload) -> Vec<String> {
+    let mut keys = Vec::new();
+    let _ = policies.each_candidate(workload, |policy, _| {
+        if policy.action == Action::Allow && !policy.dry_run {
+            keys.push(policy.key());
+        }
+        ControlFlow::<()>::Continue(())
+    });
+    keys.sort();
+    keys.dedup();
+    keys
 }
 
 fn deny_reason(key: &str, because: Option<&PeerAuthentication>) -> String {

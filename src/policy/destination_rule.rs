@@ -154,7 +154,7 @@ impl fmt::Display for OutboundTls {
 }
 
 /// TLS that ztund originates towards a destination (paths are files on the node).
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 pub struct TlsOrigination {
     pub ca_certificates: Option<String>,
     pub client_certificate: Option<String>,

@@ -13,6 +13,9 @@ use crate::mesh::{MeshStore, Snapshot, Workload};
 use crate::net::SocketFactory;
 use crate::tls::Credentials;
 
+use super::originate::Originator;
+use super::tracker::ConnectionTracker;
+
 /// Shared by all listeners of one daemon.
 #[derive(Clone)]
 pub struct ProxyContext {
@@ -21,6 +24,10 @@ pub struct ProxyContext {
     pub credentials: Arc<Credentials>,
     pub pool: Arc<Pool>,
     pub metrics: Arc<Metrics>,
+    /// Open inbound connections, re-authorized when policies change.
+    pub tracker: Arc<ConnectionTracker>,
+    /// TLS client configurations for DestinationRule SIMPLE/MUTUAL.
+    pub originator: Arc<Originator>,
     /// Flips to true when the daemon drains.
     pub drain: watch::Receiver<bool>,
 }

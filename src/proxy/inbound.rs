@@ -1,5 +1,6 @@
 //! The HBONE listener (15008): accept → prove our identity (TLS) → for each CONNECT: validate the
-//! destination → authorize → connect to the app → answer 200 → copy → record.
+//! destination → authorize (and stay registered for re-checks) → connect to the app → answer 200
+//! → copy until done or closed by policy → record.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -102,13 +103,21 @@ async fn handle_connect(ctx: Arc<ProxyContext>, scope: Scope, incoming: Incoming
         destination_ip: target.ip(),
         destination_port: target.port(),
     };
-    if let Decision::Deny(reason) = policy::authorize(&snapshot.policies, &workload, &facts) {
-        ctx.metrics.policy_denial(&reason);
-        let refusal = Refusal::Denied(reason);
-        access_refused(peer, &src_identity, &incoming.authority, &refusal);
-        incoming.refuse(refusal);
-        return;
-    }
+    // Registered while it lives, so that a policy change can close it (see `tracker`).
+    let tracked = match policy::authorize(&snapshot.policies, &workload, &facts) {
+        Decision::Allow => ctx.tracker.register(&workload, facts, &snapshot, &ctx.mesh),
+        Decision::Deny(reason) => Err(reason),
+    };
+    let mut tracked = match tracked {
+        Ok(tracked) => tracked,
+        Err(reason) => {
+            ctx.metrics.policy_denial(&reason);
+            let refusal = Refusal::Denied(reason);
+            access_refused(peer, &src_identity, &incoming.authority, &refusal);
+            incoming.refuse(refusal);
+            return;
+        }
+    };
 
     // Connect to the app, keeping the client's address when we are inside the pod.
     let spoof = match scope.owner {
@@ -135,7 +144,11 @@ async fn handle_connect(ctx: Arc<ProxyContext>, scope: Scope, incoming: Incoming
     // Copy, then record.
     let labels = super::labels::inbound(&workload, peer_identity.as_ref(), &snapshot);
     ctx.metrics.connection_opened(&labels);
-    let result = copy_tcp_h2(upstream, stream).await;
+    // Dropping the copy on a policy close drops both sockets: the app gets no further byte.
+    let result = tokio::select! {
+        result = copy_tcp_h2(upstream, stream) => result,
+        reason = tracked.closed() => Err(std::io::Error::other(format!("closed by policy: {reason}"))),
+    };
     let (received, sent) = match &result {
         Ok(t) => (t.to_upstream, t.to_downstream),
         Err(_) => (0, 0),

@@ -1,6 +1,7 @@
 //! The inbound plaintext listener (15006): TCP that reached a pod without HBONE. accept → find
-//! the pod and port → authorize with no peer identity (so STRICT refuses it) → connect to the app
-//! with the client's address → copy → record.
+//! the pod and port → authorize with no peer identity (so STRICT refuses it) and stay registered
+//! for re-checks → connect to the app with the client's address → copy until done or closed by
+//! policy → record.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -63,19 +64,26 @@ async fn handle(
         destination_ip: target.ip(),
         destination_port: target.port(),
     };
-    if let Decision::Deny(reason) = policy::authorize(&snapshot.policies, &workload, &facts) {
-        ctx.metrics.policy_denial(&reason);
-        info!(
-            target: "access",
-            direction = "inbound_plaintext",
-            src.addr = %peer,
-            dst.addr = %target,
-            dst.workload = %workload.name,
-            reason = %reason,
-            "connection refused"
-        );
-        return Ok(());
-    }
+    let tracked = match policy::authorize(&snapshot.policies, &workload, &facts) {
+        Decision::Allow => ctx.tracker.register(&workload, facts, &snapshot, &ctx.mesh),
+        Decision::Deny(reason) => Err(reason),
+    };
+    let mut tracked = match tracked {
+        Ok(tracked) => tracked,
+        Err(reason) => {
+            ctx.metrics.policy_denial(&reason);
+            info!(
+                target: "access",
+                direction = "inbound_plaintext",
+                src.addr = %peer,
+                dst.addr = %target,
+                dst.workload = %workload.name,
+                reason = %reason,
+                "connection refused"
+            );
+            return Ok(());
+        }
+    };
     let spoof = (peer.ip() != target.ip()).then_some(peer.ip());
     let upstream = scope
         .sockets
@@ -84,7 +92,11 @@ async fn handle(
         .map_err(|e| format!("connecting to {target}: {e}"))?;
     let labels = super::labels::inbound(&workload, None, &snapshot);
     ctx.metrics.connection_opened(&labels);
-    let result = copy_bidirectional(client, upstream).await;
+    // Dropping the copy on a policy close drops both sockets: the app gets no further byte.
+    let result = tokio::select! {
+        result = copy_bidirectional(client, upstream) => result,
+        reason = tracked.closed() => Err(std::io::Error::other(format!("closed by policy: {reason}"))),
+    };
     let (received, sent) = match &result {
         Ok(t) => (t.to_upstream, t.to_downstream),
         Err(_) => (0, 0),

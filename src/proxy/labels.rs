@@ -53,6 +53,15 @@ pub fn outbound(source: Option<&Workload>, plan: &Plan) -> TrafficLabels {
                 fill_service(&mut labels, service);
             }
         }
+        Plan::Originate {
+            workload, service, ..
+        } => {
+            if let Some(workload) = workload {
+                fill_destination(&mut labels, workload);
+                labels.destination_principal = String::new();
+            }
+            fill_service(&mut labels, service);
+        }
         Plan::Passthrough { .. } | Plan::Refuse(_) => {}
     }
     labels

@@ -1,6 +1,6 @@
 //! Outbound listeners: the transparent one (15001, fed by redirection) and SOCKS5 (15080).
 //! accept → identify the source workload → find the destination → plan → connect (HBONE through
-//! the pool, or plain TCP) → copy → record.
+//! the pool, plain TCP, or TLS that ztund originates) → copy → record.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -70,7 +70,13 @@ async fn handle_transparent(
     let snapshot = ctx.mesh.load();
     let source = scope.source_workload(&snapshot, &ctx.config.node, peer.ip());
     let started = Instant::now();
-    let plan = route::plan(&snapshot, destination, ctx.config.ports.hbone);
+    let client_namespace = source.as_ref().map(|w| w.namespace.as_str());
+    let plan = route::plan(
+        &snapshot,
+        client_namespace,
+        destination,
+        ctx.config.ports.hbone,
+    );
     let upstream = connect(ctx, scope, source.as_deref(), peer, &plan).await;
     carry(
         ctx,
@@ -113,7 +119,12 @@ async fn handle_socks5(
             }
         }
     };
-    let plan = route::plan(&snapshot, destination, ctx.config.ports.hbone);
+    let plan = route::plan(
+        &snapshot,
+        Some(&source.namespace),
+        destination,
+        ctx.config.ports.hbone,
+    );
     let upstream = connect(ctx, scope, Some(&source), peer, &plan).await;
     let code = match &upstream {
         Ok(_) => socks5::Reply::Succeeded,
@@ -141,6 +152,7 @@ async fn handle_socks5(
 enum Upstream {
     Tunnel(H2Stream),
     Tcp(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
 /// Why an outbound connection could not be set up.
@@ -175,6 +187,23 @@ async fn connect(
             .await
             .map(Upstream::Tcp)
             .map_err(|e| Failure::Unreachable(format!("connecting to {target}: {e}"))),
+        Plan::Originate {
+            target,
+            tls,
+            server_name,
+            ..
+        } => {
+            let tcp = scope
+                .sockets
+                .connect(*target, None)
+                .await
+                .map_err(|e| Failure::Unreachable(format!("connecting to {target}: {e}")))?;
+            ctx.originator
+                .connect(tcp, *target, tls, server_name)
+                .await
+                .map(|tls| Upstream::Tls(Box::new(tls)))
+                .map_err(|e| Failure::Unreachable(e.to_string()))
+        }
         Plan::Hbone {
             next_hop,
             authority,
@@ -268,6 +297,9 @@ async fn carry(
         Ok(Upstream::Tcp(tcp)) => copy_bidirectional(client, tcp)
             .await
             .map_err(|e| e.to_string()),
+        Ok(Upstream::Tls(tls)) => copy_bidirectional(client, *tls)
+            .await
+            .map_err(|e| e.to_string()),
         Err(failure) => Err(failure.to_string()),
     };
     let (received, sent) = match &result {
@@ -296,6 +328,7 @@ fn describe(plan: &Plan) -> (&'static str, String) {
     match plan {
         Plan::Hbone { authority, .. } => ("hbone", authority.to_string()),
         Plan::Direct { target, .. } => ("direct", target.to_string()),
+        Plan::Originate { target, .. } => ("tls-origination", target.to_string()),
         Plan::Passthrough { target } => ("passthrough", target.to_string()),
         Plan::Refuse(_) => ("refused", String::new()),
     }

@@ -1,5 +1,7 @@
-//! The outbound decision as a pure function: given the source workload and the destination the
-//! app dialled, where do the bytes go and how. No I/O; `outbound` carries the plan out.
+//! The outbound decision as a pure function: given the client's namespace and the destination
+//! the app dialled, where do the bytes go and how. A service's DestinationRule (ztund's
+//! extension; Istio ambient's ztunnel ignores them) picks HBONE, plain TCP or TLS origination
+//! once the endpoint is chosen. No I/O; `outbound` carries the plan out, `originate` the TLS.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -8,6 +10,7 @@ use rand::Rng;
 
 use crate::identity::SpiffeId;
 use crate::mesh::{Endpoints, Service, Snapshot, TunnelProtocol, Workload};
+use crate::policy::{self, OutboundTls, TlsOrigination};
 
 /// Ports of ztund's own listeners: a connection aimed at one of them would loop.
 pub const SELF_PORTS: [u16; 3] = [15001, 15006, 15008];
@@ -32,19 +35,37 @@ pub enum Plan {
         workload: Arc<Workload>,
         service: Option<Arc<Service>>,
     },
+    /// DestinationRule SIMPLE/MUTUAL: ztund opens TLS to `target` itself and the app keeps
+    /// speaking plaintext to ztund.
+    Originate {
+        target: SocketAddr,
+        tls: TlsOrigination,
+        /// SNI and the name checked when no `subjectAltNames` are given: `sni`, else the host.
+        server_name: String,
+        /// The mesh workload behind `target`, if any.
+        workload: Option<Arc<Workload>>,
+        service: Arc<Service>,
+    },
     /// Not in the mesh: plain TCP to where the app was going.
     Passthrough { target: SocketAddr },
     /// Nothing may be sent; the reason goes to the access log.
     Refuse(String),
 }
 
-/// Decides how `source` reaches `destination`; `hbone_port` is the peers' HBONE port.
-pub fn plan(snapshot: &Snapshot, destination: SocketAddr, hbone_port: u16) -> Plan {
+/// Decides how a client of `client_namespace` (`None`: not a known workload) reaches
+/// `destination`; `hbone_port` is the peers' HBONE port. A bare workload address has no host, so
+/// no DestinationRule applies to it.
+pub fn plan(
+    snapshot: &Snapshot,
+    client_namespace: Option<&str>,
+    destination: SocketAddr,
+    hbone_port: u16,
+) -> Plan {
     if destination.ip().is_loopback() && SELF_PORTS.contains(&destination.port()) {
         return Plan::Refuse(format!("{destination} is one of ztund's own ports"));
     }
     if let Some(service) = snapshot.service_by_vip(destination.ip()) {
-        return plan_service(snapshot, service, destination, hbone_port);
+        return plan_service(snapshot, client_namespace, service, destination, hbone_port);
     }
     match snapshot.workload_by_ip(destination.ip()) {
         Some(workload) => plan_workload(workload, None, destination, hbone_port),
@@ -75,8 +96,17 @@ pub fn resolve_hostname(
     })
 }
 
+/// Where a service connection lands once an endpoint is picked.
+enum Endpoint<'a> {
+    /// A mesh workload, at its address and the target port.
+    Workload(&'a Arc<Workload>, SocketAddr),
+    /// An address no mesh workload owns (a ServiceEntry endpoint, or passthrough).
+    Address(SocketAddr),
+}
+
 fn plan_service(
     snapshot: &Snapshot,
+    client_namespace: Option<&str>,
     service: &Arc<Service>,
     destination: SocketAddr,
     hbone_port: u16,
@@ -88,34 +118,81 @@ fn plan_service(
             destination.port()
         ));
     };
-    if matches!(service.endpoints, Endpoints::None) {
-        return Plan::Passthrough {
-            target: destination,
-        };
+    let endpoint = match pick_endpoint(snapshot, service, destination, port.target_port) {
+        Ok(endpoint) => endpoint,
+        Err(reason) => return Plan::Refuse(reason),
+    };
+    let tls = policy::outbound_tls(
+        &snapshot.policies,
+        client_namespace.unwrap_or(&service.namespace),
+        &service.hostname,
+        &service.namespace,
+        port.port,
+    );
+    let target = match &endpoint {
+        Endpoint::Workload(_, target) | Endpoint::Address(target) => *target,
+    };
+    if SELF_PORTS.contains(&target.port()) && !matches!(endpoint, Endpoint::Address(_)) {
+        return Plan::Refuse(format!("{target} is one of ztund's own ports"));
     }
+    match (tls, endpoint) {
+        (OutboundTls::Hbone, Endpoint::Workload(workload, target)) => {
+            plan_workload(workload, Some(service.clone()), target, hbone_port)
+        }
+        (OutboundTls::Plain, Endpoint::Workload(workload, target)) => Plan::Direct {
+            target,
+            workload: workload.clone(),
+            service: Some(service.clone()),
+        },
+        (OutboundTls::Hbone | OutboundTls::Plain, Endpoint::Address(target)) => {
+            Plan::Passthrough { target }
+        }
+        (OutboundTls::Originate(tls), endpoint) => {
+            let server_name = tls.sni.clone().unwrap_or_else(|| service.hostname.clone());
+            let workload = match endpoint {
+                Endpoint::Workload(workload, _) => Some(workload.clone()),
+                Endpoint::Address(_) => None,
+            };
+            Plan::Originate {
+                target,
+                tls,
+                server_name,
+                workload,
+                service: service.clone(),
+            }
+        }
+    }
+}
+
+/// A healthy endpoint of the service (workloads first, then fixed addresses), the dialled
+/// address for a service without endpoints, or why there is none.
+fn pick_endpoint<'a>(
+    snapshot: &'a Snapshot,
+    service: &'a Service,
+    destination: SocketAddr,
+    target_port: u16,
+) -> Result<Endpoint<'a>, String> {
+    if matches!(service.endpoints, Endpoints::None) {
+        return Ok(Endpoint::Address(destination));
+    }
+    let no_upstream = || format!("no healthy upstream for {}", service.hostname);
     let healthy: Vec<&Arc<Workload>> = snapshot.healthy_endpoints(service).collect();
     if healthy.is_empty() {
         if let Endpoints::Addresses(ips) = &service.endpoints
             && let Some(ip) = pick(ips)
         {
-            return Plan::Passthrough {
-                target: SocketAddr::new(*ip, port.target_port),
-            };
+            return Ok(Endpoint::Address(SocketAddr::new(*ip, target_port)));
         }
-        return Plan::Refuse(format!("no healthy upstream for {}", service.hostname));
+        return Err(no_upstream());
     }
-    let Some(workload) = pick(&healthy) else {
-        return Plan::Refuse(format!("no healthy upstream for {}", service.hostname));
-    };
+    let workload = pick(&healthy).ok_or_else(no_upstream)?;
     let Some(ip) = preferred_address(workload, destination.ip()) else {
-        return Plan::Refuse(format!("workload {} has no address", workload.uid));
+        return Err(format!("workload {} has no address", workload.uid));
     };
-    plan_workload(
+    Ok(Endpoint::Workload(
         workload,
-        Some(service.clone()),
-        SocketAddr::new(ip, port.target_port),
-        hbone_port,
-    )
+        SocketAddr::new(ip, target_port),
+    ))
 }
 
 fn plan_workload(
@@ -170,235 +247,5 @@ fn pick<T>(items: &[T]) -> Option<&T> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::mesh::{HealthStatus, Labels, ServicePort};
-    use crate::policy::PolicySet;
-
-    fn workload(name: &str, ip: &str, tunnel: TunnelProtocol, health: HealthStatus) -> Workload {
-        Workload {
-            uid: format!("Kubernetes//Pod/default/{name}"),
-            name: name.into(),
-            namespace: "default".into(),
-            service_account: name.into(),
-            trust_domain: "cluster.local".into(),
-            labels: Labels::from([("app".to_string(), "echo".to_string())]),
-            addresses: vec![ip.parse().unwrap()],
-            node: "node2".into(),
-            tunnel,
-            status: health,
-            netns: None,
-            creation_timestamp: None,
-        }
-    }
-
-    fn service(endpoints: Endpoints) -> Service {
-        Service {
-            name: "echo".into(),
-            namespace: "default".into(),
-            hostname: "echo.default.svc.cluster.local".into(),
-            vips: vec!["10.96.0.10".parse().unwrap()],
-            ports: vec![ServicePort {
-                name: None,
-                port: 80,
-                target_port: 8080,
-            }],
-            endpoints,
-            subject_alt_names: vec![],
-            external: false,
-        }
-    }
-
-    fn selector() -> Endpoints {
-        Endpoints::Selector(Labels::from([("app".to_string(), "echo".to_string())]))
-    }
-
-    fn snapshot(workloads: Vec<Workload>, services: Vec<Service>) -> Snapshot {
-        Snapshot::build(workloads, services, PolicySet::default())
-    }
-
-    fn addr(s: &str) -> SocketAddr {
-        s.parse().unwrap()
-    }
-
-    #[test]
-    fn service_vip_maps_to_an_endpoint_and_its_target_port() {
-        let snap = snapshot(
-            vec![workload(
-                "echo",
-                "10.201.2.2",
-                TunnelProtocol::Hbone,
-                HealthStatus::Healthy,
-            )],
-            vec![service(selector())],
-        );
-        let Plan::Hbone {
-            next_hop,
-            authority,
-            expected,
-            service,
-            ..
-        } = plan(&snap, addr("10.96.0.10:80"), 15008)
-        else {
-            panic!("expected HBONE");
-        };
-        assert_eq!(next_hop, addr("10.201.2.2:15008"));
-        assert_eq!(authority, addr("10.201.2.2:8080"));
-        assert_eq!(
-            expected[0].to_string(),
-            "spiffe://cluster.local/ns/default/sa/echo"
-        );
-        assert_eq!(service.unwrap().name, "echo");
-    }
-
-    #[test]
-    fn only_healthy_endpoints_are_picked() {
-        let snap = snapshot(
-            vec![
-                workload(
-                    "sick",
-                    "10.201.2.3",
-                    TunnelProtocol::Hbone,
-                    HealthStatus::Unhealthy,
-                ),
-                workload(
-                    "well",
-                    "10.201.2.2",
-                    TunnelProtocol::Hbone,
-                    HealthStatus::Healthy,
-                ),
-            ],
-            vec![service(selector())],
-        );
-        for _ in 0..50 {
-            let Plan::Hbone { authority, .. } = plan(&snap, addr("10.96.0.10:80"), 15008) else {
-                panic!("expected HBONE");
-            };
-            assert_eq!(authority.ip().to_string(), "10.201.2.2");
-        }
-    }
-
-    #[test]
-    fn no_healthy_endpoint_refuses() {
-        let snap = snapshot(
-            vec![workload(
-                "sick",
-                "10.201.2.3",
-                TunnelProtocol::Hbone,
-                HealthStatus::Unhealthy,
-            )],
-            vec![service(selector())],
-        );
-        assert!(
-            matches!(plan(&snap, addr("10.96.0.10:80"), 15008), Plan::Refuse(r) if r.contains("no healthy"))
-        );
-    }
-
-    #[test]
-    fn unknown_service_port_refuses() {
-        let snap = snapshot(vec![], vec![service(selector())]);
-        assert!(
-            matches!(plan(&snap, addr("10.96.0.10:81"), 15008), Plan::Refuse(r) if r.contains("no port 81"))
-        );
-    }
-
-    #[test]
-    fn workload_address_goes_through_hbone_with_the_dialled_port() {
-        let snap = snapshot(
-            vec![workload(
-                "echo",
-                "10.201.2.2",
-                TunnelProtocol::Hbone,
-                HealthStatus::Healthy,
-            )],
-            vec![],
-        );
-        let Plan::Hbone {
-            authority,
-            next_hop,
-            ..
-        } = plan(&snap, addr("10.201.2.2:9000"), 15008)
-        else {
-            panic!("expected HBONE");
-        };
-        assert_eq!(authority, addr("10.201.2.2:9000"));
-        assert_eq!(next_hop, addr("10.201.2.2:15008"));
-    }
-
-    #[test]
-    fn workload_without_tunnel_gets_plain_tcp() {
-        let snap = snapshot(
-            vec![workload(
-                "legacy",
-                "10.201.2.5",
-                TunnelProtocol::None,
-                HealthStatus::Healthy,
-            )],
-            vec![],
-        );
-        assert!(matches!(
-            plan(&snap, addr("10.201.2.5:80"), 15008),
-            Plan::Direct { target, .. } if target == addr("10.201.2.5:80")
-        ));
-    }
-
-    #[test]
-    fn outside_the_mesh_passes_through() {
-        let snap = snapshot(vec![], vec![]);
-        assert_eq!(
-            plan(&snap, addr("192.0.2.7:443"), 15008),
-            Plan::Passthrough {
-                target: addr("192.0.2.7:443")
-            }
-        );
-    }
-
-    #[test]
-    fn service_without_endpoints_passes_through_and_fixed_addresses_are_used() {
-        let snap = snapshot(vec![], vec![service(Endpoints::None)]);
-        assert!(matches!(
-            plan(&snap, addr("10.96.0.10:80"), 15008),
-            Plan::Passthrough { .. }
-        ));
-        let snap = snapshot(
-            vec![],
-            vec![service(Endpoints::Addresses(vec![
-                "192.0.2.9".parse().unwrap(),
-            ]))],
-        );
-        assert_eq!(
-            plan(&snap, addr("10.96.0.10:80"), 15008),
-            Plan::Passthrough {
-                target: addr("192.0.2.9:8080")
-            }
-        );
-    }
-
-    #[test]
-    fn own_ports_on_loopback_are_refused() {
-        let snap = snapshot(vec![], vec![]);
-        for port in SELF_PORTS {
-            let dst = SocketAddr::new(IpAddr::from([127, 0, 0, 1]), port);
-            assert!(matches!(plan(&snap, dst, 15008), Plan::Refuse(_)));
-        }
-    }
-
-    #[test]
-    fn hostnames_resolve_against_mesh_services() {
-        let snap = snapshot(vec![], vec![service(selector())]);
-        for name in [
-            "echo.default.svc.cluster.local",
-            "echo.default",
-            "echo.default.svc",
-            "echo",
-        ] {
-            assert_eq!(
-                resolve_hostname(&snap, name, 80, "default"),
-                Some(addr("10.96.0.10:80")),
-                "{name}"
-            );
-        }
-        assert_eq!(resolve_hostname(&snap, "echo", 80, "other"), None);
-        assert_eq!(resolve_hostname(&snap, "example.com", 80, "default"), None);
-    }
-}
+#[path = "route_tests.rs"]
+mod tests;

@@ -328,3 +328,28 @@ fn authorization_in_root_namespace_workload_uses_only_mesh_level() {
     let verdict = authorize(&set, &gateway, &conn("10.0.0.1", None, "10.0.5.1", 80));
     assert!(matches!(verdict, Decision::Deny(r) if r.contains("istio-system/mesh")));
 }
+
+#[test]
+fn a_denial_for_want_of_an_allow_names_the_allow_policies() {
+    let yaml = ap(
+        "default/from-default",
+        "  rules: [{from: [{source: {namespaces: [default]}}]}]",
+    ) + &ap(
+        "default/web-port",
+        "  rules: [{to: [{operation: {ports: ['8080']}}]}]",
+    );
+    let set = policies(&yaml);
+    let echo = workload("default", "echo", "echo", "10.0.0.2", "app=echo");
+    let verdict = authorize(
+        &set,
+        &echo,
+        &conn("10.0.1.9", Some("other/x"), "10.0.0.2", 9090),
+    );
+    let Decision::Deny(reason) = verdict else {
+        panic!("expected a denial");
+    };
+    assert!(
+        reason.contains(NONE_ALLOWED) && reason.contains("default/from-default, default/web-port"),
+        "{reason}"
+    );
+}

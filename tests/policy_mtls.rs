@@ -1,0 +1,122 @@
+//! PeerAuthentication enforced end to end by two real daemons: plaintext refused under STRICT
+//! (the app never sees it) and served under PERMISSIVE, mesh clients served under both; the
+//! mesh-wide STRICT of the root namespace covers every namespace, a namespace PERMISSIVE
+//! overrides it, a workload's `portLevelMtls` opens only its port; the guide's DestinationRule
+//! ISTIO_MUTUAL reaches `example-service` over HBONE. Policies change by rewriting the mesh file.
+
+mod policy_world;
+mod support;
+mod testbed;
+
+use policy_world::*;
+
+const PA_BAR_PERMISSIVE: &str = "apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: relaxed, namespace: bar}
+spec: {mtls: {mode: PERMISSIVE}}
+";
+
+const PA_ECHO_PORT_9001: &str = "apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: echo-metrics, namespace: default}
+spec:
+  selector: {matchLabels: {app: echo}}
+  mtls: {mode: STRICT}
+  portLevelMtls:
+    9001: {mode: PERMISSIVE}
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_refuses_plaintext_permissive_serves_it_and_mesh_clients_pass_both() {
+    let w = World::new(&[PA_DEFAULT_STRICT]).await;
+
+    let mut plain = w.plaintext(SLEEP, addr(ECHO, 9000)).await;
+    assert!(!echoes(&mut plain).await, "plaintext served under STRICT");
+    let line = log_line(&w.node2, &["connection refused", "inbound_plaintext"]).await;
+    assert!(
+        line.contains("istio_converted_static_strict") && line.contains("default/default"),
+        "the refusal does not name the policy: {line}"
+    );
+    let mut mesh = w
+        .mesh_client(SLEEP, addr(ECHO, 9000))
+        .await
+        .expect("a mesh client under STRICT");
+    assert!(
+        echoes(&mut mesh).await,
+        "mesh client not served under STRICT"
+    );
+    assert_eq!(w.echo.accepted(), 1, "only the mesh client reached the app");
+
+    w.apply(&[PA_DEFAULT_PERMISSIVE]).await;
+    let mut plain = w.plaintext(SLEEP, addr(ECHO, 9000)).await;
+    assert!(
+        echoes(&mut plain).await,
+        "plaintext refused under PERMISSIVE"
+    );
+    let mut mesh = w
+        .mesh_client(SLEEP, addr(ECHO, 9000))
+        .await
+        .expect("a mesh client under PERMISSIVE");
+    assert!(echoes(&mut mesh).await);
+    assert_eq!(w.echo.accepted(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mesh_wide_strict_covers_every_namespace_until_a_namespace_overrides_it() {
+    let w = World::new(&[PA_GLOBAL_STRICT]).await;
+    for (target, app) in [(addr(ECHO, 9000), &w.echo), (addr(BAR, 9000), &w.bar)] {
+        let mut plain = w.plaintext(SLEEP, target).await;
+        assert!(!echoes(&mut plain).await, "plaintext to {target} served");
+        assert_eq!(app.accepted(), 0, "plaintext reached the app at {target}");
+        let mut mesh = w.mesh_client(FOO, target).await.expect("mesh client");
+        assert!(echoes(&mut mesh).await, "mesh client to {target} refused");
+    }
+    let line = log_line(&w.node2, &["connection refused", "10.200.0.22:9000"]).await;
+    assert!(line.contains("istio-system/global-mtls"), "{line}");
+
+    w.apply(&[PA_GLOBAL_STRICT, PA_BAR_PERMISSIVE]).await;
+    let mut plain = w.plaintext(SLEEP, addr(BAR, 9000)).await;
+    assert!(
+        echoes(&mut plain).await,
+        "bar's PERMISSIVE did not override"
+    );
+    let mut plain = w.plaintext(SLEEP, addr(ECHO, 9000)).await;
+    assert!(
+        !echoes(&mut plain).await,
+        "default lost the mesh-wide STRICT"
+    );
+    assert_eq!(w.echo.accepted(), 1, "only the mesh client reached echo");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn port_level_permissive_opens_only_that_port() {
+    let w = World::new(&[PA_GLOBAL_STRICT, PA_ECHO_PORT_9001]).await;
+    let mut open = w.plaintext(SLEEP, addr(ECHO, 9001)).await;
+    assert!(echoes(&mut open).await, "port 9001 is PERMISSIVE");
+    let mut closed = w.plaintext(SLEEP, addr(ECHO, 9000)).await;
+    assert!(!echoes(&mut closed).await, "port 9000 stays STRICT");
+    assert_eq!(w.echo.accepted(), 0);
+    assert_eq!(w.echo_9001.accepted(), 1);
+    let line = log_line(&w.node2, &["connection refused", "10.200.0.2:9000"]).await;
+    assert!(line.contains("default/echo-metrics"), "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_guides_destination_rule_reaches_example_service_over_hbone() {
+    let w = World::new(&[PA_DEFAULT_STRICT, DR_EXAMPLE, PA_GLOBAL_STRICT]).await;
+    let mut stream = w
+        .mesh_client(SLEEP, EXAMPLE_SERVICE.parse().unwrap())
+        .await
+        .expect("example-service through ztund");
+    assert!(echoes(&mut stream).await);
+    drop(stream);
+    let out = log_line(&w.node1, &["connection complete", "\"outbound\""]).await;
+    assert!(out.contains("\"path\":\"hbone\""), "{out}");
+    assert!(out.contains("10.200.0.2:9000"), "{out}");
+    let inbound = log_line(&w.node2, &["connection complete", "\"inbound\""]).await;
+    assert!(
+        inbound.contains("spiffe://cluster.local/ns/default/sa/sleep"),
+        "{inbound}"
+    );
+    assert_eq!(w.echo.accepted(), 1);
+}

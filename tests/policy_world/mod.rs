@@ -1,0 +1,315 @@
+//! The world the policy tests share: two nodes running the real ztund. Node 1 (capture `none`)
+//! holds two mesh clients on its own addresses — `default/sleep` on 10.200.0.1 and `foo/foo` on
+//! 10.200.0.11 — that reach the mesh through its SOCKS5 listener, and plays plaintext clients
+//! with plain TCP. Node 2 (capture `host`: its inbound TCP goes to 15006, HBONE to 15008) holds
+//! `default/echo` on 10.200.0.2 (apps on 9000 and 9001, behind `example-service` 10.96.0.20:80)
+//! and `bar/bar` on 10.200.0.22 (app on 9000); node 2 also routes to pod 10.201.2.2, which is
+//! no mesh member (for destinations outside the mesh). Policies change by rewriting the one mesh file
+//! both daemons watch. Use it with `mod support; mod testbed; mod policy_world;`.
+#![allow(dead_code)]
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::support::{Cluster, Daemon};
+use crate::testbed::{Place, Testbed};
+
+pub const SLEEP: &str = "10.200.0.1";
+pub const FOO: &str = "10.200.0.11";
+pub const ECHO: &str = "10.200.0.2";
+pub const BAR: &str = "10.200.0.22";
+/// Pod 1 of node 2: reachable, but no mesh member.
+pub const OUTSIDE: &str = "10.201.2.2";
+pub const EXAMPLE_SERVICE: &str = "10.96.0.20:80";
+
+/// The four documents of Istio's mutual-TLS guide, as the issue gives them.
+pub const PA_DEFAULT_STRICT: &str = "apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata:
+  name: default
+  namespace: default
+spec:
+  mtls:
+    mode: STRICT
+";
+pub const PA_DEFAULT_PERMISSIVE: &str = "apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata:
+  name: default
+  namespace: default
+spec:
+  mtls:
+    mode: PERMISSIVE
+";
+pub const DR_EXAMPLE: &str = "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: example-destination
+  namespace: default
+spec:
+  host: example-service.default.svc.cluster.local
+  trafficPolicy:
+    tls:
+      mode: ISTIO_MUTUAL
+";
+pub const PA_GLOBAL_STRICT: &str = "apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata:
+  name: global-mtls
+  namespace: istio-system
+spec:
+  mtls:
+    mode: STRICT
+";
+
+/// The workloads and the service; policies are appended to it.
+pub const BASE_MESH: &str = r#"apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: sleep, namespace: default, annotations: {ztund.io/node: node1}}
+spec: {address: "10.200.0.1", serviceAccount: sleep, labels: {app: sleep}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: foo, namespace: foo, annotations: {ztund.io/node: node1}}
+spec: {address: "10.200.0.11", serviceAccount: foo, labels: {app: foo}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: echo, namespace: default, annotations: {ztund.io/node: node2}}
+spec: {address: "10.200.0.2", serviceAccount: echo, labels: {app: echo}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: bar, namespace: bar, annotations: {ztund.io/node: node2}}
+spec: {address: "10.200.0.22", serviceAccount: bar, labels: {app: bar}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: example-service, namespace: default}
+spec:
+  clusterIP: 10.96.0.20
+  selector: {app: echo}
+  ports: [{name: tcp, port: 80, targetPort: 9000}]
+"#;
+
+/// Joins YAML documents into one file.
+pub fn docs(parts: &[&str]) -> String {
+    parts
+        .iter()
+        .map(|p| p.trim_end())
+        .collect::<Vec<_>>()
+        .join("\n---\n")
+        + "\n"
+}
+
+pub fn addr(ip: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.parse().expect("test IP"), port)
+}
+
+/// An echo app that counts the connections it accepted and the bytes it received.
+#[derive(Clone, Default)]
+pub struct App {
+    accepted: Arc<AtomicUsize>,
+    bytes: Arc<AtomicUsize>,
+}
+
+impl App {
+    pub fn start(bed: &Testbed, place: Place, addr: SocketAddr) -> App {
+        let app = App::default();
+        let listener = bed
+            .app_sockets(place)
+            .listener(addr, false)
+            .expect("app listener");
+        let counters = app.clone();
+        bed.keep_task(tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                counters.accepted.fetch_add(1, Ordering::SeqCst);
+                let bytes = counters.bytes.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                bytes.fetch_add(n, Ordering::SeqCst);
+                                if stream.write_all(&buf[..n]).await.is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        }));
+        app
+    }
+
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::SeqCst)
+    }
+}
+
+pub struct World {
+    pub bed: Testbed,
+    pub cluster: Cluster,
+    /// `default/echo` on 9000 and 9001.
+    pub echo: App,
+    pub echo_9001: App,
+    /// `bar/bar` on 9000.
+    pub bar: App,
+    pub node1: Daemon,
+    pub node2: Daemon,
+}
+
+impl World {
+    /// Both daemons up with the base mesh plus `policies`.
+    pub async fn new(policies: &[&str]) -> World {
+        let bed = Testbed::new(2, 1);
+        bed.run_in(
+            Place::Node(1),
+            &["ip", "addr", "add", "10.200.0.11/24", "dev", "eth0"],
+        );
+        bed.run_in(
+            Place::Node(2),
+            &["ip", "addr", "add", "10.200.0.22/24", "dev", "eth0"],
+        );
+        let cluster = Cluster::new();
+        write_atomically(&cluster, &mesh_text(policies));
+        let echo = App::start(&bed, Place::Node(2), addr(ECHO, 9000));
+        let echo_9001 = App::start(&bed, Place::Node(2), addr(ECHO, 9001));
+        let bar = App::start(&bed, Place::Node(2), addr(BAR, 9000));
+        let c1 = cluster.node_config("node1", "mesh.yaml", "socks5Bind: 0.0.0.0\n");
+        let c2 = cluster.node_config("node2", "mesh.yaml", "capture: host\n");
+        let node2 = cluster.start(&bed, 2, &c2).await;
+        let node1 = cluster.start(&bed, 1, &c1).await;
+        World {
+            bed,
+            cluster,
+            echo,
+            echo_9001,
+            bar,
+            node1,
+            node2,
+        }
+    }
+
+    /// Rewrites the mesh file with the base mesh plus `policies` and waits until both daemons
+    /// have applied it.
+    pub async fn apply(&self, policies: &[&str]) {
+        let before = [applied(&self.node1), applied(&self.node2)];
+        write_atomically(&self.cluster, &mesh_text(policies));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while applied(&self.node1) == before[0] || applied(&self.node2) == before[1] {
+            assert!(
+                Instant::now() < deadline,
+                "the daemons did not apply the new mesh file:\n{}\n{}",
+                self.node1.log_text(),
+                self.node2.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A SOCKS5 CONNECT through node 1's ztund as the mesh client at `client` (SLEEP or FOO).
+    pub async fn mesh_client(&self, client: &str, target: SocketAddr) -> Result<TcpStream, u8> {
+        let proxy = addr(SLEEP, 15080);
+        let mut stream = self
+            .bed
+            .app_sockets(Place::Node(1))
+            .connect(proxy, Some(client.parse().expect("client IP")))
+            .await
+            .expect("connecting to the SOCKS5 listener");
+        stream.write_all(&[5, 1, 0]).await.expect("greeting");
+        let mut choice = [0u8; 2];
+        stream.read_exact(&mut choice).await.expect("method choice");
+        assert_eq!(choice, [5, 0]);
+        let mut request = vec![5, 1, 0, 1];
+        match target.ip() {
+            IpAddr::V4(v4) => request.extend_from_slice(&v4.octets()),
+            IpAddr::V6(_) => panic!("IPv4 only here"),
+        }
+        request.extend_from_slice(&target.port().to_be_bytes());
+        stream.write_all(&request).await.expect("request");
+        let mut reply = [0u8; 10];
+        stream.read_exact(&mut reply).await.expect("reply");
+        if reply[1] == 0 {
+            Ok(stream)
+        } else {
+            Err(reply[1])
+        }
+    }
+
+    /// Plain TCP from node 1 (source `client`) straight to `target` on node 2.
+    pub async fn plaintext(&self, client: &str, target: SocketAddr) -> TcpStream {
+        self.bed
+            .app_sockets(Place::Node(1))
+            .connect(target, Some(client.parse().expect("client IP")))
+            .await
+            .expect("plain TCP to node 2 (the capture accepts before deciding)")
+    }
+}
+
+/// Sends `ping` and expects it back within a few seconds.
+pub async fn echoes(stream: &mut TcpStream) -> bool {
+    if stream.write_all(b"ping").await.is_err() {
+        return false;
+    }
+    let mut back = [0u8; 4];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut back)).await,
+        Ok(Ok(_)) if &back == b"ping"
+    )
+}
+
+/// Waits (bounded) until the peer closes or resets the stream.
+pub async fn is_closed(stream: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 64];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
+/// The log lines of `daemon` that contain all of `needles`, waiting (bounded) for one.
+pub async fn log_line(daemon: &Daemon, needles: &[&str]) -> String {
+    daemon.wait_log(needles).await
+}
+
+fn applied(daemon: &Daemon) -> usize {
+    daemon
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("mesh file applied"))
+        .count()
+}
+
+fn mesh_text(policies: &[&str]) -> String {
+    let mut all = vec![BASE_MESH];
+    all.extend_from_slice(policies);
+    docs(&all)
+}
+
+/// Replaces the mesh file in one rename, so a watcher never reads half a file.
+fn write_atomically(cluster: &Cluster, text: &str) {
+    let tmp = cluster.write("mesh.yaml.tmp", text);
+    std::fs::rename(tmp, cluster.path("mesh.yaml")).expect("renaming the mesh file");
+}
+
+impl Drop for World {
+    /// A failing test shows what both daemons said.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- node1 log ---\n{}", self.node1.log_text());
+            eprintln!("--- node2 log ---\n{}", self.node2.log_text());
+        }
+    }
+}
