@@ -26,6 +26,8 @@ pub async fn serve(ctx: Arc<ProxyContext>, scope: Scope, listener: TcpListener) 
         };
         match accepted {
             Ok((tcp, peer)) => {
+                // Dual-stack listeners report IPv4 clients as `::ffff:a.b.c.d`.
+                let peer = crate::net::canonical(peer);
                 let ctx = ctx.clone();
                 let scope = scope.clone();
                 tokio::spawn(async move {
@@ -50,7 +52,7 @@ async fn handle_connection(
     peer: SocketAddr,
 ) -> Result<(), String> {
     let _ = tcp.set_nodelay(true);
-    let local = tcp.local_addr().map_err(|e| e.to_string())?;
+    let local = crate::net::canonical(tcp.local_addr().map_err(|e| e.to_string())?);
     let snapshot = ctx.mesh.load();
     let Some(workload) = scope.local_workload(&snapshot, &ctx.config.node, local.ip()) else {
         return Err(format!("no local workload owns {local}; closing"));

@@ -37,6 +37,8 @@ pub async fn serve(ctx: Arc<ProxyContext>, scope: Scope, listener: TcpListener, 
         };
         match accepted {
             Ok((client, peer)) => {
+                // Dual-stack listeners report IPv4 clients as `::ffff:a.b.c.d`.
+                let peer = crate::net::canonical(peer);
                 let ctx = ctx.clone();
                 let scope = scope.clone();
                 tokio::spawn(async move {

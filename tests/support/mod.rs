@@ -3,6 +3,9 @@
 //! their logs for assertions.
 #![allow(dead_code)]
 
+pub mod pods;
+pub mod sniffer;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -60,7 +63,14 @@ impl Cluster {
     /// Starts `ztund run` inside node `n`'s namespace, logging JSON to a file, and waits until
     /// its readiness endpoint answers 200.
     pub async fn start(&self, bed: &Testbed, n: usize, config: &Path) -> Daemon {
-        let log = self.path(&format!("node{n}-{}.log", bed.prefix()));
+        // A restarted daemon gets a fresh log; the earlier one stays for the failure message.
+        let log = (0..)
+            .map(|run| match run {
+                0 => self.path(&format!("node{n}-{}.log", bed.prefix())),
+                run => self.path(&format!("node{n}-{}-{run}.log", bed.prefix())),
+            })
+            .find(|path| !path.exists())
+            .expect("a free log name");
         let log_file = std::fs::File::create(&log).expect("log file");
         let mut command = Command::new(ztund_bin());
         command
@@ -110,6 +120,27 @@ impl Daemon {
         }
     }
 
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Every log line containing all of `needles`.
+    pub fn log_lines(&self, needles: &[&str]) -> Vec<String> {
+        self.log_text()
+            .lines()
+            .filter(|l| needles.iter().all(|n| l.contains(n)))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Open file descriptors of the daemon process.
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|dir| dir.count())
+            .unwrap_or(0)
+    }
+
     async fn wait_ready(&self, bed: &Testbed) {
         let deadline = Instant::now() + Duration::from_secs(20);
         let sockets = bed.app_sockets(Place::Node(self.node));
@@ -135,6 +166,26 @@ impl Daemon {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+}
+
+/// Polls `check` every 50 ms until it returns `Some`, or fails the test after `timeout` naming
+/// `what` and the last state `check` described.
+pub async fn eventually<T>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> Result<T, String>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match check() {
+            Ok(value) => return value,
+            Err(state) => assert!(
+                Instant::now() < deadline,
+                "{what}: not true after {timeout:?}; last state:\n{state}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
