@@ -63,6 +63,13 @@ impl Cluster {
     /// Starts `ztund run` inside node `n`'s namespace, logging JSON to a file, and waits until
     /// its readiness endpoint answers 200.
     pub async fn start(&self, bed: &Testbed, n: usize, config: &Path) -> Daemon {
+        let daemon = self.spawn(bed, n, config);
+        daemon.wait_ready(bed).await;
+        daemon
+    }
+
+    /// Starts `ztund run` inside node `n`'s namespace without waiting for readiness.
+    pub fn spawn(&self, bed: &Testbed, n: usize, config: &Path) -> Daemon {
         // A restarted daemon gets a fresh log; the earlier one stays for the failure message.
         let log = (0..)
             .map(|run| match run {
@@ -80,13 +87,11 @@ impl Cluster {
             .stdout(Stdio::null())
             .stderr(log_file);
         let child = bed.spawn_in(Place::Node(n), command);
-        let daemon = Daemon {
+        Daemon {
             child,
             log,
             node: n,
-        };
-        daemon.wait_ready(bed).await;
-        daemon
+        }
     }
 }
 
@@ -141,22 +146,29 @@ impl Daemon {
             .unwrap_or(0)
     }
 
-    async fn wait_ready(&self, bed: &Testbed) {
-        let deadline = Instant::now() + Duration::from_secs(20);
+    /// The status code of the readiness endpoint (`/healthz/ready` on 127.0.0.1:15021 in the
+    /// node's namespace), or `None` while nothing answers there.
+    pub async fn readiness_code(&self, bed: &Testbed) -> Option<u16> {
         let sockets = bed.app_sockets(Place::Node(self.node));
+        let addr: SocketAddr = "127.0.0.1:15021".parse().expect("addr");
+        let mut s = sockets.connect(addr, None).await.ok()?;
+        s.write_all(b"GET /healthz/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        let mut answer = String::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut answer))
+            .await
+            .ok()?
+            .ok()?;
+        answer.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
+    }
+
+    /// Waits (bounded) until the readiness endpoint answers 200.
+    pub async fn wait_ready(&self, bed: &Testbed) {
+        let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let addr: SocketAddr = "127.0.0.1:15021".parse().expect("addr");
-            if let Ok(mut s) = sockets.connect(addr, None).await {
-                let _ = s
-                    .write_all(
-                        b"GET /healthz/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-                    )
-                    .await;
-                let mut answer = String::new();
-                let _ = s.read_to_string(&mut answer).await;
-                if answer.starts_with("HTTP/1.1 200") {
-                    return;
-                }
+            if self.readiness_code(bed).await == Some(200) {
+                return;
             }
             assert!(
                 Instant::now() < deadline,

@@ -147,6 +147,12 @@ impl PodWorld {
         self.daemons[n - 1].insert(daemon)
     }
 
+    /// Starts node n's daemon without waiting for readiness.
+    pub fn spawn(&mut self, n: usize) -> &Daemon {
+        let daemon = self.cluster.spawn(&self.bed, n, &self.configs[n - 1]);
+        self.daemons[n - 1].insert(daemon)
+    }
+
     /// Kills node n's daemon (SIGKILL, as a crash or an OOM kill would).
     pub fn kill(&mut self, n: usize) -> Option<Daemon> {
         let mut daemon = self.daemons[n - 1].take()?;
