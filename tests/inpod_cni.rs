@@ -14,9 +14,9 @@ use support::eventually;
 use support::pods::{MeshPod, PodWorld, spiffe_id};
 use testbed::{Place, Testbed};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use ztund::capture::PodInfo;
 use ztund::capture::cni::{CniServer, SnapshotPod};
 use ztund::capture::nft::{self, RedirectPorts};
-use ztund::capture::PodInfo;
 use ztund::net::Netns;
 
 const ECHO_PORT: u16 = 9000;
@@ -92,7 +92,11 @@ async fn a_pod_handed_over_by_istio_cni_is_carried_over_hbone_until_deleted() {
     exchange(&w.bed, 1, 1, server).await;
     let line = w
         .daemon(2)
-        .wait_log(&["connection complete", "\"inbound\"", &format!("\"{server}\"")])
+        .wait_log(&[
+            "connection complete",
+            "\"inbound\"",
+            &format!("\"{server}\""),
+        ])
         .await;
     assert!(line.contains(&spiffe_id("client")), "{line}");
     let mut stream = w
@@ -110,20 +114,31 @@ async fn a_pod_handed_over_by_istio_cni_is_carried_over_hbone_until_deleted() {
     exchange(&w.bed, 2, 1, client).await;
     let line = w
         .daemon(1)
-        .wait_log(&["connection complete", "\"inbound\"", &format!("\"{client}\"")])
+        .wait_log(&[
+            "connection complete",
+            "\"inbound\"",
+            &format!("\"{client}\""),
+        ])
         .await;
     assert!(line.contains(&spiffe_id("server")), "{line}");
 
     // The pod goes away: its listeners go with it; its rules are istio-cni's to remove.
-    connection.del(CLIENT_UID).await.expect("Del is acknowledged");
-    eventually("the pod's listeners are closed", Duration::from_secs(10), || {
-        match w.inpod_listeners(1, 1) {
+    connection
+        .del(CLIENT_UID)
+        .await
+        .expect("Del is acknowledged");
+    eventually(
+        "the pod's listeners are closed",
+        Duration::from_secs(10),
+        || match w.inpod_listeners(1, 1) {
             ports if ports.is_empty() => Ok(()),
             ports => Err(format!("still listening on {ports:?}")),
-        }
-    })
+        },
+    )
     .await;
-    w.daemon(1).wait_log(&["pod proxy stopped", CLIENT_UID]).await;
+    w.daemon(1)
+        .wait_log(&["pod proxy stopped", CLIENT_UID])
+        .await;
     nft::remove_redirection(&pod_ns).expect("removing the pod's redirection");
 
     // Without its CNI agent, ztund is not ready.

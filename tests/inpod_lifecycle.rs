@@ -35,7 +35,9 @@ async fn exchange(bed: &Testbed, n: usize, p: usize, target: SocketAddr) -> Resu
         Ok(Ok(back)) if &back == b"ping" => Ok(()),
         Ok(Ok(back)) => Err(format!("echo returned {back:?}")),
         Ok(Err(e)) => Err(format!("from pod ({n},{p}) to {target}: {e}")),
-        Err(_) => Err(format!("from pod ({n},{p}) to {target}: no echo within 10 s")),
+        Err(_) => Err(format!(
+            "from pod ({n},{p}) to {target}: no echo within 10 s"
+        )),
     }
 }
 
@@ -47,10 +49,15 @@ async fn a_pod_removed_from_the_mesh_file_loses_listeners_rules_and_routing() {
     w.wait_captured(2, 1, true).await;
     exchange(bed, 1, 1, server).await.expect("through HBONE");
     w.daemon(2)
-        .wait_log(&["connection complete", "\"inbound\"", &format!("\"{server}\"")])
+        .wait_log(&[
+            "connection complete",
+            "\"inbound\"",
+            &format!("\"{server}\""),
+        ])
         .await;
 
     w.write_mesh(&[MeshPod::captured(1, 1, "client")]);
+    w.wait_mesh_applied(1).await;
     w.wait_captured(2, 1, false).await;
     let rules = bed.run_in(Place::Pod(2, 1), &["ip", "rule", "show"]);
     assert!(
@@ -63,7 +70,11 @@ async fn a_pod_removed_from_the_mesh_file_loses_listeners_rules_and_routing() {
     exchange(bed, 1, 1, server).await.expect("plain TCP");
     let line = w
         .daemon(1)
-        .wait_log(&["connection complete", "\"passthrough\"", &format!("\"{server}\"")])
+        .wait_log(&[
+            "connection complete",
+            "\"passthrough\"",
+            &format!("\"{server}\""),
+        ])
         .await;
     assert!(line.contains("\"outbound\""), "{line}");
     // The untouched pod keeps its capture.
@@ -75,7 +86,9 @@ async fn a_restarted_ztund_adopts_its_pods_again() {
     let mut w = PodWorld::standalone(2, 1, &pods()).await;
     let server = w.bed.echo_server(2, 1, ECHO_PORT);
     let client = w.bed.echo_server(1, 1, ECHO_PORT);
-    exchange(&w.bed, 1, 1, server).await.expect("before the restart");
+    exchange(&w.bed, 1, 1, server)
+        .await
+        .expect("before the restart");
 
     // ztund's in-pod listeners let a second SO_REUSEPORT listener join their port (as a
     // restarted or upgraded ztund's would), and only such a listener.
@@ -112,7 +125,9 @@ async fn a_restarted_ztund_adopts_its_pods_again() {
         "restart hit a busy address:\n{log}\n(first run:\n{})",
         killed.log_text()
     );
-    w.daemon(2).wait_log(&["pod proxy started", "pod-n2p1"]).await;
+    w.daemon(2)
+        .wait_log(&["pod proxy started", "pod-n2p1"])
+        .await;
 
     // Node 1's pooled tunnel to the killed process is dead; a new one is dialled.
     exchange(&w.bed, 1, 1, server)
@@ -122,6 +137,11 @@ async fn a_restarted_ztund_adopts_its_pods_again() {
         .await
         .expect("out of the re-adopted pod");
     w.daemon(2)
-        .wait_log(&["connection complete", "\"outbound\"", &format!("\"{client}\""), "\"hbone\""])
+        .wait_log(&[
+            "connection complete",
+            "\"outbound\"",
+            &format!("\"{client}\""),
+            "\"hbone\"",
+        ])
         .await;
 }

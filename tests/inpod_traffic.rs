@@ -3,7 +3,8 @@
 //! which the wire proves (only TLS on 15008 crosses the bridge, never the app's bytes), while the
 //! server app still sees the client pod's address and the server's access log names the client's
 //! SPIFFE id. Traffic to addresses outside the mesh, and to a mesh workload without a ztund in
-//! front of it, goes as plain TCP; short connections reuse pooled tunnels.
+//! front of it, goes as plain TCP (and plain TCP from outside into a captured pod is taken by its
+//! plaintext listener); short connections reuse pooled tunnels.
 
 mod support;
 mod testbed;
@@ -89,7 +90,10 @@ async fn pod_to_pod_is_hbone_on_the_wire_and_the_app_sees_the_client_pod() {
         SocketAddr::new(bed.node_ip(2), ECHO_PORT),
         echo,
     );
-    let sniffer = Sniffer::start(&bed.netns(Place::Switch), vec![secret.clone(), control.clone()]);
+    let sniffer = Sniffer::start(
+        &bed.netns(Place::Switch),
+        vec![secret.clone(), control.clone()],
+    );
 
     for (echo_addr, whoami_addr) in &targets {
         let seen = whoami(bed, 1, 1, *whoami_addr).await;
@@ -171,7 +175,11 @@ async fn outside_the_mesh_and_to_workloads_without_ztund_traffic_is_plain_tcp() 
     Testbed::assert_echo(stream, MIB).await;
     let line = w
         .daemon(1)
-        .wait_log(&["connection complete", "\"outbound\"", &format!("\"{outside}\"")])
+        .wait_log(&[
+            "connection complete",
+            "\"outbound\"",
+            &format!("\"{outside}\""),
+        ])
         .await;
     assert!(line.contains("\"passthrough\""), "{line}");
 
@@ -195,9 +203,34 @@ async fn outside_the_mesh_and_to_workloads_without_ztund_traffic_is_plain_tcp() 
         .await;
     assert!(line.contains("\"direct\""), "{line}");
     assert!(
-        w.daemon(2).log_lines(&["\"inbound\"", "connection"]).is_empty(),
+        w.daemon(2)
+            .log_lines(&["\"inbound\"", "connection"])
+            .is_empty(),
         "node2's ztund saw traffic meant for a workload without ztund"
     );
+
+    // The other way: plain TCP from outside the mesh into a captured pod lands on its 15006
+    // listener (PERMISSIVE by default), and the app still sees the real client.
+    let captured_whoami = bed.whoami_server(2, 1, WHOAMI_PORT);
+    let mut stream = bed
+        .app_sockets(Place::Node(1))
+        .connect(captured_whoami, None)
+        .await
+        .expect("connect from node 1");
+    let mut seen = String::new();
+    stream.read_to_string(&mut seen).await.expect("whoami");
+    assert!(
+        seen.starts_with(&format!("{}:", bed.node_ip(1))),
+        "the app saw {seen:?}, not node 1"
+    );
+    drop(stream);
+    w.daemon(2)
+        .wait_log(&[
+            "connection complete",
+            "\"inbound_plaintext\"",
+            &format!("\"{captured_whoami}\""),
+        ])
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -229,13 +262,17 @@ async fn two_hundred_short_connections_reuse_pooled_tunnels() {
         tunnels.join("\n")
     );
     // Every closed connection gave its sockets back (slack for timers and log files).
-    support::eventually("node1's ztund gives its sockets back", Duration::from_secs(5), || {
-        let now = w.daemon(1).open_fds();
-        if now <= fds_before + 4 {
-            Ok(())
-        } else {
-            Err(format!("{now} open fds, {fds_before} before"))
-        }
-    })
+    support::eventually(
+        "node1's ztund gives its sockets back",
+        Duration::from_secs(5),
+        || {
+            let now = w.daemon(1).open_fds();
+            if now <= fds_before + 4 {
+                Ok(())
+            } else {
+                Err(format!("{now} open fds, {fds_before} before"))
+            }
+        },
+    )
     .await;
 }

@@ -171,8 +171,19 @@ impl PodWorld {
     /// Rewrites the mesh file every daemon watches.
     pub fn write_mesh(&self, pods: &[MeshPod]) {
         // Write then rename, so a daemon never reads a half-written file.
-        let tmp = self.cluster.write("mesh.yaml.new", &mesh_yaml(&self.bed, pods));
+        let tmp = self
+            .cluster
+            .write("mesh.yaml.new", &mesh_yaml(&self.bed, pods));
         std::fs::rename(tmp, self.cluster.path(MESH_FILE)).expect("replacing the mesh file");
+    }
+
+    /// Waits (bounded) until every running daemon applied mesh file generation `generation`
+    /// (the first rewrite is generation 1); each polls the file on its own schedule.
+    pub async fn wait_mesh_applied(&self, generation: u64) {
+        let needle = format!("\"generation\":{generation},");
+        for daemon in self.daemons.iter().flatten() {
+            daemon.wait_log(&["mesh file applied", &needle]).await;
+        }
     }
 
     /// TCP ports listening inside a place (`ss -Htln`).

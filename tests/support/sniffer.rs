@@ -114,7 +114,13 @@ impl Drop for Sniffer {
 fn open_packet_socket() -> std::io::Result<OwnedFd> {
     let protocol = (libc::ETH_P_ALL as u16).to_be() as libc::c_int;
     // SAFETY: plain socket syscall; the fd is owned right after.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, protocol) };
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            protocol,
+        )
+    };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
