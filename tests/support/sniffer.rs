@@ -163,7 +163,9 @@ fn read_frames(socket: OwnedFd, markers: &[Vec<u8>], stop: &AtomicBool) -> Captu
     };
     let mut buffer = vec![0u8; FRAME_BUFFER];
     let started = Instant::now();
-    while !stop.load(Ordering::SeqCst) && started.elapsed() < MAX_RUN {
+    // After the stop flag, frames already queued are still read: the loop ends at the first
+    // receive timeout, so the last frames a test sent before stopping are never missed.
+    while started.elapsed() < MAX_RUN {
         // SAFETY: the buffer is valid for its length; MSG_TRUNC makes the return value the
         // frame's real length.
         let n = unsafe {
@@ -175,7 +177,11 @@ fn read_frames(socket: OwnedFd, markers: &[Vec<u8>], stop: &AtomicBool) -> Captu
             )
         };
         if n < 0 {
-            continue; // timeout (EAGAIN) or EINTR: look at the stop flag again
+            // Timeout (EAGAIN) or EINTR: the queue is empty for now.
+            if stop.load(Ordering::SeqCst) {
+                break;
+            }
+            continue;
         }
         let len = n as usize;
         capture.frames += 1;
