@@ -276,3 +276,49 @@ async fn two_hundred_short_connections_reuse_pooled_tunnels() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_connections_into_a_pod_do_not_exhaust_its_source_ports() {
+    // ztund's connection to the app keeps the client's address and closes first, leaving
+    // TIME_WAIT in the server pod. With 16 ephemeral ports there, a port reserved per
+    // connection runs out after 16; ports chosen per 4-tuple serve 4 app ports × 15.
+    let w = PodWorld::standalone(2, 2, &pods()).await;
+    let bed = &w.bed;
+    bed.run_in(
+        Place::Pod(2, 1),
+        &["sysctl", "-qw", "net.ipv4.ip_local_port_range=40000 40015"],
+    );
+    let targets: Vec<SocketAddr> = (0..4)
+        .map(|i| bed.echo_server(2, 1, ECHO_PORT + i))
+        .collect();
+    for round in 0..15 {
+        for target in &targets {
+            let attempt = echo_text_checked(bed, *target, b"x").await;
+            assert!(
+                attempt.is_ok(),
+                "round {round}, {target}: {:?}\n(time-wait in the server pod: {})",
+                attempt.err(),
+                bed.run_in(Place::Pod(2, 1), &["ss", "-Htan", "state", "time-wait"])
+                    .lines()
+                    .count()
+            );
+        }
+    }
+}
+
+/// One short exchange from pod (1, 1), as a `Result` for tests that explain a failure.
+async fn echo_text_checked(bed: &Testbed, target: SocketAddr, text: &[u8]) -> Result<(), String> {
+    let attempt = async {
+        let mut stream = bed.connect_from(1, 1, target).await?;
+        stream.write_all(text).await?;
+        let mut back = vec![0u8; text.len()];
+        stream.read_exact(&mut back).await?;
+        Ok::<_, std::io::Error>(back)
+    };
+    match tokio::time::timeout(Duration::from_secs(10), attempt).await {
+        Ok(Ok(back)) if back == text => Ok(()),
+        Ok(Ok(back)) => Err(format!("echo returned {back:?}")),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("no echo within 10 s".into()),
+    }
+}
