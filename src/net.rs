@@ -236,6 +236,10 @@ impl SocketFactory {
                 socket.set_ip_transparent_v6(true)?;
                 socket.set_freebind_v6(true)?;
             }
+            // Choose the source port at connect time, per 4-tuple: an eager bind(port 0) would
+            // give every connection a port of its own, and short connections (TIME_WAIT on this
+            // side) would run the namespace out of ports at a few thousand per second.
+            set_bind_address_no_port(&socket);
             let local = SockAddr::from(SocketAddr::new(source, 0));
             socket.bind(&local).map_err(|e| {
                 io::Error::new(e.kind(), format!("binding spoofed source {source}: {e}"))
@@ -250,6 +254,21 @@ impl SocketFactory {
                 format!("connecting to {dst}: no answer within {CONNECT_TIMEOUT:?}"),
             )),
         }
+    }
+}
+
+/// `IP_BIND_ADDRESS_NO_PORT`, best effort (the connect still works without it).
+fn set_bind_address_no_port(socket: &Socket) {
+    let on: libc::c_int = 1;
+    // SAFETY: `on` outlives the call and its size is passed.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
     }
 }
 

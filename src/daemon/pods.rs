@@ -23,7 +23,10 @@ use crate::proxy::context::{Owner, PodRef, ProxyContext, Scope};
 use crate::proxy::outbound::Entry;
 use crate::proxy::{inbound, inbound_plaintext, outbound};
 
-/// How long a removed pod's open connections may finish before they are cut.
+/// How long a removed pod's open connections should get to finish before they are cut. Not
+/// enforced yet: `proxy` spawns connection tasks without a handle the pod keeps, so after the
+/// drain signal (HBONE connections answer it with GOAWAY) open copies run until either side
+/// closes.
 const POD_DRAIN_DEADLINE: Duration = Duration::from_secs(5);
 
 /// Starts transparent capture in the configured mode.
@@ -40,9 +43,9 @@ pub async fn start(
             nft::check_tools().map_err(|e| e.to_string())?;
             let proxies = Arc::new(InPodProxies::new(ctx.clone()));
             let manager = Arc::new(PodManager::new(proxies).with_redirection(ports));
-            let ready = readiness.register("workload proxy manager");
+            readiness.mark_pending(PROXY_MANAGER_TASK);
             reconcile(&manager, &ctx.mesh.load(), &ctx.config).await;
-            ready.ready();
+            tokio::spawn(track_readiness(manager.clone(), readiness.clone(), false));
             tokio::spawn(follow_mesh(ctx, manager.clone()));
             tokio::spawn(manager.run_retries(Duration::from_secs(5)));
             Ok(())
@@ -50,11 +53,31 @@ pub async fn start(
         CaptureMode::IstioCni => {
             let proxies = Arc::new(InPodProxies::new(ctx.clone()));
             let manager = Arc::new(PodManager::new(proxies));
+            // Not ready until istio-cni's snapshot arrived (PROTOCOL.md §5.1, §5.3).
+            readiness.mark_pending(PROXY_MANAGER_TASK);
+            tokio::spawn(track_readiness(manager.clone(), readiness.clone(), true));
             let client = ZdsClient::new(ctx.config.zds_socket.clone(), manager.clone());
             tokio::spawn(async move { client.run().await });
             tokio::spawn(manager.run_retries(Duration::from_secs(5)));
             Ok(())
         }
+    }
+}
+
+/// The readiness task of in-pod capture: pending while ZDS is disconnected or its snapshot
+/// has not arrived (istio-cni mode), or while a pod's proxy waits for a retry.
+const PROXY_MANAGER_TASK: &str = "workload proxy manager";
+/// How often the pod manager's state is mirrored into readiness.
+const READINESS_POLL: Duration = Duration::from_millis(100);
+
+async fn track_readiness(manager: Arc<PodManager>, readiness: Readiness, uses_zds: bool) {
+    loop {
+        if manager.is_ready(uses_zds).await {
+            readiness.mark_ready(PROXY_MANAGER_TASK);
+        } else {
+            readiness.mark_pending(PROXY_MANAGER_TASK);
+        }
+        tokio::time::sleep(READINESS_POLL).await;
     }
 }
 
@@ -216,7 +239,7 @@ impl PodProxies for InPodProxies {
     }
 }
 
-/// Closes the listeners now; open connections get [`POD_DRAIN_DEADLINE`] to finish.
+/// Closes the listeners now and signals the pod's drain to its open connections.
 fn stop_pod(pod: RunningPod) {
     let _ = pod.drain.send(true);
     for task in pod.listeners {
@@ -224,7 +247,7 @@ fn stop_pod(pod: RunningPod) {
     }
 }
 
-/// The deadline connections of a draining scope get (see `ProxyContext::track`).
+/// The deadline connections of a draining pod should get (see [`POD_DRAIN_DEADLINE`]).
 pub fn drain_deadline() -> Duration {
     POD_DRAIN_DEADLINE
 }

@@ -3,6 +3,9 @@
 //! their logs for assertions.
 #![allow(dead_code)]
 
+pub mod pods;
+pub mod sniffer;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -60,7 +63,21 @@ impl Cluster {
     /// Starts `ztund run` inside node `n`'s namespace, logging JSON to a file, and waits until
     /// its readiness endpoint answers 200.
     pub async fn start(&self, bed: &Testbed, n: usize, config: &Path) -> Daemon {
-        let log = self.path(&format!("node{n}-{}.log", bed.prefix()));
+        let daemon = self.spawn(bed, n, config);
+        daemon.wait_ready(bed).await;
+        daemon
+    }
+
+    /// Starts `ztund run` inside node `n`'s namespace without waiting for readiness.
+    pub fn spawn(&self, bed: &Testbed, n: usize, config: &Path) -> Daemon {
+        // A restarted daemon gets a fresh log; the earlier one stays for the failure message.
+        let log = (0..)
+            .map(|run| match run {
+                0 => self.path(&format!("node{n}-{}.log", bed.prefix())),
+                run => self.path(&format!("node{n}-{}-{run}.log", bed.prefix())),
+            })
+            .find(|path| !path.exists())
+            .expect("a free log name");
         let log_file = std::fs::File::create(&log).expect("log file");
         let mut command = Command::new(ztund_bin());
         command
@@ -70,13 +87,11 @@ impl Cluster {
             .stdout(Stdio::null())
             .stderr(log_file);
         let child = bed.spawn_in(Place::Node(n), command);
-        let daemon = Daemon {
+        Daemon {
             child,
             log,
             node: n,
-        };
-        daemon.wait_ready(bed).await;
-        daemon
+        }
     }
 }
 
@@ -110,22 +125,50 @@ impl Daemon {
         }
     }
 
-    async fn wait_ready(&self, bed: &Testbed) {
-        let deadline = Instant::now() + Duration::from_secs(20);
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Every log line containing all of `needles`.
+    pub fn log_lines(&self, needles: &[&str]) -> Vec<String> {
+        self.log_text()
+            .lines()
+            .filter(|l| needles.iter().all(|n| l.contains(n)))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Open file descriptors of the daemon process.
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|dir| dir.count())
+            .unwrap_or(0)
+    }
+
+    /// The status code of the readiness endpoint (`/healthz/ready` on 127.0.0.1:15021 in the
+    /// node's namespace), or `None` while nothing answers there.
+    pub async fn readiness_code(&self, bed: &Testbed) -> Option<u16> {
         let sockets = bed.app_sockets(Place::Node(self.node));
+        let addr: SocketAddr = "127.0.0.1:15021".parse().expect("addr");
+        let mut s = sockets.connect(addr, None).await.ok()?;
+        s.write_all(b"GET /healthz/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        let mut answer = String::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut answer))
+            .await
+            .ok()?
+            .ok()?;
+        answer.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
+    }
+
+    /// Waits (bounded) until the readiness endpoint answers 200.
+    pub async fn wait_ready(&self, bed: &Testbed) {
+        let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let addr: SocketAddr = "127.0.0.1:15021".parse().expect("addr");
-            if let Ok(mut s) = sockets.connect(addr, None).await {
-                let _ = s
-                    .write_all(
-                        b"GET /healthz/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-                    )
-                    .await;
-                let mut answer = String::new();
-                let _ = s.read_to_string(&mut answer).await;
-                if answer.starts_with("HTTP/1.1 200") {
-                    return;
-                }
+            if self.readiness_code(bed).await == Some(200) {
+                return;
             }
             assert!(
                 Instant::now() < deadline,
@@ -135,6 +178,26 @@ impl Daemon {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+}
+
+/// Polls `check` every 50 ms until it returns `Some`, or fails the test after `timeout` naming
+/// `what` and the last state `check` described.
+pub async fn eventually<T>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> Result<T, String>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match check() {
+            Ok(value) => return value,
+            Err(state) => assert!(
+                Instant::now() < deadline,
+                "{what}: not true after {timeout:?}; last state:\n{state}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

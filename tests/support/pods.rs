@@ -1,0 +1,269 @@
+//! In-pod test worlds: a mesh file listing the testbed's pods as Kubernetes `Pod`s (node name,
+//! pod IP, and the `ztund.io/netns` annotation naming the pod's testbed namespace), real ztund
+//! daemons on the nodes in a capture mode, and small probes of a pod namespace (listening ports,
+//! nftables tables, ztund's connections). Knows nothing about what a test asserts.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use super::{Cluster, Daemon, eventually};
+use crate::testbed::{Place, Testbed};
+
+/// The mesh file's name inside the cluster directory (all nodes read the same file).
+pub const MESH_FILE: &str = "mesh.yaml";
+/// ztund's in-pod listener ports.
+pub const INPOD_PORTS: [u16; 3] = [15001, 15006, 15008];
+
+/// One testbed pod as the mesh file describes it.
+#[derive(Debug, Clone)]
+pub struct MeshPod {
+    pub node: usize,
+    pub pod: usize,
+    pub service_account: String,
+    /// Whether it carries the `ztund.io/netns` annotation (standalone capture).
+    pub netns_annotation: bool,
+    pub labels: Vec<(String, String)>,
+}
+
+impl MeshPod {
+    /// A pod ztund captures in standalone mode.
+    pub fn captured(node: usize, pod: usize, service_account: &str) -> MeshPod {
+        MeshPod {
+            node,
+            pod,
+            service_account: service_account.into(),
+            netns_annotation: true,
+            labels: Vec::new(),
+        }
+    }
+
+    /// A pod in the mesh without a netns annotation (no in-pod listeners from the mesh file).
+    pub fn uncaptured(node: usize, pod: usize, service_account: &str) -> MeshPod {
+        MeshPod {
+            netns_annotation: false,
+            ..MeshPod::captured(node, pod, service_account)
+        }
+    }
+
+    /// Adds a label.
+    pub fn label(mut self, key: &str, value: &str) -> MeshPod {
+        self.labels.push((key.into(), value.into()));
+        self
+    }
+
+    /// The Kubernetes name: `pod-n<N>p<P>`.
+    pub fn name(&self) -> String {
+        pod_name(self.node, self.pod)
+    }
+
+    /// The SPIFFE id it proves.
+    pub fn spiffe_id(&self) -> String {
+        spiffe_id(&self.service_account)
+    }
+}
+
+/// The Kubernetes name of testbed pod (n, p).
+pub fn pod_name(node: usize, pod: usize) -> String {
+    format!("pod-n{node}p{pod}")
+}
+
+/// The SPIFFE id of a service account in namespace `default`.
+pub fn spiffe_id(service_account: &str) -> String {
+    format!("spiffe://cluster.local/ns/default/sa/{service_account}")
+}
+
+/// The mesh file for `pods`, with the testbed's addresses and namespace names.
+pub fn mesh_yaml(bed: &Testbed, pods: &[MeshPod]) -> String {
+    let mut docs = Vec::new();
+    for pod in pods {
+        let mut labels = vec![format!("app: {}", pod.name())];
+        labels.extend(pod.labels.iter().map(|(k, v)| format!("{k}: {v}")));
+        let annotations = if pod.netns_annotation {
+            format!(
+                "\n  annotations: {{ztund.io/netns: {}}}",
+                bed.netns_name(Place::Pod(pod.node, pod.pod))
+            )
+        } else {
+            String::new()
+        };
+        docs.push(format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  labels: {{{labels}}}{annotations}\nspec: {{serviceAccountName: {sa}, nodeName: node{node}}}\nstatus: {{podIP: \"{ip}\"}}\n",
+            name = pod.name(),
+            labels = labels.join(", "),
+            sa = pod.service_account,
+            node = pod.node,
+            ip = bed.pod_ip(pod.node, pod.pod),
+        ));
+    }
+    docs.join("---\n")
+}
+
+/// A testbed with a ztund on every node and one mesh file they all watch. Daemons drop (are
+/// killed) first, then the working directory, then the namespaces.
+pub struct PodWorld {
+    daemons: Vec<Option<Daemon>>,
+    configs: Vec<std::path::PathBuf>,
+    pub cluster: Cluster,
+    pub bed: Testbed,
+}
+
+impl PodWorld {
+    /// Builds the testbed and writes the mesh file and one config per node; `node_extra(n)` is
+    /// YAML appended to node n's config (its capture mode). Starts no daemon.
+    pub fn new(
+        nodes: usize,
+        pods_per_node: usize,
+        pods: &[MeshPod],
+        node_extra: impl Fn(usize) -> String,
+    ) -> PodWorld {
+        let bed = Testbed::new(nodes, pods_per_node);
+        let cluster = Cluster::new();
+        cluster.write(MESH_FILE, &mesh_yaml(&bed, pods));
+        let configs = (1..=nodes)
+            .map(|n| cluster.node_config(&format!("node{n}"), MESH_FILE, &node_extra(n)))
+            .collect();
+        PodWorld {
+            daemons: (0..nodes).map(|_| None).collect(),
+            configs,
+            cluster,
+            bed,
+        }
+    }
+
+    /// Every node in standalone capture mode, all daemons started and ready.
+    pub async fn standalone(nodes: usize, pods_per_node: usize, pods: &[MeshPod]) -> PodWorld {
+        let mut world = PodWorld::new(nodes, pods_per_node, pods, |_| {
+            "capture: standalone\n".to_string()
+        });
+        for n in 1..=nodes {
+            world.start(n).await;
+        }
+        world
+    }
+
+    /// Starts node n's daemon and waits until it is ready.
+    pub async fn start(&mut self, n: usize) -> &Daemon {
+        let daemon = self.cluster.start(&self.bed, n, &self.configs[n - 1]).await;
+        self.daemons[n - 1].insert(daemon)
+    }
+
+    /// Starts node n's daemon without waiting for readiness.
+    pub fn spawn(&mut self, n: usize) -> &Daemon {
+        let daemon = self.cluster.spawn(&self.bed, n, &self.configs[n - 1]);
+        self.daemons[n - 1].insert(daemon)
+    }
+
+    /// Kills node n's daemon (SIGKILL, as a crash or an OOM kill would).
+    pub fn kill(&mut self, n: usize) -> Option<Daemon> {
+        let mut daemon = self.daemons[n - 1].take()?;
+        let _ = daemon.child.child().kill();
+        let _ = daemon.child.child().wait();
+        Some(daemon)
+    }
+
+    /// Node n's running daemon.
+    pub fn daemon(&self, n: usize) -> &Daemon {
+        self.daemons[n - 1]
+            .as_ref()
+            .unwrap_or_else(|| panic!("node{n} has no running ztund"))
+    }
+
+    /// Rewrites the mesh file every daemon watches.
+    pub fn write_mesh(&self, pods: &[MeshPod]) {
+        // Write then rename, so a daemon never reads a half-written file.
+        let tmp = self
+            .cluster
+            .write("mesh.yaml.new", &mesh_yaml(&self.bed, pods));
+        std::fs::rename(tmp, self.cluster.path(MESH_FILE)).expect("replacing the mesh file");
+    }
+
+    /// Waits (bounded) until every running daemon applied mesh file generation `generation`
+    /// (the first rewrite is generation 1); each polls the file on its own schedule.
+    pub async fn wait_mesh_applied(&self, generation: u64) {
+        let needle = format!("\"generation\":{generation},");
+        for daemon in self.daemons.iter().flatten() {
+            daemon.wait_log(&["mesh file applied", &needle]).await;
+        }
+    }
+
+    /// TCP ports listening inside a place (`ss -Htln`).
+    pub fn listening_ports(&self, place: Place) -> Vec<u16> {
+        let out = self.bed.run_in(place, &["ss", "-Htln"]);
+        let mut ports: Vec<u16> = out
+            .lines()
+            .filter_map(|line| line.split_whitespace().nth(3))
+            .filter_map(|local| local.rsplit(':').next()?.parse().ok())
+            .collect();
+        ports.sort_unstable();
+        ports.dedup();
+        ports
+    }
+
+    /// Which of ztund's in-pod ports listen inside pod (n, p).
+    pub fn inpod_listeners(&self, n: usize, p: usize) -> Vec<u16> {
+        self.listening_ports(Place::Pod(n, p))
+            .into_iter()
+            .filter(|port| INPOD_PORTS.contains(port))
+            .collect()
+    }
+
+    /// `nft list tables` inside a place.
+    pub fn nft_tables(&self, place: Place) -> String {
+        self.bed.run_in(place, &["nft", "list", "tables"])
+    }
+
+    /// Waits (bounded) until pod (n, p) has all or none of ztund's listeners and table.
+    pub async fn wait_captured(&self, n: usize, p: usize, captured: bool) {
+        let what = format!(
+            "pod ({n},{p}) {} ztund's listeners and nft table",
+            if captured { "has" } else { "lost" }
+        );
+        eventually(&what, Duration::from_secs(10), || {
+            let ports = self.inpod_listeners(n, p);
+            let tables = self.nft_tables(Place::Pod(n, p));
+            let has_table = tables.contains("table ip ztund");
+            let done = if captured {
+                ports == INPOD_PORTS && has_table
+            } else {
+                ports.is_empty() && !has_table
+            };
+            if done {
+                Ok(())
+            } else {
+                Err(format!("listening: {ports:?}\ntables:\n{tables}"))
+            }
+        })
+        .await
+    }
+
+    /// Established TCP connections inside a place whose remote port is `port`.
+    pub fn established_to(&self, place: Place, port: u16) -> Vec<String> {
+        let filter = format!("( dport = :{port} )");
+        self.bed
+            .run_in(place, &["ss", "-Htn", "state", "established", &filter])
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl Drop for PodWorld {
+    /// A failing test shows what the daemons said.
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        for daemon in self.daemons.iter().flatten() {
+            let text = daemon.log_text();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(60)..];
+            eprintln!(
+                "---- node{} ztund log (last {} lines) ----\n{}",
+                daemon.node,
+                tail.len(),
+                tail.join("\n")
+            );
+        }
+    }
+}
