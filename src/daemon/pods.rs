@@ -23,12 +23,6 @@ use crate::proxy::context::{Owner, PodRef, ProxyContext, Scope};
 use crate::proxy::outbound::Entry;
 use crate::proxy::{inbound, inbound_plaintext, outbound};
 
-/// How long a removed pod's open connections should get to finish before they are cut. Not
-/// enforced yet: `proxy` spawns connection tasks without a handle the pod keeps, so after the
-/// drain signal (HBONE connections answer it with GOAWAY) open copies run until either side
-/// closes.
-const POD_DRAIN_DEADLINE: Duration = Duration::from_secs(5);
-
 /// Starts transparent capture in the configured mode.
 pub async fn start(
     ctx: Arc<ProxyContext>,
@@ -239,15 +233,11 @@ impl PodProxies for InPodProxies {
     }
 }
 
-/// Closes the listeners now and signals the pod's drain to its open connections.
+/// Closes the listeners now and signals the pod's drain: HBONE connections answer it with a
+/// GOAWAY, and connections still open `proxy::accept::DRAIN_DEADLINE` later are cut.
 fn stop_pod(pod: RunningPod) {
     let _ = pod.drain.send(true);
     for task in pod.listeners {
         task.abort();
     }
-}
-
-/// The deadline connections of a draining pod should get (see [`POD_DRAIN_DEADLINE`]).
-pub fn drain_deadline() -> Duration {
-    POD_DRAIN_DEADLINE
 }

@@ -8,8 +8,9 @@ use std::time::Instant;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
+use super::accept::accept_loop;
 use super::context::{Owner, ProxyContext, Scope};
 use super::copy::copy_tcp_h2;
 use crate::hbone::Authority;
@@ -19,30 +20,13 @@ use crate::policy::{self, ConnectionFacts, Decision};
 
 /// Accepts HBONE connections until the daemon drains.
 pub async fn serve(ctx: Arc<ProxyContext>, scope: Scope, listener: TcpListener) {
-    let mut drain = ctx.drain.clone();
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = drain.wait_for(|d| *d) => return,
-        };
-        match accepted {
-            Ok((tcp, peer)) => {
-                // Dual-stack listeners report IPv4 peers as ::ffff:a.b.c.d.
-                let peer = crate::net::canonical(peer);
-                let ctx = ctx.clone();
-                let scope = scope.clone();
-                tokio::spawn(async move {
-                    if let Err(reason) = handle_connection(ctx, scope, tcp, peer).await {
-                        debug!(%peer, %reason, "HBONE connection ended");
-                    }
-                });
-            }
-            Err(e) => {
-                warn!(error = %e, "accepting on the HBONE listener");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
-    }
+    let handler_ctx = ctx.clone();
+    accept_loop(ctx, listener, "hbone", move |stream, peer| {
+        let ctx = handler_ctx.clone();
+        let scope = scope.clone();
+        async move { handle_connection(ctx, scope, stream, peer).await }
+    })
+    .await;
 }
 
 /// One TLS connection carrying any number of CONNECT streams.

@@ -8,38 +8,22 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, info, warn};
+use tracing::info;
 
+use super::accept::accept_loop;
 use super::context::{ProxyContext, Scope};
 use super::copy::copy_bidirectional;
 use crate::policy::{self, ConnectionFacts, Decision};
 
 /// Accepts plaintext connections until the pod or the daemon drains.
 pub async fn serve(ctx: Arc<ProxyContext>, scope: Scope, listener: TcpListener) {
-    let mut drain = ctx.drain.clone();
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = drain.wait_for(|d| *d) => return,
-        };
-        match accepted {
-            Ok((client, peer)) => {
-                // Dual-stack listeners report IPv4 peers as ::ffff:a.b.c.d.
-                let peer = crate::net::canonical(peer);
-                let ctx = ctx.clone();
-                let scope = scope.clone();
-                tokio::spawn(async move {
-                    if let Err(reason) = handle(&ctx, &scope, client, peer).await {
-                        debug!(%peer, %reason, "plaintext connection ended");
-                    }
-                });
-            }
-            Err(e) => {
-                warn!(error = %e, "accepting on the plaintext listener");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
-    }
+    let handler_ctx = ctx.clone();
+    accept_loop(ctx, listener, "inbound_plaintext", move |stream, peer| {
+        let ctx = handler_ctx.clone();
+        let scope = scope.clone();
+        async move { handle(&ctx, &scope, stream, peer).await }
+    })
+    .await;
 }
 
 async fn handle(

@@ -2,6 +2,7 @@
 //! TLS origination, the registry of open inbound connections, and the byte copier.
 //! Knows nothing about how its sockets got into a network namespace.
 
+pub mod accept;
 pub mod context;
 pub mod copy;
 pub mod inbound;

@@ -8,8 +8,9 @@ use std::time::Instant;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsConnector;
-use tracing::{debug, info, warn};
+use tracing::info;
 
+use super::accept::accept_loop;
 use super::context::{ProxyContext, Scope};
 use super::copy::{copy_bidirectional, copy_tcp_h2};
 use super::route::{self, Plan};
@@ -29,35 +30,23 @@ pub enum Entry {
 
 /// Accepts outbound connections until the daemon drains.
 pub async fn serve(ctx: Arc<ProxyContext>, scope: Scope, listener: TcpListener, entry: Entry) {
-    let mut drain = ctx.drain.clone();
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = drain.wait_for(|d| *d) => return,
-        };
-        match accepted {
-            Ok((client, peer)) => {
-                // Dual-stack listeners report IPv4 peers as ::ffff:a.b.c.d.
-                let peer = crate::net::canonical(peer);
-                let ctx = ctx.clone();
-                let scope = scope.clone();
-                tokio::spawn(async move {
-                    let _ = client.set_nodelay(true);
-                    let result = match entry {
-                        Entry::Transparent => handle_transparent(&ctx, &scope, client, peer).await,
-                        Entry::Socks5 => handle_socks5(&ctx, &scope, client, peer).await,
-                    };
-                    if let Err(reason) = result {
-                        debug!(%peer, %reason, "outbound connection ended");
-                    }
-                });
-            }
-            Err(e) => {
-                warn!(error = %e, "accepting on an outbound listener");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let what = match entry {
+        Entry::Transparent => "outbound",
+        Entry::Socks5 => "socks5",
+    };
+    let handler_ctx = ctx.clone();
+    accept_loop(ctx, listener, what, move |client, peer| {
+        let ctx = handler_ctx.clone();
+        let scope = scope.clone();
+        async move {
+            let _ = client.set_nodelay(true);
+            match entry {
+                Entry::Transparent => handle_transparent(&ctx, &scope, client, peer).await,
+                Entry::Socks5 => handle_socks5(&ctx, &scope, client, peer).await,
             }
         }
-    }
+    })
+    .await;
 }
 
 async fn handle_transparent(
