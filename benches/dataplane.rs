@@ -14,6 +14,9 @@
 //! `ZTUND_BENCH_RUNS` (5), `ZTUND_BENCH_SECONDS` (10), `ZTUND_BENCH_IDLE` (10 000),
 //! `ZTUND_BENCH_CASES` (comma list of throughput, latency, maxrate, connections, idle; all),
 //! `ZTUND_BENCH_PROFILE=DIR`: `perf record` both daemons during each ztund case into DIR.
+//! `ZTUND_BENCH_BEFORE=PATH`: also measure another ztund build (a second testbed, interleaved
+//! case by case with this build) and print before → after: an optimisation's effect, same run.
+//! `ZTUND_BENCH_AFTER=PATH`: measure that binary as "this build" instead of the one cargo built.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -46,6 +49,7 @@ struct Settings {
     idle: usize,
     cases: Vec<String>,
     profile: Option<PathBuf>,
+    before: Option<PathBuf>,
 }
 
 impl Settings {
@@ -73,6 +77,7 @@ impl Settings {
                 .map(|c| c.trim().to_string())
                 .collect(),
             profile: env("ZTUND_BENCH_PROFILE").map(PathBuf::from),
+            before: env("ZTUND_BENCH_BEFORE").map(PathBuf::from),
         }
     }
 
@@ -96,7 +101,14 @@ fn main() {
         settings.cases,
         if settings.quick { " (quick)" } else { "" }
     );
-    let world = World::start();
+    let mut builds = Vec::new();
+    if let Some(before) = &settings.before {
+        builds.push(("before", before.clone()));
+    }
+    let this_build = std::env::var_os("ZTUND_BENCH_AFTER")
+        .map_or_else(|| PathBuf::from(support::ztund_bin()), PathBuf::from);
+    builds.push(("this build", this_build));
+    let mut worlds: Vec<World> = builds.iter().map(|(_, bin)| World::start(bin)).collect();
     let files = world::open_files_limit() as usize;
     if settings.idle + 100 > files {
         eprintln!(
@@ -104,21 +116,32 @@ fn main() {
             settings.idle
         );
     }
-    let mut results = Results::default();
+    let mut results: Vec<Results> = worlds.iter().map(|_| Results::default()).collect();
     for run in 0..settings.runs {
-        // Alternate which path goes first, so drift on the shared machine favours neither.
+        // Alternate which path (and which build) goes first, so drift on the shared machine
+        // favours neither.
         let order = if run % 2 == 0 {
             [Path::Direct, Path::Ztund]
         } else {
             [Path::Ztund, Path::Direct]
         };
-        one_run(&world, &settings, order, &mut results);
+        one_run(&mut worlds, &settings, order, run % 2 == 1, &mut results);
         eprintln!("dataplane: run {} of {} done", run + 1, settings.runs);
     }
 
-    let table = results.table();
-    let (targets_text, targets_json) = report::check_targets(&results);
-    println!("\n{table}\n{targets_text}");
+    let mut builds_json = Vec::new();
+    for ((label, bin), results) in builds.iter().zip(&results) {
+        let table = results.table();
+        let (targets_text, targets_json) = report::check_targets(results);
+        println!("\n== {label}: {}\n{table}\n{targets_text}", bin.display());
+        builds_json.push(serde_json::json!({
+            "build": label, "binary": bin.display().to_string(),
+            "metrics": results.json(), "targets": targets_json,
+        }));
+    }
+    if let [before, after] = &results[..] {
+        println!("{}", report::compare(before, after));
+    }
     let json = serde_json::json!({
         "settings": {
             "runs": settings.runs,
@@ -128,8 +151,7 @@ fn main() {
             "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
             "mode": "node mode: SOCKS5 on node 1 -> HBONE -> node 2 (direct: TCP node 1 -> node 2)",
         },
-        "metrics": results.json(),
-        "targets": targets_json,
+        "builds": builds_json,
     });
     let path = report::json_path();
     let text = serde_json::to_string_pretty(&json).expect("JSON");
@@ -139,22 +161,41 @@ fn main() {
     }
 }
 
-fn one_run(world: &World, settings: &Settings, order: [Path; 2], results: &mut Results) {
-    if settings.runs_case("throughput") {
-        throughput(world, settings, order, 1, results);
-        throughput(world, settings, order, 8, results);
+type Case = fn(&World, &Settings, [Path; 2], &mut Results);
+
+/// Every selected case once, each on every build before the next case starts.
+fn one_run(
+    worlds: &mut [World],
+    settings: &Settings,
+    order: [Path; 2],
+    last_build_first: bool,
+    results: &mut [Results],
+) {
+    let mut builds: Vec<usize> = (0..worlds.len()).collect();
+    if last_build_first {
+        builds.reverse();
     }
-    if settings.runs_case("latency") {
-        latency_at_rate(world, settings, order, results);
+    if settings.runs_case("idle") && settings.idle > 0 {
+        // Fresh daemons: a heap that already held a busy run hides new allocations.
+        for &b in &builds {
+            worlds[b].restart_daemons();
+            idle_memory(&worlds[b], settings, &mut results[b]);
+        }
     }
-    if settings.runs_case("maxrate") {
-        latency_at_max_rate(world, settings, order, results);
-    }
-    if settings.runs_case("connections") {
-        connections(world, settings, order, results);
-    }
-    if settings.runs_case("idle") {
-        idle_memory(world, settings, results);
+    let cases: [(&str, Case); 5] = [
+        ("throughput", |w, s, o, r| throughput(w, s, o, 1, r)),
+        ("throughput", |w, s, o, r| throughput(w, s, o, 8, r)),
+        ("latency", latency_at_rate),
+        ("maxrate", latency_at_max_rate),
+        ("connections", connections),
+    ];
+    for (name, case) in cases {
+        if !settings.runs_case(name) {
+            continue;
+        }
+        for &b in &builds {
+            case(&worlds[b], settings, order, &mut results[b]);
+        }
     }
 }
 
@@ -350,10 +391,8 @@ fn connections(world: &World, s: &Settings, order: [Path; 2], results: &mut Resu
     results.ztund("CPU per 1000 conns, both", "core-ms", ztund_cpu);
 }
 
+/// Memory per idle tunneled connection, on daemons that have carried nothing but the warm-up.
 fn idle_memory(world: &World, s: &Settings, results: &mut Results) {
-    if s.idle == 0 {
-        return;
-    }
     let pids = world.pids();
     std::thread::sleep(Duration::from_millis(500));
     let idle = pids.map(|pid| status_kib(pid, "VmRSS"));
@@ -369,9 +408,9 @@ fn idle_memory(world: &World, s: &Settings, results: &mut Results) {
     results.ztund("RSS before idle conns, node1", "MiB", idle[0] / 1024.0);
     results.ztund("RSS before idle conns, node2", "MiB", idle[1] / 1024.0);
     drop(held);
-    // Give the daemons time to tear the tunnels down before the next run.
+    // Give the daemons time to tear the tunnels down before the next case.
     std::thread::sleep(Duration::from_secs(2));
-    let peak = pids.map(|pid| status_kib(pid, "VmHWM"));
-    results.ztund("peak RSS (VmHWM), node1", "MiB", peak[0] / 1024.0);
-    results.ztund("peak RSS (VmHWM), node2", "MiB", peak[1] / 1024.0);
+    let after = pids.map(|pid| status_kib(pid, "VmRSS"));
+    results.ztund("RSS after closing them, node1", "MiB", after[0] / 1024.0);
+    results.ztund("RSS after closing them, node2", "MiB", after[1] / 1024.0);
 }

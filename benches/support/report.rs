@@ -244,3 +244,30 @@ pub fn json_path() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"));
     target.join("dataplane.json")
 }
+
+/// Before → after, per metric: the medians of the ztund column and of the ratio, and the change.
+pub fn compare(before: &Results, after: &Results) -> String {
+    let mut out = format!(
+        "before -> after (medians, same run)\n{:<34} {:<10} {:>24} {:>9} {:>22}\n",
+        "metric", "unit", "ztund", "change", "ztund/direct"
+    );
+    for name in &after.order {
+        let (Some(b), Some(a)) = (before.get(name), after.get(name)) else {
+            continue;
+        };
+        let median = |v: &[f64]| Summary::of(v).map(|m| m.median);
+        let pair = |x: Option<f64>, y: Option<f64>| match (x, y) {
+            (Some(x), Some(y)) => (format!("{} -> {}", num(x), num(y)), Some(y / x - 1.0)),
+            _ => ("-".to_string(), None),
+        };
+        let (ztund, change) = pair(median(&b.ztund), median(&a.ztund));
+        let (ratio, _) = pair(median(&b.ratio), median(&a.ratio));
+        let change = change.map_or_else(|| "-".to_string(), |c| format!("{:+.0}%", c * 100.0));
+        let _ = writeln!(
+            out,
+            "{:<34} {:<10} {:>24} {:>9} {:>22}",
+            name, a.unit, ztund, change, ratio
+        );
+    }
+    out
+}

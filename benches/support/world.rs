@@ -35,14 +35,17 @@ pub struct World {
     pub node2: Daemon,
     _apps: ChildGuard,
     pub client: Runtime,
+    ztund: std::path::PathBuf,
+    configs: [std::path::PathBuf; 2],
     /// Kept alive: the daemons' CA, configs and logs live in it.
     _cluster: Cluster,
     pub bed: Testbed,
 }
 
 impl World {
-    /// Builds the testbed, starts the apps and both daemons, and waits until they are ready.
-    pub fn start() -> World {
+    /// Builds the testbed, starts the apps and both daemons (`ztund`, the binary to measure),
+    /// and waits until they are ready.
+    pub fn start(ztund: &std::path::Path) -> World {
         raise_open_files();
         let bed = Testbed::new(2, 0);
         for n in 1..=2 {
@@ -61,19 +64,54 @@ impl World {
         cluster.write("mesh.yaml", &mesh(&bed));
         let c1 = cluster.node_config("node1", "mesh.yaml", "");
         let c2 = cluster.node_config("node2", "mesh.yaml", "");
-        let (node1, node2) = client.block_on(async {
-            let node2 = cluster.start(&bed, 2, &c2).await;
-            let node1 = cluster.start(&bed, 1, &c1).await;
-            (node1, node2)
-        });
-        World {
+        let node2 = start_daemon(&bed, &cluster, ztund, 2, &c2);
+        let node1 = start_daemon(&bed, &cluster, ztund, 1, &c1);
+        let world = World {
             node1,
             node2,
-            client,
             _apps: apps,
+            client,
+            ztund: ztund.to_path_buf(),
+            configs: [c1, c2],
             _cluster: cluster,
             bed,
+        };
+        world.wait_until_warm();
+        world
+    }
+
+    /// Replaces both daemons by fresh ones (a heap that never held a busy workload).
+    pub fn restart_daemons(&mut self) {
+        for old in [&mut self.node1, &mut self.node2] {
+            let child = old.child.child();
+            let _ = child.kill();
+            let _ = child.wait();
         }
+        let [c1, c2] = &self.configs;
+        self.node2 = start_daemon(&self.bed, &self._cluster, &self.ztund, 2, c2);
+        self.node1 = start_daemon(&self.bed, &self._cluster, &self.ztund, 1, c1);
+        self.wait_until_warm();
+    }
+
+    /// Waits for the daemons' listeners, then opens one tunnel so the pool is warm.
+    fn wait_until_warm(&self) {
+        let (node1_ip, node2_ip) = (self.bed.node_ip(1), self.bed.node_ip(2));
+        self.client
+            .block_on(self.client.spawn(async move {
+                for node in [node1_ip, node2_ip] {
+                    wait_for_port(SocketAddr::new(node, 15008)).await;
+                }
+                wait_for_port("127.0.0.1:15080".parse().expect("addr")).await;
+                // Warm the pool: every measured tunnel rides an established HBONE connection.
+                let echo = SocketAddr::new(node2_ip, ECHO_PORT);
+                let mut tunnel = crate::load::open(crate::load::Path::Ztund, echo)
+                    .await
+                    .expect("a first tunnel through ztund");
+                tunnel.write_all(b"w").await.expect("warm-up write");
+                let mut back = [0u8; 1];
+                tunnel.read_exact(&mut back).await.expect("warm-up echo");
+            }))
+            .expect("daemons");
     }
 
     /// An app port on node 2.
@@ -88,6 +126,31 @@ impl World {
     /// Both daemons' pids, node 1 (outbound) first.
     pub fn pids(&self) -> [u32; 2] {
         [self.node1.child.id(), self.node2.child.id()]
+    }
+}
+
+/// Starts `ztund run` in node `n` with its log in the cluster directory. Unlike
+/// `Cluster::start`, the binary is a parameter, so two builds can be measured side by side.
+fn start_daemon(
+    bed: &Testbed,
+    cluster: &Cluster,
+    ztund: &std::path::Path,
+    n: usize,
+    config: &std::path::Path,
+) -> Daemon {
+    let log = cluster.path(&format!("node{n}-{}.log", bed.prefix()));
+    let log_file = std::fs::File::create(&log).expect("log file");
+    let mut command = Command::new(ztund);
+    command
+        .args(["--log-json", "run", "--config"])
+        .arg(config)
+        .env("ZTUND_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(log_file);
+    Daemon {
+        child: bed.spawn_in(Place::Node(n), command),
+        log,
+        node: n,
     }
 }
 
@@ -171,7 +234,7 @@ pub fn open_files_limit() -> u64 {
 
 /// Waits (bounded) until something accepts on `addr`.
 async fn wait_for_port(addr: SocketAddr) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while TcpStream::connect(addr).await.is_err() {
         assert!(
             std::time::Instant::now() < deadline,
