@@ -5,6 +5,12 @@
 //!
 //! The mesh: 100 000 workloads in 1 000 namespaces on 1 000 nodes (100 per node), and 10 000
 //! services (VIPs in 10.96/12) each backed by 10 workload addresses.
+//!
+//! Measured (release, 2 shared vCPUs, `cargo bench --bench mesh`): workload by IP 32 ns, miss
+//! 15 ns, service by VIP 14 ns, by hostname 86 ns; outbound plan to a workload 0.78 µs, to a
+//! VIP 2.2 µs (identity strings and the endpoint key are built per call); node-mode source by
+//! IP 0.70 µs; **node-mode source for a loopback client 680 µs** — a scan of all 100 000
+//! workloads per connection (`Snapshot::local_workloads`); Snapshot::build 67 ms.
 
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
