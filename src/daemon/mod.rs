@@ -52,6 +52,7 @@ pub enum DaemonError {
 
 /// Runs the daemon until SIGINT/SIGTERM or `POST /quitquitquit`.
 pub fn run(config: Config, log: LogControl) -> Result<(), DaemonError> {
+    keep_freed_heap();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(worker_threads())
         .thread_name("ztund")
@@ -59,6 +60,19 @@ pub fn run(config: Config, log: LogControl) -> Result<(), DaemonError> {
         .build()
         .map_err(DaemonError::Runtime)?;
     runtime.block_on(serve(Arc::new(config), log))
+}
+
+/// glibc hands a freed heap top back to the kernel once it passes its trim threshold (128 KiB,
+/// adjusted at run time), and bulk traffic frees and allocates frame-sized buffers all the time:
+/// `perf` showed ~4.5% of the daemons' CPU in page faults re-touching the same memory. Keeping
+/// up to 32 MiB of freed heap per arena costs at most that much RSS after a burst.
+fn keep_freed_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only changes allocator tunables; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
 }
 
 /// Two workers on a small node, a quarter of the cores on a big one: the apps need the rest.

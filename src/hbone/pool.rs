@@ -209,7 +209,10 @@ impl Pool {
                                     peer: key.destination,
                                 }));
                             };
-                            self.connect(key, &entry, dial).await?
+                            // Boxed: the dial's TLS and HTTP/2 handshake state would
+                            // otherwise sit inline in every caller's task for the tunnel's
+                            // whole life, though only the first stream per connection runs it.
+                            Box::pin(self.connect(key, &entry, dial)).await?
                         }
                     }
                 }

@@ -2,7 +2,7 @@
 //! to its own end. EOF on one side becomes a half-close on the other (TCP `shutdown(Write)`,
 //! HTTP/2 END_STREAM); resets, broken pipes and unexpected EOFs are how connections end, not
 //! errors. Reads from sockets use one growing buffer per direction (1 KiB, then 16 KiB − 64
-//! after 128 KiB, then 256 KiB − 64 after 10 MiB); toward HTTP/2 the bytes read are handed over
+//! after 128 KiB, then 64 KiB − 64 after 10 MiB); toward HTTP/2 the bytes read are handed over
 //! as `Bytes` without copying, and HTTP/2 DATA chunks are written to the socket as received.
 //! Knows nothing about where the two ends came from.
 
@@ -29,7 +29,10 @@ pub struct Transferred {
 const INITIAL_BUFFER: usize = 1024;
 /// Room for one TLS record plus an HTTP/2 frame header.
 const MEDIUM_BUFFER: usize = 16 * 1024 - 64;
-const LARGE_BUFFER: usize = 256 * 1024 - 64;
+/// One read, one DATA frame: 64 KiB is what rustls encrypts per write (its buffer limit), and
+/// it stays below glibc's mmap threshold. 256 KiB frames made both ends map, fault in and unmap
+/// fresh pages for every frame (~10% of the daemons' CPU in `perf`; BENCHMARKS.md).
+const LARGE_BUFFER: usize = 64 * 1024 - 64;
 const MEDIUM_AFTER: u64 = 128 * 1024;
 const LARGE_AFTER: u64 = 10 * 1024 * 1024;
 
@@ -357,8 +360,8 @@ mod tests {
             (128 * 1024 - 1, 1024),
             (128 * 1024, 16_320),
             (10 * 1024 * 1024 - 1, 16_320),
-            (10 * 1024 * 1024, 262_080),
-            (u64::MAX, 262_080),
+            (10 * 1024 * 1024, 65_472),
+            (u64::MAX, 65_472),
         ];
         for (copied, size) in cases {
             assert_eq!(read_buffer_size(copied), size, "after {copied} bytes");
@@ -369,7 +372,7 @@ mod tests {
     async fn one_read_takes_no_more_than_the_adaptive_size() {
         let mut source = tokio::io::repeat(7);
         let mut buf = BytesMut::new();
-        for (copied, size) in [(0, 1024), (200_000, 16_320), (20_000_000, 262_080)] {
+        for (copied, size) in [(0, 1024), (200_000, 16_320), (20_000_000, 65_472)] {
             buf.clear();
             let n = poll_fn(|cx| poll_read_adaptive(cx, Pin::new(&mut source), &mut buf, copied))
                 .await

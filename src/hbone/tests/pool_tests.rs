@@ -420,3 +420,24 @@ async fn an_app_socket_copied_into_a_pooled_stream_round_trips() {
     assert_eq!(transferred.to_upstream, (4 * MIB) as u64);
     assert_eq!(transferred.to_downstream, (4 * MIB) as u64);
 }
+
+/// Every outbound tunnel's task holds the `open` future's space for the tunnel's whole life, so
+/// the dial (TLS and HTTP/2 handshake state, several KiB) must not be inline in it.
+#[test]
+fn opening_a_stream_keeps_the_dial_state_off_the_callers_task() {
+    let pool = Pool::new(PoolSettings::default());
+    let addr: SocketAddr = "127.0.0.1:15008".parse().unwrap();
+    let key = PoolKey::new(
+        CLIENT_ID.parse().unwrap(),
+        vec![SERVER_ID.parse().unwrap()],
+        addr,
+        None,
+    );
+    let dial = dial_to(addr, TestPki::new().client_config(CLIENT_ID));
+    let open = pool.open(&key, dial, ConnectRequest::new("10.0.0.1:80"));
+    let size = std::mem::size_of_val(&open);
+    assert!(
+        size <= 1536,
+        "Pool::open's future is {size} bytes (7 KiB with the dial inline)"
+    );
+}
