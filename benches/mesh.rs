@@ -123,14 +123,24 @@ fn lookups(c: &mut Criterion) {
         b.iter(|| {
             i = (i + 7_919) % WORKLOADS;
             let destination = SocketAddr::new(workload_ip(i), 8080);
-            black_box(route::plan(&snapshot, Some("default"), black_box(destination), 15008))
+            black_box(route::plan(
+                &snapshot,
+                Some("default"),
+                black_box(destination),
+                15008,
+            ))
         })
     });
     group.bench_function("outbound plan to a service VIP", |b| {
         b.iter(|| {
             i = (i + 7_919) % SERVICES;
             let destination = SocketAddr::new(service_vip(i), 80);
-            black_box(route::plan(&snapshot, Some("default"), black_box(destination), 15008))
+            black_box(route::plan(
+                &snapshot,
+                Some("default"),
+                black_box(destination),
+                15008,
+            ))
         })
     });
     let node = Scope {

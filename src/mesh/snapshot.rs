@@ -18,6 +18,8 @@ pub struct Snapshot {
     services: Vec<Arc<Service>>,
     workload_by_ip: HashMap<IpAddr, Arc<Workload>>,
     workload_by_uid: HashMap<String, Arc<Workload>>,
+    /// Workloads per node name: "who runs here" is asked per connection on loopback clients.
+    workloads_by_node: HashMap<String, Vec<Arc<Workload>>>,
     service_by_vip: HashMap<IpAddr, Arc<Service>>,
     services_by_hostname: HashMap<String, Vec<Arc<Service>>>,
     /// Endpoints of each service, keyed by `namespace/hostname`.
@@ -44,6 +46,11 @@ impl Snapshot {
             snapshot
                 .workload_by_uid
                 .insert(workload.uid.clone(), workload.clone());
+            snapshot
+                .workloads_by_node
+                .entry(workload.node.clone())
+                .or_default()
+                .push(workload.clone());
         }
         for service in &services {
             for vip in &service.vips {
@@ -139,7 +146,11 @@ impl Snapshot {
 
     /// Workloads that run on the named node.
     pub fn local_workloads<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Arc<Workload>> {
-        self.workloads.iter().filter(move |w| w.node == node)
+        self.workloads_by_node
+            .get(node)
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+            .iter()
     }
 }
 

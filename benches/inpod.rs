@@ -1,5 +1,5 @@
-//! Manual measurements of in-pod capture (ignored by default; run with the release binary):
-//! `cargo test --release --test inpod_measure -- --ignored --nocapture`.
+//! In-pod capture measured (a bench, not a test; needs root and iperf3):
+//! `cargo bench --bench inpod`.
 //! Pod→pod across nodes through ztund (pods (1,1)→(2,1), standalone capture) against the same
 //! topology without ztund (pods (1,2)→(2,2), not captured): bulk throughput with iperf3 (1 GiB,
 //! median of 5) and connections per second (connect, 1 byte each way, close).
@@ -10,7 +10,9 @@
 //! Before IP_BIND_ADDRESS_NO_PORT on the spoofed upstream socket, the ztund rate collapsed to
 //! ~200/s after ~30k connections (the server pod's ports were all held by TIME_WAIT).
 
+#[path = "../tests/support/mod.rs"]
 mod support;
+#[path = "../tests/testbed/mod.rs"]
 mod testbed;
 
 use std::net::SocketAddr;
@@ -72,9 +74,8 @@ async fn connection_rate(bed: &Testbed, p: usize, clients: usize, duration: Dura
     total as f64 / started.elapsed().as_secs_f64()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "manual measurement; run with --release --ignored --nocapture"]
-async fn measure_throughput_and_connection_rate() {
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
     let pods = [
         MeshPod::captured(1, 1, "client"),
         MeshPod::captured(2, 1, "server"),
