@@ -61,7 +61,7 @@ pub fn load_and_watch(
 ) -> Result<(Arc<MeshStore>, JoinHandle<()>), MeshError> {
     let mut watch = MeshFileWatch::unstarted(path, settings);
     let snapshot = match watch.poll() {
-        Some(Reload::Applied(snapshot)) => snapshot,
+        Some(Reload::Applied(snapshot)) => *snapshot,
         Some(Reload::Refused(e)) => return Err(e),
         // A fresh watch has seen nothing, so its first poll always reports.
         Some(Reload::Restored) | None => Snapshot::default(),
@@ -108,7 +108,7 @@ async fn run(mut watch: MeshFileWatch, store: Arc<MeshStore>, interval: Duration
             None => {}
             Some(Reload::Applied(snapshot)) => {
                 let (workloads, services) = (snapshot.workloads().len(), snapshot.services().len());
-                store.replace(snapshot);
+                store.replace(*snapshot);
                 let generation = store.load().generation;
                 info!(%file, generation, workloads, services, "mesh file applied");
             }
@@ -126,7 +126,7 @@ async fn run(mut watch: MeshFileWatch, store: Arc<MeshStore>, interval: Duration
 #[derive(Debug)]
 pub enum Reload {
     /// New, valid content: the snapshot to swap in.
-    Applied(Snapshot),
+    Applied(Box<Snapshot>),
     /// New content (or a missing file) that cannot be used; reported once per distinct content.
     Refused(MeshError),
     /// After a refusal, the file again holds the content already in force.
@@ -244,7 +244,7 @@ impl MeshFileWatch {
         match parsed {
             Ok(snapshot) => {
                 self.applied = Some(hash);
-                Some(Reload::Applied(snapshot))
+                Some(Reload::Applied(Box::new(snapshot)))
             }
             Err(e) => Some(Reload::Refused(e)),
         }
