@@ -226,6 +226,7 @@ impl Config {
         };
         fix(&mut self.mesh_file);
         fix(&mut self.state_dir);
+        fix(&mut self.zds_socket);
         match &mut self.ca {
             CaConfig::Builtin { dir } | CaConfig::Cacerts { dir } => fix(dir),
         }
@@ -369,6 +370,17 @@ mod tests {
             assert!(err.contains("cfg.yaml"), "{err}");
             assert!(err.contains(field), "{err} should name {field}");
         }
+    }
+
+    #[test]
+    fn relative_paths_follow_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.yaml");
+        std::fs::write(&path, format!("{MINIMAL}zdsSocket: run/ztunnel.sock\n")).unwrap();
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.mesh_file, dir.path().join("mesh.yaml"));
+        assert_eq!(c.zds_socket, dir.path().join("run/ztunnel.sock"));
+        assert!(matches!(&c.ca, CaConfig::Builtin { dir: d } if *d == dir.path().join("ca")));
     }
 
     #[test]
