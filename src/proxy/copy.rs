@@ -26,6 +26,13 @@ pub struct Transferred {
     pub to_downstream: u64,
 }
 
+impl Transferred {
+    /// The counts of a finished copy, or zero for one that failed before reporting them.
+    pub fn of(result: &std::io::Result<Transferred>) -> Transferred {
+        result.as_ref().copied().unwrap_or_default()
+    }
+}
+
 const INITIAL_BUFFER: usize = 1024;
 /// Room for one TLS record plus an HTTP/2 frame header.
 const MEDIUM_BUFFER: usize = 16 * 1024 - 64;

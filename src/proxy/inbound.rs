@@ -12,7 +12,7 @@ use tracing::{debug, info};
 
 use super::accept::accept_loop;
 use super::context::{Owner, ProxyContext, Scope};
-use super::copy::copy_tcp_h2;
+use super::copy::{Transferred, copy_tcp_h2};
 use crate::hbone::Authority;
 use crate::hbone::server::{ConnectionInfo, IncomingConnect, Refusal, accept_and_serve};
 use crate::mesh::{Snapshot, Workload};
@@ -128,15 +128,11 @@ async fn handle_connect(ctx: Arc<ProxyContext>, scope: Scope, incoming: Incoming
     // Copy, then record.
     let labels = super::labels::inbound(&workload, peer_identity.as_ref(), &snapshot);
     ctx.metrics.connection_opened(&labels);
-    // Dropping the copy on a policy close drops both sockets: the app gets no further byte.
-    let result = tokio::select! {
-        result = copy_tcp_h2(upstream, stream) => result,
-        reason = tracked.closed() => Err(std::io::Error::other(format!("closed by policy: {reason}"))),
-    };
-    let (received, sent) = match &result {
-        Ok(t) => (t.to_upstream, t.to_downstream),
-        Err(_) => (0, 0),
-    };
+    let result = tracked.guard(copy_tcp_h2(upstream, stream)).await;
+    let Transferred {
+        to_upstream: received,
+        to_downstream: sent,
+    } = Transferred::of(&result);
     ctx.metrics.connection_closed(&labels, received, sent);
     info!(
         target: "access",

@@ -12,7 +12,7 @@ use tracing::info;
 
 use super::accept::accept_loop;
 use super::context::{ProxyContext, Scope};
-use super::copy::copy_bidirectional;
+use super::copy::{Transferred, copy_bidirectional};
 use crate::policy::{self, ConnectionFacts, Decision};
 
 /// Accepts plaintext connections until the pod or the daemon drains.
@@ -76,15 +76,11 @@ async fn handle(
         .map_err(|e| format!("connecting to {target}: {e}"))?;
     let labels = super::labels::inbound(&workload, None, &snapshot);
     ctx.metrics.connection_opened(&labels);
-    // Dropping the copy on a policy close drops both sockets: the app gets no further byte.
-    let result = tokio::select! {
-        result = copy_bidirectional(client, upstream) => result,
-        reason = tracked.closed() => Err(std::io::Error::other(format!("closed by policy: {reason}"))),
-    };
-    let (received, sent) = match &result {
-        Ok(t) => (t.to_upstream, t.to_downstream),
-        Err(_) => (0, 0),
-    };
+    let result = tracked.guard(copy_bidirectional(client, upstream)).await;
+    let Transferred {
+        to_upstream: received,
+        to_downstream: sent,
+    } = Transferred::of(&result);
     ctx.metrics.connection_closed(&labels, received, sent);
     info!(
         target: "access",

@@ -61,6 +61,18 @@ impl TrackedConnection {
             None => std::future::pending().await,
         }
     }
+
+    /// Runs `copy` until it ends or policy closes the connection. Dropping the copy drops both
+    /// sockets, so after a policy close the app gets no further byte.
+    pub async fn guard(
+        &mut self,
+        copy: impl std::future::Future<Output = std::io::Result<super::copy::Transferred>>,
+    ) -> std::io::Result<super::copy::Transferred> {
+        tokio::select! {
+            result = copy => result,
+            reason = self.closed() => Err(std::io::Error::other(format!("closed by policy: {reason}"))),
+        }
+    }
 }
 
 impl Drop for TrackedConnection {

@@ -3,6 +3,35 @@
 //! trust bundle and prove a SPIFFE id of our trust domain (server side) or one of the expected ids
 //! (client side). Knows nothing about the mesh or about HTTP/2 beyond its ALPN name.
 
+/// The signature half of a rustls certificate verifier, the same for every verifier here: check
+/// with the crypto provider's algorithms (a field `algorithms: WebPkiSupportedAlgorithms`).
+macro_rules! signature_checks {
+    () => {
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &rustls::pki_types::CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &rustls::pki_types::CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.algorithms.supported_schemes()
+        }
+    };
+}
+pub(crate) use signature_checks;
+
 mod credentials;
 mod verify;
 
