@@ -3,7 +3,9 @@
 //! through ztund (SOCKS5 into node 1's daemon, HBONE to node 2's, TCP to the app; node mode).
 //! Cases: throughput (1 and 8 streams), 1 KiB request/response latency at 1 000 req/s and at the
 //! maximum rate, new connections per second over a warm pool, the daemons' CPU per GB and per
-//! 1 000 requests (from /proc/<pid>/stat), and their memory per idle tunneled connection.
+//! 1 000 requests (from /proc/<pid>/stat), and their memory per idle tunneled connection. The
+//! client's and the apps' CPU is measured too, on both paths: the direct path's endpoints are
+//! the physical reference for one ztund hop, which also reads one socket and writes another.
 //!
 //! Every figure is the median of the runs with min and max; ratios are taken within each run,
 //! and direct and ztund alternate which goes first. Prints a table and writes
@@ -199,13 +201,36 @@ fn one_run(
     }
 }
 
-/// Both daemons' CPU seconds (node 1, node 2) spent while `f` ran, and its result.
-fn with_cpu<T>(world: &World, f: impl FnOnce() -> T) -> (T, [f64; 2]) {
-    let pids = world.pids();
-    let before = pids.map(cpu_seconds);
+/// CPU seconds spent while a case ran.
+#[derive(Debug, Clone, Copy, Default)]
+struct Cpu {
+    /// Each daemon: node 1 (outbound), node 2 (inbound).
+    daemons: [f64; 2],
+    /// The client and the apps together: what the same traffic costs without ztund, the
+    /// physical reference each ztund hop is judged against (a hop reads one socket and
+    /// writes another, as the two endpoints together do).
+    endpoints: f64,
+}
+
+impl Cpu {
+    fn both_daemons(&self) -> f64 {
+        self.daemons[0] + self.daemons[1]
+    }
+}
+
+/// The CPU each party spent while `f` ran, and its result.
+fn with_cpu<T>(world: &World, f: impl FnOnce() -> T) -> (T, Cpu) {
+    let daemons = world.pids();
+    let endpoints = world.endpoint_pids();
+    let total = |pids: [u32; 2]| pids.map(cpu_seconds).iter().sum::<f64>();
+    let before = (daemons.map(cpu_seconds), total(endpoints));
     let value = f();
-    let after = pids.map(cpu_seconds);
-    (value, [after[0] - before[0], after[1] - before[1]])
+    let after = (daemons.map(cpu_seconds), total(endpoints));
+    let cpu = Cpu {
+        daemons: [after.0[0] - before.0[0], after.0[1] - before.0[1]],
+        endpoints: after.1 - before.1,
+    };
+    (value, cpu)
 }
 
 /// Runs `f` for one path; the ztund path under `perf record` when profiling is on.
@@ -215,7 +240,7 @@ fn measure<T>(
     case: &str,
     path: Path,
     f: impl FnOnce() -> T,
-) -> (T, [f64; 2]) {
+) -> (T, Cpu) {
     let recorder = match (&settings.profile, path) {
         (Some(dir), Path::Ztund) => start_perf(world, dir, case),
         _ => None,
@@ -268,6 +293,7 @@ fn throughput(
     };
     let mut gbps = [0.0; 2];
     let mut cpu_per_gb = [0.0; 2];
+    let mut endpoints_per_gb = [0.0; 2];
     for path in order {
         let (moved, cpu) = measure(world, s, case, path, || {
             world.client.block_on(load::throughput(
@@ -278,9 +304,10 @@ fn throughput(
             ))
         });
         gbps[path as usize] = moved.gbit_per_second();
+        let gb = moved.bytes as f64 / 1e9;
+        endpoints_per_gb[path as usize] = cpu.endpoints / gb;
         if path == Path::Ztund {
-            let gb = moved.bytes as f64 / 1e9;
-            cpu_per_gb = [cpu[0] / gb, cpu[1] / gb];
+            cpu_per_gb = cpu.daemons.map(|seconds| seconds / gb);
         }
     }
     let [direct, ztund] = gbps;
@@ -293,6 +320,8 @@ fn throughput(
             "core-s/GB",
             cpu_per_gb[0] + cpu_per_gb[1],
         );
+        let [direct, ztund] = endpoints_per_gb;
+        results.pair("CPU per GB, client+app", "core-s/GB", direct, ztund);
     } else {
         results.pair("throughput, 8 streams", "Gbit/s", direct, ztund);
         results.ztund(
@@ -306,6 +335,7 @@ fn throughput(
 fn latency_at_rate(world: &World, s: &Settings, order: [Path; 2], results: &mut Results) {
     let mut quantiles = [[0.0; 3]; 2];
     let mut ztund_cpu = (0.0, 0.0, 0.0);
+    let mut endpoints = [0.0; 2];
     for path in order {
         let (mut latencies, cpu) = measure(world, s, "latency-1000", path, || {
             load::latency_at_rate(
@@ -317,9 +347,12 @@ fn latency_at_rate(world: &World, s: &Settings, order: [Path; 2], results: &mut 
             )
         });
         quantiles[path as usize] = [0.5, 0.99, 0.999].map(|q| latencies.quantile_us(q));
+        let requests = latencies.nanos.len() as f64;
+        let elapsed = latencies.elapsed.as_secs_f64();
+        let rate = requests / elapsed;
+        endpoints[path as usize] = (cpu.endpoints / elapsed) / (rate / 1e3);
         if path == Path::Ztund {
-            let requests = latencies.nanos.len() as f64;
-            ztund_cpu = (cpu[0] + cpu[1], requests, latencies.elapsed.as_secs_f64());
+            ztund_cpu = (cpu.both_daemons(), requests, elapsed);
         }
     }
     let [direct, ztund] = quantiles;
@@ -339,6 +372,8 @@ fn latency_at_rate(world: &World, s: &Settings, order: [Path; 2], results: &mut 
         "vCPU",
         (cpu / elapsed) / (rate / 1e3),
     );
+    let [direct, ztund] = endpoints;
+    results.pair("vCPU per 1000 req/s, client+app", "vCPU", direct, ztund);
 }
 
 fn latency_at_max_rate(world: &World, s: &Settings, order: [Path; 2], results: &mut Results) {
@@ -357,7 +392,7 @@ fn latency_at_max_rate(world: &World, s: &Settings, order: [Path; 2], results: &
         let [p50, p99, p999] = [0.5, 0.99, 0.999].map(|q| latencies.quantile_us(q));
         figures[path as usize] = [latencies.per_second, p50, p99, p999];
         if path == Path::Ztund {
-            ztund_cpu = (cpu[0] + cpu[1]) * 1e3 / (latencies.nanos.len() as f64 / 1e3);
+            ztund_cpu = cpu.both_daemons() * 1e3 / (latencies.nanos.len() as f64 / 1e3);
         }
     }
     let [direct, ztund] = figures;
@@ -371,6 +406,7 @@ fn latency_at_max_rate(world: &World, s: &Settings, order: [Path; 2], results: &
 fn connections(world: &World, s: &Settings, order: [Path; 2], results: &mut Results) {
     let mut rates = [0.0; 2];
     let mut ztund_cpu = 0.0;
+    let mut endpoints = [0.0; 2];
     for path in order {
         let ((rate, count), cpu) = measure(world, s, "connections", path, || {
             world.client.block_on(load::connection_rate(
@@ -381,14 +417,17 @@ fn connections(world: &World, s: &Settings, order: [Path; 2], results: &mut Resu
             ))
         });
         rates[path as usize] = rate;
+        endpoints[path as usize] = cpu.endpoints * 1e3 / (count as f64 / 1e3);
         if path == Path::Ztund {
-            ztund_cpu = (cpu[0] + cpu[1]) * 1e3 / (count as f64 / 1e3);
+            ztund_cpu = cpu.both_daemons() * 1e3 / (count as f64 / 1e3);
         }
         // Let the closed connections' last packets settle before the next measurement.
         std::thread::sleep(Duration::from_millis(500));
     }
     results.pair("new connections", "conn/s", rates[0], rates[1]);
     results.ztund("CPU per 1000 conns, both", "core-ms", ztund_cpu);
+    let [direct, ztund] = endpoints;
+    results.pair("CPU per 1000 conns, client+app", "core-ms", direct, ztund);
 }
 
 /// Memory per idle tunneled connection, on daemons that have carried nothing but the warm-up.

@@ -127,6 +127,11 @@ impl World {
     pub fn pids(&self) -> [u32; 2] {
         [self.node1.child.id(), self.node2.child.id()]
     }
+
+    /// The endpoints' processes: the apps, and this one (the load generator).
+    pub fn endpoint_pids(&self) -> [u32; 2] {
+        [self._apps.id(), std::process::id()]
+    }
 }
 
 /// Starts `ztund run` in node `n` with its log in the cluster directory. Unlike
