@@ -14,5 +14,6 @@ pub mod mesh;
 pub mod net;
 pub mod policy;
 pub mod proxy;
+pub mod shard;
 pub mod tls;
 pub mod topology;

@@ -26,6 +26,7 @@ use crate::proxy::context::{Owner, ProxyContext, Scope};
 use crate::proxy::originate::Originator;
 use crate::proxy::tracker::{self, ConnectionTracker};
 use crate::proxy::{inbound, outbound};
+use crate::shard::{Shards, Spawner};
 use crate::tls::Credentials;
 
 /// Why the daemon could not start.
@@ -53,13 +54,19 @@ pub enum DaemonError {
 /// Runs the daemon until SIGINT/SIGTERM or `POST /quitquitquit`.
 pub fn run(config: Config, log: LogControl) -> Result<(), DaemonError> {
     keep_freed_heap();
+    // The main runtime does control work only (mesh, certificates, admin); the data plane
+    // runs on the shards, one thread each.
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(worker_threads())
+        .worker_threads(1)
         .thread_name("ztund")
         .enable_all()
         .build()
         .map_err(DaemonError::Runtime)?;
-    runtime.block_on(serve(Arc::new(config), log))
+    let shards = Shards::start(data_plane_threads()).map_err(DaemonError::Runtime)?;
+    let result = runtime.block_on(serve(Arc::new(config), log, shards.spawner()));
+    // Connections still open on the shards end here, after the drain.
+    drop(shards);
+    result
 }
 
 /// glibc hands a freed heap top back to the kernel once it passes its trim threshold (128 KiB,
@@ -75,8 +82,8 @@ fn keep_freed_heap() {
     }
 }
 
-/// Two workers on a small node, a quarter of the cores on a big one: the apps need the rest.
-fn worker_threads() -> usize {
+/// Two shards on a small node, a quarter of the cores on a big one: the apps need the rest.
+fn data_plane_threads() -> usize {
     if let Some(n) = std::env::var("ZTUND_WORKER_THREADS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -88,7 +95,7 @@ fn worker_threads() -> usize {
     cores.div_ceil(4).max(2)
 }
 
-async fn serve(config: Arc<Config>, log: LogControl) -> Result<(), DaemonError> {
+async fn serve(config: Arc<Config>, log: LogControl, shards: Spawner) -> Result<(), DaemonError> {
     info!(node = %config.node, trust_domain = %config.trust_domain, "ztund starting");
     let (drain_tx, drain) = watch::channel(false);
     let readiness = Readiness::new();
@@ -126,6 +133,7 @@ async fn serve(config: Arc<Config>, log: LogControl) -> Result<(), DaemonError> 
         tracker: ConnectionTracker::new(),
         originator: Arc::new(Originator::new()),
         drain: drain.clone(),
+        shards: shards.clone(),
     });
     tokio::spawn(tracker::watch_policies(
         ctx.tracker.clone(),
@@ -142,8 +150,15 @@ async fn serve(config: Arc<Config>, log: LogControl) -> Result<(), DaemonError> 
     };
     match config.capture {
         CaptureMode::None => {
-            let hbone = bind("HBONE", SocketAddr::new(config.hbone_bind, ports.hbone))?;
-            tokio::spawn(inbound::serve(ctx.clone(), node_scope.clone(), hbone));
+            let hbone = bind_per_shard(
+                &shards,
+                "HBONE",
+                SocketAddr::new(config.hbone_bind, ports.hbone),
+            )?;
+            let (ctx, scope) = (ctx.clone(), node_scope.clone());
+            shards.serve_each(hbone, move |listener| {
+                inbound::serve(ctx.clone(), scope.clone(), listener)
+            });
         }
         other => {
             pods::start(ctx.clone(), other, &readiness)
@@ -151,13 +166,20 @@ async fn serve(config: Arc<Config>, log: LogControl) -> Result<(), DaemonError> 
                 .map_err(|e| DaemonError::Capture(e.to_string()))?;
         }
     }
-    let socks5 = bind("SOCKS5", SocketAddr::new(config.socks5_bind, ports.socks5))?;
-    tokio::spawn(outbound::serve(
-        ctx.clone(),
-        node_scope,
-        socks5,
-        outbound::Entry::Socks5,
-    ));
+    let socks5 = bind_per_shard(
+        &shards,
+        "SOCKS5",
+        SocketAddr::new(config.socks5_bind, ports.socks5),
+    )?;
+    let socks5_ctx = ctx.clone();
+    shards.serve_each(socks5, move |listener| {
+        outbound::serve(
+            socks5_ctx.clone(),
+            node_scope.clone(),
+            listener,
+            outbound::Entry::Socks5,
+        )
+    });
 
     // Admin, metrics, readiness.
     let (quit_tx, mut quit) = watch::channel(false);
@@ -204,6 +226,15 @@ async fn serve(config: Arc<Config>, log: LogControl) -> Result<(), DaemonError> 
     let _ = drain_tx.send(true);
     tokio::time::sleep(Duration::from_millis(200)).await;
     Ok(())
+}
+
+/// One listener on `addr` per shard (they share the port through `SO_REUSEPORT`).
+fn bind_per_shard(
+    shards: &Spawner,
+    what: &'static str,
+    addr: SocketAddr,
+) -> Result<Vec<TcpListener>, DaemonError> {
+    (0..shards.len()).map(|_| bind(what, addr)).collect()
 }
 
 fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, DaemonError> {

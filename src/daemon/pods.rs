@@ -86,8 +86,8 @@ fn start_host(ctx: Arc<ProxyContext>, ports: RedirectPorts) -> Result<(), String
         owner: Owner::Node,
         sockets: sockets.clone(),
     };
-    let listeners = bind_set(&sockets, &ports)?;
-    spawn_set(&ctx, &scope, listeners);
+    let listeners = bind_sets(&ctx, &sockets, &ports)?;
+    spawn_sets(&ctx, &scope, listeners);
     let current = Netns::current().map_err(|e| format!("opening this namespace: {e}"))?;
     let rules = HostRedirection {
         ports,
@@ -150,21 +150,46 @@ fn bind_set(sockets: &SocketFactory, ports: &RedirectPorts) -> Result<ListenerSe
     })
 }
 
-fn spawn_set(ctx: &Arc<ProxyContext>, scope: &Scope, set: ListenerSet) -> Vec<JoinHandle<()>> {
-    vec![
-        tokio::spawn(outbound::serve(
-            ctx.clone(),
-            scope.clone(),
-            set.outbound,
-            Entry::Transparent,
-        )),
-        tokio::spawn(inbound_plaintext::serve(
-            ctx.clone(),
-            scope.clone(),
-            set.inbound_plaintext,
-        )),
-        tokio::spawn(inbound::serve(ctx.clone(), scope.clone(), set.hbone)),
-    ]
+/// One set of listeners per shard.
+fn bind_sets(
+    ctx: &ProxyContext,
+    sockets: &SocketFactory,
+    ports: &RedirectPorts,
+) -> Result<Vec<ListenerSet>, String> {
+    (0..ctx.shards.len())
+        .map(|_| bind_set(sockets, ports))
+        .collect()
+}
+
+/// Serves each shard's set on that shard.
+fn spawn_sets(
+    ctx: &Arc<ProxyContext>,
+    scope: &Scope,
+    sets: Vec<ListenerSet>,
+) -> Vec<JoinHandle<()>> {
+    let mut outbound = Vec::new();
+    let mut inbound_plaintext = Vec::new();
+    let mut hbone = Vec::new();
+    for set in sets {
+        outbound.push(set.outbound);
+        inbound_plaintext.push(set.inbound_plaintext);
+        hbone.push(set.hbone);
+    }
+    let shards = &ctx.shards;
+    let mut tasks = Vec::new();
+    let (c, s) = (ctx.clone(), scope.clone());
+    tasks.extend(shards.serve_each(outbound, move |listener| {
+        outbound::serve(c.clone(), s.clone(), listener, Entry::Transparent)
+    }));
+    let (c, s) = (ctx.clone(), scope.clone());
+    tasks.extend(shards.serve_each(inbound_plaintext, move |listener| {
+        inbound_plaintext::serve(c.clone(), s.clone(), listener)
+    }));
+    let (c, s) = (ctx.clone(), scope.clone());
+    tasks.extend(shards.serve_each(hbone, move |listener| {
+        inbound::serve(c.clone(), s.clone(), listener)
+    }));
+    tasks
 }
 
 /// A running pod proxy: its drain signal and listener tasks.
@@ -193,7 +218,7 @@ impl PodProxies for InPodProxies {
         Box::pin(async move {
             let sockets = SocketFactory::in_netns(netns);
             let ports = RedirectPorts::from(&self.ctx.config.ports);
-            let set = bind_set(&sockets, &ports)?;
+            let sets = bind_sets(&self.ctx, &sockets, &ports)?;
             let (drain, drain_rx) = watch::channel(false);
             let pod_ctx = Arc::new(ProxyContext {
                 drain: drain_rx,
@@ -207,7 +232,7 @@ impl PodProxies for InPodProxies {
                 }),
                 sockets,
             };
-            let listeners = spawn_set(&pod_ctx, &scope, set);
+            let listeners = spawn_sets(&pod_ctx, &scope, sets);
             let previous = self
                 .running
                 .lock()

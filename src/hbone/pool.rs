@@ -24,7 +24,9 @@ use super::keepalive::keepalive;
 use super::{ALPN_H2, ConnectRequest, H2Settings, H2Stream, HboneError};
 use crate::identity::SpiffeId;
 
-/// Which connections a stream may share: all four must be equal (PROTOCOL.md §1.7).
+/// Which connections a stream may share: the first four must be equal (PROTOCOL.md §1.7), and
+/// the connection runs on the caller's shard, so a stream and its connection's task share a
+/// thread ([`crate::shard`]).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PoolKey {
     pub source: SpiffeId,
@@ -33,6 +35,7 @@ pub struct PoolKey {
     /// The next hop: a peer's IP and its HBONE port.
     pub destination: SocketAddr,
     pub source_ip: Option<IpAddr>,
+    pub shard: usize,
 }
 
 impl PoolKey {
@@ -49,6 +52,7 @@ impl PoolKey {
             expected,
             destination,
             source_ip,
+            shard: crate::shard::current(),
         }
     }
 }

@@ -11,6 +11,7 @@ use crate::config::Config;
 use crate::hbone::pool::Pool;
 use crate::mesh::{MeshStore, Snapshot, Workload};
 use crate::net::SocketFactory;
+use crate::shard::Spawner;
 use crate::tls::Credentials;
 
 use super::originate::Originator;
@@ -30,6 +31,8 @@ pub struct ProxyContext {
     pub originator: Arc<Originator>,
     /// Flips to true when the daemon drains.
     pub drain: watch::Receiver<bool>,
+    /// Where listeners run: one per shard ([`crate::shard`]).
+    pub shards: Spawner,
 }
 
 /// The pod a set of in-pod listeners belongs to.

@@ -217,6 +217,7 @@ async fn connect(
                 expected: expected.clone(),
                 destination: *next_hop,
                 source_ip,
+                shard: crate::shard::current(),
             };
             open_tunnel(ctx, scope, key, request)
                 .await
