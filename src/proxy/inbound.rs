@@ -296,6 +296,6 @@ mod tests {
     #[test]
     fn an_open_stream_keeps_only_the_copy_state_on_its_task() {
         let size = output_size(handle_connect);
-        assert!(size <= 1280, "the inbound stream future is {size} bytes");
+        assert!(size <= 1152, "the inbound stream future is {size} bytes");
     }
 }
