@@ -211,6 +211,10 @@ impl AsyncRead for H2Recv {
         let n = self.leftover.len().min(buf.remaining());
         buf.put_slice(&self.leftover[..n]);
         self.leftover.advance(n);
+        if self.leftover.is_empty() {
+            // An emptied slice still holds HTTP/2's whole receive buffer alive.
+            self.leftover = Bytes::new();
+        }
         Poll::Ready(Ok(()))
     }
 }

@@ -2,7 +2,8 @@
 //! to its own end. EOF on one side becomes a half-close on the other (TCP `shutdown(Write)`,
 //! HTTP/2 END_STREAM); resets, broken pipes and unexpected EOFs are how connections end, not
 //! errors. Reads from sockets use one growing buffer per direction (1 KiB, then 16 KiB − 64
-//! after 128 KiB, then 64 KiB − 64 after 10 MiB); toward HTTP/2 the bytes read are handed over
+//! after 128 KiB, then 64 KiB − 64 after 10 MiB), given back whenever the socket has nothing to
+//! read, so an idle connection holds no buffer; toward HTTP/2 the bytes read are handed over
 //! as `Bytes` without copying, and HTTP/2 DATA chunks are written to the socket as received.
 //! Knows nothing about where the two ends came from.
 
@@ -59,14 +60,20 @@ pub fn read_buffer_size(copied: u64) -> usize {
 }
 
 /// Copies between two byte streams (TCP↔TCP, TLS↔TCP) until both directions have ended.
-pub async fn copy_bidirectional<A, B>(mut downstream: A, mut upstream: B) -> io::Result<Transferred>
+///
+/// A plain function returning the copy's state machine (not an `async fn`, which would keep a
+/// second copy of its arguments): the future lives as long as the connection.
+pub fn copy_bidirectional<A, B>(
+    mut downstream: A,
+    mut upstream: B,
+) -> impl Future<Output = io::Result<Transferred>>
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
     let mut up = StreamToStream::default();
     let mut down = StreamToStream::default();
-    poll_fn(|cx| {
+    poll_fn(move |cx| {
         let up_done = up.poll(cx, Pin::new(&mut downstream), Pin::new(&mut upstream))?;
         let down_done = down.poll(cx, Pin::new(&mut upstream), Pin::new(&mut downstream))?;
         if up_done.is_ready() && down_done.is_ready() {
@@ -78,20 +85,20 @@ where
             Poll::Pending
         }
     })
-    .await
 }
 
 /// Copies between a socket and an HBONE stream until both directions have ended. `socket` is
 /// the side the connection came from on outbound (the app) and the side toward the app on
-/// inbound; `to_upstream` counts socket → HBONE.
-pub async fn copy_tcp_h2<T>(mut socket: T, h2: H2Stream) -> io::Result<Transferred>
+/// inbound; `to_upstream` counts socket → HBONE. Like [`copy_bidirectional`], the future holds
+/// only the copy's own state.
+pub fn copy_tcp_h2<T>(mut socket: T, h2: H2Stream) -> impl Future<Output = io::Result<Transferred>>
 where
     T: AsyncRead + AsyncWrite + Unpin,
 {
     let (mut send, mut recv) = h2.into_parts();
     let mut up = StreamToH2::default();
     let mut down = H2ToStream::default();
-    poll_fn(|cx| {
+    poll_fn(move |cx| {
         let up_done = up.poll(cx, Pin::new(&mut socket), &mut send)?;
         let down_done = down.poll(cx, &mut recv, Pin::new(&mut socket))?;
         if up_done.is_ready() && down_done.is_ready() {
@@ -103,7 +110,6 @@ where
             Poll::Pending
         }
     })
-    .await
 }
 
 /// The peer went away: the direction ends as if at EOF.
@@ -142,6 +148,14 @@ fn poll_read_adaptive<R: AsyncRead>(
         buf.reserve(size);
     }
     poll_read_buf(reader, cx, &mut buf.limit(size))
+}
+
+/// Gives the read buffer back while the reader has nothing: an idle connection then holds no
+/// buffer at all, and the next read allocates one of the size the direction has earned. Only
+/// called with no unsent bytes in `buf`.
+fn release_while_idle(buf: &mut BytesMut) {
+    debug_assert!(buf.is_empty(), "released a buffer holding unsent bytes");
+    *buf = BytesMut::new();
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -183,6 +197,7 @@ impl StreamToStream {
                     let read =
                         match poll_read_adaptive(cx, reader.as_mut(), &mut self.buf, self.copied) {
                             Poll::Pending => {
+                                release_while_idle(&mut self.buf);
                                 if self.unflushed {
                                     ready!(writer.as_mut().poll_flush(cx))?;
                                     self.unflushed = false;
@@ -246,12 +261,14 @@ impl StreamToH2 {
         loop {
             match self.phase {
                 Phase::Reading => {
-                    let read = ready!(poll_read_adaptive(
-                        cx,
-                        reader.as_mut(),
-                        &mut self.buf,
-                        self.copied
-                    ));
+                    let read =
+                        match poll_read_adaptive(cx, reader.as_mut(), &mut self.buf, self.copied) {
+                            Poll::Pending => {
+                                release_while_idle(&mut self.buf);
+                                return Poll::Pending;
+                            }
+                            Poll::Ready(read) => read,
+                        };
                     self.phase = match read {
                         Ok(0) => Phase::HalfClosing,
                         Ok(_) => {
@@ -342,6 +359,8 @@ impl H2ToStream {
                             Err(e) => return Poll::Ready(Err(e)),
                         }
                     }
+                    // An emptied slice still holds HTTP/2's whole receive buffer alive.
+                    self.writing = Bytes::new();
                     self.phase = Phase::Reading;
                 }
                 Phase::HalfClosing => {
@@ -390,6 +409,34 @@ mod tests {
             assert_eq!(n, size);
             assert_eq!(buf.len(), size);
         }
+    }
+
+    #[test]
+    fn a_direction_with_nothing_to_read_holds_no_buffer() {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let (mut near, far) = tokio::io::duplex(64 * 1024);
+        let (mut far_read, _far_write) = tokio::io::split(far);
+        let mut sink = tokio::io::sink();
+        let mut direction = StreamToStream::default();
+        // Bulk first, so the direction has earned its largest buffer.
+        let bulk = vec![5u8; 48 * 1024];
+        for _ in 0..300 {
+            let mut written = 0;
+            while written < bulk.len() {
+                match Pin::new(&mut near).poll_write(&mut cx, &bulk[written..]) {
+                    Poll::Ready(Ok(n)) => written += n,
+                    other => panic!("writing to the duplex: {other:?}"),
+                }
+                let poll = direction.poll(&mut cx, Pin::new(&mut far_read), Pin::new(&mut sink));
+                assert!(poll.is_pending(), "the direction ended early");
+            }
+        }
+        assert_eq!(direction.copied, 300 * 48 * 1024);
+        assert_eq!(
+            direction.buf.capacity(),
+            0,
+            "an idle direction kept its buffer"
+        );
     }
 
     /// A proxy on loopback: accepts one connection, dials `upstream`, copies, reports.

@@ -52,7 +52,7 @@ async fn handle(
         Decision::Allow => ctx.tracker.register(&workload, facts, &snapshot, &ctx.mesh),
         Decision::Deny(reason) => Err(reason),
     };
-    let mut tracked = match tracked {
+    let tracked = match tracked {
         Ok(tracked) => tracked,
         Err(reason) => {
             ctx.metrics.policy_denial(&reason);
