@@ -11,9 +11,12 @@
 use std::cell::Cell;
 use std::future::Future;
 use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::{Builder, Handle};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -42,7 +45,7 @@ impl Shards {
     pub fn start(count: usize) -> io::Result<Shards> {
         let mut handles = Vec::new();
         let mut shards = Shards {
-            spawner: Spawner(Arc::from([])),
+            spawner: Spawner::new(Vec::new()),
             stops: Vec::new(),
             threads: Vec::new(),
         };
@@ -62,7 +65,7 @@ impl Shards {
                 })?;
             shards.threads.push(thread);
         }
-        shards.spawner = Spawner(Arc::from(handles));
+        shards.spawner = Spawner::new(handles);
         Ok(shards)
     }
 
@@ -74,15 +77,60 @@ impl Shards {
 
 /// Spawns tasks onto the shards.
 #[derive(Debug, Clone)]
-pub struct Spawner(Arc<[Handle]>);
+pub struct Spawner {
+    handles: Arc<[Handle]>,
+    /// Long-lived connections placed on each shard by [`Spawner::place`].
+    placed: Arc<[AtomicUsize]>,
+}
 
 impl Spawner {
+    fn new(handles: Vec<Handle>) -> Spawner {
+        let placed = handles.iter().map(|_| AtomicUsize::new(0)).collect();
+        Spawner {
+            handles: Arc::from(handles),
+            placed,
+        }
+    }
+
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.handles.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.handles.is_empty()
+    }
+
+    /// Runs a long-lived connection on the shard that has the fewest of them (the caller's own
+    /// on a tie, so a lone connection never moves). `SO_REUSEPORT` spreads connections by a
+    /// hash, which is fair for many short ones but can put both of a peer's two pooled HBONE
+    /// connections on one shard and leave the other idle. `make` gets the socket back on the
+    /// chosen shard; the returned future ends with the connection, and dropping it aborts it.
+    pub fn place<F, Fut>(&self, tcp: TcpStream, make: F) -> Placed
+    where
+        F: FnOnce(TcpStream) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(), String>> + Send + 'static,
+    {
+        let here = current().min(self.len().saturating_sub(1));
+        let load = |shard: usize| self.placed[shard].load(Ordering::Relaxed);
+        let target = (0..self.len())
+            .min_by_key(|&shard| (load(shard), shard != here))
+            .unwrap_or(here);
+        let occupancy = Occupancy::new(self.placed.clone(), target);
+        if target == here {
+            return Placed::Here(Box::pin(async move {
+                let _occupancy = occupancy;
+                make(tcp).await
+            }));
+        }
+        let tcp = match tcp.into_std() {
+            Ok(tcp) => tcp,
+            Err(e) => return Placed::Failed(Some(format!("moving a connection: {e}"))),
+        };
+        Placed::There(self.handles[target].spawn(async move {
+            let _occupancy = occupancy;
+            let tcp = TcpStream::from_std(tcp).map_err(|e| format!("moving a connection: {e}"))?;
+            make(tcp).await
+        }))
     }
 
     /// Runs `make(shard)` on each shard. The future is built on the caller's thread but first
@@ -92,7 +140,7 @@ impl Spawner {
         F: FnMut(usize) -> Fut,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        self.0
+        self.handles
             .iter()
             .enumerate()
             .map(|(index, handle)| handle.spawn(make(index)))
@@ -106,7 +154,7 @@ impl Spawner {
         F: Fn(TcpListener) -> Fut + Clone + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        self.0
+        self.handles
             .iter()
             .zip(listeners)
             .filter_map(|(handle, listener)| {
@@ -126,6 +174,54 @@ impl Spawner {
     }
 }
 
+/// One connection counted on a shard while it lives.
+struct Occupancy {
+    placed: Arc<[AtomicUsize]>,
+    shard: usize,
+}
+
+impl Occupancy {
+    fn new(placed: Arc<[AtomicUsize]>, shard: usize) -> Occupancy {
+        placed[shard].fetch_add(1, Ordering::Relaxed);
+        Occupancy { placed, shard }
+    }
+}
+
+impl Drop for Occupancy {
+    fn drop(&mut self) {
+        self.placed[self.shard].fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A connection [`Spawner::place`]d: run here, or running on another shard.
+pub enum Placed {
+    Here(Pin<Box<dyn Future<Output = Result<(), String>> + Send>>),
+    There(JoinHandle<Result<(), String>>),
+    Failed(Option<String>),
+}
+
+impl Future for Placed {
+    type Output = Result<(), String>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut *self {
+            Placed::Here(connection) => connection.as_mut().poll(cx),
+            Placed::There(task) => Pin::new(task)
+                .poll(cx)
+                .map(|joined| joined.unwrap_or_else(|e| Err(format!("connection task: {e}")))),
+            Placed::Failed(reason) => Poll::Ready(Err(reason.take().unwrap_or_default())),
+        }
+    }
+}
+
+impl Drop for Placed {
+    fn drop(&mut self) {
+        if let Placed::There(task) = self {
+            task.abort();
+        }
+    }
+}
+
 impl Drop for Shards {
     fn drop(&mut self) {
         for stop in self.stops.drain(..) {
@@ -141,6 +237,8 @@ impl Drop for Shards {
 mod tests {
     use std::collections::HashSet;
     use std::sync::Mutex;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
 
@@ -184,6 +282,60 @@ mod tests {
         let names: HashSet<_> = seen.iter().map(|s| s.4.clone()).collect();
         assert_eq!(names.len(), 3);
         assert_eq!(current(), 0, "a thread that is no shard's reads as 0");
+    }
+
+    #[test]
+    fn placed_connections_spread_over_the_shards_and_bytes_still_flow() {
+        let shards = Shards::start(2).unwrap();
+        let spawner = shards.spawner();
+        let on_shard0 = spawner.clone();
+        let tasks = spawner.spawn_each(move |index| {
+            let spawner = on_shard0.clone();
+            async move {
+                if index != 0 {
+                    return;
+                }
+                let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let addr = listener.local_addr().unwrap();
+                let mut placed = Vec::new();
+                let mut clients = Vec::new();
+                for _ in 0..4 {
+                    clients.push(TcpStream::connect(addr).await.unwrap());
+                    let (tcp, _) = listener.accept().await.unwrap();
+                    let (ran_on, seen) = oneshot::channel();
+                    let connection = spawner.place(tcp, move |mut tcp| async move {
+                        let _ = ran_on.send(current());
+                        // Echo one message: the socket works on the shard it moved to.
+                        let mut buf = [0u8; 5];
+                        tcp.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
+                        tcp.write_all(&buf).await.map_err(|e| e.to_string())?;
+                        std::future::pending::<()>().await;
+                        Ok(())
+                    });
+                    placed.push((tokio::spawn(connection), seen));
+                }
+                let mut shards_used = Vec::new();
+                for (client, (_, seen)) in clients.iter_mut().zip(placed.iter_mut()) {
+                    shards_used.push(seen.await.unwrap());
+                    client.write_all(b"hello").await.unwrap();
+                    let mut back = [0u8; 5];
+                    client.read_exact(&mut back).await.unwrap();
+                    assert_eq!(&back, b"hello");
+                }
+                shards_used.sort();
+                assert_eq!(shards_used, [0, 0, 1, 1], "two connections on each shard");
+                // Dropping a placed connection ends it, wherever it runs.
+                for (task, _) in placed {
+                    task.abort();
+                }
+            }
+        });
+        let main = Builder::new_current_thread().build().unwrap();
+        main.block_on(async {
+            for task in tasks {
+                task.await.unwrap();
+            }
+        });
     }
 
     #[test]

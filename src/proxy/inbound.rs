@@ -27,7 +27,11 @@ pub async fn serve(ctx: Arc<ProxyContext>, scope: Scope, listener: TcpListener) 
     accept_loop(ctx, listener, "hbone", move |stream, peer| {
         let ctx = handler_ctx.clone();
         let scope = scope.clone();
-        async move { handle_connection(ctx, scope, stream, peer).await }
+        // Pooled and long-lived: spread over the shards by count, not by SO_REUSEPORT's hash.
+        let shards = ctx.shards.clone();
+        shards.place(stream, move |stream| {
+            handle_connection(ctx, scope, stream, peer)
+        })
     })
     .await;
 }
