@@ -44,7 +44,7 @@ async fn handle_connection(
     };
     let server_config = ctx
         .credentials
-        .server_config(&workload.identity())
+        .server_config(&workload.identity_ref())
         .await
         .map_err(|e| e.to_string())?;
     let info = ConnectionInfo {

@@ -302,7 +302,7 @@ async fn carry(
         path,
         src.addr = %peer,
         src.workload = source.as_ref().map(|w| w.name.as_str()).unwrap_or(""),
-        src.identity = %source.as_ref().map(|w| w.identity().to_string()).unwrap_or_default(),
+        src.identity = %source.as_ref().map(|w| w.identity_ref().to_string()).unwrap_or_default(),
         dst.addr = %destination,
         dst.hbone_addr = %target,
         bytes_sent = received,
