@@ -87,22 +87,26 @@ async fn handle_socks5(
     mut client: TcpStream,
     peer: SocketAddr,
 ) -> Result<(), String> {
-    let target = socks5::accept(&mut client)
+    let handshake = socks5::accept(&mut client)
         .await
         .map_err(|e| e.to_string())?;
     let started = Instant::now();
     let snapshot = ctx.mesh.load();
     let Some(source) = scope.source_workload(&snapshot, &ctx.config.node, peer.ip()) else {
-        let _ = socks5::reply(&mut client, socks5::Reply::NotAllowed).await;
+        let _ = handshake
+            .reply(&mut client, socks5::Reply::NotAllowed)
+            .await;
         return Err(format!("{peer} is not a workload of this node"));
     };
-    let destination = match target {
-        socks5::Target::Addr(addr) => addr,
+    let destination = match &handshake.target {
+        socks5::Target::Addr(addr) => *addr,
         socks5::Target::Domain(name, port) => {
-            match route::resolve_hostname(&snapshot, &name, port, &source.namespace) {
+            match route::resolve_hostname(&snapshot, name, *port, &source.namespace) {
                 Some(addr) => addr,
                 None => {
-                    let _ = socks5::reply(&mut client, socks5::Reply::HostUnreachable).await;
+                    let _ = handshake
+                        .reply(&mut client, socks5::Reply::HostUnreachable)
+                        .await;
                     return Err(format!("{name} is not a mesh service"));
                 }
             }
@@ -120,7 +124,8 @@ async fn handle_socks5(
         Err(Failure::Refused(_)) => socks5::Reply::NotAllowed,
         Err(Failure::Unreachable(_)) => socks5::Reply::ConnectionRefused,
     };
-    socks5::reply(&mut client, code)
+    handshake
+        .reply(&mut client, code)
         .await
         .map_err(|e| e.to_string())?;
     carry(
