@@ -126,14 +126,15 @@ async fn handle_connect(ctx: Arc<ProxyContext>, scope: Scope, incoming: Incoming
     };
 
     // Copy, then record.
-    let labels = super::labels::inbound(&workload, peer_identity.as_ref(), &snapshot);
-    ctx.metrics.connection_opened(&labels);
+    let series =
+        super::labels::inbound_series(&ctx.metrics, &workload, peer_identity.as_ref(), &snapshot);
+    ctx.metrics.open(&series);
     let result = tracked.guard(copy_tcp_h2(upstream, stream)).await;
     let Transferred {
         to_upstream: received,
         to_downstream: sent,
     } = Transferred::of(&result);
-    ctx.metrics.connection_closed(&labels, received, sent);
+    ctx.metrics.close(&series, received, sent);
     info!(
         target: "access",
         direction = "inbound",

@@ -282,8 +282,8 @@ async fn carry(
     started: Instant,
 ) {
     let (path, target) = describe(&plan);
-    let labels = super::labels::outbound(source.as_deref(), &plan);
-    ctx.metrics.connection_opened(&labels);
+    let series = super::labels::outbound_series(&ctx.metrics, source.as_ref(), &plan);
+    ctx.metrics.open(&series);
     let result = match upstream {
         Ok(Upstream::Tunnel(stream)) => {
             copy_tcp_h2(client, stream).await.map_err(|e| e.to_string())
@@ -300,7 +300,7 @@ async fn carry(
         Ok(t) => (t.to_upstream, t.to_downstream),
         Err(_) => (0, 0),
     };
-    ctx.metrics.connection_closed(&labels, received, sent);
+    ctx.metrics.close(&series, received, sent);
     info!(
         target: "access",
         direction = "outbound",
