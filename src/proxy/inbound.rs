@@ -15,6 +15,8 @@ use super::context::{Owner, ProxyContext, Scope};
 use super::copy::{Transferred, copy_tcp_h2};
 use crate::hbone::Authority;
 use crate::hbone::server::{ConnectionInfo, IncomingConnect, Refusal, accept_and_serve};
+use crate::identity::SpiffeId;
+use crate::logging::Optional;
 use crate::mesh::{Snapshot, Workload};
 use crate::policy::{self, ConnectionFacts, Decision};
 
@@ -67,16 +69,13 @@ async fn handle_connect(ctx: Arc<ProxyContext>, scope: Scope, incoming: Incoming
     let snapshot = ctx.mesh.load();
     let peer = incoming.peer_addr;
     let peer_identity = incoming.peer_identity.clone();
-    let src_identity = peer_identity
-        .as_ref()
-        .map(ToString::to_string)
-        .unwrap_or_default();
+    let src_identity = peer_identity.as_ref();
 
     // Decide: is the target ours, and may this peer reach it?
     let (workload, target) = match destination(&ctx, &scope, &snapshot, &incoming) {
         Ok(found) => found,
         Err(refusal) => {
-            access_refused(peer, &src_identity, &incoming.authority, &refusal);
+            access_refused(peer, src_identity, &incoming.authority, &refusal);
             incoming.refuse(refusal);
             return;
         }
@@ -97,7 +96,7 @@ async fn handle_connect(ctx: Arc<ProxyContext>, scope: Scope, incoming: Incoming
         Err(reason) => {
             ctx.metrics.policy_denial(&reason);
             let refusal = Refusal::Denied(reason);
-            access_refused(peer, &src_identity, &incoming.authority, &refusal);
+            access_refused(peer, src_identity, &incoming.authority, &refusal);
             incoming.refuse(refusal);
             return;
         }
@@ -112,7 +111,7 @@ async fn handle_connect(ctx: Arc<ProxyContext>, scope: Scope, incoming: Incoming
         Ok(upstream) => upstream,
         Err(e) => {
             let refusal = Refusal::Unavailable(format!("connecting to {target}: {e}"));
-            access_refused(peer, &src_identity, &incoming.authority, &refusal);
+            access_refused(peer, src_identity, &incoming.authority, &refusal);
             incoming.refuse(refusal);
             return;
         }
@@ -139,7 +138,7 @@ async fn handle_connect(ctx: Arc<ProxyContext>, scope: Scope, incoming: Incoming
         target: "access",
         direction = "inbound",
         src.addr = %peer,
-        src.identity = %src_identity,
+        src.identity = %Optional(src_identity),
         dst.addr = %target,
         dst.workload = %workload.name,
         dst.namespace = %workload.namespace,
@@ -203,12 +202,17 @@ fn destination(
     Ok((workload, target))
 }
 
-fn access_refused(peer: SocketAddr, identity: &str, authority: &Authority, refusal: &Refusal) {
+fn access_refused(
+    peer: SocketAddr,
+    identity: Option<&SpiffeId>,
+    authority: &Authority,
+    refusal: &Refusal,
+) {
     info!(
         target: "access",
         direction = "inbound",
         src.addr = %peer,
-        src.identity = %identity,
+        src.identity = %Optional(identity),
         dst.authority = %authority,
         status = refusal.status().as_u16(),
         reason = refusal.reason(),

@@ -17,6 +17,7 @@ use super::route::{self, Plan};
 use super::socks5;
 use crate::hbone::pool::PoolKey;
 use crate::hbone::{ConnectRequest, H2Stream, HboneError};
+use crate::logging::Optional;
 use crate::mesh::Workload;
 
 /// Which way into the mesh a client came.
@@ -307,23 +308,24 @@ async fn carry(
         path,
         src.addr = %peer,
         src.workload = source.as_ref().map(|w| w.name.as_str()).unwrap_or(""),
-        src.identity = %source.as_ref().map(|w| w.identity_ref().to_string()).unwrap_or_default(),
+        src.identity = %Optional(source.as_ref().map(|w| w.identity_ref())),
         dst.addr = %destination,
-        dst.hbone_addr = %target,
+        dst.hbone_addr = %Optional(target),
         bytes_sent = received,
         bytes_received = sent,
         duration_ms = started.elapsed().as_millis() as u64,
-        error = result.as_ref().err().cloned().unwrap_or_default(),
+        error = result.as_ref().err().map(String::as_str).unwrap_or(""),
         "connection complete"
     );
 }
 
-fn describe(plan: &Plan) -> (&'static str, String) {
+/// The access log's path name and next hop of a plan.
+fn describe(plan: &Plan) -> (&'static str, Option<SocketAddr>) {
     match plan {
-        Plan::Hbone { authority, .. } => ("hbone", authority.to_string()),
-        Plan::Direct { target, .. } => ("direct", target.to_string()),
-        Plan::Originate { target, .. } => ("tls-origination", target.to_string()),
-        Plan::Passthrough { target } => ("passthrough", target.to_string()),
-        Plan::Refuse(_) => ("refused", String::new()),
+        Plan::Hbone { authority, .. } => ("hbone", Some(*authority)),
+        Plan::Direct { target, .. } => ("direct", Some(*target)),
+        Plan::Originate { target, .. } => ("tls-origination", Some(*target)),
+        Plan::Passthrough { target } => ("passthrough", Some(*target)),
+        Plan::Refuse(_) => ("refused", None),
     }
 }
