@@ -55,6 +55,7 @@ fn workloads() -> Vec<Workload> {
                 status: HealthStatus::Healthy,
                 netns: None,
                 creation_timestamp: None,
+                identity_cache: Default::default(),
             }
         })
         .collect()

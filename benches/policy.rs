@@ -144,6 +144,7 @@ fn workload(ns: &str) -> Workload {
         status: HealthStatus::Healthy,
         netns: None,
         creation_timestamp: None,
+        identity_cache: Default::default(),
     }
 }
 

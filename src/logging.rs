@@ -12,10 +12,16 @@
 //! them independently of the rest.
 //!
 //! This module does not emit access logs itself; the proxies do.
+//!
+//! **Writing**: lines go to an in-memory batch that one thread writes to stderr at most
+//! [`FLUSH_DELAY`] after the first line of the batch (and at exit), so a busy proxy pays one
+//! `write` per batch instead of one per access-log line, and a slow stderr never blocks a
+//! proxy thread until the batch reaches [`BATCH_LIMIT`].
 
 use std::collections::BTreeMap;
-use std::io::IsTerminal;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::io::{IsTerminal, Write as _};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
 
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::{Layer, Layered, SubscriberExt};
@@ -208,6 +214,141 @@ where
     (subscriber, control, problem)
 }
 
+/// How long the first line of a batch may wait before it is written.
+pub const FLUSH_DELAY: Duration = Duration::from_millis(10);
+/// A batch this large is written by the thread that fills it, without waiting.
+pub const BATCH_LIMIT: usize = 1 << 20;
+
+type Output = Box<dyn Fn(&[u8]) + Send + Sync>;
+
+/// Lines not yet written, and the lock that keeps batches in order on their way out.
+struct Batch {
+    lines: Mutex<Vec<u8>>,
+    filled: Condvar,
+    output: Mutex<Output>,
+}
+
+impl Batch {
+    fn new(output: Output) -> Self {
+        Batch {
+            lines: Mutex::default(),
+            filled: Condvar::new(),
+            output: Mutex::new(output),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Vec<u8>> {
+        self.lines.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn push(&self, bytes: &[u8]) {
+        let mut lines = self.lock();
+        let was_empty = lines.is_empty();
+        lines.extend_from_slice(bytes);
+        let full = lines.len() >= BATCH_LIMIT;
+        drop(lines);
+        if full {
+            self.write_out();
+        } else if was_empty {
+            self.filled.notify_one();
+        }
+    }
+
+    /// Writes whatever is batched. Errors are dropped: there is nowhere left to report them.
+    fn write_out(&self) {
+        let output = self.output.lock().unwrap_or_else(|e| e.into_inner());
+        let pending = std::mem::take(&mut *self.lock());
+        if !pending.is_empty() {
+            output(&pending);
+        }
+    }
+
+    /// The writer thread: sleeps until a batch starts, lets it gather, writes it.
+    fn run(&self) {
+        loop {
+            let lines = self.lock();
+            let lines = self
+                .filled
+                .wait_while(lines, |l| l.is_empty())
+                .unwrap_or_else(|e| e.into_inner());
+            drop(lines);
+            std::thread::sleep(FLUSH_DELAY);
+            self.write_out();
+        }
+    }
+}
+
+/// The batch of the process-wide subscriber, written out by its thread and at exit.
+static STDERR_BATCH: OnceLock<Arc<Batch>> = OnceLock::new();
+
+extern "C" fn write_out_at_exit() {
+    if let Some(batch) = STDERR_BATCH.get() {
+        batch.write_out();
+    }
+}
+
+/// Stderr through the batch; what `init` hands the format layer.
+#[derive(Clone)]
+struct BatchedStderr(Arc<Batch>);
+
+impl std::io::Write for BatchedStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.push(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'w> MakeWriter<'w> for BatchedStderr {
+    type Writer = BatchedStderr;
+
+    fn make_writer(&'w self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+/// The batched stderr writer, its thread started and its exit hook registered once per
+/// process; `None` (write directly) if the thread cannot be started.
+fn batched_stderr() -> Option<BatchedStderr> {
+    if let Some(batch) = STDERR_BATCH.get() {
+        return Some(BatchedStderr(batch.clone()));
+    }
+    let batch = start_batch(Box::new(|bytes| {
+        let _ = std::io::stderr().write_all(bytes);
+    }))?;
+    let batch = STDERR_BATCH.get_or_init(|| batch).clone();
+    // SAFETY: registers a plain function with no arguments; it only locks and writes.
+    unsafe { libc::atexit(write_out_at_exit) };
+    Some(BatchedStderr(batch))
+}
+
+/// A batch and its writer thread.
+fn start_batch(output: Output) -> Option<Arc<Batch>> {
+    let batch = Arc::new(Batch::new(output));
+    let runner = batch.clone();
+    std::thread::Builder::new()
+        .name("ztund-log".into())
+        .spawn(move || runner.run())
+        .ok()?;
+    Some(batch)
+}
+
+/// Displays the value if there is one and nothing otherwise: an access-log field keeps its
+/// shape without formatting into a `String` first.
+pub struct Optional<T>(pub Option<T>);
+
+impl<T: std::fmt::Display> std::fmt::Display for Optional<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some(value) => value.fmt(f),
+            None => Ok(()),
+        }
+    }
+}
+
 /// Installs the process-wide subscriber writing to stderr. Levels come from `ZTUND_LOG`, else
 /// `RUST_LOG`, else `default_level`. A second call leaves the first subscriber in place (its
 /// returned control then changes nothing) and says so on stderr.
@@ -222,7 +363,24 @@ pub fn init(format: LogFormat, default_level: &str) -> LogControl {
         })
         .unwrap_or(("the configured default level", default_level.to_string()));
     let ansi = std::io::stderr().is_terminal() && format == LogFormat::Text;
-    let (subscriber, control, problem) = build(format, &spec, std::io::stderr, ansi);
+    let (subscriber, control, problem) = match batched_stderr() {
+        Some(batched) => {
+            let (subscriber, control, problem) = build(format, &spec, batched, ansi);
+            (
+                Box::new(subscriber) as Box<dyn tracing::Subscriber + Send + Sync>,
+                control,
+                problem,
+            )
+        }
+        None => {
+            let (subscriber, control, problem) = build(format, &spec, std::io::stderr, ansi);
+            (
+                Box::new(subscriber) as Box<dyn tracing::Subscriber + Send + Sync>,
+                control,
+                problem,
+            )
+        }
+    };
     if let Err(e) = tracing::subscriber::set_global_default(subscriber) {
         eprintln!("ztund: logging already initialised, keeping the first subscriber: {e}");
     }
@@ -294,6 +452,47 @@ mod tests {
         assert_eq!(event["target"], "access");
         assert_eq!(event["message"], "connection complete");
         assert_eq!(event["src.addr"], "10.0.0.1:4000");
+    }
+
+    #[test]
+    fn batched_lines_arrive_whole_and_in_order_soon_after_they_are_logged() {
+        let out = Captured::default();
+        let sink = out.clone();
+        let batch = start_batch(Box::new(move |bytes| {
+            let _ = std::io::Write::write_all(&mut sink.clone(), bytes);
+        }))
+        .expect("writer thread");
+        let writer = BatchedStderr(batch.clone());
+        let (subscriber, _control, _) = build(LogFormat::Json, "info", writer, false);
+        tracing::subscriber::with_default(subscriber, || {
+            for i in 0..100 {
+                tracing::info!(target: "access", seq = i, "connection complete");
+            }
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while out.text().lines().count() < 100 && std::time::Instant::now() < deadline {
+            std::thread::sleep(FLUSH_DELAY);
+        }
+        let seqs: Vec<u64> = out
+            .text()
+            .lines()
+            .map(|line| {
+                let event: serde_json::Value = serde_json::from_str(line).expect("whole line");
+                event["seq"].as_u64().expect("seq")
+            })
+            .collect();
+        assert_eq!(seqs, (0..100).collect::<Vec<u64>>());
+
+        // What is still batched at exit is written by the exit hook's call.
+        batch.push(b"last words\n");
+        batch.write_out();
+        assert!(out.text().ends_with("last words\n"), "{}", out.text());
+    }
+
+    #[test]
+    fn optional_displays_the_value_or_nothing() {
+        assert_eq!(Optional(Some(7)).to_string(), "7");
+        assert_eq!(Optional(None::<u8>).to_string(), "");
     }
 
     #[test]

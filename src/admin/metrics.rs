@@ -2,9 +2,16 @@
 //! `istio_` prefix, ztund's own counters and gauges, and process metrics read at scrape time.
 //! It does not serve them over HTTP (see `server`) and it does not decide which labels a
 //! connection gets: the proxies fill [`TrafficLabels`] and call in.
+//!
+//! Per connection, the data path records through a [`TrafficSeries`]: one label set's counters,
+//! found through a [`SeriesKey`] naming what the labels were derived from, so a connection
+//! between a pair already seen neither builds labels nor hashes them.
 
+use std::any::Any;
+use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::sync::Arc;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use prometheus_client::encoding::{
     EncodeLabelSet, EncodeLabelValue, LabelSetEncoder, LabelValueEncoder,
@@ -16,6 +23,138 @@ use prometheus_client::registry::Registry;
 
 use super::labels::{Reporter, TrafficLabels, encode_label};
 use super::process::ProcessCollector;
+use crate::identity::SpiffeId;
+
+/// One label set's traffic counters. Each is taken from its family on first use, so the
+/// exposition lists exactly the series that the label-by-label API would have created.
+#[derive(Debug)]
+pub struct TrafficSeries {
+    labels: TrafficLabels,
+    opened: OnceLock<Counter>,
+    closed: OnceLock<Counter>,
+    failed: OnceLock<Counter>,
+    received: OnceLock<Counter>,
+    sent: OnceLock<Counter>,
+}
+
+impl TrafficSeries {
+    fn new(labels: TrafficLabels) -> Self {
+        TrafficSeries {
+            labels,
+            opened: OnceLock::new(),
+            closed: OnceLock::new(),
+            failed: OnceLock::new(),
+            received: OnceLock::new(),
+            sent: OnceLock::new(),
+        }
+    }
+
+    pub fn labels(&self) -> &TrafficLabels {
+        &self.labels
+    }
+
+    fn counter<'a>(
+        &self,
+        slot: &'a OnceLock<Counter>,
+        family: &Family<TrafficLabels, Counter>,
+    ) -> &'a Counter {
+        slot.get_or_init(|| family.get_or_create(&self.labels).clone())
+    }
+}
+
+/// What a connection's labels were derived from: a derivation name, the shared objects it read
+/// (compared by address, and kept alive by the key so an address cannot be reused while it is
+/// cached) and the peer's identity. The caller promises that equal keys give equal labels,
+/// which holds when the objects are immutable (snapshot entries).
+#[derive(Clone)]
+pub struct SeriesKey {
+    derivation: &'static str,
+    sources: [Option<Arc<dyn Any + Send + Sync>>; 3],
+    peer: Option<SpiffeId>,
+}
+
+impl SeriesKey {
+    pub fn new(
+        derivation: &'static str,
+        sources: [Option<Arc<dyn Any + Send + Sync>>; 3],
+        peer: Option<SpiffeId>,
+    ) -> Self {
+        SeriesKey {
+            derivation,
+            sources,
+            peer,
+        }
+    }
+
+    fn addresses(&self) -> [*const (); 3] {
+        self.sources.each_ref().map(|source| {
+            source
+                .as_ref()
+                .map_or(std::ptr::null(), |s| Arc::as_ptr(s).cast::<()>())
+        })
+    }
+
+    /// Whether anyone but the cache still holds the objects (a snapshot or a connection).
+    fn in_use(&self) -> bool {
+        self.sources
+            .iter()
+            .flatten()
+            .all(|source| Arc::strong_count(source) > 1)
+    }
+}
+
+impl PartialEq for SeriesKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.derivation == other.derivation
+            && self.addresses() == other.addresses()
+            && self.peer == other.peer
+    }
+}
+
+impl Eq for SeriesKey {}
+
+impl Hash for SeriesKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.derivation.hash(state);
+        self.addresses().hash(state);
+        self.peer.hash(state);
+    }
+}
+
+impl std::fmt::Debug for SeriesKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SeriesKey")
+            .field("derivation", &self.derivation)
+            .field("sources", &self.addresses())
+            .field("peer", &self.peer)
+            .finish()
+    }
+}
+
+/// Series by key. Entries whose objects left every snapshot are dropped when the cache has
+/// doubled since the last sweep; past [`SeriesCache::MAX`] live entries it starts over.
+#[derive(Debug, Default)]
+struct SeriesCache {
+    series: HashMap<SeriesKey, Arc<TrafficSeries>>,
+    sweep_at: usize,
+}
+
+impl SeriesCache {
+    const FIRST_SWEEP: usize = 1024;
+    const MAX: usize = 1 << 16;
+
+    fn insert(&mut self, key: SeriesKey, series: Arc<TrafficSeries>) -> Arc<TrafficSeries> {
+        let series = self.series.entry(key).or_insert(series).clone();
+        if self.series.len() >= self.sweep_at.max(Self::FIRST_SWEEP) {
+            self.series.retain(|key, _| key.in_use());
+            if self.series.len() >= Self::MAX {
+                self.series.clear();
+            }
+            self.sweep_at = 2 * self.series.len();
+        }
+        series
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ReporterLabels {
@@ -79,6 +218,9 @@ pub struct Metrics {
     pending_proxies: Gauge,
     proxies_started: Counter,
     proxies_stopped: Counter,
+    sockets_of_source: OnceLock<Gauge>,
+    sockets_of_destination: OnceLock<Gauge>,
+    series: RwLock<SeriesCache>,
 }
 
 impl Metrics {
@@ -99,6 +241,9 @@ impl Metrics {
             pending_proxies: Gauge::default(),
             proxies_started: Counter::default(),
             proxies_stopped: Counter::default(),
+            sockets_of_source: OnceLock::new(),
+            sockets_of_destination: OnceLock::new(),
+            series: RwLock::default(),
         };
         metrics.register_istio();
         metrics.register_ztund();
@@ -218,10 +363,69 @@ impl Metrics {
         }
     }
 
-    fn sockets(&self, reporter: Reporter) -> Gauge {
-        self.sockets_open
-            .get_or_create(&ReporterLabels { reporter })
-            .clone()
+    fn sockets(&self, reporter: Reporter) -> &Gauge {
+        let slot = match reporter {
+            Reporter::Source => &self.sockets_of_source,
+            Reporter::Destination => &self.sockets_of_destination,
+        };
+        slot.get_or_init(|| {
+            self.sockets_open
+                .get_or_create(&ReporterLabels { reporter })
+                .clone()
+        })
+    }
+
+    /// The series for `key`, building its labels with `labels` only the first time.
+    pub fn series(
+        &self,
+        key: SeriesKey,
+        labels: impl FnOnce() -> TrafficLabels,
+    ) -> Arc<TrafficSeries> {
+        if let Ok(cache) = self.series.read()
+            && let Some(series) = cache.series.get(&key)
+        {
+            return series.clone();
+        }
+        let series = Arc::new(TrafficSeries::new(labels()));
+        match self.series.write() {
+            Ok(mut cache) => cache.insert(key, series),
+            // A writer panicked mid-insert: record without caching rather than not at all.
+            Err(_) => series,
+        }
+    }
+
+    /// Records a connection set up; pair with exactly one [`Metrics::close`].
+    pub fn open(&self, series: &TrafficSeries) {
+        series
+            .counter(&series.opened, &self.connections_opened)
+            .inc();
+        self.sockets(series.labels.reporter).inc();
+    }
+
+    /// [`Metrics::connection_closed`] for a series.
+    pub fn close(&self, series: &TrafficSeries, received: u64, sent: u64) {
+        self.add_series_bytes(series, received, sent);
+        series
+            .counter(&series.closed, &self.connections_closed)
+            .inc();
+        if series.labels.response_flags.is_failure() {
+            series
+                .counter(&series.failed, &self.connections_failed)
+                .inc();
+        }
+        self.sockets(series.labels.reporter).dec();
+    }
+
+    /// [`Metrics::add_bytes`] for a series.
+    pub fn add_series_bytes(&self, series: &TrafficSeries, received: u64, sent: u64) {
+        if received > 0 {
+            series
+                .counter(&series.received, &self.received_bytes)
+                .inc_by(received);
+        }
+        if sent > 0 {
+            series.counter(&series.sent, &self.sent_bytes).inc_by(sent);
+        }
     }
 
     /// Sets the number of HBONE client connections in the pool.
@@ -347,4 +551,31 @@ fn to_prometheus_text(openmetrics: &str) -> String {
         out.push('\n');
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(object: &Arc<u32>) -> SeriesKey {
+        SeriesKey::new("test", [Some(object.clone() as _), None, None], None)
+    }
+
+    #[test]
+    fn series_of_objects_nobody_holds_any_more_are_swept() {
+        let metrics = Metrics::new();
+        let kept = Arc::new(0u32);
+        let first = metrics.series(key(&kept), || TrafficLabels::new(Reporter::Source));
+        for i in 0..SeriesCache::FIRST_SWEEP as u32 {
+            let gone = Arc::new(i + 1);
+            metrics.series(key(&gone), || TrafficLabels::new(Reporter::Source));
+        }
+        let cache = metrics.series.read().unwrap();
+        assert!(cache.series.len() < 4, "{} left", cache.series.len());
+        let still = cache
+            .series
+            .get(&key(&kept))
+            .expect("a held object keeps its series");
+        assert!(Arc::ptr_eq(still, &first));
+    }
 }

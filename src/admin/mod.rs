@@ -15,7 +15,7 @@ mod server;
 mod tests;
 
 pub use labels::{Reporter, ResponseFlags, SecurityPolicy, TrafficLabels};
-pub use metrics::{Metrics, ReloadResult, content_type};
+pub use metrics::{Metrics, ReloadResult, SeriesKey, TrafficSeries, content_type};
 pub use readiness::{Readiness, ReadyGuard};
 pub use server::{
     AdminError, AdminState, ConfigDump, bind_admin, serve_admin, serve_metrics, serve_readiness,

@@ -1,6 +1,7 @@
 //! The node's view of the mesh as plain data: workloads, services and the policy documents that
 //! came with them. Built by a source (mesh file, xDS), frozen into a [`Snapshot`], never mutated.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
@@ -48,11 +49,50 @@ pub struct Workload {
     pub netns: Option<String>,
     /// RFC3339 creation time, used for tie-breaks between policies; pods rarely need it.
     pub creation_timestamp: Option<String>,
+    /// The identity built once when the workload entered a [`Snapshot`](super::Snapshot);
+    /// `Default` everywhere else. Not part of the workload's value (never compared).
+    pub identity_cache: IdentityCache,
+}
+
+/// A workload's SPIFFE id, computed once so the data path does not format and parse it on
+/// every connection. Only [`Workload::identity`] reads it, and only while it still matches the
+/// workload's fields, so a clone whose fields were changed afterwards cannot report a stale id.
+#[derive(Debug, Clone, Default)]
+pub struct IdentityCache(Option<SpiffeId>);
+
+impl PartialEq for IdentityCache {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 impl Workload {
     /// The identity this workload proves in TLS.
     pub fn identity(&self) -> SpiffeId {
+        self.identity_ref().into_owned()
+    }
+
+    /// [`Workload::identity`] without a copy when the workload came from a snapshot.
+    pub fn identity_ref(&self) -> Cow<'_, SpiffeId> {
+        match &self.identity_cache.0 {
+            Some(id)
+                if id.service_account() == self.service_account
+                    && id.namespace() == self.namespace
+                    && id.trust_domain() == self.trust_domain =>
+            {
+                Cow::Borrowed(id)
+            }
+            _ => Cow::Owned(self.build_identity()),
+        }
+    }
+
+    /// Computes the identity once and keeps it; [`Snapshot::build`](super::Snapshot::build)
+    /// calls this for every workload it indexes.
+    pub fn cache_identity(&mut self) {
+        self.identity_cache = IdentityCache(Some(self.build_identity()));
+    }
+
+    fn build_identity(&self) -> SpiffeId {
         SpiffeId::new(&self.trust_domain, &self.namespace, &self.service_account).unwrap_or_else(
             |_| {
                 // Parsing validated every part; this fallback is unreachable for parsed workloads.

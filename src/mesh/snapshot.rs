@@ -22,8 +22,9 @@ pub struct Snapshot {
     workloads_by_node: HashMap<String, Vec<Arc<Workload>>>,
     service_by_vip: HashMap<IpAddr, Arc<Service>>,
     services_by_hostname: HashMap<String, Vec<Arc<Service>>>,
-    /// Endpoints of each service, keyed by `namespace/hostname`.
-    endpoints: HashMap<String, Vec<Arc<Workload>>>,
+    /// Endpoints of each service by namespace, then hostname: looked up per connection without
+    /// building a `namespace/hostname` key.
+    endpoints: HashMap<String, HashMap<String, Vec<Arc<Workload>>>>,
     /// The policy documents in force with this view.
     pub policies: PolicySet,
     /// Bumped on every swap; lets logs and tests tell snapshots apart.
@@ -33,7 +34,13 @@ pub struct Snapshot {
 impl Snapshot {
     /// Indexes workloads and services; endpoints are resolved here once, not per connection.
     pub fn build(workloads: Vec<Workload>, services: Vec<Service>, policies: PolicySet) -> Self {
-        let workloads: Vec<Arc<Workload>> = workloads.into_iter().map(Arc::new).collect();
+        let workloads: Vec<Arc<Workload>> = workloads
+            .into_iter()
+            .map(|mut workload| {
+                workload.cache_identity();
+                Arc::new(workload)
+            })
+            .collect();
         let services: Vec<Arc<Service>> = services.into_iter().map(Arc::new).collect();
         let mut snapshot = Snapshot {
             policies,
@@ -76,7 +83,11 @@ impl Snapshot {
                     .collect(),
                 Endpoints::None => Vec::new(),
             };
-            snapshot.endpoints.insert(service_key(service), members);
+            snapshot
+                .endpoints
+                .entry(service.namespace.clone())
+                .or_default()
+                .insert(service.hostname.clone(), members);
         }
         snapshot.workloads = workloads;
         snapshot.services = services;
@@ -119,7 +130,8 @@ impl Snapshot {
     /// Every workload that backs the service, healthy or not.
     pub fn endpoints(&self, service: &Service) -> &[Arc<Workload>] {
         self.endpoints
-            .get(&service_key(service))
+            .get(&service.namespace)
+            .and_then(|by_host| by_host.get(&service.hostname))
             .map(Vec::as_slice)
             .unwrap_or(&[])
     }
@@ -191,5 +203,77 @@ impl MeshStore {
     /// A receiver that changes whenever the snapshot is replaced.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::borrow::Cow;
+
+    use super::*;
+    use crate::mesh::model::ServicePort;
+    use crate::policy::tests::{policies, workload};
+
+    fn service(namespace: &str, hostname: &str, app: &str) -> Service {
+        Service {
+            name: hostname.split('.').next().unwrap_or(hostname).to_string(),
+            namespace: namespace.to_string(),
+            hostname: hostname.to_string(),
+            vips: vec![],
+            ports: vec![ServicePort {
+                name: None,
+                port: 80,
+                target_port: 8080,
+            }],
+            endpoints: Endpoints::Selector([("app".to_string(), app.to_string())].into()),
+            subject_alt_names: vec![],
+            external: false,
+        }
+    }
+
+    #[test]
+    fn a_snapshot_workload_lends_its_identity_and_a_changed_clone_reports_its_own() {
+        let echo = workload("default", "echo", "echo-sa", "10.0.0.2", "app=echo");
+        let snapshot = Snapshot::build(vec![echo], vec![], policies(""));
+        let indexed = &snapshot.workloads()[0];
+        assert!(matches!(indexed.identity_ref(), Cow::Borrowed(_)));
+        assert_eq!(
+            indexed.identity().to_string(),
+            "spiffe://cluster.local/ns/default/sa/echo-sa"
+        );
+
+        let mut moved = Workload::clone(indexed);
+        moved.service_account = "other-sa".into();
+        assert!(matches!(moved.identity_ref(), Cow::Owned(_)));
+        assert_eq!(
+            moved.identity().to_string(),
+            "spiffe://cluster.local/ns/default/sa/other-sa"
+        );
+    }
+
+    #[test]
+    fn endpoints_are_found_by_namespace_and_hostname() {
+        let echo = workload("default", "echo", "echo", "10.0.0.2", "app=echo");
+        let other = workload("other", "echo", "echo", "10.0.0.3", "app=echo");
+        let services = vec![
+            service("default", "echo.default.svc.cluster.local", "echo"),
+            // The same hostname in another namespace is another service.
+            service("other", "echo.default.svc.cluster.local", "echo"),
+            service("default", "web.default.svc.cluster.local", "web"),
+        ];
+        let snapshot = Snapshot::build(vec![echo, other], services, policies(""));
+        let names = |i: usize| -> Vec<String> {
+            let service = &snapshot.services()[i];
+            snapshot
+                .endpoints(service)
+                .iter()
+                .map(|w| format!("{}/{}", w.namespace, w.name))
+                .collect()
+        };
+        assert_eq!(names(0), ["default/echo"]);
+        assert_eq!(names(1), ["other/echo"]);
+        assert!(names(2).is_empty());
+        let unknown = service("default", "nope.default.svc.cluster.local", "echo");
+        assert!(snapshot.endpoints(&unknown).is_empty());
     }
 }

@@ -14,10 +14,11 @@ use super::accept::accept_loop;
 use super::context::{Owner, ProxyContext, Scope};
 use super::copy::{Transferred, copy_tcp_h2};
 use super::tracker::TrackedConnection;
-use crate::admin::TrafficLabels;
+use crate::admin::TrafficSeries;
 use crate::hbone::server::{ConnectionInfo, IncomingConnect, Refusal, accept_and_serve};
 use crate::hbone::{Authority, H2Stream};
 use crate::identity::SpiffeId;
+use crate::logging::Optional;
 use crate::mesh::{Snapshot, Workload};
 use crate::policy::{self, ConnectionFacts, Decision};
 
@@ -90,7 +91,7 @@ struct Connection {
     upstream: TcpStream,
     stream: H2Stream,
     workload: Arc<Workload>,
-    labels: TrafficLabels,
+    series: Arc<TrafficSeries>,
     peer: SocketAddr,
     target: SocketAddr,
     started: Instant,
@@ -149,7 +150,8 @@ async fn set_up(
             return None;
         }
     };
-    let labels = super::labels::inbound(
+    let series = super::labels::inbound_series(
+        &ctx.metrics,
         &workload,
         tracked.facts().source_identity.as_ref(),
         &snapshot,
@@ -166,7 +168,7 @@ async fn set_up(
         upstream,
         stream,
         workload,
-        labels,
+        series,
         peer,
         target,
         started,
@@ -180,23 +182,23 @@ async fn carry(ctx: &ProxyContext, connection: Box<Connection>) {
         upstream,
         stream,
         workload,
-        labels,
+        series,
         peer,
         target,
         started,
     } = *connection;
-    ctx.metrics.connection_opened(&labels);
+    ctx.metrics.open(&series);
     let result = tracked.guard(copy_tcp_h2(upstream, stream)).await;
     let Transferred {
         to_upstream: received,
         to_downstream: sent,
     } = Transferred::of(&result);
-    ctx.metrics.connection_closed(&labels, received, sent);
+    ctx.metrics.close(&series, received, sent);
     info!(
         target: "access",
         direction = "inbound",
         src.addr = %peer,
-        src.identity = %identity(tracked.facts().source_identity.as_ref()),
+        src.identity = %Optional(tracked.facts().source_identity.as_ref()),
         dst.addr = %target,
         dst.workload = %workload.name,
         dst.namespace = %workload.namespace,
@@ -208,14 +210,10 @@ async fn carry(ctx: &ProxyContext, connection: Box<Connection>) {
     );
 }
 
-fn identity(id: Option<&SpiffeId>) -> String {
-    id.map(ToString::to_string).unwrap_or_default()
-}
-
 fn refuse(incoming: IncomingConnect, refusal: Refusal) {
     access_refused(
         incoming.peer_addr,
-        &identity(incoming.peer_identity.as_ref()),
+        incoming.peer_identity.as_ref(),
         &incoming.authority,
         &refusal,
     );
@@ -274,12 +272,17 @@ fn destination(
     Ok((workload, target))
 }
 
-fn access_refused(peer: SocketAddr, identity: &str, authority: &Authority, refusal: &Refusal) {
+fn access_refused(
+    peer: SocketAddr,
+    identity: Option<&SpiffeId>,
+    authority: &Authority,
+    refusal: &Refusal,
+) {
     info!(
         target: "access",
         direction = "inbound",
         src.addr = %peer,
-        src.identity = %identity,
+        src.identity = %Optional(identity),
         dst.authority = %authority,
         status = refusal.status().as_u16(),
         reason = refusal.reason(),

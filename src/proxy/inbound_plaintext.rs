@@ -74,14 +74,14 @@ async fn handle(
         .connect(target, spoof)
         .await
         .map_err(|e| format!("connecting to {target}: {e}"))?;
-    let labels = super::labels::inbound(&workload, None, &snapshot);
-    ctx.metrics.connection_opened(&labels);
+    let series = super::labels::inbound_series(&ctx.metrics, &workload, None, &snapshot);
+    ctx.metrics.open(&series);
     let result = tracked.guard(copy_bidirectional(client, upstream)).await;
     let Transferred {
         to_upstream: received,
         to_downstream: sent,
     } = Transferred::of(&result);
-    ctx.metrics.connection_closed(&labels, received, sent);
+    ctx.metrics.close(&series, received, sent);
     info!(
         target: "access",
         direction = "inbound_plaintext",

@@ -17,6 +17,7 @@ use super::route::{self, Plan};
 use super::socks5;
 use crate::hbone::pool::PoolKey;
 use crate::hbone::{ConnectRequest, H2Stream, HboneError};
+use crate::logging::Optional;
 use crate::mesh::Workload;
 
 /// Which way into the mesh a client came.
@@ -119,22 +120,26 @@ async fn set_up_socks5(
     mut client: TcpStream,
     peer: SocketAddr,
 ) -> Result<Box<Connection>, String> {
-    let target = socks5::accept(&mut client)
+    let handshake = socks5::accept(&mut client)
         .await
         .map_err(|e| e.to_string())?;
     let started = Instant::now();
     let snapshot = ctx.mesh.load();
     let Some(source) = scope.source_workload(&snapshot, &ctx.config.node, peer.ip()) else {
-        let _ = socks5::reply(&mut client, socks5::Reply::NotAllowed).await;
+        let _ = handshake
+            .reply(&mut client, socks5::Reply::NotAllowed)
+            .await;
         return Err(format!("{peer} is not a workload of this node"));
     };
-    let destination = match target {
-        socks5::Target::Addr(addr) => addr,
+    let destination = match &handshake.target {
+        socks5::Target::Addr(addr) => *addr,
         socks5::Target::Domain(name, port) => {
-            match route::resolve_hostname(&snapshot, &name, port, &source.namespace) {
+            match route::resolve_hostname(&snapshot, name, *port, &source.namespace) {
                 Some(addr) => addr,
                 None => {
-                    let _ = socks5::reply(&mut client, socks5::Reply::HostUnreachable).await;
+                    let _ = handshake
+                        .reply(&mut client, socks5::Reply::HostUnreachable)
+                        .await;
                     return Err(format!("{name} is not a mesh service"));
                 }
             }
@@ -152,7 +157,8 @@ async fn set_up_socks5(
         Err(Failure::Refused(_)) => socks5::Reply::NotAllowed,
         Err(Failure::Unreachable(_)) => socks5::Reply::ConnectionRefused,
     };
-    socks5::reply(&mut client, code)
+    handshake
+        .reply(&mut client, code)
         .await
         .map_err(|e| e.to_string())?;
     Ok(Box::new(Connection {
@@ -306,9 +312,9 @@ async fn carry(ctx: &ProxyContext, connection: Box<Connection>) {
         started,
     } = *connection;
     let (path, target) = describe(&plan);
-    let labels = super::labels::outbound(source.as_deref(), &plan);
+    let series = super::labels::outbound_series(&ctx.metrics, source.as_ref(), &plan);
     drop(plan);
-    ctx.metrics.connection_opened(&labels);
+    ctx.metrics.open(&series);
     let result = match upstream {
         Ok(Upstream::Tunnel(stream)) => {
             copy_tcp_h2(client, stream).await.map_err(|e| e.to_string())
@@ -326,31 +332,32 @@ async fn carry(ctx: &ProxyContext, connection: Box<Connection>) {
         Ok(t) => (t.to_upstream, t.to_downstream),
         Err(_) => (0, 0),
     };
-    ctx.metrics.connection_closed(&labels, received, sent);
+    ctx.metrics.close(&series, received, sent);
     info!(
         target: "access",
         direction = "outbound",
         path,
         src.addr = %peer,
         src.workload = source.as_ref().map(|w| w.name.as_str()).unwrap_or(""),
-        src.identity = %source.as_ref().map(|w| w.identity().to_string()).unwrap_or_default(),
+        src.identity = %Optional(source.as_ref().map(|w| w.identity_ref())),
         dst.addr = %destination,
-        dst.hbone_addr = %target,
+        dst.hbone_addr = %Optional(target),
         bytes_sent = received,
         bytes_received = sent,
         duration_ms = started.elapsed().as_millis() as u64,
-        error = result.as_ref().err().cloned().unwrap_or_default(),
+        error = result.as_ref().err().map(String::as_str).unwrap_or(""),
         "connection complete"
     );
 }
 
-fn describe(plan: &Plan) -> (&'static str, String) {
+/// The access log's path name and next hop of a plan.
+fn describe(plan: &Plan) -> (&'static str, Option<SocketAddr>) {
     match plan {
-        Plan::Hbone { authority, .. } => ("hbone", authority.to_string()),
-        Plan::Direct { target, .. } => ("direct", target.to_string()),
-        Plan::Originate { target, .. } => ("tls-origination", target.to_string()),
-        Plan::Passthrough { target } => ("passthrough", target.to_string()),
-        Plan::Refuse(_) => ("refused", String::new()),
+        Plan::Hbone { authority, .. } => ("hbone", Some(*authority)),
+        Plan::Direct { target, .. } => ("direct", Some(*target)),
+        Plan::Originate { target, .. } => ("tls-origination", Some(*target)),
+        Plan::Passthrough { target } => ("passthrough", Some(*target)),
+        Plan::Refuse(_) => ("refused", None),
     }
 }
 
@@ -364,7 +371,7 @@ mod tests {
 
     /// Every outbound connection's task holds this future for the connection's whole life; the
     /// set-up state (SOCKS5, routing, pool checkout: 4.4 KiB inline) must not be part of it.
-    /// What remains: the copy (~270 bytes), the traffic labels (~500) and the access log's facts.
+    /// What remains: the copy (~270 bytes), the metric series handle and the access log's facts.
     #[test]
     fn an_open_connection_keeps_only_the_copy_state_on_its_task() {
         let size = output_size(handle);

@@ -19,6 +19,7 @@ fn workload(name: &str, ip: &str, tunnel: TunnelProtocol, health: HealthStatus) 
         status: health,
         netns: None,
         creation_timestamp: None,
+        identity_cache: Default::default(),
     }
 }
 

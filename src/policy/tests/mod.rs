@@ -77,6 +77,7 @@ pub(crate) fn workload(ns: &str, name: &str, sa: &str, ip: &str, labels: &str) -
         status: HealthStatus::Healthy,
         netns: None,
         creation_timestamp: None,
+        identity_cache: Default::default(),
     }
 }
 
