@@ -1,6 +1,6 @@
 //! The life of a standalone in-pod proxy: a pod removed from the mesh file loses its listeners,
 //! nftables table and routing rule (and is then reached as plain TCP, like any address outside
-//! the mesh); a killed ztund that starts again adopts its pods again (its listeners use
+//! the mesh) and its pooled HBONE tunnels close; a killed ztund that starts again adopts its pods again (its listeners use
 //! SO_REUSEPORT, so nothing is "in use") and traffic flows both ways once more.
 
 mod support;
@@ -144,4 +144,44 @@ async fn a_restarted_ztund_adopts_its_pods_again() {
             "\"hbone\"",
         ])
         .await;
+}
+
+/// The HBONE connections a pod has dialled (port 15008), as `ss` sees them inside it.
+fn tunnels_from(bed: &Testbed, n: usize, p: usize) -> String {
+    bed.run_in(
+        Place::Pod(n, p),
+        &["ss", "-Htn", "state", "established", "( dport = :15008 )"],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_pods_pooled_tunnels_close_with_it() {
+    let w = PodWorld::standalone(2, 1, &pods()).await;
+    let bed = &w.bed;
+    let server = bed.echo_server(2, 1, ECHO_PORT);
+    w.wait_captured(1, 1, true).await;
+    exchange(bed, 1, 1, server).await.expect("through HBONE");
+    // The exchange is over; its tunnel stays pooled (the idle timeout is minutes away).
+    assert!(
+        !tunnels_from(bed, 1, 1).trim().is_empty(),
+        "no pooled tunnel from the client pod after the exchange"
+    );
+
+    w.write_mesh(&[MeshPod::captured(2, 1, "server")]);
+    w.wait_mesh_applied(1).await;
+    w.daemon(1)
+        .wait_log(&["pod proxy stopped", "\"tunnels_released\":1"])
+        .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let open = tunnels_from(bed, 1, 1);
+        if open.trim().is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the removed pod's tunnel is still open:\n{open}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

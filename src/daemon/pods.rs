@@ -251,8 +251,9 @@ impl PodProxies for InPodProxies {
         Box::pin(async move {
             if let Some(pod) = self.running.lock().await.remove(uid) {
                 stop_pod(pod);
+                let tunnels = self.ctx.pool.release_pod(uid);
                 self.ctx.metrics.proxy_stopped();
-                info!(%uid, "pod proxy stopped");
+                info!(%uid, tunnels_released = tunnels, "pod proxy stopped");
             }
         })
     }

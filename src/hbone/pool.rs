@@ -35,6 +35,9 @@ pub struct PoolKey {
     /// The next hop: a peer's IP and its HBONE port.
     pub destination: SocketAddr,
     pub source_ip: Option<IpAddr>,
+    /// The pod whose namespace dials (in-pod capture): its tunnels leave with it
+    /// ([`Pool::release_pod`]).
+    pub pod: Option<Arc<str>>,
     pub shard: usize,
 }
 
@@ -52,6 +55,7 @@ impl PoolKey {
             expected,
             destination,
             source_ip,
+            pod: None,
             shard: crate::shard::current(),
         }
     }
@@ -233,6 +237,22 @@ impl Pool {
                 Err(Attempt::Retry(e) | Attempt::Fail(e)) => return Err(e),
             }
         }
+    }
+
+    /// Lets go of every connection a removed pod dialled: no new stream goes over them, and
+    /// each closes once its last stream is done (the pod's drain cuts those). Returns how many
+    /// connections were released.
+    pub fn release_pod(&self, uid: &str) -> usize {
+        let mut keys = lock(&self.inner.keys);
+        let mut released = 0;
+        keys.retain(|key, entry| {
+            if key.pod.as_deref() != Some(uid) {
+                return true;
+            }
+            released += lock(&entry.connections).len();
+            false
+        });
+        released
     }
 
     /// Live HTTP/2 connections (pooled, or draining their last streams).

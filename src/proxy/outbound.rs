@@ -252,6 +252,10 @@ async fn connect(
                 expected: expected.clone(),
                 destination: *next_hop,
                 source_ip,
+                pod: match &scope.owner {
+                    super::context::Owner::Pod(pod) => Some(Arc::from(pod.uid.as_str())),
+                    super::context::Owner::Node => None,
+                },
                 shard: crate::shard::current(),
             };
             open_tunnel(ctx, scope, key, request)

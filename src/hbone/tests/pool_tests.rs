@@ -221,6 +221,62 @@ async fn a_cold_pool_dials_once_for_many_callers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_pods_connections_close_and_other_pods_keep_theirs() {
+    let echo = Echo::start("127.0.0.1:0").await;
+    let world = World::start(
+        H2Settings::server(),
+        forward(Arc::default(), Arc::default()),
+    )
+    .await;
+    let pool = Pool::new(PoolSettings::default());
+    let key_of = |uid: &str| PoolKey {
+        pod: Some(Arc::from(uid)),
+        ..world.key()
+    };
+    let (gone, staying) = (key_of("pod-a"), key_of("pod-b"));
+    let request = || ConnectRequest::new(echo.addr.to_string());
+    let mut cut = pool
+        .open(&gone, world.dial(), request())
+        .await
+        .expect("pod-a");
+    let mut kept = pool
+        .open(&staying, world.dial(), request())
+        .await
+        .expect("pod-b");
+    assert_eq!(pool.connection_count(), 2, "pods never share a connection");
+
+    assert_eq!(pool.release_pod("pod-a"), 1);
+    assert_eq!(pool.release_pod("pod-a"), 0, "released once");
+    // A stream already open finishes its work (the pod's drain is what cuts it).
+    cut.write_all(b"last").await.unwrap();
+    let mut back = [0; 4];
+    cut.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"last");
+    drop(cut);
+    assert!(
+        eventually(Duration::from_secs(3), || pool.connection_count() == 1).await,
+        "the released connection did not close"
+    );
+
+    // The other pod's connection is untouched and still carries new streams.
+    kept.write_all(b"ping").await.unwrap();
+    kept.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"ping");
+    let mut again = pool
+        .open(&staying, world.dial(), request())
+        .await
+        .expect("a new stream for pod-b");
+    again.write_all(b"pong").await.unwrap();
+    again.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"pong");
+    assert_eq!(
+        pool.stats().dials,
+        2,
+        "pod-b's stream reused its connection"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unused_connection_is_closed_after_the_idle_timeout() {
     let echo = Echo::start("127.0.0.1:0").await;
     let world = World::start(
