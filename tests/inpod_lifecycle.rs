@@ -1,7 +1,8 @@
 //! The life of a standalone in-pod proxy: a pod removed from the mesh file loses its listeners,
 //! nftables table and routing rule (and is then reached as plain TCP, like any address outside
-//! the mesh) and its pooled HBONE tunnels close; a killed ztund that starts again adopts its pods again (its listeners use
-//! SO_REUSEPORT, so nothing is "in use") and traffic flows both ways once more.
+//! the mesh), and its pooled HBONE tunnels close; a killed ztund that starts again adopts its
+//! pods again (its listeners use SO_REUSEPORT, so nothing is "in use") and traffic flows both
+//! ways once more.
 
 mod support;
 mod testbed;
