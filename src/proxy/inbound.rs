@@ -20,7 +20,7 @@ use crate::hbone::{Authority, H2Stream};
 use crate::identity::SpiffeId;
 use crate::logging::Optional;
 use crate::mesh::{Snapshot, Workload};
-use crate::policy::{self, ConnectionFacts, Decision};
+use crate::policy::ConnectionFacts;
 
 /// Accepts HBONE connections until the daemon drains.
 pub async fn serve(ctx: Arc<ProxyContext>, scope: Scope, listener: TcpListener) {
@@ -122,14 +122,12 @@ async fn set_up(
         destination_port: target.port(),
     };
     // Registered while it lives, so that a policy change can close it (see `tracker`).
-    let tracked = match policy::authorize(&snapshot.policies, &workload, &facts) {
-        Decision::Allow => ctx.tracker.register(&workload, facts, &snapshot, &ctx.mesh),
-        Decision::Deny(reason) => Err(reason),
-    };
-    let tracked = match tracked {
+    let admitted = ctx
+        .tracker
+        .admit(&workload, facts, &snapshot, &ctx.mesh, &ctx.metrics);
+    let tracked = match admitted {
         Ok(tracked) => tracked,
         Err(reason) => {
-            ctx.metrics.policy_denial(&reason);
             refuse(incoming, Refusal::Denied(reason));
             return None;
         }

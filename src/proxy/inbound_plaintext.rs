@@ -13,7 +13,7 @@ use tracing::info;
 use super::accept::accept_loop;
 use super::context::{ProxyContext, Scope};
 use super::copy::{Transferred, copy_bidirectional};
-use crate::policy::{self, ConnectionFacts, Decision};
+use crate::policy::ConnectionFacts;
 
 /// Accepts plaintext connections until the pod or the daemon drains.
 pub async fn serve(ctx: Arc<ProxyContext>, scope: Scope, listener: TcpListener) {
@@ -48,14 +48,12 @@ async fn handle(
         destination_ip: target.ip(),
         destination_port: target.port(),
     };
-    let tracked = match policy::authorize(&snapshot.policies, &workload, &facts) {
-        Decision::Allow => ctx.tracker.register(&workload, facts, &snapshot, &ctx.mesh),
-        Decision::Deny(reason) => Err(reason),
-    };
-    let tracked = match tracked {
+    let admitted = ctx
+        .tracker
+        .admit(&workload, facts, &snapshot, &ctx.mesh, &ctx.metrics);
+    let tracked = match admitted {
         Ok(tracked) => tracked,
         Err(reason) => {
-            ctx.metrics.policy_denial(&reason);
             info!(
                 target: "access",
                 direction = "inbound_plaintext",

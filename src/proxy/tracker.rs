@@ -117,6 +117,26 @@ impl ConnectionTracker {
         Arc::new(ConnectionTracker::default())
     }
 
+    /// Authorizes a new connection against `seen` and, if allowed, registers it for re-checks
+    /// (see [`ConnectionTracker::register`]); a denial is counted in `metrics` and returned.
+    pub fn admit(
+        self: &Arc<Self>,
+        workload: &Arc<Workload>,
+        facts: ConnectionFacts,
+        seen: &Snapshot,
+        mesh: &MeshStore,
+        metrics: &Metrics,
+    ) -> Result<TrackedConnection, String> {
+        let admitted = match policy::authorize(&seen.policies, workload, &facts) {
+            Decision::Allow => self.register(workload, facts, seen, mesh),
+            Decision::Deny(reason) => Err(reason),
+        };
+        if let Err(reason) = &admitted {
+            metrics.policy_denial(reason);
+        }
+        admitted
+    }
+
     /// Registers a connection to `workload` that `seen` authorized. If the mesh moved on since
     /// `seen` (a re-check may have run before this registration), it is authorized again against
     /// the current snapshot; `Err` carries the denial and nothing stays registered.
