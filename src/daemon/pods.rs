@@ -226,7 +226,7 @@ impl PodProxies for InPodProxies {
             });
             let scope = Scope {
                 owner: Owner::Pod(PodRef {
-                    uid: pod.uid.clone(),
+                    uid: Arc::from(pod.uid.as_str()),
                     name: pod.name.clone(),
                     namespace: pod.namespace.clone(),
                 }),

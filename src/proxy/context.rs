@@ -38,7 +38,8 @@ pub struct ProxyContext {
 /// The pod a set of in-pod listeners belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodRef {
-    pub uid: String,
+    /// Shared: every tunnel the pod dials carries it in its pool key.
+    pub uid: Arc<str>,
     pub name: String,
     pub namespace: String,
 }

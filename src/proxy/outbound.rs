@@ -253,7 +253,7 @@ async fn connect(
                 destination: *next_hop,
                 source_ip,
                 pod: match &scope.owner {
-                    super::context::Owner::Pod(pod) => Some(Arc::from(pod.uid.as_str())),
+                    super::context::Owner::Pod(pod) => Some(pod.uid.clone()),
                     super::context::Owner::Node => None,
                 },
                 shard: crate::shard::current(),
