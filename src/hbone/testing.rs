@@ -23,7 +23,7 @@ pub struct TestPki {
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    Arc::new(crate::tls::backend())
 }
 
 impl TestPki {

@@ -236,7 +236,7 @@ impl CertificateAuthority {
         let probe = SpiffeId::new(&self.trust_domain, "ztund-probe", "probe")
             .map_err(|err| bad(CA_CERT, err.to_string()))?;
         let leaf = self.issue_now(&probe)?;
-        let algorithms = rustls::crypto::ring::default_provider().signature_verification_algorithms;
+        let algorithms = crate::tls::backend().signature_verification_algorithms;
         let now = UnixTime::now();
         let end_entity = webpki::EndEntityCert::try_from(&leaf.chain[0])
             .map_err(|err| bad(CA_CERT, format!("signs unparsable leaves: {err}")))?;

@@ -22,7 +22,7 @@ pub(crate) fn verify(
         .map(|root| webpki::anchor_from_trusted_cert(root).unwrap().to_owned())
         .collect();
     let leaf = webpki::EndEntityCert::try_from(&chain[0])?;
-    let algorithms = rustls::crypto::ring::default_provider().signature_verification_algorithms;
+    let algorithms = crate::tls::backend().signature_verification_algorithms;
     leaf.verify_for_usage(
         algorithms.all,
         &anchors,

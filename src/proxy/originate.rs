@@ -148,7 +148,7 @@ fn server_name_of(name: &str) -> Result<ServerName<'static>, OriginateError> {
 
 fn provider() -> &'static Arc<CryptoProvider> {
     static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
-    PROVIDER.get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
+    PROVIDER.get_or_init(|| Arc::new(crate::tls::backend()))
 }
 
 fn build(tls: &TlsOrigination) -> Result<Arc<ClientConfig>, OriginateError> {

@@ -148,16 +148,28 @@ pub fn peer_identity(state: &rustls::CommonState) -> Option<SpiffeId> {
     spiffe_ids(leaf).into_iter().next()
 }
 
-/// ring with Istio's TLS 1.3 suites only (no ChaCha20), built once.
+/// The crypto library under rustls: ring (Rust and assembly, no C toolchain) unless built with
+/// the `aws-lc` feature (AWS-LC, a C library; measured against ring in BENCHMARKS.md).
+pub fn backend() -> CryptoProvider {
+    #[cfg(feature = "aws-lc")]
+    return rustls::crypto::aws_lc_rs::default_provider();
+    #[cfg(not(feature = "aws-lc"))]
+    return rustls::crypto::ring::default_provider();
+}
+
+/// The backend with Istio's TLS 1.3 suites only (no ChaCha20), built once.
 fn provider() -> &'static Arc<CryptoProvider> {
+    #[cfg(feature = "aws-lc")]
+    use rustls::crypto::aws_lc_rs::cipher_suite::{
+        TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384,
+    };
+    #[cfg(not(feature = "aws-lc"))]
+    use rustls::crypto::ring::cipher_suite::{TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384};
     static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
     PROVIDER.get_or_init(|| {
-        use rustls::crypto::ring::cipher_suite::{
-            TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384,
-        };
         Arc::new(CryptoProvider {
             cipher_suites: vec![TLS13_AES_256_GCM_SHA384, TLS13_AES_128_GCM_SHA256],
-            ..rustls::crypto::ring::default_provider()
+            ..backend()
         })
     })
 }

@@ -269,14 +269,13 @@ async fn a_tls12_client_is_refused() {
     let (sleep, httpbin) = (mesh.cert("sleep"), mesh.cert("httpbin"));
     let verifier =
         SpiffeVerifier::one_of(&sleep, std::slice::from_ref(&httpbin.id), provider()).unwrap();
-    let mut old =
-        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_protocol_versions(&[&rustls::version::TLS12])
-            .unwrap()
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(verifier))
-            .with_client_auth_cert(sleep.chain.clone(), sleep.key.clone_key())
-            .unwrap();
+    let mut old = ClientConfig::builder_with_provider(Arc::new(super::backend()))
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_auth_cert(sleep.chain.clone(), sleep.key.clone_key())
+        .unwrap();
     old.alpn_protocols = vec![ALPN_H2.to_vec()];
     let server = server_config(&httpbin).unwrap();
     assert_refused(handshake(server, Arc::new(old)).await, "TLS 1.2");
