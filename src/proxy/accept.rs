@@ -1,15 +1,20 @@
 //! The accept loop every listener shares: each connection on its own task, the loop ending when
 //! its scope drains, and connections still open [`DRAIN_DEADLINE`] after the drain cut off (a
 //! removed pod or a stopping daemon does not wait on a client that never closes).
+//!
+//! The cut is one timer per listener, not one per connection: an idle connection's task holds
+//! nothing for it but its place in the listener's set of open connections.
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use slab::Slab;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tracing::{debug, warn};
+use tokio::task::AbortHandle;
+use tracing::{debug, info, warn};
 
 use super::context::ProxyContext;
 
@@ -27,6 +32,14 @@ pub async fn accept_loop<F, Fut>(
     F: Fn(TcpStream, SocketAddr) -> Fut,
     Fut: Future<Output = Result<(), String>> + Send + 'static,
 {
+    let open = Arc::new(OpenConnections::default());
+    // Its own task: a removed pod's listeners are aborted, and its connections must still be cut.
+    tokio::spawn(cut_after_drain(
+        ctx.drain.clone(),
+        open.clone(),
+        DRAIN_DEADLINE,
+        what,
+    ));
     let mut drain = ctx.drain.clone();
     loop {
         let accepted = tokio::select! {
@@ -38,17 +51,9 @@ pub async fn accept_loop<F, Fut>(
                 // Dual-stack listeners report IPv4 peers as ::ffff:a.b.c.d.
                 let peer = crate::net::canonical(peer);
                 let connection = handle(stream, peer);
-                let drain = ctx.drain.clone();
-                tokio::spawn(async move {
-                    tokio::select! {
-                        result = connection => {
-                            if let Err(reason) = result {
-                                debug!(%peer, %reason, listener = what, "connection ended");
-                            }
-                        }
-                        _ = drained_for(drain, DRAIN_DEADLINE) => {
-                            debug!(%peer, listener = what, "connection cut: drain deadline passed");
-                        }
+                open.spawn(async move {
+                    if let Err(reason) = connection.await {
+                        debug!(%peer, %reason, listener = what, "connection ended");
                     }
                 });
             }
@@ -60,35 +65,147 @@ pub async fn accept_loop<F, Fut>(
     }
 }
 
-/// Resolves `deadline` after the drain signal flips; never, if the signal's sender is gone
-/// without a drain (nothing asked this scope to stop).
-async fn drained_for(mut drain: watch::Receiver<bool>, deadline: Duration) {
+/// The tasks of one listener's connections that are still running.
+#[derive(Debug, Default)]
+struct OpenConnections(Mutex<Slab<AbortHandle>>);
+
+impl OpenConnections {
+    /// Runs `connection` on its own task, a member of the set until it ends.
+    fn spawn(self: &Arc<Self>, connection: impl Future<Output = ()> + Send + 'static) {
+        // Held across the spawn, so a task that ends at once on another thread cannot leave
+        // before it is entered.
+        let mut open = self.lock();
+        let entry = open.vacant_entry();
+        let member = Member {
+            open: self.clone(),
+            key: entry.key(),
+        };
+        let task = tokio::spawn(async move {
+            let _member = member;
+            connection.await
+        });
+        entry.insert(task.abort_handle());
+    }
+
+    /// Aborts every task still in the set; returns how many there were.
+    fn cut(&self) -> usize {
+        let tasks = std::mem::take(&mut *self.lock());
+        let count = tasks.len();
+        for (_, task) in tasks {
+            task.abort();
+        }
+        count
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Slab<AbortHandle>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A connection task's place in its listener's set, given up when the task ends or is aborted.
+#[derive(Debug)]
+struct Member {
+    open: Arc<OpenConnections>,
+    key: usize,
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        // Absent after a cut, which empties the set before aborting.
+        self.open.lock().try_remove(self.key);
+    }
+}
+
+/// Cuts the connections still open `deadline` after the drain signal flips; never, if the
+/// signal's sender is gone without a drain (nothing asked this scope to stop).
+async fn cut_after_drain(
+    mut drain: watch::Receiver<bool>,
+    open: Arc<OpenConnections>,
+    deadline: Duration,
+    what: &'static str,
+) {
     if drain.wait_for(|d| *d).await.is_err() {
-        std::future::pending::<()>().await;
+        return;
     }
     tokio::time::sleep(deadline).await;
+    let cut = open.cut();
+    if cut > 0 {
+        info!(
+            listener = what,
+            connections = cut,
+            "connections cut: drain deadline passed"
+        );
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// A connection task that runs until its `finish` sender fires or drops; `ended` reports
+    /// (by closing) when its future is gone, finished or aborted.
+    fn connection(
+        open: &Arc<OpenConnections>,
+    ) -> (
+        tokio::sync::oneshot::Sender<()>,
+        tokio::sync::oneshot::Receiver<()>,
+    ) {
+        let (finish, finished) = tokio::sync::oneshot::channel::<()>();
+        let (ended_tx, ended) = tokio::sync::oneshot::channel::<()>();
+        open.spawn(async move {
+            let _ended = ended_tx;
+            let _ = finished.await;
+        });
+        (finish, ended)
+    }
+
     #[tokio::test(start_paused = true)]
-    async fn a_drain_cuts_after_the_deadline_and_a_dropped_sender_never_does() {
+    async fn a_drain_cuts_what_is_still_open_after_the_deadline() {
         let (tx, rx) = watch::channel(false);
-        let cut = tokio::spawn(drained_for(rx, Duration::from_secs(5)));
+        let open = Arc::new(OpenConnections::default());
+        let cutter = tokio::spawn(cut_after_drain(rx, open.clone(), DRAIN_DEADLINE, "test"));
+        let (finish_a, a) = connection(&open);
+        let (_finish_b, mut b) = connection(&open);
+        tokio::task::yield_now().await;
+        assert_eq!(open.len(), 2);
+
+        finish_a.send(()).unwrap();
+        assert!(a.await.is_err(), "a finished connection's future is gone");
+        assert_eq!(open.len(), 1, "a finished connection leaves the set");
+
         tokio::time::sleep(Duration::from_secs(60)).await;
-        assert!(!cut.is_finished(), "cut without a drain");
+        assert!(
+            b.try_recv()
+                .is_err_and(|e| e == tokio::sync::oneshot::error::TryRecvError::Empty)
+        );
         tx.send(true).unwrap();
         tokio::time::sleep(Duration::from_secs(4)).await;
-        assert!(!cut.is_finished(), "cut before the deadline");
+        assert_eq!(open.len(), 1, "cut before the deadline");
         tokio::time::sleep(Duration::from_secs(2)).await;
-        assert!(cut.is_finished(), "not cut after the deadline");
+        cutter.await.unwrap();
+        assert!(b.await.is_err(), "the open connection was aborted");
+        assert_eq!(open.len(), 0);
+    }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_drain_sender_never_cuts() {
         let (tx, rx) = watch::channel(false);
-        let never = tokio::spawn(drained_for(rx, Duration::from_secs(1)));
+        let open = Arc::new(OpenConnections::default());
+        let cutter = tokio::spawn(cut_after_drain(rx, open.clone(), DRAIN_DEADLINE, "test"));
+        let (_finish, mut ended) = connection(&open);
         drop(tx);
+        cutter.await.unwrap();
         tokio::time::sleep(Duration::from_secs(60)).await;
-        assert!(!never.is_finished(), "a dropped sender is not a drain");
+        assert!(
+            ended
+                .try_recv()
+                .is_err_and(|e| e == tokio::sync::oneshot::error::TryRecvError::Empty)
+        );
+        assert_eq!(open.len(), 1);
     }
 }

@@ -184,7 +184,7 @@ async fn carry(ctx: &ProxyContext, connection: Box<Connection>) {
         peer,
         target,
         started,
-    } = *connection;
+    } = super::unbox(connection);
     ctx.metrics.open(&series);
     let result = tracked.guard(copy_tcp_h2(upstream, stream)).await;
     let Transferred {

@@ -13,3 +13,11 @@ pub mod outbound;
 pub mod route;
 pub mod socks5;
 pub mod tracker;
+
+/// Moves a value out of its box and frees the box now. Destructuring `*boxed` frees it only when
+/// `boxed` goes out of scope: in a connection's future, after the connection's last byte
+/// (heaptrack: 422 bytes per idle outbound connection, 256 per inbound stream).
+#[allow(clippy::boxed_local)] // the point: the caller's box is freed here
+fn unbox<T>(boxed: Box<T>) -> T {
+    *boxed
+}

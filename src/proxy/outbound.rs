@@ -314,7 +314,7 @@ async fn carry(ctx: &ProxyContext, connection: Box<Connection>) {
         upstream,
         client,
         started,
-    } = *connection;
+    } = super::unbox(connection);
     let (path, target) = describe(&plan);
     let series = super::labels::outbound_series(&ctx.metrics, source.as_ref(), &plan);
     drop(plan);
