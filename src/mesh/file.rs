@@ -4,6 +4,12 @@
 //!
 //! Watching is by polling (file identity, size, times, then a content hash) on purpose: it follows
 //! a ConfigMap's `..data` symlink swap and an editor's rename-on-save without inotify.
+//!
+//! A file written in place (`>`, `cp`, most tools) is empty between its truncation and its write,
+//! and an empty file is a valid, empty mesh: applied, it would drop every workload for a poll
+//! interval. So new content is applied only once it has held still from one poll to the next; a
+//! writer that finishes within a poll interval is never seen half done. Renaming a complete file
+//! over the old one remains the way to be safe whatever the writer's pace.
 
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::os::unix::fs::MetadataExt;
@@ -133,13 +139,15 @@ pub enum Reload {
     Restored,
 }
 
-/// The watcher's memory of the file: what it last saw and what is in force. Synchronous, so the
-/// change-detection rules are testable without timers.
+/// The watcher's memory of the file: what it last saw, what it last reported and what is in
+/// force. Synchronous, so the change-detection rules are testable without timers.
 #[derive(Debug)]
 pub struct MeshFileWatch {
     path: PathBuf,
     settings: MeshSettings,
     seen: Seen,
+    /// Hash of the content last applied, refused or restored: seen again, it is not news.
+    reported: Option<u64>,
     /// Hash of the content the store holds.
     applied: Option<u64>,
 }
@@ -191,6 +199,7 @@ impl MeshFileWatch {
         if let Ok((stamp, bytes)) = watch.read() {
             let hash = content_hash(&bytes);
             watch.seen = Seen::Content { stamp, hash };
+            watch.reported = Some(hash);
             watch.applied = Some(hash);
         } else {
             watch.seen = Seen::Unreadable;
@@ -204,13 +213,19 @@ impl MeshFileWatch {
             path,
             settings,
             seen: Seen::Nothing,
+            reported: None,
             applied: None,
         }
     }
 
-    /// Checks the file once; `None` when there is nothing new to report.
+    /// Checks the file once; `None` when there is nothing new to report, or when the content
+    /// changed since the last poll and may still be being written (reported at the next poll if
+    /// it holds still). The first poll of an unstarted watch reports at once: at start-up there
+    /// is no last good mesh to keep serving meanwhile.
     pub fn poll(&mut self) -> Option<Reload> {
-        if let (Seen::Content { stamp, .. }, Ok(meta)) = (&self.seen, std::fs::metadata(&self.path))
+        if let (Seen::Content { stamp, hash }, Ok(meta)) =
+            (&self.seen, std::fs::metadata(&self.path))
+            && self.reported == Some(*hash)
             && *stamp == Stamp::of(&meta)
             && !stamp.is_recent()
         {
@@ -223,14 +238,18 @@ impl MeshFileWatch {
                     return None;
                 }
                 self.seen = Seen::Unreadable;
+                // Whatever content comes back is news, even the content reported before.
+                self.reported = None;
                 return Some(Reload::Refused(e));
             }
         };
         let hash = content_hash(&bytes);
         let previous = std::mem::replace(&mut self.seen, Seen::Content { stamp, hash });
-        if matches!(previous, Seen::Content { hash: seen, .. } if seen == hash) {
+        let held_still = matches!(previous, Seen::Content { hash: seen, .. } if seen == hash);
+        if self.reported == Some(hash) || (!held_still && previous != Seen::Nothing) {
             return None;
         }
+        self.reported = Some(hash);
         if self.applied == Some(hash) {
             return Some(Reload::Restored);
         }
@@ -297,6 +316,14 @@ mod tests {
         std::fs::rename(&tmp, path).unwrap();
     }
 
+    /// Polls twice: a change is news only once it has held still from one poll to the next.
+    fn settled(watch: &mut MeshFileWatch) -> Option<Reload> {
+        if let Some(early) = watch.poll() {
+            panic!("reported before the content held still for a poll: {early:?}");
+        }
+        watch.poll()
+    }
+
     #[test]
     fn the_example_mesh_parses() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/mesh.yaml");
@@ -357,14 +384,14 @@ mod tests {
         assert!(watch.poll().is_none(), "the baseline is in force already");
 
         save(&path, &format!("{SLEEP}---\n{ECHO}"));
-        let Some(Reload::Applied(snapshot)) = watch.poll() else {
+        let Some(Reload::Applied(snapshot)) = settled(&mut watch) else {
             panic!("valid edit must apply")
         };
         assert!(snapshot.workload_by_ip(ip("10.201.2.2")).is_some());
         assert!(watch.poll().is_none());
 
         save(&path, &format!("{SLEEP}---\n{BROKEN}"));
-        let Some(Reload::Refused(err)) = watch.poll() else {
+        let Some(Reload::Refused(err)) = settled(&mut watch) else {
             panic!("invalid edit must be refused")
         };
         let err = err.to_string();
@@ -378,7 +405,7 @@ mod tests {
         assert!(watch.poll().is_none());
 
         save(&path, &format!("{SLEEP}---\n{ECHO}"));
-        assert!(matches!(watch.poll(), Some(Reload::Restored)));
+        assert!(matches!(settled(&mut watch), Some(Reload::Restored)));
 
         std::fs::remove_file(&path).unwrap();
         let Some(Reload::Refused(MeshError::Io { .. })) = watch.poll() else {
@@ -387,10 +414,70 @@ mod tests {
         assert!(watch.poll().is_none(), "a missing file is reported once");
 
         save(&path, SLEEP);
-        let Some(Reload::Applied(snapshot)) = watch.poll() else {
+        let Some(Reload::Applied(snapshot)) = settled(&mut watch) else {
             panic!("file came back with new content")
         };
         assert_eq!(snapshot.workloads().len(), 1);
+    }
+
+    /// An in-place write truncates the file before writing it: a poll in between finds an empty
+    /// file, which parses as a valid mesh without workloads. It must not replace the mesh.
+    #[test]
+    fn a_file_caught_in_the_middle_of_a_write_is_not_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mesh.yaml");
+        let both = format!("{SLEEP}---\n{ECHO}");
+        std::fs::write(&path, &both).unwrap();
+        let mut watch = MeshFileWatch::new(path.clone(), MeshSettings::default());
+
+        // Truncated, not yet written: what `std::fs::write` leaves between its open and write.
+        std::fs::File::create(&path).unwrap();
+        assert!(
+            watch.poll().is_none(),
+            "a file that just changed may be half written"
+        );
+        std::fs::write(&path, both.replace("name: echo", "name: echo-v2")).unwrap();
+        let Some(Reload::Applied(snapshot)) = settled(&mut watch) else {
+            panic!("the finished write must apply")
+        };
+        let names: Vec<&str> = snapshot
+            .workloads()
+            .iter()
+            .map(|w| w.name.as_str())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        assert!(names.contains(&"echo-v2"), "{names:?}");
+
+        // Truncated and written back to the content in force: nothing to do, nothing applied.
+        std::fs::File::create(&path).unwrap();
+        assert!(watch.poll().is_none());
+        std::fs::write(&path, both.replace("name: echo", "name: echo-v2")).unwrap();
+        assert!(watch.poll().is_none());
+        assert!(watch.poll().is_none());
+    }
+
+    /// Content first seen when its times are already old still applies at the next poll: the
+    /// unchanged-stamp shortcut is only for content already dealt with.
+    #[test]
+    fn an_old_file_seen_once_is_applied_at_the_next_poll() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mesh.yaml");
+        std::fs::write(&path, SLEEP).unwrap();
+        let mut watch = MeshFileWatch::new(path.clone(), MeshSettings::default());
+
+        save(&path, ECHO);
+        let old = SystemTime::now() - Duration::from_secs(60);
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        let Some(Reload::Applied(snapshot)) = settled(&mut watch) else {
+            panic!("an edit seen once must apply at the next poll")
+        };
+        assert_eq!(snapshot.workloads()[0].name, "echo");
+        assert!(watch.poll().is_none());
     }
 
     #[tokio::test]

@@ -102,6 +102,22 @@ pub struct Daemon {
     pub node: usize,
 }
 
+/// A failing test shows what every daemon it ran said: a race between two of them is read from
+/// both logs, and a rare failure may not come back for another look.
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "----- node{} log ({}) -----\n{}----- end of node{} log -----",
+                self.node,
+                self.log.display(),
+                self.log_text(),
+                self.node
+            );
+        }
+    }
+}
+
 impl Daemon {
     /// The daemon's log so far.
     pub fn log_text(&self) -> String {
