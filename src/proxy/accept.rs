@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use futures::FutureExt;
 use slab::Slab;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -50,12 +51,11 @@ pub async fn accept_loop<F, Fut>(
             Ok((stream, peer)) => {
                 // Dual-stack listeners report IPv4 peers as ::ffff:a.b.c.d.
                 let peer = crate::net::canonical(peer);
-                let connection = handle(stream, peer);
-                open.spawn(async move {
-                    if let Err(reason) = connection.await {
+                open.spawn(handle(stream, peer).map(move |result| {
+                    if let Err(reason) = result {
                         debug!(%peer, %reason, listener = what, "connection ended");
                     }
-                });
+                }));
             }
             Err(e) => {
                 warn!(error = %e, listener = what, "accepting a connection");
@@ -70,7 +70,9 @@ pub async fn accept_loop<F, Fut>(
 struct OpenConnections(Mutex<Slab<AbortHandle>>);
 
 impl OpenConnections {
-    /// Runs `connection` on its own task, a member of the set until it ends.
+    /// Runs `connection` on its own task, a member of the set until it ends. (`map`, not an
+    /// `async` block: a block that awaits a future it captured holds it twice, and this future
+    /// lives as long as the connection.)
     fn spawn(self: &Arc<Self>, connection: impl Future<Output = ()> + Send + 'static) {
         // Held across the spawn, so a task that ends at once on another thread cannot leave
         // before it is entered.
@@ -80,10 +82,7 @@ impl OpenConnections {
             open: self.clone(),
             key: entry.key(),
         };
-        let task = tokio::spawn(async move {
-            let _member = member;
-            connection.await
-        });
+        let task = tokio::spawn(connection.map(move |()| drop(member)));
         entry.insert(task.abort_handle());
     }
 

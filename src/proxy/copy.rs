@@ -285,7 +285,12 @@ impl StreamToH2 {
                     let sent = send.poll_send(cx, &mut self.sending);
                     self.copied += (before - self.sending.len()) as u64;
                     match ready!(sent) {
-                        Ok(()) => self.phase = Phase::Reading,
+                        Ok(()) => {
+                            // Spent, but still a reference to the read buffer's allocation:
+                            // an idle connection would keep it.
+                            self.sending = Bytes::new();
+                            self.phase = Phase::Reading;
+                        }
                         Err(e) if is_close(&e) => {
                             self.sending = Bytes::new();
                             self.phase = Phase::Done;
