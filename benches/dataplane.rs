@@ -19,6 +19,8 @@
 //! `ZTUND_BENCH_BEFORE=PATH`: also measure another ztund build (a second testbed, interleaved
 //! case by case with this build) and print before → after: an optimisation's effect, same run.
 //! `ZTUND_BENCH_AFTER=PATH`: measure that binary as "this build" instead of the one cargo built.
+//! `ZTUND_BENCH_HEAPTRACK=DIR`: record each daemon's heap with heaptrack into DIR (one raw trace
+//! per daemon start; `heaptrack` must be installed).
 
 #[path = "../tests/support/mod.rs"]
 mod support;

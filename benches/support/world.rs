@@ -134,6 +134,9 @@ impl World {
     }
 }
 
+/// Debian's `heaptrack` package puts its recorder here.
+const HEAPTRACK_PRELOAD: &str = "/usr/lib/heaptrack/libheaptrack_preload.so";
+
 /// Starts `ztund run` in node `n` with its log in the cluster directory. Unlike
 /// `Cluster::start`, the binary is a parameter, so two builds can be measured side by side.
 fn start_daemon(
@@ -152,6 +155,17 @@ fn start_daemon(
         .env("ZTUND_LOG", "info")
         .stdout(std::process::Stdio::null())
         .stderr(log_file);
+    if let Some(dir) = std::env::var_os("ZTUND_BENCH_HEAPTRACK") {
+        // heaptrack's recorder, without its wrapper script: the raw trace survives the kill
+        // that ends each daemon (BENCHMARKS.md, "Heap profiles").
+        static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let start = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("node{n}-{}-{start}.raw", bed.prefix());
+        let trace = std::path::Path::new(&dir).join(name);
+        command
+            .env("LD_PRELOAD", HEAPTRACK_PRELOAD)
+            .env("DUMP_HEAPTRACK_OUTPUT", trace);
+    }
     Daemon {
         child: bed.spawn_in(Place::Node(n), command),
         log,
