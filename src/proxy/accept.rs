@@ -51,11 +51,7 @@ pub async fn accept_loop<F, Fut>(
             Ok((stream, peer)) => {
                 // Dual-stack listeners report IPv4 peers as ::ffff:a.b.c.d.
                 let peer = crate::net::canonical(peer);
-                open.spawn(handle(stream, peer).map(move |result| {
-                    if let Err(reason) = result {
-                        debug!(%peer, %reason, listener = what, "connection ended");
-                    }
-                }));
+                open.spawn(logged(handle(stream, peer), peer, what));
             }
             Err(e) => {
                 warn!(error = %e, listener = what, "accepting a connection");
@@ -65,14 +61,26 @@ pub async fn accept_loop<F, Fut>(
     }
 }
 
+/// A connection's future with its end logged. (`map`, not an `async` block: a block that awaits
+/// a future it captured holds it twice, and this future lives as long as the connection.)
+fn logged(
+    connection: impl Future<Output = Result<(), String>>,
+    peer: SocketAddr,
+    what: &'static str,
+) -> impl Future<Output = ()> {
+    connection.map(move |result| {
+        if let Err(reason) = result {
+            debug!(%peer, %reason, listener = what, "connection ended");
+        }
+    })
+}
+
 /// The tasks of one listener's connections that are still running.
 #[derive(Debug, Default)]
 struct OpenConnections(Mutex<Slab<AbortHandle>>);
 
 impl OpenConnections {
-    /// Runs `connection` on its own task, a member of the set until it ends. (`map`, not an
-    /// `async` block: a block that awaits a future it captured holds it twice, and this future
-    /// lives as long as the connection.)
+    /// Runs `connection` on its own task, a member of the set until it ends.
     fn spawn(self: &Arc<Self>, connection: impl Future<Output = ()> + Send + 'static) {
         // Held across the spawn, so a task that ends at once on another thread cannot leave
         // before it is entered.
@@ -82,7 +90,7 @@ impl OpenConnections {
             open: self.clone(),
             key: entry.key(),
         };
-        let task = tokio::spawn(connection.map(move |()| drop(member)));
+        let task = tokio::spawn(member.held_by(connection));
         entry.insert(task.abort_handle());
     }
 
@@ -111,6 +119,13 @@ impl OpenConnections {
 struct Member {
     open: Arc<OpenConnections>,
     key: usize,
+}
+
+impl Member {
+    /// `connection`, keeping this place until it ends or is dropped (`map`: see [`logged`]).
+    fn held_by(self, connection: impl Future<Output = ()>) -> impl Future<Output = ()> {
+        connection.map(move |()| drop(self))
+    }
 }
 
 impl Drop for Member {
@@ -189,6 +204,29 @@ mod tests {
         cutter.await.unwrap();
         assert!(b.await.is_err(), "the open connection was aborted");
         assert_eq!(open.len(), 0);
+    }
+
+    /// A connection's task runs as long as the connection: it must hold the connection's
+    /// future once, plus a few words for its log line and its place (an `async` block awaiting it would hold it twice).
+    #[test]
+    fn a_connection_task_holds_its_future_once() {
+        let connection = async {
+            let state = [7u8; 1000];
+            std::future::pending::<()>().await;
+            std::hint::black_box(&state);
+            Ok::<(), String>(())
+        };
+        let inner = std::mem::size_of_val(&connection);
+        let member = Member {
+            open: Arc::default(),
+            key: 0,
+        };
+        let task = member.held_by(logged(connection, "127.0.0.1:1".parse().unwrap(), "test"));
+        let size = std::mem::size_of_val(&task);
+        assert!(
+            size <= inner + 96,
+            "a {inner}-byte connection makes a {size}-byte task"
+        );
     }
 
     #[tokio::test(start_paused = true)]
