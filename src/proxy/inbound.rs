@@ -44,7 +44,6 @@ async fn handle_connection(
     tcp: TcpStream,
     peer: SocketAddr,
 ) -> Result<(), String> {
-    let _ = tcp.set_nodelay(true);
     let local = crate::net::canonical(tcp.local_addr().map_err(|e| e.to_string())?);
     let snapshot = ctx.mesh.load();
     let Some(workload) = scope.local_workload(&snapshot, &ctx.config.node, local.ip()) else {

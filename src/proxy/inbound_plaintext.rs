@@ -33,7 +33,6 @@ async fn handle(
     peer: SocketAddr,
 ) -> Result<(), String> {
     let started = Instant::now();
-    let _ = client.set_nodelay(true);
     let target = crate::net::original_destination(&client).map_err(|e| e.to_string())?;
     let snapshot = ctx.mesh.load();
     let Some(workload) = scope.local_workload(&snapshot, &ctx.config.node, target.ip()) else {

@@ -67,7 +67,6 @@ async fn set_up(
     peer: SocketAddr,
     entry: Entry,
 ) -> Result<Box<Connection>, String> {
-    let _ = client.set_nodelay(true);
     match entry {
         Entry::Transparent => set_up_transparent(&ctx, &scope, client, peer).await,
         Entry::Socks5 => set_up_socks5(&ctx, &scope, client, peer).await,
