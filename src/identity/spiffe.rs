@@ -4,6 +4,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 /// Why a string is not a SPIFFE id ztund accepts.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -20,12 +21,27 @@ pub enum SpiffeIdError {
     InvalidCharacter { value: String, part: &'static str },
 }
 
-/// A workload identity: trust domain, namespace and service account.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SpiffeId {
+/// A workload identity: trust domain, namespace and service account. Shared, not copied: every
+/// stream of an HBONE connection and every open connection's policy facts carry its peer's id,
+/// so a clone is a reference count, not three strings.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SpiffeId(Arc<Parts>);
+
+#[derive(Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct Parts {
     trust_domain: String,
     namespace: String,
     service_account: String,
+}
+
+impl fmt::Debug for SpiffeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SpiffeId")
+            .field("trust_domain", &self.0.trust_domain)
+            .field("namespace", &self.0.namespace)
+            .field("service_account", &self.0.service_account)
+            .finish()
+    }
 }
 
 impl SpiffeId {
@@ -39,22 +55,22 @@ impl SpiffeId {
     }
 
     pub fn trust_domain(&self) -> &str {
-        &self.trust_domain
+        &self.0.trust_domain
     }
 
     pub fn namespace(&self) -> &str {
-        &self.namespace
+        &self.0.namespace
     }
 
     pub fn service_account(&self) -> &str {
-        &self.service_account
+        &self.0.service_account
     }
 
     /// The id without its scheme (`td/ns/x/sa/y`): what Istio authorization compares principals with.
     pub fn principal(&self) -> String {
         format!(
             "{}/ns/{}/sa/{}",
-            self.trust_domain, self.namespace, self.service_account
+            self.0.trust_domain, self.0.namespace, self.0.service_account
         )
     }
 }
@@ -64,7 +80,7 @@ impl fmt::Display for SpiffeId {
         write!(
             f,
             "spiffe://{}/ns/{}/sa/{}",
-            self.trust_domain, self.namespace, self.service_account
+            self.0.trust_domain, self.0.namespace, self.0.service_account
         )
     }
 }
@@ -111,11 +127,11 @@ impl FromStr for SpiffeId {
                 });
             }
         }
-        Ok(SpiffeId {
+        Ok(SpiffeId(Arc::new(Parts {
             trust_domain: td.to_string(),
             namespace: ns.to_string(),
             service_account: sa.to_string(),
-        })
+        })))
     }
 }
 
