@@ -271,3 +271,58 @@ pub fn compare(before: &Results, after: &Results) -> String {
     }
     out
 }
+
+/// This run against the last one written to `last` (the previous `dataplane.json`), for the
+/// build measured as "this build": the medians of the ztund column and of the ratio. Across
+/// runs the machine's drift is in every figure; the ratio column, taken within each run, is the
+/// one to trust. `None` when there is no readable last run.
+pub fn compare_with_last(last: &serde_json::Value, this: &Results) -> Option<String> {
+    let build = last["builds"].as_array()?.last()?;
+    let metrics = build["metrics"].as_array()?;
+    let medians = |name: &str| {
+        let metric = metrics.iter().find(|m| m["name"] == name)?;
+        Some((
+            metric["ztund"]["median"].as_f64(),
+            metric["ratio"]["median"].as_f64(),
+        ))
+    };
+    let settings = &last["settings"];
+    let mut out = format!(
+        "this run vs the last (medians; the last: {} run(s) x {} s{}, build {})\n{:<34} {:<10} {:>24} {:>9} {:>22}\n",
+        settings["runs"],
+        settings["seconds"],
+        if settings["quick"] == true {
+            ", quick"
+        } else {
+            ""
+        },
+        build["binary"].as_str().unwrap_or("?"),
+        "metric",
+        "unit",
+        "ztund",
+        "change",
+        "ztund/direct"
+    );
+    let mut rows = 0;
+    for name in &this.order {
+        let Some((last_ztund, last_ratio)) = medians(name) else {
+            continue;
+        };
+        let series = &this.series[name];
+        let now = |values: &[f64]| Summary::of(values).map(|m| m.median);
+        let cell = |x: Option<f64>, y: Option<f64>| match (x, y) {
+            (Some(x), Some(y)) => (format!("{} -> {}", num(x), num(y)), Some(y / x - 1.0)),
+            _ => ("-".to_string(), None),
+        };
+        let (ztund, change) = cell(last_ztund, now(&series.ztund));
+        let (ratio, _) = cell(last_ratio, now(&series.ratio));
+        let change = change.map_or_else(|| "-".to_string(), |c| format!("{:+.0}%", c * 100.0));
+        let _ = writeln!(
+            out,
+            "{:<34} {:<10} {:>24} {:>9} {:>22}",
+            name, series.unit, ztund, change, ratio
+        );
+        rows += 1;
+    }
+    (rows > 0).then_some(out)
+}
