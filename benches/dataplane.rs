@@ -8,8 +8,9 @@
 //! the physical reference for one ztund hop, which also reads one socket and writes another.
 //!
 //! Every figure is the median of the runs with min and max; ratios are taken within each run,
-//! and direct and ztund alternate which goes first. Prints a table, this run against the last
-//! one (from the `target/dataplane.json` it then overwrites), and writes `target/dataplane.json`. The machine is shared, so read spreads before medians.
+//! and direct and ztund alternate which goes first. Prints a table and this run against the
+//! last one (the `target/dataplane.json` it then overwrites). The machine is shared, so read
+//! spreads before medians.
 //!
 //! `cargo bench --bench dataplane` (release build). Settings, from the environment:
 //! `ZTUND_BENCH_QUICK=1` (or `--quick`): 1 run, 1 s per case, 1 000 idle connections, < 60 s.

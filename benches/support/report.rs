@@ -247,27 +247,13 @@ pub fn json_path() -> PathBuf {
 
 /// Before → after, per metric: the medians of the ztund column and of the ratio, and the change.
 pub fn compare(before: &Results, after: &Results) -> String {
-    let mut out = format!(
-        "before -> after (medians, same run)\n{:<34} {:<10} {:>24} {:>9} {:>22}\n",
-        "metric", "unit", "ztund", "change", "ztund/direct"
-    );
+    let mut out = comparison_header("before -> after (medians, same run)");
     for name in &after.order {
         let (Some(b), Some(a)) = (before.get(name), after.get(name)) else {
             continue;
         };
-        let median = |v: &[f64]| Summary::of(v).map(|m| m.median);
-        let pair = |x: Option<f64>, y: Option<f64>| match (x, y) {
-            (Some(x), Some(y)) => (format!("{} -> {}", num(x), num(y)), Some(y / x - 1.0)),
-            _ => ("-".to_string(), None),
-        };
-        let (ztund, change) = pair(median(&b.ztund), median(&a.ztund));
-        let (ratio, _) = pair(median(&b.ratio), median(&a.ratio));
-        let change = change.map_or_else(|| "-".to_string(), |c| format!("{:+.0}%", c * 100.0));
-        let _ = writeln!(
-            out,
-            "{:<34} {:<10} {:>24} {:>9} {:>22}",
-            name, a.unit, ztund, change, ratio
-        );
+        let before = (median(&b.ztund), median(&b.ratio));
+        comparison_row(&mut out, name, a, before);
     }
     out
 }
@@ -279,50 +265,56 @@ pub fn compare(before: &Results, after: &Results) -> String {
 pub fn compare_with_last(last: &serde_json::Value, this: &Results) -> Option<String> {
     let build = last["builds"].as_array()?.last()?;
     let metrics = build["metrics"].as_array()?;
-    let medians = |name: &str| {
-        let metric = metrics.iter().find(|m| m["name"] == name)?;
-        Some((
-            metric["ztund"]["median"].as_f64(),
-            metric["ratio"]["median"].as_f64(),
-        ))
-    };
     let settings = &last["settings"];
-    let mut out = format!(
-        "this run vs the last (medians; the last: {} run(s) x {} s{}, build {})\n{:<34} {:<10} {:>24} {:>9} {:>22}\n",
+    let quick = if settings["quick"] == true {
+        ", quick"
+    } else {
+        ""
+    };
+    let mut out = comparison_header(&format!(
+        "this run vs the last (medians; the last: {} run(s) x {} s{quick}, build {})",
         settings["runs"],
         settings["seconds"],
-        if settings["quick"] == true {
-            ", quick"
-        } else {
-            ""
-        },
         build["binary"].as_str().unwrap_or("?"),
-        "metric",
-        "unit",
-        "ztund",
-        "change",
-        "ztund/direct"
-    );
+    ));
     let mut rows = 0;
     for name in &this.order {
-        let Some((last_ztund, last_ratio)) = medians(name) else {
+        let Some(metric) = metrics.iter().find(|m| m["name"] == *name) else {
             continue;
         };
-        let series = &this.series[name];
-        let now = |values: &[f64]| Summary::of(values).map(|m| m.median);
-        let cell = |x: Option<f64>, y: Option<f64>| match (x, y) {
-            (Some(x), Some(y)) => (format!("{} -> {}", num(x), num(y)), Some(y / x - 1.0)),
-            _ => ("-".to_string(), None),
-        };
-        let (ztund, change) = cell(last_ztund, now(&series.ztund));
-        let (ratio, _) = cell(last_ratio, now(&series.ratio));
-        let change = change.map_or_else(|| "-".to_string(), |c| format!("{:+.0}%", c * 100.0));
-        let _ = writeln!(
-            out,
-            "{:<34} {:<10} {:>24} {:>9} {:>22}",
-            name, series.unit, ztund, change, ratio
+        let last = (
+            metric["ztund"]["median"].as_f64(),
+            metric["ratio"]["median"].as_f64(),
         );
+        comparison_row(&mut out, name, &this.series[name], last);
         rows += 1;
     }
     (rows > 0).then_some(out)
+}
+
+fn median(values: &[f64]) -> Option<f64> {
+    Summary::of(values).map(|m| m.median)
+}
+
+fn comparison_header(title: &str) -> String {
+    format!(
+        "{title}\n{:<34} {:<10} {:>24} {:>9} {:>22}\n",
+        "metric", "unit", "ztund", "change", "ztund/direct"
+    )
+}
+
+/// One metric: the earlier (ztund, ratio) medians against `now`'s, and the ztund change.
+fn comparison_row(out: &mut String, name: &str, now: &Series, earlier: (Option<f64>, Option<f64>)) {
+    let pair = |x: Option<f64>, y: Option<f64>| match (x, y) {
+        (Some(x), Some(y)) => (format!("{} -> {}", num(x), num(y)), Some(y / x - 1.0)),
+        _ => ("-".to_string(), None),
+    };
+    let (ztund, change) = pair(earlier.0, median(&now.ztund));
+    let (ratio, _) = pair(earlier.1, median(&now.ratio));
+    let change = change.map_or_else(|| "-".to_string(), |c| format!("{:+.0}%", c * 100.0));
+    let _ = writeln!(
+        out,
+        "{:<34} {:<10} {:>24} {:>9} {:>22}",
+        name, now.unit, ztund, change, ratio
+    );
 }
