@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use crate::shard::ThreadScheduling;
+
 /// What went wrong reading the daemon config.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -106,6 +108,26 @@ pub enum LogFormat {
     Json,
 }
 
+/// The data plane's threads (the shards).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct DataPlaneConfig {
+    /// How many; by default a quarter of the node's cores, at least 2 (the apps need the rest).
+    /// `ZTUND_WORKER_THREADS` overrides it.
+    pub threads: Option<usize>,
+    /// `normal` or `batch` (see [`ThreadScheduling`]). `ZTUND_DATA_PLANE_SCHEDULING` overrides it.
+    pub scheduling: ThreadScheduling,
+}
+
+impl DataPlaneConfig {
+    pub fn thread_count(&self) -> usize {
+        self.threads.unwrap_or_else(|| {
+            let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+            cores.div_ceil(4).max(2)
+        })
+    }
+}
+
 /// The daemon configuration.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -135,6 +157,8 @@ pub struct Config {
     pub zds_socket: PathBuf,
     #[serde(default)]
     pub pool: PoolConfig,
+    #[serde(default)]
+    pub data_plane: DataPlaneConfig,
     #[serde(default = "default_root_namespace")]
     pub root_namespace: String,
     #[serde(default)]
@@ -215,6 +239,32 @@ impl Config {
         if let Some(mesh) = env("ZTUND_MESH_FILE") {
             self.mesh_file = mesh.into();
         }
+        let invalid = |field, reason| ConfigError::Invalid {
+            path: "environment".into(),
+            field,
+            reason,
+        };
+        if let Some(threads) = env("ZTUND_WORKER_THREADS") {
+            let count = threads.parse().map_err(|_| {
+                invalid(
+                    "dataPlane.threads",
+                    format!("ZTUND_WORKER_THREADS={threads:?} is not a thread count"),
+                )
+            })?;
+            self.data_plane.threads = Some(count);
+        }
+        if let Some(policy) = env("ZTUND_DATA_PLANE_SCHEDULING") {
+            self.data_plane.scheduling = match policy.as_str() {
+                "normal" => ThreadScheduling::Normal,
+                "batch" => ThreadScheduling::Batch,
+                _ => {
+                    return Err(invalid(
+                        "dataPlane.scheduling",
+                        format!("ZTUND_DATA_PLANE_SCHEDULING={policy:?}: expected normal or batch"),
+                    ));
+                }
+            };
+        }
         self.validate("environment")
     }
 
@@ -255,6 +305,9 @@ impl Config {
                 "pool.maxStreamsPerConnection",
                 "must be at least 1".into(),
             ));
+        }
+        if self.data_plane.threads == Some(0) {
+            return Err(invalid("dataPlane.threads", "must be at least 1".into()));
         }
         let p = &self.ports;
         let all = [
@@ -364,11 +417,54 @@ mod tests {
                 "nodee",
             ),
             ("node: n\nca: {mode: builtin, dir: c}\n", "meshFile"),
+            (
+                "node: n\nmeshFile: m\nca: {mode: builtin, dir: c}\ndataPlane: {threads: 0}\n",
+                "dataPlane.threads",
+            ),
+            (
+                "node: n\nmeshFile: m\nca: {mode: builtin, dir: c}\ndataPlane: {scheduling: fifo}\n",
+                "dataPlane.scheduling",
+            ),
         ];
         for (text, field) in cases {
             let err = Config::parse(text, "cfg.yaml").unwrap_err().to_string();
             assert!(err.contains("cfg.yaml"), "{err}");
             assert!(err.contains(field), "{err} should name {field}");
+        }
+    }
+
+    #[test]
+    fn data_plane_threads_and_scheduling_from_file_and_environment() {
+        let c = Config::parse(MINIMAL, "t.yaml").unwrap();
+        assert_eq!(c.data_plane.scheduling, ThreadScheduling::Normal);
+        assert!(c.data_plane.thread_count() >= 2);
+
+        let text = format!("{MINIMAL}dataPlane: {{threads: 3, scheduling: batch}}\n");
+        let mut c = Config::parse(&text, "t.yaml").unwrap();
+        assert_eq!(c.data_plane.thread_count(), 3);
+        assert_eq!(c.data_plane.scheduling, ThreadScheduling::Batch);
+
+        let env = |threads: &'static str, policy: &'static str| {
+            move |key: &str| match key {
+                "ZTUND_WORKER_THREADS" => Some(threads.to_string()),
+                "ZTUND_DATA_PLANE_SCHEDULING" => Some(policy.to_string()),
+                _ => None,
+            }
+        };
+        c.apply_env(env("1", "normal")).unwrap();
+        assert_eq!(c.data_plane.thread_count(), 1);
+        assert_eq!(c.data_plane.scheduling, ThreadScheduling::Normal);
+
+        // A bad value fails the start with an error that names its field.
+        for (threads, policy, field) in [
+            ("two", "batch", "dataPlane.threads"),
+            ("0", "batch", "dataPlane.threads"),
+            ("2", "fifo", "dataPlane.scheduling"),
+        ] {
+            let err = c.clone().apply_env(env(threads, policy)).unwrap_err();
+            let err = err.to_string();
+            assert!(err.contains(field), "{err} should name {field}");
+            assert!(err.contains("environment"), "{err}");
         }
     }
 

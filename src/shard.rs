@@ -31,6 +31,42 @@ pub fn current() -> usize {
     CURRENT.with(Cell::get)
 }
 
+/// How the kernel schedules the shards' threads against the node's other processes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ThreadScheduling {
+    /// The policy ztund was started with (normally `SCHED_OTHER`): a woken shard preempts the
+    /// process running on its CPU when the kernel finds that fair.
+    #[default]
+    Normal,
+    /// `SCHED_BATCH`: a woken shard never preempts; it runs when the CPU's current process
+    /// blocks or the scheduler tick takes the CPU away. In a request/response exchange each side
+    /// blocks right after its write, so the preemption is pure overhead there: measured on 2
+    /// vCPUs, CPU per request -48% and added p99 -41% (BENCHMARKS.md, change 12). But while pods
+    /// keep the CPUs busy, every hop waits for a tick: p99 rose from 4 ms to 74 ms. Only for
+    /// nodes with CPU to spare.
+    Batch,
+}
+
+impl ThreadScheduling {
+    fn apply_to_this_thread(self) -> io::Result<()> {
+        let policy = match self {
+            ThreadScheduling::Normal => return Ok(()),
+            ThreadScheduling::Batch => libc::SCHED_BATCH,
+        };
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: `param` is a valid sched_param; pid 0 is the calling thread.
+        if unsafe { libc::sched_setscheduler(0, policy, &param) } == -1 {
+            let error = io::Error::last_os_error();
+            return Err(io::Error::new(
+                error.kind(),
+                format!("scheduling the data-plane threads as {self:?}: {error}"),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The running shards. Dropping them stops their runtimes (their tasks are dropped) and joins
 /// their threads, so only their starter holds them; everyone else gets a [`Spawner`].
 #[derive(Debug)]
@@ -41,16 +77,19 @@ pub struct Shards {
 }
 
 impl Shards {
-    /// Starts `count` shards (at least one), threads named `ztund-shard<N>`.
-    pub fn start(count: usize) -> io::Result<Shards> {
+    /// Starts `count` shards (at least one), threads named `ztund-shard<N>`, scheduled as
+    /// `scheduling` says.
+    pub fn start(count: usize, scheduling: ThreadScheduling) -> io::Result<Shards> {
         let mut handles = Vec::new();
         let mut shards = Shards {
             spawner: Spawner::new(Vec::new()),
             stops: Vec::new(),
             threads: Vec::new(),
         };
+        let (ready, started) = std::sync::mpsc::channel();
         for index in 0..count.max(1) {
             let runtime = Builder::new_current_thread().enable_all().build()?;
+            let ready = ready.clone();
             let (stop, stopped) = oneshot::channel::<()>();
             handles.push(runtime.handle().clone());
             shards.stops.push(stop);
@@ -58,12 +97,26 @@ impl Shards {
                 .name(format!("ztund-shard{index}"))
                 .spawn(move || {
                     CURRENT.with(|current| current.set(index));
+                    let scheduled = scheduling.apply_to_this_thread();
+                    let failed = scheduled.is_err();
+                    let _ = ready.send(scheduled);
+                    // The starter reads until every thread's sender is gone.
+                    drop(ready);
+                    if failed {
+                        return;
+                    }
                     // A current-thread runtime runs its spawned tasks only inside `block_on`.
                     runtime.block_on(async {
                         let _ = stopped.await;
                     });
                 })?;
             shards.threads.push(thread);
+        }
+        drop(ready);
+        // Every thread reports once; a shard that could not be scheduled as asked fails the
+        // start (the partly built shards stop as `shards` drops).
+        for scheduled in started {
+            scheduled?;
         }
         shards.spawner = Spawner::new(handles);
         Ok(shards)
@@ -244,7 +297,7 @@ mod tests {
 
     #[test]
     fn each_shard_runs_its_tasks_on_its_own_thread_and_knows_its_index() {
-        let shards = Shards::start(3).unwrap();
+        let shards = Shards::start(3, ThreadScheduling::Normal).unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let tasks = shards.spawner().spawn_each(|index| {
             let seen = seen.clone();
@@ -286,7 +339,7 @@ mod tests {
 
     #[test]
     fn placed_connections_spread_over_the_shards_and_bytes_still_flow() {
-        let shards = Shards::start(2).unwrap();
+        let shards = Shards::start(2, ThreadScheduling::Normal).unwrap();
         let spawner = shards.spawner();
         let on_shard0 = spawner.clone();
         let tasks = spawner.spawn_each(move |index| {
@@ -338,9 +391,35 @@ mod tests {
         });
     }
 
+    /// The policy each shard thread reports for itself.
+    fn policies_on(scheduling: ThreadScheduling) -> Vec<i32> {
+        let shards = Shards::start(2, scheduling).unwrap();
+        let (report, reports) = std::sync::mpsc::channel();
+        shards.spawner().spawn_each(|_| {
+            let report = report.clone();
+            // SAFETY: sched_getscheduler only reads the calling thread's policy.
+            async move { report.send(unsafe { libc::sched_getscheduler(0) }).unwrap() }
+        });
+        drop(report);
+        reports.iter().collect()
+    }
+
+    #[test]
+    fn batch_scheduling_reaches_every_shard_and_normal_leaves_the_policy_alone() {
+        assert_eq!(policies_on(ThreadScheduling::Batch), [libc::SCHED_BATCH; 2]);
+        // SAFETY: as above.
+        let ours = unsafe { libc::sched_getscheduler(0) };
+        assert_eq!(
+            ours,
+            libc::SCHED_OTHER,
+            "the test thread itself is untouched"
+        );
+        assert_eq!(policies_on(ThreadScheduling::Normal), [ours; 2]);
+    }
+
     #[test]
     fn dropping_the_shards_stops_their_tasks_and_threads() {
-        let shards = Shards::start(2).unwrap();
+        let shards = Shards::start(2, ThreadScheduling::Normal).unwrap();
         let (alive, mut gone) = tokio::sync::mpsc::channel::<()>(1);
         shards.spawner().spawn_each(|_| {
             let alive = alive.clone();

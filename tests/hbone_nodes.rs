@@ -85,7 +85,7 @@ struct World {
     cluster: Cluster,
     app: App,
     app_addr: SocketAddr,
-    _node1: Daemon,
+    node1: Daemon,
     node2: Daemon,
 }
 
@@ -97,7 +97,13 @@ async fn world(node1_echo_sa: &str) -> World {
     let app_addr = SocketAddr::new(bed.node_ip(2), APP_PORT);
     let app = App::start(&bed, Place::Node(2), app_addr);
     let c1 = cluster.node_config("node1", "mesh1.yaml", "");
-    let c2 = cluster.node_config("node2", "mesh2.yaml", "");
+    // Node 2 runs its data plane with the opt-in batch scheduling: every test here also checks
+    // that it carries the same traffic as node 1's default.
+    let c2 = cluster.node_config(
+        "node2",
+        "mesh2.yaml",
+        "dataPlane: {threads: 2, scheduling: batch}\n",
+    );
     let node2 = cluster.start(&bed, 2, &c2).await;
     let node1 = cluster.start(&bed, 1, &c1).await;
     World {
@@ -105,9 +111,29 @@ async fn world(node1_echo_sa: &str) -> World {
         cluster,
         app,
         app_addr,
-        _node1: node1,
+        node1,
         node2,
     }
+}
+
+/// The scheduling policy (field 41 of `/proc/<pid>/task/<tid>/stat`) of each of a daemon's
+/// data-plane threads.
+fn shard_policies(daemon: &Daemon) -> Vec<u32> {
+    let tasks = format!("/proc/{}/task", daemon.pid());
+    let mut policies = Vec::new();
+    for task in std::fs::read_dir(&tasks).expect("the daemon's threads") {
+        let path = task.unwrap().path();
+        let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+        if !comm.starts_with("ztund-shard") {
+            continue;
+        }
+        let stat = std::fs::read_to_string(path.join("stat")).expect("thread stat");
+        // Fields after the command name, which ends at the last ')', start at field 3.
+        let after_name = &stat[stat.rfind(')').expect("stat has a name") + 2..];
+        let policy = after_name.split(' ').nth(41 - 3).expect("policy field");
+        policies.push(policy.parse().expect("policy is a number"));
+    }
+    policies
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -126,6 +152,18 @@ async fn sixteen_mib_round_trip_and_the_server_names_the_client() {
         "server access log does not name the client identity: {line}"
     );
     assert!(w.app.accepted() >= 1);
+    const SCHED_OTHER: u32 = 0;
+    const SCHED_BATCH: u32 = 3;
+    assert_eq!(
+        shard_policies(&w.node2),
+        [SCHED_BATCH; 2],
+        "dataPlane.scheduling: batch"
+    );
+    let node1 = shard_policies(&w.node1);
+    assert!(
+        !node1.is_empty() && node1.iter().all(|&p| p == SCHED_OTHER),
+        "{node1:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -62,7 +62,9 @@ pub fn run(config: Config, log: LogControl) -> Result<(), DaemonError> {
         .enable_all()
         .build()
         .map_err(DaemonError::Runtime)?;
-    let shards = Shards::start(data_plane_threads()).map_err(DaemonError::Runtime)?;
+    let data_plane = config.data_plane;
+    let shards = Shards::start(data_plane.thread_count(), data_plane.scheduling)
+        .map_err(DaemonError::Runtime)?;
     let result = runtime.block_on(serve(Arc::new(config), log, shards.spawner()));
     // Connections still open on the shards end here, after the drain.
     drop(shards);
@@ -80,19 +82,6 @@ fn keep_freed_heap() {
         libc::mallopt(libc::M_TRIM_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
     }
-}
-
-/// Two shards on a small node, a quarter of the cores on a big one: the apps need the rest.
-fn data_plane_threads() -> usize {
-    if let Some(n) = std::env::var("ZTUND_WORKER_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|n: &usize| *n > 0)
-    {
-        return n;
-    }
-    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-    cores.div_ceil(4).max(2)
 }
 
 async fn serve(config: Arc<Config>, log: LogControl, shards: Spawner) -> Result<(), DaemonError> {
