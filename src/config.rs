@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-pub use crate::shard::ThreadScheduling;
+pub use crate::scheduling::ThreadScheduling;
 
 /// What went wrong reading the daemon config.
 #[derive(Debug, thiserror::Error)]
@@ -115,7 +115,8 @@ pub struct DataPlaneConfig {
     /// How many; by default a quarter of the node's cores, at least 2 (the apps need the rest).
     /// `ZTUND_WORKER_THREADS` overrides it.
     pub threads: Option<usize>,
-    /// `normal` or `batch` (see [`ThreadScheduling`]). `ZTUND_DATA_PLANE_SCHEDULING` overrides it.
+    /// `normal`, `batch` or `auto` (see [`ThreadScheduling`]). `ZTUND_DATA_PLANE_SCHEDULING`
+    /// overrides it.
     pub scheduling: ThreadScheduling,
 }
 
@@ -257,10 +258,13 @@ impl Config {
             self.data_plane.scheduling = match policy.as_str() {
                 "normal" => ThreadScheduling::Normal,
                 "batch" => ThreadScheduling::Batch,
+                "auto" => ThreadScheduling::Auto,
                 _ => {
                     return Err(invalid(
                         "dataPlane.scheduling",
-                        format!("ZTUND_DATA_PLANE_SCHEDULING={policy:?}: expected normal or batch"),
+                        format!(
+                            "ZTUND_DATA_PLANE_SCHEDULING={policy:?}: expected normal, batch or auto"
+                        ),
                     ));
                 }
             };

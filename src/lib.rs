@@ -14,6 +14,7 @@ pub mod mesh;
 pub mod net;
 pub mod policy;
 pub mod proxy;
+pub mod scheduling;
 pub mod shard;
 pub mod tls;
 pub mod topology;

@@ -22,6 +22,8 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tracing::warn;
 
+use crate::scheduling::{self, ThreadScheduling};
+
 thread_local! {
     static CURRENT: Cell<usize> = const { Cell::new(0) };
 }
@@ -31,42 +33,6 @@ pub fn current() -> usize {
     CURRENT.with(Cell::get)
 }
 
-/// How the kernel schedules the shards' threads against the node's other processes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ThreadScheduling {
-    /// The policy ztund was started with (normally `SCHED_OTHER`): a woken shard preempts the
-    /// process running on its CPU when the kernel finds that fair.
-    #[default]
-    Normal,
-    /// `SCHED_BATCH`: a woken shard never preempts; it runs when the CPU's current process
-    /// blocks or the scheduler tick takes the CPU away. In a request/response exchange each side
-    /// blocks right after its write, so the preemption is pure overhead there: measured on 2
-    /// vCPUs, CPU per request -48% and added p99 -41% (BENCHMARKS.md, change 12). But while pods
-    /// keep the CPUs busy, every hop waits for a tick: p99 rose from 4 ms to 74 ms. Only for
-    /// nodes with CPU to spare.
-    Batch,
-}
-
-impl ThreadScheduling {
-    fn apply_to_this_thread(self) -> io::Result<()> {
-        let policy = match self {
-            ThreadScheduling::Normal => return Ok(()),
-            ThreadScheduling::Batch => libc::SCHED_BATCH,
-        };
-        let param = libc::sched_param { sched_priority: 0 };
-        // SAFETY: `param` is a valid sched_param; pid 0 is the calling thread.
-        if unsafe { libc::sched_setscheduler(0, policy, &param) } == -1 {
-            let error = io::Error::last_os_error();
-            return Err(io::Error::new(
-                error.kind(),
-                format!("scheduling the data-plane threads as {self:?}: {error}"),
-            ));
-        }
-        Ok(())
-    }
-}
-
 /// The running shards. Dropping them stops their runtimes (their tasks are dropped) and joins
 /// their threads, so only their starter holds them; everyone else gets a [`Spawner`].
 #[derive(Debug)]
@@ -74,6 +40,8 @@ pub struct Shards {
     spawner: Spawner,
     stops: Vec<oneshot::Sender<()>>,
     threads: Vec<std::thread::JoinHandle<()>>,
+    /// `auto` scheduling's controller, stopped by dropping its sender.
+    scheduler: Option<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)>,
 }
 
 impl Shards {
@@ -85,6 +53,7 @@ impl Shards {
             spawner: Spawner::new(Vec::new()),
             stops: Vec::new(),
             threads: Vec::new(),
+            scheduler: None,
         };
         let (ready, started) = std::sync::mpsc::channel();
         for index in 0..count.max(1) {
@@ -97,9 +66,12 @@ impl Shards {
                 .name(format!("ztund-shard{index}"))
                 .spawn(move || {
                     CURRENT.with(|current| current.set(index));
-                    let scheduled = scheduling.apply_to_this_thread();
+                    let scheduled = match scheduling::initial_policy(scheduling) {
+                        Some(policy) => scheduling::set_policy(0, policy),
+                        None => Ok(()),
+                    };
                     let failed = scheduled.is_err();
-                    let _ = ready.send(scheduled);
+                    let _ = ready.send(scheduled.map(|()| scheduling::this_thread()));
                     // The starter reads until every thread's sender is gone.
                     drop(ready);
                     if failed {
@@ -115,8 +87,23 @@ impl Shards {
         drop(ready);
         // Every thread reports once; a shard that could not be scheduled as asked fails the
         // start (the partly built shards stop as `shards` drops).
+        let mut tids = Vec::new();
         for scheduled in started {
-            scheduled?;
+            tids.push(scheduled?);
+        }
+        if scheduling == ThreadScheduling::Auto {
+            let (stop, stopped) = std::sync::mpsc::channel();
+            let controller = std::thread::Builder::new()
+                .name("ztund-sched".into())
+                .spawn(move || {
+                    scheduling::run_auto(
+                        &tids,
+                        scheduling::CpuTimes::read,
+                        scheduling::SAMPLE_EVERY,
+                        &stopped,
+                    )
+                })?;
+            shards.scheduler = Some((stop, controller));
         }
         shards.spawner = Spawner::new(handles);
         Ok(shards)
@@ -277,6 +264,10 @@ impl Drop for Placed {
 
 impl Drop for Shards {
     fn drop(&mut self) {
+        if let Some((stop, controller)) = self.scheduler.take() {
+            drop(stop);
+            let _ = controller.join();
+        }
         for stop in self.stops.drain(..) {
             let _ = stop.send(());
         }
@@ -405,7 +396,8 @@ mod tests {
     }
 
     #[test]
-    fn batch_scheduling_reaches_every_shard_and_normal_leaves_the_policy_alone() {
+    fn batch_scheduling_reaches_every_shard_auto_starts_normal_and_normal_leaves_the_policy_alone()
+    {
         assert_eq!(policies_on(ThreadScheduling::Batch), [libc::SCHED_BATCH; 2]);
         // SAFETY: as above.
         let ours = unsafe { libc::sched_getscheduler(0) };
@@ -415,6 +407,8 @@ mod tests {
             "the test thread itself is untouched"
         );
         assert_eq!(policies_on(ThreadScheduling::Normal), [ours; 2]);
+        // `auto` starts safe; `scheduling::tests` drive its switching.
+        assert_eq!(policies_on(ThreadScheduling::Auto), [libc::SCHED_OTHER; 2]);
     }
 
     #[test]
