@@ -164,7 +164,7 @@ pub const SAMPLE_EVERY: Duration = Duration::from_millis(250);
 
 /// Runs `auto` for `threads` until `stop`'s sender is dropped: samples with `sample` every
 /// `every` and moves every thread when the decision changes. A thread that cannot be moved is
-/// logged and the rest still are; a sample that fails leaves the policy as it is.
+/// logged and the rest still are; while samples fail, the policy stays as it is.
 pub fn run_auto(
     threads: &[libc::pid_t],
     mut sample: impl FnMut() -> io::Result<CpuTimes>,
@@ -172,7 +172,7 @@ pub fn run_auto(
     stop: &Receiver<()>,
 ) {
     let mut decision = AutoPolicy::new();
-    let mut last = sample().ok();
+    let mut last = sample().map_err(|e| unreadable(&e)).ok();
     loop {
         match stop.recv_timeout(every) {
             Err(RecvTimeoutError::Timeout) => {}
@@ -181,7 +181,10 @@ pub fn run_auto(
         let now = match sample() {
             Ok(now) => now,
             Err(e) => {
-                warn!(error = %e, "reading the node's CPU time; data-plane scheduling unchanged");
+                // Once per outage, not four times a second.
+                if last.is_some() {
+                    unreadable(&e);
+                }
                 last = None;
                 continue;
             }
@@ -198,6 +201,10 @@ pub fn run_auto(
             }
         }
     }
+}
+
+fn unreadable(error: &io::Error) {
+    warn!(%error, "reading the node's CPU time; data-plane scheduling unchanged");
 }
 
 #[cfg(test)]
