@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+use serde::de::IntoDeserializer;
 
 pub use crate::scheduling::ThreadScheduling;
 
@@ -26,6 +27,16 @@ pub enum ConfigError {
         field: &'static str,
         reason: String,
     },
+}
+
+impl ConfigError {
+    fn invalid(path: &str, field: &'static str, reason: String) -> ConfigError {
+        ConfigError::Invalid {
+            path: path.to_string(),
+            field,
+            reason,
+        }
+    }
 }
 
 /// How pods are handed to ztund.
@@ -240,11 +251,7 @@ impl Config {
         if let Some(mesh) = env("ZTUND_MESH_FILE") {
             self.mesh_file = mesh.into();
         }
-        let invalid = |field, reason| ConfigError::Invalid {
-            path: "environment".into(),
-            field,
-            reason,
-        };
+        let invalid = |field, reason| ConfigError::invalid("environment", field, reason);
         if let Some(threads) = env("ZTUND_WORKER_THREADS") {
             let count = threads.parse().map_err(|_| {
                 invalid(
@@ -255,19 +262,15 @@ impl Config {
             self.data_plane.threads = Some(count);
         }
         if let Some(policy) = env("ZTUND_DATA_PLANE_SCHEDULING") {
-            self.data_plane.scheduling = match policy.as_str() {
-                "normal" => ThreadScheduling::Normal,
-                "batch" => ThreadScheduling::Batch,
-                "auto" => ThreadScheduling::Auto,
-                _ => {
-                    return Err(invalid(
-                        "dataPlane.scheduling",
-                        format!(
-                            "ZTUND_DATA_PLANE_SCHEDULING={policy:?}: expected normal, batch or auto"
-                        ),
-                    ));
-                }
-            };
+            // The same names as in the file: serde's, from the one enum.
+            let text: serde::de::value::StrDeserializer<'_, serde::de::value::Error> =
+                policy.as_str().into_deserializer();
+            self.data_plane.scheduling = ThreadScheduling::deserialize(text).map_err(|e| {
+                invalid(
+                    "dataPlane.scheduling",
+                    format!("ZTUND_DATA_PLANE_SCHEDULING={policy:?}: {e}"),
+                )
+            })?;
         }
         self.validate("environment")
     }
@@ -287,11 +290,7 @@ impl Config {
     }
 
     fn validate(&self, origin: &str) -> Result<(), ConfigError> {
-        let invalid = |field: &'static str, reason: String| ConfigError::Invalid {
-            path: origin.to_string(),
-            field,
-            reason,
-        };
+        let invalid = |field, reason| ConfigError::invalid(origin, field, reason);
         if self.node.trim().is_empty() {
             return Err(invalid("node", "must not be empty".into()));
         }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use support::{Cluster, Daemon, socks5_connect};
+use support::{Cluster, Daemon, proc_stat_field, socks5_connect};
 use testbed::{Place, Testbed};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use ztund::identity::{CertificateAuthority, SpiffeId};
@@ -118,7 +118,7 @@ async fn world(node1_echo_sa: &str) -> World {
 
 /// The scheduling policy (field 41 of `/proc/<pid>/task/<tid>/stat`) of each of a daemon's
 /// data-plane threads.
-fn shard_policies(daemon: &Daemon) -> Vec<u32> {
+fn shard_policies(daemon: &Daemon) -> Vec<u64> {
     let tasks = format!("/proc/{}/task", daemon.pid());
     let mut policies = Vec::new();
     for task in std::fs::read_dir(&tasks).expect("the daemon's threads") {
@@ -127,11 +127,8 @@ fn shard_policies(daemon: &Daemon) -> Vec<u32> {
         if !comm.starts_with("ztund-shard") {
             continue;
         }
-        let stat = std::fs::read_to_string(path.join("stat")).expect("thread stat");
-        // Fields after the command name, which ends at the last ')', start at field 3.
-        let after_name = &stat[stat.rfind(')').expect("stat has a name") + 2..];
-        let policy = after_name.split(' ').nth(41 - 3).expect("policy field");
-        policies.push(policy.parse().expect("policy is a number"));
+        let policy = proc_stat_field(&path.join("stat"), 41).expect("the thread's policy");
+        policies.push(policy);
     }
     policies
 }
@@ -152,8 +149,8 @@ async fn sixteen_mib_round_trip_and_the_server_names_the_client() {
         "server access log does not name the client identity: {line}"
     );
     assert!(w.app.accepted() >= 1);
-    const SCHED_OTHER: u32 = 0;
-    const SCHED_BATCH: u32 = 3;
+    const SCHED_OTHER: u64 = 0;
+    const SCHED_BATCH: u64 = 3;
     assert_eq!(
         shard_policies(&w.node2),
         [SCHED_BATCH; 2],

@@ -16,7 +16,7 @@ use ztund::net::Netns;
 
 use std::process::Command;
 
-use crate::support::{Cluster, Daemon};
+use crate::support::{Cluster, Daemon, proc_stat_field};
 use crate::testbed::{ChildGuard, Place, Testbed};
 
 /// Reads until EOF, then answers the byte count (u64, big endian) and closes.
@@ -341,20 +341,12 @@ async fn ping(mut stream: TcpStream) -> std::io::Result<()> {
 
 /// CPU seconds (user + system) a process has used, from /proc/<pid>/stat.
 pub fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces) start at field 3.
-    let rest = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    // utime and stime are fields 14 and 15, i.e. 11 and 12 after the command name.
+    let stat = std::path::PathBuf::from(format!("/proc/{pid}/stat"));
+    // utime and stime are fields 14 and 15.
+    let ticks = |field| proc_stat_field(&stat, field).unwrap_or(0);
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    (ticks(11) + ticks(12)) as f64 / hz
+    (ticks(14) + ticks(15)) as f64 / hz
 }
 
 /// A line of /proc/<pid>/status in KiB (`VmRSS`, `VmHWM`).

@@ -15,6 +15,19 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::testbed::{ChildGuard, Place, Testbed};
 
+/// Field `number` (counted as in proc(5), from 1) of a `/proc/.../stat` file, if it is there
+/// and numeric. The command name (field 2) may hold spaces; the fields after it start past its
+/// last ')'.
+pub fn proc_stat_field(path: &Path, number: usize) -> Option<u64> {
+    let stat = std::fs::read_to_string(path).ok()?;
+    let (_, after_name) = stat.rsplit_once(')')?;
+    after_name
+        .split_whitespace()
+        .nth(number.checked_sub(3)?)?
+        .parse()
+        .ok()
+}
+
 /// The `ztund` binary under test.
 pub fn ztund_bin() -> &'static str {
     env!("CARGO_BIN_EXE_ztund")
