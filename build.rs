@@ -1,5 +1,6 @@
-//! Compiles every `.proto` under `proto/` into Rust with prost. The protobuf parser is `protox`
-//! (pure Rust), so no `protoc` is needed on the build machine.
+//! Compiles every `.proto` under `proto/` into Rust: messages with prost, gRPC clients and servers
+//! with tonic. The protobuf parser is `protox` (pure Rust), so no `protoc` is needed on the build
+//! machine. Well-known types (`google.protobuf.*`) come from `prost-types`.
 
 use std::path::{Path, PathBuf};
 
@@ -13,7 +14,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={}", file.display());
     }
     let descriptors = protox::compile(&files, [root])?;
-    prost_build::Config::new().compile_fds(descriptors)?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(descriptors)?;
     Ok(())
 }
 

@@ -55,6 +55,8 @@ fn workloads() -> Vec<Workload> {
                 status: HealthStatus::Healthy,
                 netns: None,
                 creation_timestamp: None,
+                authorization_policies: Vec::new(),
+                service_ports: Default::default(),
                 identity_cache: Default::default(),
             }
         })

@@ -144,6 +144,8 @@ fn workload(ns: &str) -> Workload {
         status: HealthStatus::Healthy,
         netns: None,
         creation_timestamp: None,
+        authorization_policies: Vec::new(),
+        service_ports: Default::default(),
         identity_cache: Default::default(),
     }
 }

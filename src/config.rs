@@ -63,6 +63,67 @@ pub enum CaConfig {
     Builtin { dir: PathBuf },
     /// An organisation's intermediate in Istio's `cacerts` layout.
     Cacerts { dir: PathBuf },
+    /// Istio's CA API (istiod, or `ztund controlplane`): a CSR per identity over gRPC. Unset
+    /// fields are taken from `controlPlane`.
+    #[serde(rename_all = "camelCase")]
+    Istio {
+        #[serde(default)]
+        address: Option<String>,
+        #[serde(default)]
+        root_cert: Option<PathBuf>,
+        #[serde(default)]
+        token_file: Option<PathBuf>,
+        #[serde(default)]
+        server_name: Option<String>,
+    },
+    /// A SPIRE agent: SVIDs for every local identity through its Delegated Identity API.
+    #[serde(rename_all = "camelCase")]
+    Spiffe {
+        /// The agent's admin socket (serves the Delegated Identity API).
+        #[serde(default = "default_spire_admin_socket")]
+        admin_socket: PathBuf,
+    },
+}
+
+fn default_spire_admin_socket() -> PathBuf {
+    "/run/spire/sockets/admin.sock".into()
+}
+
+/// The control plane ztund takes workloads, services and policies from over Delta xDS
+/// (istiod, or `ztund controlplane`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ControlPlaneConfig {
+    /// `https://host:port` (istiod: `https://istiod.istio-system.svc:15012`).
+    pub address: String,
+    /// PEM roots the control plane's serving certificate must chain to.
+    pub root_cert: PathBuf,
+    /// Bearer token file, re-read on every connect (a projected service-account token for
+    /// istiod, a node token for `ztund controlplane`).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// Sent as `clusterid` metadata and `CLUSTER_ID` node metadata.
+    #[serde(default = "default_cluster_id")]
+    pub cluster_id: String,
+    /// The name checked against the server's certificate instead of the address's host.
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// This proxy's pod name, namespace and IP, as they appear in the xDS node id
+    /// (`ztunnel~IP~POD.NS~NS.svc.cluster.local`); defaults `ztund-<node>`, `istio-system`,
+    /// `1.1.1.1` (ztunnel's).
+    #[serde(default)]
+    pub pod_name: Option<String>,
+    #[serde(default = "default_root_namespace")]
+    pub pod_namespace: String,
+    #[serde(default)]
+    pub instance_ip: Option<IpAddr>,
+    /// Extra node metadata (Istio's `proxyMetadata` / `ISTIO_META_*`).
+    #[serde(default)]
+    pub metadata: std::collections::BTreeMap<String, String>,
+}
+
+fn default_cluster_id() -> String {
+    "Kubernetes".into()
 }
 
 /// Listener ports; Istio's numbers by default.
@@ -148,8 +209,13 @@ pub struct Config {
     pub node: String,
     #[serde(default = "default_trust_domain")]
     pub trust_domain: String,
-    /// Multi-document Kubernetes/Istio YAML describing the mesh; watched for changes.
-    pub mesh_file: PathBuf,
+    /// Multi-document Kubernetes/Istio YAML describing the mesh; watched for changes. With a
+    /// `controlPlane` too, both are merged (README, "Deployment shapes").
+    #[serde(default)]
+    pub mesh_file: Option<PathBuf>,
+    /// Take workloads, services and policies from a control plane over Delta xDS.
+    #[serde(default)]
+    pub control_plane: Option<ControlPlaneConfig>,
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
     pub ca: CaConfig,
@@ -249,7 +315,7 @@ impl Config {
             self.trust_domain = td;
         }
         if let Some(mesh) = env("ZTUND_MESH_FILE") {
-            self.mesh_file = mesh.into();
+            self.mesh_file = Some(mesh.into());
         }
         let invalid = |field, reason| ConfigError::invalid("environment", field, reason);
         if let Some(threads) = env("ZTUND_WORKER_THREADS") {
@@ -281,11 +347,29 @@ impl Config {
                 *p = base.join(&*p);
             }
         };
-        fix(&mut self.mesh_file);
+        if let Some(mesh) = &mut self.mesh_file {
+            fix(mesh);
+        }
         fix(&mut self.state_dir);
         fix(&mut self.zds_socket);
+        if let Some(cp) = &mut self.control_plane {
+            fix(&mut cp.root_cert);
+            if let Some(token) = &mut cp.token_file {
+                fix(token);
+            }
+        }
         match &mut self.ca {
             CaConfig::Builtin { dir } | CaConfig::Cacerts { dir } => fix(dir),
+            CaConfig::Istio {
+                root_cert,
+                token_file,
+                ..
+            } => {
+                for path in [root_cert, token_file].into_iter().flatten() {
+                    fix(path);
+                }
+            }
+            CaConfig::Spiffe { admin_socket } => fix(admin_socket),
         }
     }
 
@@ -298,6 +382,20 @@ impl Config {
             return Err(invalid(
                 "trustDomain",
                 format!("{:?} is not a valid SPIFFE trust domain", self.trust_domain),
+            ));
+        }
+        if self.mesh_file.is_none() && self.control_plane.is_none() {
+            return Err(invalid(
+                "meshFile",
+                "either meshFile or controlPlane must be set".into(),
+            ));
+        }
+        if let CaConfig::Istio { address: None, .. } = &self.ca
+            && self.control_plane.is_none()
+        {
+            return Err(invalid(
+                "ca.address",
+                "mode istio needs an address, or a controlPlane to take it from".into(),
             ));
         }
         if self.cert_ttl < Duration::from_secs(60) {
@@ -421,6 +519,11 @@ mod tests {
             ),
             ("node: n\nca: {mode: builtin, dir: c}\n", "meshFile"),
             (
+                "node: n\ncontrolPlane: {address: cp:15012, rootCert: r}\nca: {mode: istio, adress: x}\n",
+                "adress",
+            ),
+            ("node: n\nmeshFile: m\nca: {mode: istio}\n", "ca.address"),
+            (
                 "node: n\nmeshFile: m\nca: {mode: builtin, dir: c}\ndataPlane: {threads: 0}\n",
                 "dataPlane.threads",
             ),
@@ -477,7 +580,7 @@ mod tests {
         let path = dir.path().join("node.yaml");
         std::fs::write(&path, format!("{MINIMAL}zdsSocket: run/ztunnel.sock\n")).unwrap();
         let c = Config::load(&path).unwrap();
-        assert_eq!(c.mesh_file, dir.path().join("mesh.yaml"));
+        assert_eq!(c.mesh_file, Some(dir.path().join("mesh.yaml")));
         assert_eq!(c.zds_socket, dir.path().join("run/ztunnel.sock"));
         assert!(matches!(&c.ca, CaConfig::Builtin { dir: d } if *d == dir.path().join("ca")));
     }

@@ -16,9 +16,7 @@ use super::seqpacket::{MAX_PACKET, Packet, SeqPacket};
 use crate::net::Netns;
 
 /// The generated ZDS messages (package `istio.workload.zds`).
-pub mod proto {
-    include!(concat!(env!("OUT_DIR"), "/istio.workload.zds.rs"));
-}
+pub use crate::proto::istio::workload::zds as proto;
 
 use proto::workload_request::Payload as Request;
 

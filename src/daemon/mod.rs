@@ -93,6 +93,11 @@ async fn serve(config: Arc<Config>, log: LogControl, shards: Spawner) -> Result<
     // Identity: every node of a standalone mesh shares the CA's root.
     let ca_dir = match &config.ca {
         CaConfig::Builtin { dir } | CaConfig::Cacerts { dir } => dir.clone(),
+        other => {
+            return Err(DaemonError::Mesh(format!(
+                "ca mode {other:?} is not wired into the daemon yet"
+            )));
+        }
     };
     let ca = CertificateAuthority::load(&ca_dir, &config.trust_domain, config.cert_ttl)?;
     let source: Arc<dyn IdentitySource> = Arc::new(ca);
@@ -101,9 +106,12 @@ async fn serve(config: Arc<Config>, log: LogControl, shards: Spawner) -> Result<
 
     // Mesh: an invalid file at start-up stops the daemon with the reason.
     let settings = MeshSettings::from_config(&config);
-    let (mesh, _watcher) =
-        load_and_watch(config.mesh_file.clone(), settings, config.watch_interval)
-            .map_err(|e| DaemonError::Mesh(e.to_string()))?;
+    let (mesh, _watcher) = load_and_watch(
+        config.mesh_file.clone().unwrap_or_default(),
+        settings,
+        config.watch_interval,
+    )
+    .map_err(|e| DaemonError::Mesh(e.to_string()))?;
     let snapshot = mesh.load();
     info!(
         workloads = snapshot.workloads().len(),

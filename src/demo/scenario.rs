@@ -241,6 +241,9 @@ mod tests {
         let config = crate::config::Config::parse(&text, "node2.yaml").expect("valid config");
         assert_eq!(config.node, "node2");
         assert_eq!(config.capture, crate::config::CaptureMode::Standalone);
-        assert_eq!(config.mesh_file, Path::new("/tmp/ztdemo-x/mesh.yaml"));
+        assert_eq!(
+            config.mesh_file.as_deref(),
+            Some(Path::new("/tmp/ztdemo-x/mesh.yaml"))
+        );
     }
 }

@@ -49,6 +49,12 @@ pub struct Workload {
     pub netns: Option<String>,
     /// RFC3339 creation time, used for tie-breaks between policies; pods rarely need it.
     pub creation_timestamp: Option<String>,
+    /// xDS only: the `namespace/name` of each selector-scoped Authorization istiod says applies
+    /// (`Workload.authorization_policies`); a file-sourced workload is matched by its labels.
+    pub authorization_policies: Vec<String>,
+    /// xDS only: the services this workload backs (`namespace/hostname`), each with its own
+    /// service port → target port map (`Workload.services`); see [`Endpoints::Listed`].
+    pub service_ports: BTreeMap<String, BTreeMap<u16, u16>>,
     /// The identity built once when the workload entered a [`Snapshot`](super::Snapshot);
     /// `Default` everywhere else. Not part of the workload's value (never compared).
     pub identity_cache: IdentityCache,
@@ -67,6 +73,16 @@ impl PartialEq for IdentityCache {
 }
 
 impl Workload {
+    /// The port to dial on this workload for a service port: its own mapping when the control
+    /// plane sent one, else the service's.
+    pub fn target_port(&self, service_key: &str, port: &ServicePort) -> u16 {
+        self.service_ports
+            .get(service_key)
+            .and_then(|ports| ports.get(&port.port))
+            .copied()
+            .unwrap_or(port.target_port)
+    }
+
     /// The identity this workload proves in TLS.
     pub fn identity(&self) -> SpiffeId {
         self.identity_ref().into_owned()
@@ -120,6 +136,9 @@ pub enum Endpoints {
     Addresses(Vec<IpAddr>),
     /// No endpoints: traffic to the VIP passes through to the hostname's real address.
     None,
+    /// xDS: the workloads that name this service (`namespace/hostname`) in their
+    /// `service_ports`, as istiod sends endpoints.
+    Listed,
 }
 
 /// A Kubernetes `Service` or an Istio `ServiceEntry`.

@@ -82,6 +82,14 @@ impl Snapshot {
                     .filter_map(|ip| snapshot.workload_by_ip.get(ip).cloned())
                     .collect(),
                 Endpoints::None => Vec::new(),
+                Endpoints::Listed => {
+                    let key = service_key(service);
+                    workloads
+                        .iter()
+                        .filter(|w| w.service_ports.contains_key(&key))
+                        .cloned()
+                        .collect()
+                }
             };
             snapshot
                 .endpoints

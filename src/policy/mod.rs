@@ -156,6 +156,16 @@ impl PolicySet {
                 }
             }
         }
+        // xDS: istiod names the selector-scoped policies (and the PeerAuthentication-derived
+        // ones) that apply to the workload; a name not (yet) known is skipped, as ztunnel does.
+        for name in &workload.authorization_policies {
+            match index.authorizations.get(name) {
+                Some(policy) => visit(policy, None)?,
+                None => {
+                    tracing::debug!(policy = %name, workload = %workload.uid, "referenced policy unknown; skipped")
+                }
+            }
+        }
         match self.levels(workload).enforcement() {
             Enforcement::None => {}
             Enforcement::StaticStrict(pa) => {

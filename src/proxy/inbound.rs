@@ -258,7 +258,8 @@ fn destination(
             let Some(port) = service.port(*port) else {
                 return Err(Refusal::Unavailable(format!("{host} has no port {port}")));
             };
-            SocketAddr::new(local.ip(), port.target_port)
+            let key = crate::mesh::service_key(service);
+            SocketAddr::new(local.ip(), workload.target_port(&key, port))
         }
     };
     if super::route::SELF_PORTS.contains(&target.port()) {

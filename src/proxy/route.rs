@@ -189,6 +189,14 @@ fn pick_endpoint<'a>(
     let Some(ip) = preferred_address(workload, destination.ip()) else {
         return Err(format!("workload {} has no address", workload.uid));
     };
+    let target_port = match &service.endpoints {
+        Endpoints::Listed => service
+            .port(destination.port())
+            .map_or(target_port, |port| {
+                workload.target_port(&crate::mesh::service_key(service), port)
+            }),
+        _ => target_port,
+    };
     Ok(Endpoint::Workload(
         workload,
         SocketAddr::new(ip, target_port),

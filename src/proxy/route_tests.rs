@@ -19,6 +19,8 @@ fn workload(name: &str, ip: &str, tunnel: TunnelProtocol, health: HealthStatus) 
         status: health,
         netns: None,
         creation_timestamp: None,
+        authorization_policies: Vec::new(),
+        service_ports: Default::default(),
         identity_cache: Default::default(),
     }
 }

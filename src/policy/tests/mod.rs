@@ -77,6 +77,8 @@ pub(crate) fn workload(ns: &str, name: &str, sa: &str, ip: &str, labels: &str) -
         status: HealthStatus::Healthy,
         netns: None,
         creation_timestamp: None,
+        authorization_policies: Vec::new(),
+        service_ports: Default::default(),
         identity_cache: Default::default(),
     }
 }
