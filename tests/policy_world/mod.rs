@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::support::controlplane::ControlPlane;
 use crate::support::{Cluster, Daemon};
 use crate::testbed::{Place, Testbed};
 
@@ -168,11 +169,28 @@ pub struct World {
     pub bar: App,
     pub node1: Daemon,
     pub node2: Daemon,
+    /// Set when the daemons take the mesh from `ztund controlplane` (on node 1, 10.200.0.1:15012)
+    /// instead of the mesh file.
+    pub control_plane: Option<ControlPlane>,
+}
+
+/// Where the daemons of a [`World`] take the mesh from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MeshSource {
+    /// The mesh file both daemons watch.
+    File,
+    /// `ztund controlplane` serving the same YAML over xDS, certificates from its CA.
+    ControlPlane,
 }
 
 impl World {
     /// Both daemons up with the base mesh plus `policies`.
     pub async fn new(policies: &[&str]) -> World {
+        World::from_source(MeshSource::File, policies).await
+    }
+
+    /// Both daemons up with the base mesh plus `policies`, taken from `source`.
+    pub async fn from_source(source: MeshSource, policies: &[&str]) -> World {
         let bed = Testbed::new(2, 1);
         bed.run_in(
             Place::Node(1),
@@ -183,12 +201,27 @@ impl World {
             &["ip", "addr", "add", "10.200.0.22/24", "dev", "eth0"],
         );
         let cluster = Cluster::new();
-        write_atomically(&cluster, &mesh_text(policies));
         let echo = App::start(&bed, Place::Node(2), addr(ECHO, 9000));
         let echo_9001 = App::start(&bed, Place::Node(2), addr(ECHO, 9001));
         let bar = App::start(&bed, Place::Node(2), addr(BAR, 9000));
-        let c1 = cluster.node_config("node1", "mesh.yaml", "socks5Bind: 0.0.0.0\n");
-        let c2 = cluster.node_config("node2", "mesh.yaml", "capture: host\n");
+        let (c1, c2, control_plane) = match source {
+            MeshSource::File => {
+                write_atomically(&cluster, &mesh_text(policies));
+                let c1 = cluster.node_config("node1", "mesh.yaml", "socks5Bind: 0.0.0.0\n");
+                let c2 = cluster.node_config("node2", "mesh.yaml", "capture: host\n");
+                (c1, c2, None)
+            }
+            MeshSource::ControlPlane => {
+                std::fs::create_dir_all(cluster.path("cp")).expect("control plane dir");
+                std::fs::write(cluster.path("cp/mesh.yaml"), mesh_text(policies))
+                    .expect("control plane YAML");
+                let listen = addr(SLEEP, 15012);
+                let cp = ControlPlane::start(&bed, &cluster, Place::Node(1), listen).await;
+                let c1 = cp.node_config(&cluster, "node1", "socks5Bind: 0.0.0.0\n");
+                let c2 = cp.node_config(&cluster, "node2", "capture: host\n");
+                (c1, c2, Some(cp))
+            }
+        };
         let node2 = cluster.start(&bed, 2, &c2).await;
         let node1 = cluster.start(&bed, 1, &c1).await;
         World {
@@ -199,6 +232,7 @@ impl World {
             bar,
             node1,
             node2,
+            control_plane,
         }
     }
 
@@ -206,7 +240,10 @@ impl World {
     /// have applied it.
     pub async fn apply(&self, policies: &[&str]) {
         let before = [applied(&self.node1), applied(&self.node2)];
-        write_atomically(&self.cluster, &mesh_text(policies));
+        match &self.control_plane {
+            None => write_atomically(&self.cluster, &mesh_text(policies)),
+            Some(cp) => cp.write("mesh.yaml", &mesh_text(policies)),
+        }
         let deadline = Instant::now() + Duration::from_secs(10);
         while applied(&self.node1) == before[0] || applied(&self.node2) == before[1] {
             assert!(
@@ -288,7 +325,7 @@ fn applied(daemon: &Daemon) -> usize {
     daemon
         .log_text()
         .lines()
-        .filter(|l| l.contains("mesh file applied"))
+        .filter(|l| l.contains("mesh file applied") || l.contains("xds update applied"))
         .count()
 }
 

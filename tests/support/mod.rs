@@ -3,6 +3,7 @@
 //! their logs for assertions.
 #![allow(dead_code)]
 
+pub mod controlplane;
 pub mod pods;
 pub mod sniffer;
 
