@@ -2,6 +2,10 @@
 //! `https://host:port` verified against a root file (with a server-name override, as
 //! `ALT_XDS_HOSTNAME`/`ALT_CA_HOSTNAME` do for ztunnel), and the per-call metadata istiod
 //! expects — `authorization: Bearer <token>` re-read from its file on every call, `clusterid`.
+//!
+//! The channel's sockets carry ztund's mark (0x539) like every socket ztund opens, so the
+//! redirection of a captured host (`capture: host`) never sends the daemon's own control-plane
+//! traffic back into its proxy.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -92,7 +96,50 @@ impl Target {
             .keep_alive_while_idle(true)
             .tcp_keepalive(Some(Duration::from_secs(300)))
             .tcp_nodelay(true);
-        Ok(endpoint.connect_lazy())
+        Ok(endpoint.connect_with_connector_lazy(MarkedConnector))
+    }
+}
+
+/// Dials the channel's TCP connections with [`crate::net::SocketFactory`]: marked 0x539,
+/// `TCP_NODELAY`, in the daemon's own namespace.
+#[derive(Debug, Clone, Copy)]
+struct MarkedConnector;
+
+impl tonic::codegen::Service<http::Uri> for MarkedConnector {
+    type Response = hyper_util::rt::TokioIo<tokio::net::TcpStream>;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        Box::pin(async move {
+            let invalid = |what: &str| {
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{uri}: {what}"))
+            };
+            let host = uri.host().ok_or_else(|| invalid("no host"))?;
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let port = uri.port_u16().unwrap_or(443);
+            let mut last = invalid("the host resolves to no address");
+            let sockets = crate::net::SocketFactory {
+                netns: None,
+                mark: Some(crate::net::ZTUND_MARK),
+            };
+            for addr in tokio::net::lookup_host((host, port)).await? {
+                match sockets.connect(addr, None).await {
+                    Ok(stream) => return Ok(hyper_util::rt::TokioIo::new(stream)),
+                    Err(e) => last = e,
+                }
+            }
+            Err(last)
+        })
     }
 }
 

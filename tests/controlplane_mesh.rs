@@ -78,13 +78,19 @@ async fn policies_from_the_control_plane_decide_as_the_mesh_file_does() {
     assert_eq!(w.echo_9001.accepted(), 0, "plaintext reached the app");
     log_line(
         &w.node2,
-        &["connection refused", "istio-system/istio_converted_static_strict"],
+        &[
+            "connection refused",
+            "istio-system/istio_converted_static_strict",
+        ],
     )
     .await;
     // The identity the server saw is the one the control plane's CA signed for node 1.
     log_line(
         &w.node2,
-        &["spiffe://cluster.local/ns/foo/sa/foo", "\"dst.addr\":\"10.200.0.2:9000\""],
+        &[
+            "spiffe://cluster.local/ns/foo/sa/foo",
+            "\"dst.addr\":\"10.200.0.2:9000\"",
+        ],
     )
     .await;
 }
@@ -108,7 +114,10 @@ async fn a_policy_change_reaches_every_node_within_two_seconds_and_closes_what_i
     cp.write("mesh.yaml", &mesh_with(&[&namespace_wide]));
     let took = until_denied(&w, SLEEP, 9000, Duration::from_secs(2)).await;
     eprintln!("namespace-wide policy enforced after {took:?}");
-    assert!(is_closed(&mut hbone_sleep).await, "the denied stream stayed open");
+    assert!(
+        is_closed(&mut hbone_sleep).await,
+        "the denied stream stayed open"
+    );
     assert!(echoes(&mut hbone_foo).await, "an allowed stream was closed");
 
     // Workload selector: reaches echo only through its authorization_policies list.
@@ -122,7 +131,11 @@ async fn a_policy_change_reaches_every_node_within_two_seconds_and_closes_what_i
         is_closed(&mut plain).await,
         "the open plaintext connection a new selector policy denies stayed open"
     );
-    assert!(start.elapsed() < Duration::from_secs(3), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
     log_line(
         &w.node2,
         &["connection closed by policy", "default/deny-plaintext-9001"],
@@ -141,7 +154,10 @@ async fn the_nodes_serve_from_their_last_state_while_the_control_plane_is_away()
     w.control_plane.as_mut().expect("control plane").kill();
     let away = Instant::now();
     while away.elapsed() < Duration::from_secs(30) {
-        assert!(echoes(&mut open).await, "an open connection stopped flowing");
+        assert!(
+            echoes(&mut open).await,
+            "an open connection stopped flowing"
+        );
         // New connections between known workloads are served from cached state.
         assert_mesh_allowed(&w, SLEEP, 9001).await;
         tokio::time::sleep(Duration::from_secs(3)).await;
@@ -151,13 +167,22 @@ async fn the_nodes_serve_from_their_last_state_while_the_control_plane_is_away()
     // Both nodes come back; their state is what it was, without duplicates or losses.
     support::eventually("nodes reconnected", Duration::from_secs(20), || {
         let lines = cp.log_text();
-        let resumed = lines.lines().filter(|l| l.contains("stream opened")).count();
+        let resumed = lines
+            .lines()
+            .filter(|l| l.contains("stream opened"))
+            .count();
         if resumed >= 2 { Ok(()) } else { Err(lines) }
     })
     .await;
     w.control_plane = Some(cp);
-    assert_eq!(workload_uids(&config_dump(&w, 2)), workload_uids(&dump_before));
-    assert!(echoes(&mut open).await, "the open connection broke on resync");
+    assert_eq!(
+        workload_uids(&config_dump(&w, 2)),
+        workload_uids(&dump_before)
+    );
+    assert!(
+        echoes(&mut open).await,
+        "the open connection broke on resync"
+    );
     assert_mesh_allowed(&w, FOO, 9000).await;
 }
 
