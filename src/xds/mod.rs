@@ -10,6 +10,9 @@
 //! - `state`: the resources held, by type and name, and the snapshot built from them (merged
 //!   with the mesh file when both are configured).
 
+pub mod convert;
+pub mod state;
+
 use prost_types::Any;
 
 /// One resource as the control plane sent it.

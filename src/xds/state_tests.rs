@@ -1,0 +1,518 @@
+//! The held state and the snapshots built from it: istiod-shaped policies (PROTOCOL.md §4.1)
+//! decided by the policy engine, partial applies of bad responses, removals, the last good
+//! version kept, and the merge with a mesh file.
+
+use std::net::IpAddr;
+
+use prost_types::Any;
+
+use super::*;
+use crate::identity::SpiffeId;
+use crate::policy::{ConnectionFacts, Decision, authorize};
+use crate::proto::istio::security as pb_sec;
+use crate::proto::istio::workload as pb;
+use crate::xds::convert::tests::*;
+
+fn state_with(type_url: &str, added: Vec<RawResource>) -> XdsState {
+    let mut state = XdsState::new();
+    let rejected = state.apply(type_url, added, vec![]);
+    assert!(rejected.is_empty(), "{rejected:?}");
+    state
+}
+
+fn ip(text: &str) -> IpAddr {
+    text.parse().unwrap()
+}
+
+/// A connection to `port` of the workload at `to`; `from` is `Some((ns, sa))` for HBONE.
+fn decide(snapshot: &Snapshot, to: &str, port: u16, from: Option<(&str, &str)>) -> Decision {
+    let workload = snapshot.workload_by_ip(ip(to)).expect("destination known");
+    let conn = ConnectionFacts {
+        source_ip: ip("10.0.9.9"),
+        source_identity: from.map(|(ns, sa)| SpiffeId::new("cluster.local", ns, sa).unwrap()),
+        destination_ip: ip(to),
+        destination_port: port,
+    };
+    authorize(&snapshot.policies, workload, &conn)
+}
+
+fn denied(decision: Decision) -> bool {
+    matches!(decision, Decision::Deny(_))
+}
+
+const HBONE: Option<(&str, &str)> = Some(("default", "sleep"));
+
+fn referencing(ns: &str, name: &str, ip: [u8; 4], policies: &[&str]) -> RawResource {
+    let mut w = pb_workload(ns, name, ip);
+    w.authorization_policies = policies.iter().map(|p| p.to_string()).collect();
+    workload_resource(w, "1")
+}
+
+#[test]
+fn the_static_strict_policy_denies_plaintext_to_the_workloads_that_reference_it() {
+    let mut state = state_with(
+        type_url::ADDRESS,
+        vec![
+            referencing(
+                "default",
+                "strict",
+                [10, 0, 0, 1],
+                &["istio-system/istio_converted_static_strict"],
+            ),
+            referencing("default", "open", [10, 0, 0, 2], &[]),
+        ],
+    );
+    state.apply(
+        type_url::AUTHORIZATION,
+        vec![authorization_resource(static_strict(), "1")],
+        vec![],
+    );
+    let snapshot = state.snapshot(None, ROOT);
+    assert_eq!(
+        decide(&snapshot, "10.0.0.1", 8080, None),
+        Decision::Deny("explicitly denied by: istio-system/istio_converted_static_strict".into())
+    );
+    assert_eq!(decide(&snapshot, "10.0.0.1", 8080, HBONE), Decision::Allow);
+    assert_eq!(decide(&snapshot, "10.0.0.2", 8080, None), Decision::Allow);
+}
+
+#[test]
+fn a_converted_strict_peer_authentication_exempts_its_permissive_ports() {
+    // Effective STRICT, port 8081 PERMISSIVE: one rule, clauses ANDed.
+    let policy = pb_authorization(
+        "default",
+        "converted_peer_authentication_pa",
+        pb_sec::Scope::WorkloadSelector,
+        pb_sec::Action::Deny,
+        one_rule(vec![
+            vec![pb_sec::Match {
+                not_principals: vec![presence()],
+                ..Default::default()
+            }],
+            vec![pb_sec::Match {
+                not_destination_ports: vec![8081],
+                ..Default::default()
+            }],
+        ]),
+    );
+    let mut state = state_with(
+        type_url::ADDRESS,
+        vec![referencing(
+            "default",
+            "w",
+            [10, 0, 0, 1],
+            &["default/converted_peer_authentication_pa"],
+        )],
+    );
+    state.apply(
+        type_url::AUTHORIZATION,
+        vec![authorization_resource(policy, "1")],
+        vec![],
+    );
+    let snapshot = state.snapshot(None, ROOT);
+    assert!(denied(decide(&snapshot, "10.0.0.1", 8080, None)));
+    assert_eq!(decide(&snapshot, "10.0.0.1", 8081, None), Decision::Allow);
+    assert_eq!(decide(&snapshot, "10.0.0.1", 8080, HBONE), Decision::Allow);
+}
+
+#[test]
+fn a_converted_permissive_peer_authentication_guards_its_strict_ports() {
+    // Effective PERMISSIVE, ports 9090 and 9091 STRICT: one rule per strict port.
+    let rule = |port| pb_sec::Rule {
+        clauses: vec![pb_sec::Clause {
+            matches: vec![pb_sec::Match {
+                not_principals: vec![presence()],
+                destination_ports: vec![port],
+                ..Default::default()
+            }],
+        }],
+    };
+    let policy = pb_authorization(
+        "default",
+        "converted_peer_authentication_pa",
+        pb_sec::Scope::WorkloadSelector,
+        pb_sec::Action::Deny,
+        vec![rule(9090), rule(9091)],
+    );
+    let mut state = state_with(
+        type_url::ADDRESS,
+        vec![referencing(
+            "default",
+            "w",
+            [10, 0, 0, 1],
+            &["default/converted_peer_authentication_pa"],
+        )],
+    );
+    state.apply(
+        type_url::AUTHORIZATION,
+        vec![authorization_resource(policy, "1")],
+        vec![],
+    );
+    let snapshot = state.snapshot(None, ROOT);
+    assert!(denied(decide(&snapshot, "10.0.0.1", 9090, None)));
+    assert!(denied(decide(&snapshot, "10.0.0.1", 9091, None)));
+    assert_eq!(decide(&snapshot, "10.0.0.1", 8080, None), Decision::Allow);
+    assert_eq!(decide(&snapshot, "10.0.0.1", 9090, HBONE), Decision::Allow);
+}
+
+#[test]
+fn namespace_allow_and_global_deny_apply_without_being_referenced() {
+    let allow = pb_authorization(
+        "prod",
+        "only-client",
+        pb_sec::Scope::Namespace,
+        pb_sec::Action::Allow,
+        one_rule(vec![vec![pb_sec::Match {
+            principals: vec![pb_sec::StringMatch {
+                match_type: Some(pb_sec::string_match::MatchType::Exact(
+                    "cluster.local/ns/prod/sa/client".into(),
+                )),
+            }],
+            ..Default::default()
+        }]]),
+    );
+    // GLOBAL: its namespace field does not limit it.
+    let deny = pb_authorization(
+        ROOT,
+        "no-quarantine",
+        pb_sec::Scope::Global,
+        pb_sec::Action::Deny,
+        one_rule(vec![vec![pb_sec::Match {
+            namespaces: vec![pb_sec::StringMatch {
+                match_type: Some(pb_sec::string_match::MatchType::Exact("quarantine".into())),
+            }],
+            ..Default::default()
+        }]]),
+    );
+    let mut state = state_with(
+        type_url::ADDRESS,
+        vec![
+            referencing("prod", "db", [10, 0, 0, 1], &[]),
+            referencing("dev", "db", [10, 0, 0, 2], &[]),
+        ],
+    );
+    state.apply(
+        type_url::AUTHORIZATION,
+        vec![
+            authorization_resource(allow, "1"),
+            authorization_resource(deny, "1"),
+        ],
+        vec![],
+    );
+    let snapshot = state.snapshot(None, ROOT);
+    assert_eq!(
+        decide(&snapshot, "10.0.0.1", 5432, Some(("prod", "client"))),
+        Decision::Allow
+    );
+    assert!(denied(decide(
+        &snapshot,
+        "10.0.0.1",
+        5432,
+        Some(("prod", "other"))
+    )));
+    assert_eq!(
+        decide(&snapshot, "10.0.0.2", 5432, Some(("prod", "other"))),
+        Decision::Allow
+    );
+    for to in ["10.0.0.1", "10.0.0.2"] {
+        assert_eq!(
+            decide(&snapshot, to, 5432, Some(("quarantine", "client"))),
+            Decision::Deny("explicitly denied by: istio-system/no-quarantine".into())
+        );
+    }
+}
+
+#[test]
+fn a_response_with_bad_resources_applies_the_good_ones_and_names_each_bad_one() {
+    let good = workload_resource(pb_workload("default", "good", [10, 0, 0, 1]), "1");
+    let mut five = pb_workload("default", "five", [10, 0, 0, 2]);
+    five.addresses = vec![vec![1, 2, 3, 4, 5]];
+    let mut enumerated = pb_workload("default", "enum", [10, 0, 0, 3]);
+    enumerated.tunnel_protocol = 42;
+    let mut keyless = pb_workload("default", "keyless", [10, 0, 0, 4]);
+    keyless
+        .services
+        .insert("no-slash".into(), Default::default());
+    let mut huge = pb_workload("default", "huge", [10, 0, 0, 5]);
+    huge.canonical_name = "x".repeat(convert::MAX_RESOURCE_BYTES);
+    let mut wrong_type = workload_resource(pb_workload("default", "wrongtype", [10, 0, 0, 6]), "1");
+    if let Some(body) = wrong_type.resource.as_mut() {
+        body.type_url = type_url::AUTHORIZATION.into();
+    }
+    let undecodable = raw(
+        &uid("default", "garbage"),
+        "1",
+        Any {
+            type_url: type_url::ADDRESS.into(),
+            value: vec![0x0a, 0xff],
+        },
+    );
+    let service = service_resource(pb_service("default", "echo", [10, 96, 0, 1], 80, 8080), "1");
+
+    let mut state = XdsState::new();
+    let rejected = state.apply(
+        type_url::ADDRESS,
+        vec![
+            good,
+            workload_resource(five, "1"),
+            workload_resource(enumerated, "1"),
+            workload_resource(keyless, "1"),
+            workload_resource(huge, "1"),
+            wrong_type,
+            undecodable,
+            service,
+        ],
+        vec![],
+    );
+    let names: Vec<&str> = rejected.iter().map(|(name, _)| name.as_str()).collect();
+    let expected: Vec<String> = ["five", "enum", "keyless", "huge", "wrongtype", "garbage"]
+        .iter()
+        .map(|n| uid("default", n))
+        .collect();
+    assert_eq!(names, expected);
+    for (name, reason) in &rejected {
+        assert!(reason.contains(name.as_str()), "{reason}");
+    }
+    assert!(
+        rejected[0]
+            .1
+            .ends_with("addresses[0]: 5 bytes, expected 4 or 16")
+    );
+    assert!(
+        rejected[1]
+            .1
+            .ends_with("tunnel_protocol: unknown enum value 42")
+    );
+    assert!(rejected[2].1.ends_with("key is not namespace/hostname"));
+    assert!(rejected[3].1.contains("over the 4194304-byte cap"));
+    assert!(rejected[4].1.contains("type_url"));
+    assert!(rejected[5].1.contains("undecodable"));
+
+    let versions = state.versions(type_url::ADDRESS);
+    let mut held: Vec<&str> = versions.keys().map(String::as_str).collect();
+    held.sort();
+    assert_eq!(
+        held,
+        [
+            "Kubernetes//Pod/default/good",
+            "default/echo.default.svc.cluster.local"
+        ],
+        "rejected names are left out of the versions"
+    );
+    let snapshot = state.snapshot(None, ROOT);
+    assert!(snapshot.workload_by_ip(ip("10.0.0.1")).is_some());
+    let echo = snapshot
+        .service_by_vip(ip("10.96.0.1"))
+        .expect("service applied");
+    assert_eq!(echo.port(80).map(|p| p.target_port), Some(8080));
+}
+
+#[test]
+fn removals_drop_workloads_and_services_by_their_names() {
+    let mut endpoint = pb_workload("default", "echo", [10, 0, 0, 1]);
+    endpoint.services.insert(
+        "default/echo.default.svc.cluster.local".into(),
+        pb::PortList {
+            ports: vec![pb::Port {
+                service_port: 80,
+                target_port: 8080,
+                app_protocol: 0,
+            }],
+        },
+    );
+    let mut state = state_with(
+        type_url::ADDRESS,
+        vec![
+            workload_resource(endpoint, "1"),
+            workload_resource(pb_workload("default", "other", [10, 0, 0, 2]), "1"),
+            service_resource(pb_service("default", "echo", [10, 96, 0, 1], 80, 80), "1"),
+        ],
+    );
+    let snapshot = state.snapshot(None, ROOT);
+    let service = snapshot.service_by_vip(ip("10.96.0.1")).expect("service");
+    assert_eq!(snapshot.endpoints(service).len(), 1);
+    assert!(state.take_changed());
+
+    let rejected = state.apply(
+        type_url::ADDRESS,
+        vec![],
+        vec![
+            uid("default", "echo"),
+            "default/echo.default.svc.cluster.local".into(),
+            "never/held".into(),
+        ],
+    );
+    assert!(rejected.is_empty());
+    assert!(state.take_changed());
+    let snapshot = state.snapshot(None, ROOT);
+    assert!(snapshot.workload_by_ip(ip("10.0.0.1")).is_none());
+    assert!(snapshot.service_by_vip(ip("10.96.0.1")).is_none());
+    assert!(snapshot.workload_by_ip(ip("10.0.0.2")).is_some());
+    assert_eq!(state.provenance().workloads.len(), 1);
+    assert!(state.provenance().services.is_empty());
+}
+
+#[test]
+fn a_rejected_update_keeps_the_last_good_version() {
+    let mut state = state_with(
+        type_url::ADDRESS,
+        vec![workload_resource(
+            pb_workload("default", "w", [10, 0, 0, 1]),
+            "v1",
+        )],
+    );
+    state.apply(
+        type_url::AUTHORIZATION,
+        vec![authorization_resource(static_strict(), "v1")],
+        vec![],
+    );
+    assert!(state.take_changed());
+
+    let mut broken = pb_workload("default", "w", [10, 0, 0, 2]);
+    broken.addresses.push(vec![9; 5]);
+    let mut bad_policy = static_strict();
+    bad_policy.action = 5;
+    let rejected = state.apply(
+        type_url::ADDRESS,
+        vec![workload_resource(broken, "v2")],
+        vec![],
+    );
+    assert_eq!(rejected.len(), 1);
+    let rejected = state.apply(
+        type_url::AUTHORIZATION,
+        vec![authorization_resource(bad_policy, "v2")],
+        vec![],
+    );
+    assert_eq!(rejected.len(), 1);
+    assert!(!state.take_changed(), "nothing changed");
+
+    let w = uid("default", "w");
+    assert_eq!(state.versions(type_url::ADDRESS)[&w], "v1");
+    let strict = "istio-system/istio_converted_static_strict";
+    assert_eq!(state.versions(type_url::AUTHORIZATION)[strict], "v1");
+    let snapshot = state.snapshot(None, ROOT);
+    assert!(snapshot.workload_by_ip(ip("10.0.0.1")).is_some());
+    assert!(snapshot.workload_by_ip(ip("10.0.0.2")).is_none());
+    assert_eq!(snapshot.policies.authorizations().count(), 1);
+}
+
+#[test]
+fn unsubscribed_types_are_ignored_and_resends_change_nothing() {
+    let resource = workload_resource(pb_workload("default", "w", [10, 0, 0, 1]), "1");
+    let mut state = state_with(type_url::ADDRESS, vec![resource.clone()]);
+    assert!(state.take_changed());
+    let unknown = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+    assert!(
+        state
+            .apply(unknown, vec![resource.clone()], vec!["x".into()])
+            .is_empty()
+    );
+    assert!(state.versions(unknown).is_empty());
+    assert!(
+        state
+            .apply(type_url::ADDRESS, vec![resource], vec![])
+            .is_empty()
+    );
+    assert!(
+        !state.take_changed(),
+        "the same value again is not a change"
+    );
+}
+
+const FILE: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: sleep, namespace: default, labels: {app: sleep}}
+spec: {nodeName: node1, serviceAccountName: sleep}
+status: {podIP: 10.201.1.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: echo, namespace: default, labels: {app: echo}}
+spec: {nodeName: node1}
+status: {podIP: 10.201.1.3}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-all, namespace: default}
+spec: {action: DENY, rules: [{}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: file-only, namespace: other}
+spec: {action: DENY, rules: [{}]}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: ext, namespace: default}
+spec: {host: example.com, trafficPolicy: {tls: {mode: DISABLE}}}
+"#;
+
+#[test]
+fn the_mesh_file_merges_in_and_the_control_plane_wins_clashes() {
+    let settings = crate::mesh::MeshSettings::default();
+    let file = FileMesh::from_text("mesh.yaml", FILE, &settings).expect("file reads");
+    assert_eq!((file.workloads.len(), file.policies.len()), (2, 3));
+
+    // The control plane sends `echo` too (another IP) and a `default/deny-all` that allows.
+    let mut state = state_with(
+        type_url::ADDRESS,
+        vec![
+            workload_resource(pb_workload("default", "echo", [10, 0, 0, 3]), "7"),
+            workload_resource(pb_workload("default", "xds-only", [10, 0, 0, 4]), "7"),
+        ],
+    );
+    let lenient = pb_authorization(
+        "default",
+        "deny-all",
+        pb_sec::Scope::Namespace,
+        pb_sec::Action::Deny,
+        vec![],
+    );
+    state.apply(
+        type_url::AUTHORIZATION,
+        vec![authorization_resource(lenient, "7")],
+        vec![],
+    );
+    state.apply(
+        type_url::DESTINATION_RULE,
+        vec![destination_rule_resource(
+            "default",
+            "ext",
+            r#"{"host":"example.com"}"#,
+        )],
+        vec![],
+    );
+
+    let snapshot = state.snapshot(Some(&file), ROOT);
+    let names: Vec<&str> = snapshot
+        .workloads()
+        .iter()
+        .map(|w| w.name.as_str())
+        .collect();
+    assert_eq!(names, ["sleep", "echo", "xds-only"]);
+    let echo = snapshot
+        .workload_by_uid(&uid("default", "echo"))
+        .expect("echo");
+    assert_eq!(echo.addresses, [ip("10.0.0.3")], "the control plane's echo");
+    assert!(snapshot.workload_by_ip(ip("10.201.1.3")).is_none());
+    // The xDS deny-all has no rules (never matches) and replaces the file's.
+    assert_eq!(decide(&snapshot, "10.201.1.2", 80, HBONE), Decision::Allow);
+    let keys: Vec<String> = snapshot
+        .policies
+        .authorizations()
+        .map(|a| a.key())
+        .collect();
+    assert_eq!(keys, ["default/deny-all", "other/file-only"]);
+    let rules = snapshot.policies.destination_rules();
+    assert_eq!(rules.len(), 1);
+    assert_eq!(rules[0].tls, None, "the control plane's rule, without tls");
+
+    let provenance = state.provenance();
+    assert_eq!(provenance.workloads[&uid("default", "echo")], "7");
+    assert_eq!(provenance.authorizations["default/deny-all"], "7");
+    assert_eq!(provenance.destination_rules["default/ext"], "1");
+
+    // Without the file, only the control plane's view.
+    assert_eq!(state.snapshot(None, ROOT).workloads().len(), 2);
+}
