@@ -319,7 +319,7 @@ fn check_trust_domain(trust_domain: &str) -> Result<(), IdentityError> {
 
 /// A critical SubjectAltName holding one URI: critical because the subject is empty (RFC 5280
 /// §4.2.1.6), as in the certificates istiod issues.
-fn uri_san(uri: &str) -> CustomExtension {
+pub(super) fn uri_san(uri: &str) -> CustomExtension {
     const OID_SUBJECT_ALT_NAME: &[u64] = &[2, 5, 29, 17];
     const TAG_URI: u8 = 0x86; // [6] IMPLICIT IA5String
     const TAG_SEQUENCE: u8 = 0x30;

@@ -1,11 +1,14 @@
-//! One certificate per identity, fetched on demand from an `IdentitySource`, renewed in the
-//! background at half its life (retrying with backoff, keeping the old certificate while it is
-//! valid). Knows nothing about TLS: callers hold `Arc<WorkloadCertificate>`s, and a renewal only
-//! swaps what the next `fetch` returns.
+//! One certificate per identity, fetched on demand from an `IdentitySource` or prefetched for
+//! the identities of the node's workloads (`sync_local`), renewed in the background at half its
+//! life (retrying with backoff, keeping the old certificate while it is valid). A failed first
+//! issue holds further attempts for that identity off with the same backoff: callers get the
+//! last error at once instead of each sending the CA another request. Knows nothing about TLS:
+//! callers hold `Arc<WorkloadCertificate>`s, and a renewal only swaps what the next `fetch`
+//! returns.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwapOption;
 use tokio::sync::watch;
@@ -33,7 +36,28 @@ struct Slot {
     current: ArcSwapOption<WorkloadCertificate>,
     /// Serialises first issuance so concurrent fetches of one identity issue once.
     issuing: tokio::sync::Mutex<()>,
+    /// The last failed first issue; no other is tried before its `retry_at`.
+    failure: Mutex<Option<Failure>>,
+    /// Issues (if need be, with backoff) and then renews; aborted by `forget`.
     renewal: Mutex<Option<JoinHandle<()>>>,
+}
+
+#[derive(Debug)]
+struct Failure {
+    retry_at: Instant,
+    /// The backoff after the next failure.
+    next_gap: Duration,
+    error: String,
+}
+
+impl Slot {
+    /// How long until the next first issue may be tried, if a failure holds it off.
+    fn backoff(&self) -> Option<(Duration, String)> {
+        let failure = lock(&self.failure);
+        let failure = failure.as_ref()?;
+        let wait = failure.retry_at.checked_duration_since(Instant::now())?;
+        Some((wait, failure.error.clone()))
+    }
 }
 
 impl CertManager {
@@ -48,21 +72,56 @@ impl CertManager {
     }
 
     /// The current certificate for `id`, issuing one (once, however many callers wait) if there
-    /// is none or the one held has expired.
+    /// is none or the one held has expired. While an earlier failure's backoff runs, fails at
+    /// once with `IdentityError::BackingOff` (naming that failure).
     pub async fn fetch(&self, id: &SpiffeId) -> Result<Arc<WorkloadCertificate>, IdentityError> {
         let slot = self.slot(id);
         if let Some(cert) = valid(&slot) {
             return Ok(cert);
         }
-        let _issuing = slot.issuing.lock().await;
-        if let Some(cert) = valid(&slot) {
-            return Ok(cert);
-        }
-        let cert = Arc::new(self.source.issue(id).await?);
-        slot.current.store(Some(cert.clone()));
-        self.changes.send_modify(|generation| *generation += 1);
-        self.start_renewal(id, &slot);
+        let cert = first_issue(id, &slot, &*self.source, &self.changes).await?;
+        self.start_keeper(id, &slot);
         Ok(cert)
+    }
+
+    /// Makes the held identities those of the workloads on this node: starts issuing (in the
+    /// background, retried with backoff until it succeeds) for each wanted identity not held,
+    /// and forgets every held identity that is not wanted (its last local workload left).
+    /// Call it with the whole set after each change; needs a Tokio runtime.
+    pub fn sync_local(&self, wanted: impl IntoIterator<Item = SpiffeId>) {
+        let wanted: HashSet<SpiffeId> = wanted.into_iter().collect();
+        let departed: Vec<SpiffeId> = self
+            .lock_slots()
+            .keys()
+            .filter(|id| !wanted.contains(*id))
+            .cloned()
+            .collect();
+        for id in &departed {
+            tracing::debug!(%id, "no local workload has this identity any more; dropping its certificate");
+            self.forget(id);
+        }
+        for id in &wanted {
+            let slot = self.slot(id);
+            self.start_keeper(id, &slot);
+        }
+    }
+
+    /// Those of `wanted` that have no valid certificate yet (for readiness).
+    pub fn pending<'a>(&self, wanted: impl IntoIterator<Item = &'a SpiffeId>) -> Vec<SpiffeId> {
+        let slots = self.lock_slots();
+        wanted
+            .into_iter()
+            .filter(|id| slots.get(*id).and_then(|slot| valid(slot)).is_none())
+            .cloned()
+            .collect()
+    }
+
+    /// Each held certificate's identity and expiry, sorted by identity (for metrics).
+    pub fn expiries(&self) -> Vec<(SpiffeId, SystemTime)> {
+        self.snapshot()
+            .iter()
+            .map(|cert| (cert.id.clone(), cert.not_after))
+            .collect()
     }
 
     /// Drops `id`'s certificate and stops renewing it; connections holding it are unaffected.
@@ -94,10 +153,7 @@ impl CertManager {
     }
 
     fn lock_slots(&self) -> MutexGuard<'_, HashMap<SpiffeId, Arc<Slot>>> {
-        // A panic while holding this lock cannot leave the map half-updated: keep going.
-        self.slots
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.slots)
     }
 
     fn slot(&self, id: &SpiffeId) -> Arc<Slot> {
@@ -112,27 +168,25 @@ impl CertManager {
                 Arc::new(Slot {
                     current: ArcSwapOption::empty(),
                     issuing: tokio::sync::Mutex::new(()),
+                    failure: Mutex::new(None),
                     renewal: Mutex::new(None),
                 })
             })
             .clone()
     }
 
-    /// Starts the renewal task unless one runs or `id` was forgotten while it was being issued
-    /// (checked under the map lock, so `forget` cannot miss a task).
-    fn start_renewal(&self, id: &SpiffeId, slot: &Arc<Slot>) {
+    /// Starts the task keeping `id` issued and renewed unless one runs or `id` was forgotten
+    /// meanwhile (checked under the map lock, so `forget` cannot miss a task).
+    fn start_keeper(&self, id: &SpiffeId, slot: &Arc<Slot>) {
         let slots = self.lock_slots();
         if !slots.get(id).is_some_and(|held| Arc::ptr_eq(held, slot)) {
             return;
         }
-        let mut renewal = slot
-            .renewal
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut renewal = lock(&slot.renewal);
         if renewal.as_ref().is_some_and(|task| !task.is_finished()) {
             return;
         }
-        *renewal = Some(tokio::spawn(renew(
+        *renewal = Some(tokio::spawn(keep(
             id.clone(),
             Arc::downgrade(slot),
             self.source.clone(),
@@ -149,12 +203,15 @@ impl Drop for CertManager {
     }
 }
 
-fn stop_renewal(slot: &Slot) {
-    let task = slot
-        .renewal
+/// A panic while a slot's lock is held cannot leave its value half-updated: keep going.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
-        .take();
+}
+
+fn stop_renewal(slot: &Slot) {
+    let task = lock(&slot.renewal).take();
     if let Some(task) = task {
         task.abort();
     }
@@ -164,6 +221,72 @@ fn valid(slot: &Slot) -> Option<Arc<WorkloadCertificate>> {
     slot.current
         .load_full()
         .filter(|cert| cert.not_after > SystemTime::now())
+}
+
+/// Issues `id` once, unless another caller does so meanwhile or a failure's backoff runs; a
+/// failure starts (or doubles) that backoff.
+async fn first_issue(
+    id: &SpiffeId,
+    slot: &Slot,
+    source: &dyn IdentitySource,
+    changes: &watch::Sender<u64>,
+) -> Result<Arc<WorkloadCertificate>, IdentityError> {
+    let _issuing = slot.issuing.lock().await;
+    if let Some(cert) = valid(slot) {
+        return Ok(cert);
+    }
+    if let Some((retry_in, last)) = slot.backoff() {
+        return Err(IdentityError::BackingOff {
+            id: id.to_string(),
+            retry_in,
+            last,
+        });
+    }
+    match source.issue(id).await {
+        Ok(cert) => {
+            let cert = Arc::new(cert);
+            slot.current.store(Some(cert.clone()));
+            *lock(&slot.failure) = None;
+            changes.send_modify(|generation| *generation += 1);
+            Ok(cert)
+        }
+        Err(err) => {
+            let mut failure = lock(&slot.failure);
+            let gap = failure.as_ref().map_or(FIRST_RETRY, |last| last.next_gap);
+            let delay = jitter(gap);
+            tracing::warn!(%id, error = %err, retry_in = ?delay, "certificate could not be issued");
+            *failure = Some(Failure {
+                retry_at: Instant::now() + delay,
+                next_gap: (gap * 2).min(MAX_RETRY),
+                error: err.to_string(),
+            });
+            Err(err)
+        }
+    }
+}
+
+/// Issues `id` if it has no valid certificate (retrying after each backoff), then renews it.
+async fn keep(
+    id: SpiffeId,
+    slot: Weak<Slot>,
+    source: Arc<dyn IdentitySource>,
+    changes: Arc<watch::Sender<u64>>,
+) {
+    loop {
+        let Some(held) = slot.upgrade() else {
+            return;
+        };
+        if valid(&held).is_some() {
+            break;
+        }
+        let wait = match first_issue(&id, &held, &*source, &changes).await {
+            Ok(_) => break,
+            Err(_) => held.backoff().map_or(MIN_RENEWAL_GAP, |(wait, _)| wait),
+        };
+        drop(held);
+        tokio::time::sleep(wait.max(MIN_RENEWAL_GAP)).await;
+    }
+    renew(id, slot, source, changes).await;
 }
 
 /// Renews `id` at each certificate's refresh time for as long as the slot exists.

@@ -115,17 +115,77 @@ async fn each_identity_has_its_own_certificate_and_forget_drops_one() {
 }
 
 #[tokio::test]
-async fn failed_first_issue_is_an_error_and_the_next_fetch_tries_again() {
+async fn a_failed_first_issue_holds_further_attempts_off_for_its_backoff() {
     let source = CountingSource::new(Duration::from_secs(3600));
     source.failing.store(true, Ordering::SeqCst);
     let manager = CertManager::new(source.clone());
-    let err = manager.fetch(&id("sleep")).await.unwrap_err();
-    assert!(err.to_string().contains("CA unavailable"), "{err}");
+    let sleep = id("sleep");
+
+    // Callers queued behind the failing attempt get its error, not one CA request each.
+    let fetches = (0..8).map(|_| manager.fetch(&sleep));
+    let results = futures::future::join_all(fetches).await;
+    assert!(results.iter().all(Result::is_err));
+    assert_eq!(source.attempts.load(Ordering::SeqCst), 1);
+    let err = results[0].as_ref().unwrap_err().to_string();
+    assert!(err.contains("CA unavailable"), "{err}");
+    let err = results[1].as_ref().unwrap_err().to_string();
+    assert!(
+        err.contains("next in") && err.contains("CA unavailable"),
+        "{err}"
+    );
     assert!(manager.snapshot().is_empty());
 
+    // The CA is back, but the backoff (1 s ± 50 %) still runs: no request yet.
     source.failing.store(false, Ordering::SeqCst);
-    manager.fetch(&id("sleep")).await.unwrap();
+    let err = manager.fetch(&sleep).await.unwrap_err();
+    assert!(matches!(err, IdentityError::BackingOff { .. }), "{err}");
+    assert_eq!(source.attempts.load(Ordering::SeqCst), 1);
+
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    manager.fetch(&sleep).await.unwrap();
     assert_eq!(source.issued(), 1);
+    assert_eq!(source.attempts.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn sync_local_prefetches_retries_and_forgets() {
+    let source = CountingSource::new(Duration::from_secs(3600));
+    source.failing.store(true, Ordering::SeqCst);
+    let manager = CertManager::new(source.clone());
+    let mut changes = manager.subscribe();
+    let (sleep, httpbin) = (id("sleep"), id("httpbin"));
+    let wanted = [sleep.clone(), httpbin.clone()];
+
+    manager.sync_local(wanted.clone());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(source.attempts.load(Ordering::SeqCst), 2, "one try each");
+    assert_eq!(manager.pending(&wanted), wanted.to_vec());
+    manager.sync_local(wanted.clone());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        source.attempts.load(Ordering::SeqCst),
+        2,
+        "a repeated sync does not retry before the backoff ends"
+    );
+
+    // The background retry after the backoff issues both, without anyone fetching.
+    source.failing.store(false, Ordering::SeqCst);
+    for _ in 0..2 {
+        next_change(&mut changes, Duration::from_secs(4)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(manager.pending(&wanted).is_empty());
+    assert_eq!(source.issued(), 2);
+    let expiries = manager.expiries();
+    assert_eq!(expiries.len(), 2);
+    assert_eq!(expiries[1].0, sleep);
+    assert!(expiries[1].1 > SystemTime::now() + Duration::from_secs(3000));
+
+    manager.sync_local([httpbin.clone()]);
+    let held: Vec<_> = manager.expiries().into_iter().map(|(id, _)| id).collect();
+    assert_eq!(held, vec![httpbin.clone()]);
+    assert_eq!(manager.pending(&wanted), vec![sleep.clone()]);
+    assert_eq!(source.issued(), 2, "nothing re-issued for a held identity");
 }
 
 #[tokio::test]

@@ -1,8 +1,9 @@
 //! Workload identities and their certificates: SPIFFE ids, the sources that issue certificates
-//! (built-in CA, an organisation's `cacerts`, later Istio's CA and the SPIFFE Workload API), and
+//! (built-in CA, an organisation's `cacerts`, Istio's CA, later the SPIFFE Workload API), and
 //! the per-identity cache that renews certificates before they expire. Knows nothing about HTTP/2.
 
 pub mod ca;
+pub mod istio;
 pub mod manager;
 mod pem;
 pub mod spiffe;
@@ -69,6 +70,31 @@ pub enum IdentityError {
         trust_domain: String,
         #[source]
         source: SpiffeIdError,
+    },
+    #[error("CA {address}: {source}")]
+    CaConnection {
+        address: String,
+        #[source]
+        source: crate::grpc::GrpcError,
+    },
+    #[error("CA {address} answered {code:?} to the request for {id}: {message}")]
+    CaStatus {
+        address: String,
+        id: String,
+        code: tonic::Code,
+        message: String,
+    },
+    #[error("CA's answer for {id}: {reason}")]
+    CaResponse { id: String, reason: String },
+    #[error("CA issued a certificate for {issued} when {asked} was asked for; refused")]
+    WrongIdentity { asked: String, issued: String },
+    #[error("CA's certificate for {id} does not hold the key of the request; refused")]
+    KeyMismatch { id: String },
+    #[error("no certificate for {id} yet: the last attempt failed ({last}); next in {retry_in:?}")]
+    BackingOff {
+        id: String,
+        retry_in: std::time::Duration,
+        last: String,
     },
 }
 
