@@ -6,6 +6,7 @@ pub mod ca;
 pub mod manager;
 mod pem;
 pub mod spiffe;
+pub mod spire;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -70,6 +71,8 @@ pub enum IdentityError {
         #[source]
         source: SpiffeIdError,
     },
+    #[error(transparent)]
+    Spire(#[from] spire::SpireError),
 }
 
 /// A boxed future, so sources can sit behind `dyn IdentitySource`.
