@@ -7,6 +7,7 @@ pub mod istio;
 pub mod manager;
 mod pem;
 pub mod spiffe;
+pub mod spire;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -96,6 +97,8 @@ pub enum IdentityError {
         retry_in: std::time::Duration,
         last: String,
     },
+    #[error(transparent)]
+    Spire(#[from] spire::SpireError),
 }
 
 /// A boxed future, so sources can sit behind `dyn IdentitySource`.
