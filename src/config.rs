@@ -86,7 +86,7 @@ pub enum CaConfig {
 }
 
 fn default_spire_admin_socket() -> PathBuf {
-    "/run/spire/sockets/admin.sock".into()
+    "/run/spire/admin/admin.sock".into()
 }
 
 /// The control plane ztund takes workloads, services and policies from over Delta xDS
