@@ -72,7 +72,7 @@ pub enum ControlPlaneError {
     Config {
         dir: String,
         #[source]
-        source: MeshError,
+        source: Box<MeshError>,
     },
     #[error("the CA in {dir}: {source}")]
     Ca {
@@ -190,7 +190,7 @@ pub async fn run(settings: Settings) -> Result<(), ControlPlaneError> {
     };
     let dir_error = |source| ControlPlaneError::Config {
         dir: settings.dir.display().to_string(),
-        source,
+        source: Box::new(source),
     };
     let (loaded, hash) = source::load_with_hash(&settings.dir, &mesh).map_err(dir_error)?;
     info!(

@@ -95,13 +95,16 @@ pub enum Poll {
     Refused(MeshError),
 }
 
+/// A file's path, inode, mtime (seconds, nanoseconds), ctime nanoseconds and size.
+type FileStamp = (PathBuf, u64, i64, i64, i64, u64);
+
 /// The watcher's memory of the directory.
 #[derive(Debug)]
 pub struct DirWatch {
     dir: PathBuf,
     settings: MeshSettings,
     /// Stamps of the files at the last poll: unchanged (and not recent), nothing is read.
-    stamps: Vec<(PathBuf, u64, i64, i64, i64, u64)>,
+    stamps: Vec<FileStamp>,
     /// Hash of the content seen at the last poll (None: unreadable).
     seen: Option<Option<u64>>,
     /// Hash of the content last applied or refused: seen again, it is not news.
@@ -122,7 +125,7 @@ impl DirWatch {
         watch
     }
 
-    fn stamp_now(&self) -> Result<Vec<(PathBuf, u64, i64, i64, i64, u64)>, MeshError> {
+    fn stamp_now(&self) -> Result<Vec<FileStamp>, MeshError> {
         let mut stamps = Vec::new();
         for path in yaml_files(&self.dir)? {
             if let Ok(m) = std::fs::metadata(&path) {
