@@ -5,6 +5,7 @@ pub mod admin;
 pub mod capture;
 pub mod check;
 pub mod config;
+pub mod controlplane;
 pub mod daemon;
 pub mod demo;
 pub mod grpc;

@@ -1,7 +1,9 @@
 //! The `ztund` command line: the daemon, the built-in CA, the demo and the policy checker.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
@@ -41,6 +43,34 @@ enum Command {
         #[arg(long)]
         hold: bool,
     },
+    /// Serve Delta ADS and Istio's CA API over TLS from a directory of mesh YAML (for fleets
+    /// without Istio); `controlplane token` makes a node's bearer token.
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+    Controlplane {
+        #[command(subcommand)]
+        command: Option<ControlplaneCommand>,
+        /// The directory of YAML served (`*.yaml`, `*.yml`; all documents read as one mesh).
+        #[arg(long, required = true)]
+        dir: Option<PathBuf>,
+        /// The address to listen on (e.g. 0.0.0.0:15012).
+        #[arg(long, required = true)]
+        listen: Option<SocketAddr>,
+        /// Where the CA, the node tokens and the serving certificate live.
+        #[arg(long, default_value = DEFAULT_CP_STATE)]
+        state_dir: PathBuf,
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+        /// The Istio root namespace.
+        #[arg(long, default_value = "istio-system")]
+        root_namespace: String,
+        /// A DNS name or IP address clients dial (repeatable); the serving certificate carries
+        /// it, plus the listen IP, localhost and 127.0.0.1.
+        #[arg(long)]
+        san: Vec<String>,
+        /// The longest lifetime of a workload certificate.
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        cert_ttl: Duration,
+    },
     /// Validate Istio YAML and print each workload's effective policy.
     Check {
         /// Mesh files (multi-document Kubernetes/Istio YAML).
@@ -61,6 +91,26 @@ enum CaCommand {
         #[arg(long, default_value = "cluster.local")]
         trust_domain: String,
     },
+}
+
+const DEFAULT_CP_STATE: &str = "/var/lib/ztund-controlplane";
+
+#[derive(Debug, Subcommand)]
+enum ControlplaneCommand {
+    /// Print a node's bearer token, creating it if it has none.
+    Token {
+        #[arg(long, default_value = DEFAULT_CP_STATE)]
+        state_dir: PathBuf,
+        #[arg(long)]
+        node: String,
+        /// Replace the token: the old one stops working at once.
+        #[arg(long)]
+        rotate: bool,
+    },
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    ztund::config::duration_text::parse(text)
 }
 
 fn main() -> ExitCode {
@@ -101,6 +151,47 @@ fn main() -> ExitCode {
         Command::Demo { hold } => {
             let _log = ztund::logging::init(format, "warn");
             report(ztund::demo::run(hold))
+        }
+        Command::Controlplane {
+            command:
+                Some(ControlplaneCommand::Token {
+                    state_dir,
+                    node,
+                    rotate,
+                }),
+            ..
+        } => match ztund::controlplane::tokens::node_token(&state_dir, &node, rotate) {
+            Ok(token) => {
+                println!("{token}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        },
+        Command::Controlplane {
+            command: None,
+            dir,
+            listen,
+            state_dir,
+            trust_domain,
+            root_namespace,
+            san,
+            cert_ttl,
+        } => {
+            let (Some(dir), Some(listen)) = (dir, listen) else {
+                return fail(&"controlplane needs --dir and --listen");
+            };
+            let _log = ztund::logging::init(format, "info");
+            report(ztund::controlplane::run_blocking(
+                ztund::controlplane::Settings {
+                    dir,
+                    listen,
+                    state_dir,
+                    trust_domain,
+                    root_namespace,
+                    sans: san,
+                    cert_ttl,
+                },
+            ))
         }
         Command::Check {
             files,

@@ -225,6 +225,95 @@ impl CertificateAuthority {
         })
     }
 
+    /// Signs a PKCS#10 CSR (PEM) for `id`: its signature must verify and its one URI SAN must be
+    /// `id`. The leaf carries that SAN (critical, empty subject), client and server auth, is no
+    /// CA, and lives `ttl` (capped by the CA's own expiry). Returns leaf then intermediates,
+    /// each one PEM; the roots are [`CertificateAuthority::roots`].
+    pub fn sign_csr(
+        &self,
+        csr_pem: &str,
+        id: &SpiffeId,
+        ttl: Duration,
+    ) -> Result<Vec<String>, IdentityError> {
+        if id.trust_domain() != self.trust_domain {
+            return Err(IdentityError::ForeignTrustDomain {
+                id: id.to_string(),
+                trust_domain: self.trust_domain.clone(),
+            });
+        }
+        let key = csr_public_key(csr_pem, id)?;
+        let leaf = self.sign_leaf(&key, id, ttl, |params| {
+            params.custom_extensions = vec![uri_san(&id.to_string())];
+        })?;
+        Ok(self.pem_chain(leaf.der()))
+    }
+
+    /// A server certificate for the control plane's own endpoint: a fresh key, the given DNS
+    /// names and IP addresses as SANs, server auth. Returns (chain PEM, key PEM).
+    pub fn issue_serving(
+        &self,
+        dns_names: &[String],
+        ips: &[std::net::IpAddr],
+        ttl: Duration,
+    ) -> Result<(String, String), IdentityError> {
+        let what = format!("the serving certificate ({dns_names:?} {ips:?})");
+        let signing = |reason: rcgen::Error| IdentityError::Signing {
+            id: what.clone(),
+            reason: reason.to_string(),
+        };
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(signing)?;
+        let mut names = Vec::new();
+        for dns in dns_names {
+            let name = dns.clone().try_into().map_err(signing)?;
+            names.push(rcgen::SanType::DnsName(name));
+        }
+        names.extend(ips.iter().map(|ip| rcgen::SanType::IpAddress(*ip)));
+        let leaf = self.sign_leaf(&key, &what, ttl, |params| {
+            params.subject_alt_names = names;
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        })?;
+        Ok((self.pem_chain(leaf.der()).concat(), key.serialize_pem()))
+    }
+
+    /// Signs a leaf for `public_key`; `customise` sets the names and usages.
+    fn sign_leaf(
+        &self,
+        public_key: &impl rcgen::PublicKeyData,
+        what: &dyn std::fmt::Display,
+        ttl: Duration,
+        customise: impl FnOnce(&mut CertificateParams),
+    ) -> Result<rcgen::Certificate, IdentityError> {
+        let skew = CLOCK_SKEW.min(ttl / 4);
+        let (not_before, not_after) = validity(SystemTime::now(), skew, ttl);
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.serial_number = Some(random_serial());
+        params.not_before = offset_time(not_before);
+        params.not_after = offset_time(not_after.min(self.issuer_not_after));
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = self.write_authority_key_id;
+        customise(&mut params);
+        params
+            .signed_by(public_key, &self.issuer, &self.signer)
+            .map_err(|reason| IdentityError::Signing {
+                id: what.to_string(),
+                reason: reason.to_string(),
+            })
+    }
+
+    /// `leaf` then the intermediates, each one PEM ending in a newline.
+    fn pem_chain(&self, leaf: &CertificateDer<'_>) -> Vec<String> {
+        std::iter::once(leaf)
+            .chain(self.intermediates.iter())
+            .map(|der| pem_of(der))
+            .collect()
+    }
+
     /// Signs a throw-away leaf and verifies it the way peers will, so that a `cacerts` directory
     /// whose pieces do not fit together fails at start-up, naming the file, not at the first
     /// handshake.
@@ -305,6 +394,104 @@ impl IdentitySource for CertificateAuthority {
     ) -> BoxFuture<'a, Result<WorkloadCertificate, IdentityError>> {
         Box::pin(async move { self.issue_now(id) })
     }
+}
+
+/// One certificate as PEM, ending in a newline.
+pub fn pem_of(der: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut base64 = Vec::with_capacity(der.len().div_ceil(3) * 4);
+    for chunk in der.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                base64.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]);
+            } else {
+                base64.push(b'=');
+            }
+        }
+    }
+    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in base64.chunks(64) {
+        pem.push_str(&String::from_utf8_lossy(line));
+        pem.push('\n');
+    }
+    pem.push_str("-----END CERTIFICATE-----\n");
+    pem
+}
+
+/// The public key of a CSR whose signature verifies and whose only URI SAN is `id`.
+struct CsrKey {
+    der: Vec<u8>,
+    algorithm: &'static rcgen::SignatureAlgorithm,
+}
+
+impl rcgen::PublicKeyData for CsrKey {
+    fn der_bytes(&self) -> &[u8] {
+        &self.der
+    }
+    fn algorithm(&self) -> &rcgen::SignatureAlgorithm {
+        self.algorithm
+    }
+}
+
+fn csr_public_key(csr_pem: &str, id: &SpiffeId) -> Result<CsrKey, IdentityError> {
+    use x509_parser::certification_request::X509CertificationRequest;
+    use x509_parser::extensions::{GeneralName, ParsedExtension};
+    use x509_parser::prelude::FromDer;
+    let bad = |reason: String| IdentityError::Csr {
+        id: id.to_string(),
+        reason,
+    };
+    let der = rustls_pemfile::csr(&mut csr_pem.as_bytes())
+        .map_err(|e| bad(format!("not PEM: {e}")))?
+        .ok_or_else(|| bad("no CERTIFICATE REQUEST block in the PEM".into()))?;
+    let (_, csr) = X509CertificationRequest::from_der(der.as_ref())
+        .map_err(|e| bad(format!("not a PKCS#10 request: {e}")))?;
+    csr.verify_signature()
+        .map_err(|e| bad(format!("its signature does not verify: {e}")))?;
+    let mut uris = Vec::new();
+    for extension in csr.requested_extensions().into_iter().flatten() {
+        if let ParsedExtension::SubjectAlternativeName(san) = extension {
+            for name in &san.general_names {
+                if let GeneralName::URI(uri) = name {
+                    uris.push(uri.to_string());
+                }
+            }
+        }
+    }
+    if uris != [id.to_string()] {
+        return Err(bad(format!(
+            "must carry exactly one URI SAN, {id}; it carries {uris:?}"
+        )));
+    }
+    let spki = &csr.certification_request_info.subject_pki;
+    let algorithm_oid = spki.algorithm.algorithm.to_id_string();
+    let curve = spki
+        .algorithm
+        .parameters
+        .as_ref()
+        .and_then(|p| p.as_oid().ok())
+        .map(|oid| oid.to_id_string());
+    let algorithm = match (algorithm_oid.as_str(), curve.as_deref()) {
+        ("1.2.840.10045.2.1", Some("1.2.840.10045.3.1.7")) => &rcgen::PKCS_ECDSA_P256_SHA256,
+        ("1.2.840.10045.2.1", Some("1.3.132.0.34")) => &rcgen::PKCS_ECDSA_P384_SHA384,
+        ("1.3.101.112", _) => &rcgen::PKCS_ED25519,
+        ("1.2.840.113549.1.1.1", _) => &rcgen::PKCS_RSA_SHA256,
+        (other, curve) => {
+            return Err(bad(format!(
+                "key algorithm {other} (parameters {curve:?}) is not one ztund signs"
+            )));
+        }
+    };
+    Ok(CsrKey {
+        der: spki.subject_public_key.data.to_vec(),
+        algorithm,
+    })
 }
 
 /// The trust domain must be one a SPIFFE id could carry.

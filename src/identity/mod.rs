@@ -56,6 +56,9 @@ pub enum IdentityError {
     BadPem { path: String, reason: String },
     #[error("signing a certificate for {id}: {reason}")]
     Signing { id: String, reason: String },
+    /// A CSR that cannot be signed as asked: unparsable, a bad signature, or not for `id`.
+    #[error("CSR for {id}: {reason}")]
+    Csr { id: String, reason: String },
     #[error("identity {id} is not in trust domain {trust_domain}")]
     ForeignTrustDomain { id: String, trust_domain: String },
     #[error("CA {dir} already exists; refusing to overwrite it")]
