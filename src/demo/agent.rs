@@ -67,7 +67,7 @@ impl CniAgent {
         }
         let snapshot: Vec<SnapshotPod> = handed
             .iter()
-            .map(|(info, netns)| SnapshotPod::Add(info, &**netns))
+            .map(|(info, netns)| SnapshotPod::Add(info, netns))
             .collect();
         connection
             .send_snapshot(&snapshot)
