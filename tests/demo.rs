@@ -1,6 +1,7 @@
 //! `ztund demo`, run as a user would: the table names the client's SPIFFE identity on an HBONE
 //! row, shows the AuthorizationPolicy denying and STRICT refusing plaintext, every flow ends as
-//! the policies say, and nothing of the demo (namespaces, daemons, files) is left afterwards —
+//! the policies say, a policy added while sleep → echo streams closes that connection and refuses
+//! the next one, and nothing of the demo (namespaces, daemons, files) is left afterwards —
 //! also after Ctrl-C. Without root it refuses with a clear message and builds nothing.
 
 use std::io::{BufRead, BufReader};
@@ -110,12 +111,23 @@ fn the_demo_shows_identities_and_policies_then_leaves_nothing() {
     let permissive = row(&stdout, "node1 (no mesh) → echo:8080");
     assert!(permissive.trim_end().ends_with("| ok"), "{permissive}");
 
+    // The second act: the policy change reaches the running flow and the next connection.
+    let act = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("policy "))
+        .unwrap_or_else(|| panic!("no policy change line:\n{stdout}"));
+    assert!(act.contains("sleep → echo closed by policy after"), "{act}");
+    assert!(
+        act.contains("a new connection: denied by AuthorizationPolicy default/echo-deny-sleep"),
+        "{act}"
+    );
+
     assert!(
         !stdout.lines().any(|l| l.starts_with('!')),
         "a flow ended unlike the policies say:\n{stdout}"
     );
     assert!(
-        stdout.lines().count() <= 22,
+        stdout.lines().count() <= 24,
         "the demo's output should read in about 20 lines:\n{stdout}"
     );
     assert!(

@@ -1,8 +1,13 @@
-//! `ztund demo`: a two-node mesh from network namespaces on this machine, the real daemons in
-//! standalone in-pod capture, real traffic between pods, and a table of what the daemons saw;
-//! then everything is torn down, also on Ctrl-C. The mesh itself is in `scenario`, the running
-//! pieces in `world`, the flows in `traffic`, the printing in `report`.
+//! `ztund demo`: a two-node mesh from network namespaces on this machine, run from a
+//! `ztund controlplane` the demo starts, the real daemons in in-pod capture with the demo as each
+//! node's istio-cni agent, real traffic between pods and a table of what the daemons saw; then a
+//! policy change pushed while traffic flows; then everything is torn down, also on Ctrl-C. The
+//! mesh itself is in `scenario`, the running pieces in `world` (`controlplane`, `agent`), the
+//! flows in `traffic`, the policy change in `act`, the printing in `report`.
 
+mod act;
+mod agent;
+mod controlplane;
 mod report;
 mod scenario;
 mod traffic;
@@ -99,14 +104,16 @@ fn is_executable(path: &Path) -> bool {
 async fn demo(hold: bool) -> Result<(), DemoError> {
     let started = Instant::now();
     let mut stop = Stop::install()?;
+    // Until `ztund controlplane` is in this binary the nodes read a mesh file instead.
+    let with_control_plane = controlplane::available();
     println!(
-        "ztund demo: {} nodes × {} pods from network namespaces ({}-*), built-in CA, real daemons",
+        "ztund demo: {} nodes × {} pods from network namespaces ({}-*), handed to the real daemons as istio-cni does",
         scenario::NODES,
         scenario::PODS_PER_NODE,
         world::PREFIX
     );
     let world = tokio::select! {
-        world = World::start() => world?,
+        world = World::start(with_control_plane) => world?,
         signal = stop.wait() => return Err(DemoError::Interrupted(signal)),
     };
     print!("{}", describe(&world));
@@ -125,6 +132,12 @@ async fn demo(hold: bool) -> Result<(), DemoError> {
     }
     print!("{}", report::table(&rows));
     println!();
+    let act = tokio::select! {
+        act = act::run(&world) => act?,
+        signal = stop.wait() => return Err(DemoError::Interrupted(signal)),
+    };
+    print!("{}", act.1);
+    println!();
     print!("{}", report::metrics_lines(&world, hold).await);
     if hold {
         println!(
@@ -139,13 +152,15 @@ async fn demo(hold: bool) -> Result<(), DemoError> {
         "torn down: daemons stopped, namespaces deleted ({:.1}s in all)",
         started.elapsed().as_secs_f32()
     );
-    match rows.iter().filter(|r| !r.as_expected).count() {
+    let unexpected =
+        rows.iter().filter(|r| !r.as_expected).count() + usize::from(!act.0.as_expected);
+    match unexpected {
         0 => Ok(()),
         n => Err(DemoError::Unexpected(n)),
     }
 }
 
-/// Who runs where, and which policies are in force, in three lines.
+/// Who runs where, which policies are in force, and where the mesh comes from, in four lines.
 fn describe(world: &World) -> String {
     let mut out = String::new();
     for n in 1..=scenario::NODES {
@@ -166,6 +181,21 @@ fn describe(world: &World) -> String {
          AuthorizationPolicy db-deny-httpbin (DENY httpbin → db)\n",
         vip = scenario::ECHO_VIP
     );
+    out += &match &world.control_plane {
+        Some(cp) => format!(
+            "  control plane: ztund controlplane on {} at https://{} (Delta xDS + Istio CA, node tokens), serving {}\n",
+            scenario::node_name(1),
+            cp.listen,
+            cp.dir
+                .strip_prefix(world.dir.path())
+                .unwrap_or(&cp.dir)
+                .join("mesh.yaml")
+                .display(),
+        ),
+        None => "  mesh file: mesh.yaml read by both nodes, built-in CA \
+                 (this ztund has no `controlplane` subcommand)\n"
+            .to_string(),
+    };
     out
 }
 

@@ -1,9 +1,9 @@
 //! What the demo mesh is: four pods on two nodes, a Service, and two Istio policies, written as
-//! the Kubernetes and Istio YAML a user would write, plus each node's ztund config. Pure text;
-//! knows nothing about namespaces being built or daemons running.
+//! the Kubernetes and Istio YAML a user would write; the policy the second act adds; and each
+//! node's ztund config. Pure text; knows nothing about namespaces being built or daemons running.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::topology::{Place, Topology};
 
@@ -67,6 +67,8 @@ pub const PODS: [Pod; 4] = [SLEEP, HTTPBIN, ECHO, DB];
 pub const DB_STRICT: &str = "db-strict";
 /// The AuthorizationPolicy that denies `httpbin` → `db`.
 pub const DB_DENY: &str = "db-deny-httpbin";
+/// The AuthorizationPolicy the second act adds while `sleep` → `echo` flows.
+pub const ECHO_DENY: &str = "echo-deny-sleep";
 
 /// Nodes and pods per node the topology needs.
 pub const NODES: usize = 2;
@@ -77,12 +79,19 @@ pub fn node_name(n: usize) -> String {
     format!("node{n}")
 }
 
-/// Where a pod landed: its address and network namespace name.
+/// The Kubernetes pod UID of demo pod `pod`: ZDS names pods by it (the mesh by namespace/name).
+pub fn pod_uid(pod: &Pod) -> String {
+    format!(
+        "00000000-0000-4000-8000-0000000{}{:04}",
+        pod.node, pod.index
+    )
+}
+
+/// Where a pod landed: its address.
 #[derive(Debug, Clone)]
 pub struct Placement {
     pub pod: Pod,
     pub ip: IpAddr,
-    pub netns: String,
 }
 
 /// Every pod placed in `topology`.
@@ -91,17 +100,16 @@ pub fn placements(topology: &Topology) -> Vec<Placement> {
         .map(|pod| Placement {
             pod: *pod,
             ip: topology.pod_ip(pod.node, pod.index),
-            netns: topology.netns_name(pod.place()),
         })
         .collect()
 }
 
-/// The mesh file both nodes read. The Pods carry what the kubelet would fill in (`nodeName`,
-/// `podIP`) and the `ztund.io/netns` annotation naming the pod's namespace for standalone
-/// capture; the Service and the Istio policies are exactly what a user writes.
+/// The mesh both nodes are given. The Pods carry what the kubelet would fill in (`nodeName`,
+/// `podIP`) and no network namespace: the demo hands each pod's namespace to its node's ztund
+/// over ZDS, as istio-cni does; the Service and the Istio policies are exactly what a user writes.
 pub fn mesh_yaml(placements: &[Placement]) -> String {
     let mut yaml = String::from("# ztund demo: two nodes, four pods, one Service, two policies.\n");
-    for Placement { pod, ip, netns } in placements {
+    for Placement { pod, ip } in placements {
         yaml += &format!(
             "apiVersion: v1
 kind: Pod
@@ -109,7 +117,6 @@ metadata:
   name: {name}
   namespace: default
   labels: {{app: {name}}}
-  annotations: {{ztund.io/netns: {netns}}}
 spec:
   serviceAccountName: {name}
   nodeName: {node}
@@ -170,22 +177,75 @@ spec:
     yaml
 }
 
-/// Node `n`'s ztund config: the shared CA and mesh file, in-pod capture from the mesh file.
-pub fn node_config(n: usize, dir: &Path) -> String {
+/// The AuthorizationPolicy of the second act: DENY `sleep` → `echo`.
+pub fn echo_deny_yaml() -> String {
     format!(
+        "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: {ECHO_DENY}
+  namespace: default
+spec:
+  selector:
+    matchLabels: {{app: echo}}
+  action: DENY
+  rules:
+  - from:
+    - source:
+        principals: [\"{TRUST_DOMAIN}/ns/default/sa/sleep\"]
+"
+    )
+}
+
+/// Where a node takes its mesh and certificates from.
+#[derive(Debug, Clone, Copy)]
+pub enum NodeSource<'a> {
+    /// `mesh.yaml` in the demo directory and the built-in CA in `ca/`.
+    MeshFile,
+    /// `ztund controlplane`: Delta xDS and the Istio CA API at `address`.
+    ControlPlane {
+        address: SocketAddr,
+        root_cert: &'a Path,
+        token_file: &'a Path,
+    },
+}
+
+/// The ZDS socket the demo, as node `n`'s istio-cni agent, listens on.
+pub fn zds_socket(n: usize, dir: &Path) -> PathBuf {
+    dir.join(format!("zds-{}.sock", node_name(n)))
+}
+
+/// Node `n`'s ztund config: pods from istio-cni (the demo) over ZDS, mesh and certificates from
+/// `source`.
+pub fn node_config(n: usize, dir: &Path, source: NodeSource) -> String {
+    let node = node_name(n);
+    let common = format!(
         "node: {node}
 trustDomain: {TRUST_DOMAIN}
-meshFile: {mesh}
 stateDir: {state}
-ca: {{mode: builtin, dir: {ca}}}
-capture: standalone
-watchInterval: 1s
+capture: istio-cni
+zdsSocket: {zds}
 ",
-        node = node_name(n),
-        mesh = dir.join("mesh.yaml").display(),
-        state = dir.join(format!("state-{}", node_name(n))).display(),
-        ca = dir.join("ca").display(),
-    )
+        state = dir.join(format!("state-{node}")).display(),
+        zds = zds_socket(n, dir).display(),
+    );
+    let source = match source {
+        NodeSource::MeshFile => format!(
+            "meshFile: {mesh}\nca: {{mode: builtin, dir: {ca}}}\nwatchInterval: 1s\n",
+            mesh = dir.join("mesh.yaml").display(),
+            ca = dir.join("ca").display(),
+        ),
+        NodeSource::ControlPlane {
+            address,
+            root_cert,
+            token_file,
+        } => format!(
+            "controlPlane: {{address: \"https://{address}\", rootCert: {root}, tokenFile: {token}}}\nca: {{mode: istio}}\n",
+            root = root_cert.display(),
+            token = token_file.display(),
+        ),
+    };
+    common + &source
 }
 
 #[cfg(test)]
@@ -199,7 +259,6 @@ mod tests {
             .map(|pod| Placement {
                 pod: *pod,
                 ip: IpAddr::V4(Ipv4Addr::new(10, 201, pod.node as u8, pod.index as u8 + 1)),
-                netns: format!("ztdemo-n{}p{}", pod.node, pod.index),
             })
             .collect()
     }
@@ -220,7 +279,10 @@ mod tests {
         let db = snapshot
             .workload_by_ip("10.201.2.3".parse().unwrap())
             .expect("db");
-        assert_eq!(db.netns.as_deref(), Some("/var/run/netns/ztdemo-n2p2"));
+        assert_eq!(
+            db.netns, None,
+            "pods are handed over by ZDS, not named by netns"
+        );
         let facts = |id: Option<&str>| ConnectionFacts {
             source_ip: "10.201.1.2".parse().unwrap(),
             source_identity: id.map(identity),
@@ -236,14 +298,51 @@ mod tests {
     }
 
     #[test]
-    fn the_config_is_valid_and_in_standalone_capture() {
-        let text = node_config(2, Path::new("/tmp/ztdemo-x"));
+    fn the_second_act_policy_denies_sleep_to_echo_only() {
+        let yaml = format!("{}---\n{}", mesh_yaml(&placed()), echo_deny_yaml());
+        let snapshot = snapshot_from_text("mesh.yaml", &yaml, &MeshSettings::default())
+            .unwrap_or_else(|e| panic!("demo mesh with the act 2 policy must parse: {e}"));
+        let echo = snapshot
+            .workload_by_ip("10.201.2.2".parse().unwrap())
+            .expect("echo");
+        let facts = |id: &str| ConnectionFacts {
+            source_ip: "10.201.1.2".parse().unwrap(),
+            source_identity: Some(identity(id)),
+            destination_ip: "10.201.2.2".parse().unwrap(),
+            destination_port: 8080,
+        };
+        let verdict = |id| policy::authorize(&snapshot.policies, echo, &facts(id));
+        assert!(matches!(verdict("sleep"), Decision::Deny(r) if r.contains(ECHO_DENY)));
+        assert_eq!(verdict("httpbin"), Decision::Allow);
+    }
+
+    #[test]
+    fn the_configs_take_pods_from_istio_cni_and_the_mesh_from_their_source() {
+        let dir = Path::new("/tmp/ztdemo-x");
+        let text = node_config(2, dir, NodeSource::MeshFile);
         let config = crate::config::Config::parse(&text, "node2.yaml").expect("valid config");
         assert_eq!(config.node, "node2");
-        assert_eq!(config.capture, crate::config::CaptureMode::Standalone);
+        assert_eq!(config.capture, crate::config::CaptureMode::IstioCni);
+        assert_eq!(config.zds_socket, dir.join("zds-node2.sock"));
         assert_eq!(
             config.mesh_file.as_deref(),
-            Some(Path::new("/tmp/ztdemo-x/mesh.yaml"))
+            Some(dir.join("mesh.yaml").as_path())
         );
+
+        let text = node_config(
+            1,
+            dir,
+            NodeSource::ControlPlane {
+                address: "10.200.0.1:15012".parse().unwrap(),
+                root_cert: &dir.join("cp-state/ca/root-cert.pem"),
+                token_file: &dir.join("token-node1"),
+            },
+        );
+        let config = crate::config::Config::parse(&text, "node1.yaml").expect("valid config");
+        assert_eq!(config.mesh_file, None);
+        let cp = config.control_plane.expect("controlPlane");
+        assert_eq!(cp.address, "https://10.200.0.1:15012");
+        assert_eq!(cp.token_file, Some(dir.join("token-node1")));
+        assert!(matches!(config.ca, crate::config::CaConfig::Istio { .. }));
     }
 }

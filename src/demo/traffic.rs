@@ -239,10 +239,10 @@ fn refusal(reason: &str) -> String {
 }
 
 /// Each daemon log's length before a flow, so only the flow's own lines are read afterwards.
-struct LogMarks(Vec<(usize, usize)>);
+pub(super) struct LogMarks(Vec<(usize, usize)>);
 
 impl LogMarks {
-    fn take(world: &World) -> LogMarks {
+    pub(super) fn take(world: &World) -> LogMarks {
         LogMarks(
             world
                 .daemons
@@ -262,7 +262,7 @@ impl LogMarks {
 
 /// The first access log line of node `node` since `marks` that `wanted` accepts, waiting for it
 /// (bounded).
-async fn wait_for_line(
+pub(super) async fn wait_for_line(
     world: &World,
     marks: &LogMarks,
     node: usize,

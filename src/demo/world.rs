@@ -1,8 +1,10 @@
-//! The demo's running world: the namespace topology, a private working directory (CA, mesh file,
-//! node configs, daemon logs), the apps in the pods, and one real `ztund run` per node. Dropping
-//! it kills the daemons by PID, deletes the namespaces and removes the directory, in that order.
+//! The demo's running world: the namespace topology, a private working directory (mesh, node
+//! configs, logs), the apps in the pods, the mesh's source (a `ztund controlplane` it started, or
+//! a mesh file and a built-in CA), one real `ztund run` per node with the demo as its istio-cni
+//! agent. Dropping it kills the daemons, closes the agents, kills the control plane, deletes the
+//! namespaces and removes the directory, in that order.
 
-use std::fs::DirBuilder;
+use std::fs::{DirBuilder, File};
 use std::net::SocketAddr;
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::process::CommandExt;
@@ -13,7 +15,9 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::DemoError;
-use super::scenario::{self, NODES, PODS, PODS_PER_NODE};
+use super::agent::CniAgent;
+use super::controlplane::{self, ControlPlane};
+use super::scenario::{self, NODES, NodeSource, PODS, PODS_PER_NODE};
 use crate::identity::ca::CertificateAuthority;
 use crate::topology::{ChildGuard, Place, Topology};
 
@@ -49,37 +53,68 @@ impl NodeDaemon {
 /// Everything the demo made; torn down on drop (fields drop in this order).
 pub struct World {
     pub daemons: Vec<NodeDaemon>,
+    agents: Vec<CniAgent>,
+    /// The mesh's source when it is `ztund controlplane`; `None`: the mesh file.
+    pub control_plane: Option<ControlPlane>,
     pub topology: Topology,
     pub dir: WorkDir,
+    /// The mesh as first written.
+    mesh: String,
 }
 
 impl World {
-    /// Builds the namespaces, writes the CA and files, starts the apps and the daemons, and
-    /// waits until every daemon is ready. Anything made before a failure is removed again.
-    pub async fn start() -> Result<World, DemoError> {
+    /// Builds the namespaces, writes the mesh where its source reads it (starting the control
+    /// plane with `with_control_plane`), starts the apps and the daemons, hands each daemon its
+    /// node's pods, and waits until every daemon is ready. Anything made before a failure is
+    /// removed again.
+    pub async fn start(with_control_plane: bool) -> Result<World, DemoError> {
         let dir = WorkDir::create()?;
         let topology = Topology::with_prefix(PREFIX, NODES, PODS_PER_NODE)?;
-        CertificateAuthority::init(&dir.path().join("ca"), scenario::TRUST_DOMAIN)
-            .map_err(|e| DemoError::Setup(format!("creating the demo CA: {e}")))?;
         let mesh = scenario::mesh_yaml(&scenario::placements(&topology));
-        dir.write("mesh.yaml", &mesh)?;
-        for pod in PODS {
-            if let Some(port) = pod.port {
-                topology.echo_server(pod.node, pod.index, port)?;
-            }
-        }
         let mut world = World {
             daemons: Vec::new(),
+            agents: Vec::new(),
+            control_plane: None,
             topology,
             dir,
+            mesh,
         };
+        if with_control_plane {
+            let cp_dir = world.dir.path().join("cp");
+            DirBuilder::new()
+                .mode(0o700)
+                .create(&cp_dir)
+                .map_err(|source| DemoError::File {
+                    path: cp_dir.clone(),
+                    source,
+                })?;
+            controlplane::replace_file(&cp_dir.join("mesh.yaml"), &world.mesh)?;
+            world.control_plane =
+                Some(ControlPlane::start(&world.topology, world.dir.path()).await?);
+        } else {
+            CertificateAuthority::init(&world.dir.path().join("ca"), scenario::TRUST_DOMAIN)
+                .map_err(|e| DemoError::Setup(format!("creating the demo CA: {e}")))?;
+            world.dir.write("mesh.yaml", &world.mesh)?;
+        }
+        for pod in PODS {
+            if let Some(port) = pod.port {
+                world.topology.echo_server(pod.node, pod.index, port)?;
+            }
+        }
         for n in 1..=NODES {
-            let config = world.dir.write(
-                &format!("{}.yaml", scenario::node_name(n)),
-                &scenario::node_config(n, world.dir.path()),
-            )?;
+            world.agents.push(CniAgent::listen(n, world.dir.path())?);
+            let config = world.node_config(n)?;
             let daemon = world.spawn_daemon(n, &config)?;
             world.daemons.push(daemon);
+        }
+        for (agent, daemon) in world.agents.iter_mut().zip(&world.daemons) {
+            if let Err(reason) = agent.hand_over_pods(&world.topology).await {
+                return Err(DemoError::Daemon {
+                    node: scenario::node_name(daemon.node),
+                    reason,
+                    log: daemon.log_tail(),
+                });
+            }
         }
         for daemon in &mut world.daemons {
             wait_ready(&world.topology, daemon).await?;
@@ -87,39 +122,59 @@ impl World {
         Ok(world)
     }
 
+    /// Writes node `n`'s config (and, under the control plane, its token) and returns its path.
+    fn node_config(&self, n: usize) -> Result<PathBuf, DemoError> {
+        let node = scenario::node_name(n);
+        let dir = self.dir.path();
+        let text = match &self.control_plane {
+            None => scenario::node_config(n, dir, NodeSource::MeshFile),
+            Some(cp) => {
+                // A trailing newline, as `kubectl create secret` and editors leave one.
+                let token = self
+                    .dir
+                    .write(&format!("token-{node}"), &format!("{}\n", cp.token(&node)?))?;
+                let root = cp.root_cert();
+                let source = NodeSource::ControlPlane {
+                    address: cp.listen,
+                    root_cert: &root,
+                    token_file: &token,
+                };
+                scenario::node_config(n, dir, source)
+            }
+        };
+        self.dir.write(&format!("{node}.yaml"), &text)
+    }
+
+    /// Adds or replaces policy `name` where the mesh's source reads it: a file of its own in the
+    /// control plane's directory, or appended to the mesh file. Returns where it went.
+    pub fn write_policy(&self, name: &str, yaml: &str) -> Result<PathBuf, DemoError> {
+        let path = match &self.control_plane {
+            Some(cp) => cp.dir.join(format!("{name}.yaml")),
+            None => self.dir.path().join("mesh.yaml"),
+        };
+        let text = match &self.control_plane {
+            Some(_) => yaml.to_string(),
+            None => format!("{}---\n{yaml}", self.mesh),
+        };
+        controlplane::replace_file(&path, &text)?;
+        Ok(path)
+    }
+
     fn spawn_daemon(&self, n: usize, config: &Path) -> Result<NodeDaemon, DemoError> {
-        let exe = std::env::current_exe()
-            .map_err(|e| DemoError::Setup(format!("finding the ztund binary: {e}")))?;
         let log = self
             .dir
             .path()
             .join(format!("{}.log", scenario::node_name(n)));
-        let log_file = std::fs::File::create(&log).map_err(|source| DemoError::File {
+        let log_file = File::create(&log).map_err(|source| DemoError::File {
             path: log.clone(),
             source,
         })?;
-        let mut command = Command::new(exe);
+        let mut command = daemon_command(log_file)?;
         command
             .args(["--log-json", "run", "--config"])
             .arg(config)
             .env("ZTUND_LOG", "info,access=info")
-            .env("ZTUND_WORKER_THREADS", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log_file)
-            // Ctrl-C reaches only the demo, which stops the daemons itself, in order.
-            .process_group(0);
-        // SAFETY: prctl is async-signal-safe. The daemon dies with the demo even if the demo is
-        // killed outright; the demo forks from its main thread, which lives as long as it does.
-        unsafe {
-            command.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::last_os_error())
-                }
-            });
-        }
+            .env("ZTUND_WORKER_THREADS", "1");
         let child = self.topology.spawn_in(Place::Node(n), command)?;
         Ok(NodeDaemon {
             node: n,
@@ -132,6 +187,35 @@ impl World {
     pub fn daemon(&self, n: usize) -> Option<&NodeDaemon> {
         self.daemons.iter().find(|d| d.node == n)
     }
+}
+
+/// This binary.
+pub fn ztund_exe() -> Result<PathBuf, DemoError> {
+    std::env::current_exe().map_err(|e| DemoError::Setup(format!("finding the ztund binary: {e}")))
+}
+
+/// This binary as a background process of the demo, its stderr to `log`: out of the terminal's
+/// process group (Ctrl-C reaches only the demo, which stops it itself, in order) and killed if
+/// the demo dies.
+pub fn daemon_command(log: File) -> Result<Command, DemoError> {
+    let mut command = Command::new(ztund_exe()?);
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .process_group(0);
+    // SAFETY: prctl is async-signal-safe. The process dies with the demo even if the demo is
+    // killed outright; the demo forks from its main thread, which lives as long as it does.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    Ok(command)
 }
 
 /// Polls node `n`'s readiness endpoint (15021 inside the node namespace) until it answers 200.

@@ -1,0 +1,85 @@
+//! The demo playing istio-cni's node agent on each node, as Kubernetes would: it listens on the
+//! node's ZDS socket before ztund starts, hands ztund the node's pods (their namespace fds) in the
+//! snapshot, then installs each pod's redirection rules once ztund acknowledged it. The
+//! connection stays open for the demo's life: without its CNI agent ztund is not ready.
+
+use std::path::Path;
+use std::time::Duration;
+
+use super::DemoError;
+use super::scenario::{self, PODS};
+use crate::capture::PodInfo;
+use crate::capture::cni::{CniConnection, CniServer, SnapshotPod};
+use crate::capture::nft::{self, RedirectPorts};
+use crate::topology::Topology;
+
+/// How long ztund may take to connect to its ZDS socket.
+const CONNECT_DEADLINE: Duration = Duration::from_secs(15);
+
+/// One node's istio-cni agent: listening, then connected to that node's ztund.
+pub struct CniAgent {
+    pub node: usize,
+    server: CniServer,
+    /// Held open: ztund stays ready only while its CNI agent is connected.
+    #[allow(dead_code)]
+    connection: Option<CniConnection>,
+}
+
+impl CniAgent {
+    /// Listens on node `n`'s ZDS socket (before its ztund starts, as istio-cni does).
+    pub fn listen(n: usize, dir: &Path) -> Result<CniAgent, DemoError> {
+        let path = scenario::zds_socket(n, dir);
+        let server = CniServer::bind(&path).map_err(|e| {
+            DemoError::Setup(format!("listening on {} as istio-cni: {e}", path.display()))
+        })?;
+        Ok(CniAgent {
+            node: n,
+            server,
+            connection: None,
+        })
+    }
+
+    /// Accepts the node's ztund, sends it the snapshot of the node's pods and then redirects
+    /// each pod's traffic to it. `Err(reason)` for the caller to report with the daemon's log.
+    pub async fn hand_over_pods(&mut self, topology: &Topology) -> Result<(), String> {
+        let connection = tokio::time::timeout(CONNECT_DEADLINE, self.server.accept())
+            .await
+            .map_err(|_| {
+                format!(
+                    "did not connect to its ZDS socket within {}s",
+                    CONNECT_DEADLINE.as_secs()
+                )
+            })?
+            .map_err(|e| format!("failed the ZDS hello: {e}"))?;
+        let pods: Vec<_> = PODS.iter().filter(|p| p.node == self.node).collect();
+        let mut handed = Vec::new();
+        for pod in &pods {
+            let netns = topology
+                .netns(pod.place())
+                .map_err(|e| format!("(pod {}) {e}", pod.name))?;
+            let info = PodInfo {
+                uid: scenario::pod_uid(pod),
+                name: pod.name.into(),
+                namespace: "default".into(),
+                service_account: pod.name.into(),
+            };
+            handed.push((info, netns));
+        }
+        let snapshot: Vec<SnapshotPod> = handed
+            .iter()
+            .map(|(info, netns)| SnapshotPod::Add(info, netns))
+            .collect();
+        connection
+            .send_snapshot(&snapshot)
+            .await
+            .map_err(|e| format!("refused the ZDS snapshot: {e}"))?;
+        // istio-cni redirects a pod's traffic once ztund has acknowledged the pod.
+        let ports = RedirectPorts::default();
+        for (info, netns) in &handed {
+            nft::install_pod_redirection(netns, &ports)
+                .map_err(|e| format!("(redirecting pod {}) {e}", info.name))?;
+        }
+        self.connection = Some(connection);
+        Ok(())
+    }
+}
