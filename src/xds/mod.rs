@@ -12,6 +12,9 @@
 
 use prost_types::Any;
 
+pub mod client;
+pub mod metrics;
+
 /// One resource as the control plane sent it.
 #[derive(Debug, Clone)]
 pub struct RawResource {
