@@ -55,6 +55,10 @@ pub enum GrpcError {
 
 /// The connect timeout istiod's clients use (PROTOCOL.md §2.3).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often an idle connection is probed with an HTTP/2 PING.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// How long a PING may go unanswered before the connection is dropped.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Target {
     /// The address with its scheme, as tonic wants it.
@@ -69,6 +73,16 @@ impl Target {
     /// A channel over TLS 1.3/1.2 with ALPN h2, verified against `root_cert`. Connects lazily:
     /// the first call dials, and a broken connection is re-dialled by the next call.
     pub fn channel(&self) -> Result<Channel, GrpcError> {
+        self.channel_with_keepalive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT)
+    }
+
+    /// [`Target::channel`] with another HTTP/2 keepalive: a PING every `interval`, and the
+    /// connection dropped when one goes unanswered for `timeout` (tests use short ones).
+    pub fn channel_with_keepalive(
+        &self,
+        interval: Duration,
+        timeout: Duration,
+    ) -> Result<Channel, GrpcError> {
         let uri = self.uri();
         let bad = |reason: String| GrpcError::Address {
             address: self.address.clone(),
@@ -91,8 +105,8 @@ impl Target {
             .tls_config(tls)
             .map_err(|e| bad(e.to_string()))?
             .connect_timeout(CONNECT_TIMEOUT)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10))
+            .http2_keep_alive_interval(interval)
+            .keep_alive_timeout(timeout)
             .keep_alive_while_idle(true)
             .tcp_keepalive(Some(Duration::from_secs(300)))
             .tcp_nodelay(true);

@@ -15,6 +15,9 @@ pub mod state;
 
 use prost_types::Any;
 
+pub mod client;
+pub mod metrics;
+
 /// One resource as the control plane sent it.
 #[derive(Debug, Clone)]
 pub struct RawResource {
