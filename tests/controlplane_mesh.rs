@@ -165,15 +165,29 @@ async fn the_nodes_serve_from_their_last_state_while_the_control_plane_is_away()
     let mut cp = w.control_plane.take().expect("control plane");
     cp.restart(&w.bed).await;
     // Both nodes come back; their state is what it was, without duplicates or losses.
-    support::eventually("nodes reconnected", Duration::from_secs(20), || {
-        let lines = cp.log_text();
-        let resumed = lines
-            .lines()
-            .filter(|l| l.contains("stream opened"))
-            .count();
-        if resumed >= 2 { Ok(()) } else { Err(lines) }
+    // Each node resumes with the versions it holds: the control plane's first push of the
+    // workload type to it sends nothing new (initial_resource_versions honoured).
+    let address_pushes = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| l.contains("\"push\"") && l.contains("istio.workload.Address"))
+            .map(str::to_string)
+            .collect()
+    };
+    support::eventually("nodes resumed", Duration::from_secs(20), || {
+        let pushes = address_pushes(&cp.log_text());
+        if pushes.len() >= 2 {
+            Ok(())
+        } else {
+            Err(cp.log_text())
+        }
     })
     .await;
+    for push in address_pushes(&cp.log_text()) {
+        assert!(
+            push.contains("\"added\":0") && push.contains("\"removed\":0"),
+            "a resumed node was sent workloads it already held: {push}"
+        );
+    }
     w.control_plane = Some(cp);
     assert_eq!(
         workload_uids(&config_dump(&w, 2)),

@@ -226,6 +226,11 @@ pub struct Metrics {
 impl Metrics {
     /// A fresh registry with every family registered (and `istio_build` set).
     pub fn new() -> Arc<Metrics> {
+        Metrics::new_with(|_| {})
+    }
+
+    /// [`Metrics::new`] plus what other parts register themselves (xDS, certificates).
+    pub fn new_with(register: impl FnOnce(&mut Registry)) -> Arc<Metrics> {
         let mut metrics = Metrics {
             registry: Registry::default(),
             connections_opened: Family::default(),
@@ -247,6 +252,7 @@ impl Metrics {
         };
         metrics.register_istio();
         metrics.register_ztund();
+        register(&mut metrics.registry);
         Arc::new(metrics)
     }
 

@@ -1,14 +1,42 @@
-//! `/config_dump`: the mesh as this node sees it and the certificates it holds, as JSON.
+//! `/config_dump`: the mesh as this node sees it and the certificates it holds, as JSON, each
+//! workload, service and policy with the source it came from (`xds` with its resource version,
+//! or `meshFile`).
 
 use std::time::SystemTime;
 
 use serde_json::{Value, json};
 
 use crate::identity::CertManager;
-use crate::mesh::{Endpoints, Snapshot, TunnelProtocol};
+use crate::mesh::{Endpoints, Snapshot, TunnelProtocol, service_key};
+use crate::xds::client::XdsStatus;
+use crate::xds::state::Provenance;
+
+/// Where the state in a dump came from.
+#[derive(Debug, Default)]
+pub struct Origin {
+    pub mesh_file: Option<String>,
+    /// The control plane's address, its stream's state and what it sent.
+    pub control_plane: Option<(String, XdsStatus, Provenance)>,
+}
+
+impl Origin {
+    fn of(
+        &self,
+        kind: fn(&Provenance) -> &std::collections::BTreeMap<String, String>,
+        name: &str,
+    ) -> Value {
+        match &self.control_plane {
+            Some((_, _, provenance)) => match kind(provenance).get(name) {
+                Some(version) => json!({"source": "xds", "version": version}),
+                None => json!({"source": "meshFile"}),
+            },
+            None => json!({"source": "meshFile"}),
+        }
+    }
+}
 
 /// The admin server's config dump.
-pub fn config_dump(snapshot: &Snapshot, certificates: &CertManager) -> Value {
+pub fn config_dump(snapshot: &Snapshot, certificates: &CertManager, origin: &Origin) -> Value {
     let workloads: Vec<Value> = snapshot
         .workloads()
         .iter()
@@ -25,6 +53,8 @@ pub fn config_dump(snapshot: &Snapshot, certificates: &CertManager) -> Value {
                 "healthy": w.status == crate::mesh::HealthStatus::Healthy,
                 "labels": w.labels,
                 "netns": w.netns,
+                "authorizationPolicies": w.authorization_policies,
+                "origin": origin.of(|p| &p.workloads, &w.uid),
             })
         })
         .collect();
@@ -41,6 +71,7 @@ pub fn config_dump(snapshot: &Snapshot, certificates: &CertManager) -> Value {
                 "endpoints": snapshot.endpoints(s).iter().map(|w| w.uid.clone()).collect::<Vec<_>>(),
                 "fixedEndpoints": matches!(s.endpoints, Endpoints::Addresses(_)),
                 "external": s.external,
+                "origin": origin.of(|p| &p.services, &service_key(s)),
             })
         })
         .collect();
@@ -56,8 +87,46 @@ pub fn config_dump(snapshot: &Snapshot, certificates: &CertManager) -> Value {
             })
         })
         .collect();
+    let policies: Vec<Value> = snapshot
+        .policies
+        .authorizations()
+        .map(|a| {
+            json!({
+                "name": a.key(),
+                "scope": format!("{:?}", a.scope),
+                "action": a.action.to_string(),
+                "rules": a.rules.len(),
+                "dryRun": a.dry_run,
+                "origin": origin.of(|p| &p.authorizations, &a.key()),
+            })
+        })
+        .collect();
+    let destination_rules: Vec<Value> = snapshot
+        .policies
+        .destination_rules()
+        .iter()
+        .map(|r| {
+            json!({
+                "name": r.key(),
+                "host": r.host.to_string(),
+                "origin": origin.of(|p| &p.destination_rules, &r.key()),
+            })
+        })
+        .collect();
+    let control_plane = origin.control_plane.as_ref().map(|(address, status, _)| {
+        json!({
+            "address": address,
+            "connected": status.connected,
+            "received": status.received,
+            "pending": status.pending(),
+        })
+    });
     json!({
         "generation": snapshot.generation,
+        "meshFile": origin.mesh_file,
+        "controlPlane": control_plane,
+        "policies": policies,
+        "destinationRules": destination_rules,
         "workloads": workloads,
         "services": services,
         "certificates": certificates,

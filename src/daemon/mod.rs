@@ -2,7 +2,9 @@
 //! listeners, admin — runs until told to stop, then drains.
 
 mod dump;
+mod identity;
 pub mod pods;
+mod sources;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,17 +12,15 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tracing::{error, info, warn};
+use tracing::{error, info};
 
 use crate::admin::{
     AdminState, Metrics, Readiness, bind_admin, serve_admin, serve_metrics, serve_readiness,
 };
-use crate::config::{CaConfig, CaptureMode, Config};
+use crate::config::{CaptureMode, Config};
 use crate::hbone::pool::{Pool, PoolSettings};
-use crate::identity::ca::CertificateAuthority;
-use crate::identity::{CertManager, IdentitySource};
+use crate::identity::CertManager;
 use crate::logging::LogControl;
-use crate::mesh::{MeshSettings, MeshStore, load_and_watch};
 use crate::net::SocketFactory;
 use crate::proxy::context::{Owner, ProxyContext, Scope};
 use crate::proxy::originate::Originator;
@@ -28,6 +28,7 @@ use crate::proxy::tracker::{self, ConnectionTracker};
 use crate::proxy::{inbound, outbound};
 use crate::shard::{Shards, Spawner};
 use crate::tls::Credentials;
+use crate::xds::metrics::XdsMetrics;
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +37,8 @@ pub enum DaemonError {
     Ca(#[from] crate::identity::IdentityError),
     #[error("mesh file: {0}")]
     Mesh(String),
+    #[error("config: {0}")]
+    Config(String),
     #[error("binding {what} on {addr}: {source}")]
     Bind {
         what: &'static str,
@@ -88,37 +91,40 @@ async fn serve(config: Arc<Config>, log: LogControl, shards: Spawner) -> Result<
     info!(node = %config.node, trust_domain = %config.trust_domain, "ztund starting");
     let (drain_tx, drain) = watch::channel(false);
     let readiness = Readiness::new();
-    let metrics = Metrics::new();
 
-    // Identity: every node of a standalone mesh shares the CA's root.
-    let ca_dir = match &config.ca {
-        CaConfig::Builtin { dir } | CaConfig::Cacerts { dir } => dir.clone(),
-        other => {
-            return Err(DaemonError::Mesh(format!(
-                "ca mode {other:?} is not wired into the daemon yet"
-            )));
-        }
-    };
-    let ca = CertificateAuthority::load(&ca_dir, &config.trust_domain, config.cert_ttl)?;
-    let source: Arc<dyn IdentitySource> = Arc::new(ca);
-    let certificates = CertManager::new(source);
+    // Identity: the source `ca` names, its requests counted; certificates follow this node's
+    // workloads (`identity::follow_local_identities`, started once the mesh is known).
+    let counted = identity::Counted::new(identity::source(&config)?);
+    let certificates = CertManager::new(counted.clone());
     let credentials = Arc::new(Credentials::new(certificates.clone()));
+    let xds_metrics = XdsMetrics::new();
+    let metrics = {
+        let (certificates, xds_metrics) = (certificates.clone(), xds_metrics.clone());
+        Metrics::new_with(move |registry| {
+            counted.register(registry);
+            xds_metrics.register(registry);
+            registry.register_collector(Box::new(identity::ExpiryCollector(certificates)));
+        })
+    };
 
-    // Mesh: an invalid file at start-up stops the daemon with the reason.
-    let settings = MeshSettings::from_config(&config);
-    let (mesh, _watcher) = load_and_watch(
-        config.mesh_file.clone().unwrap_or_default(),
-        settings,
-        config.watch_interval,
-    )
-    .map_err(|e| DaemonError::Mesh(e.to_string()))?;
+    // Mesh: the file, the control plane, or both; an invalid file at start-up stops the daemon
+    // with the reason.
+    let sources = sources::start(&config, &readiness, xds_metrics, drain.clone()).await?;
+    let mesh = sources.store.clone();
     let snapshot = mesh.load();
     info!(
         workloads = snapshot.workloads().len(),
         services = snapshot.services().len(),
-        "mesh file loaded"
+        control_plane = config.control_plane.as_ref().map(|c| c.address.as_str()),
+        "mesh loaded"
     );
-    prefetch_certificates(&config, &mesh, &certificates);
+    tokio::spawn(identity::follow_local_identities(
+        config.node.clone(),
+        mesh.clone(),
+        certificates.clone(),
+        readiness.clone(),
+        drain.clone(),
+    ));
 
     let pool = Arc::new(Pool::new(PoolSettings::from(&config.pool)));
     let ctx = Arc::new(ProxyContext {
@@ -183,8 +189,22 @@ async fn serve(config: Arc<Config>, log: LogControl, shards: Spawner) -> Result<
     let quit_tx = Arc::new(quit_tx);
     let dump_mesh = mesh.clone();
     let dump_certs = certificates.clone();
+    let dump_config = config.clone();
+    let sources = Arc::new(sources);
     let state = AdminState {
-        config_dump: Arc::new(move || dump::config_dump(&dump_mesh.load(), &dump_certs)),
+        config_dump: Arc::new(move || {
+            let origin = dump::Origin {
+                mesh_file: dump_config
+                    .mesh_file
+                    .as_ref()
+                    .map(|p| p.display().to_string()),
+                control_plane: dump_config.control_plane.as_ref().and_then(|cp| {
+                    let status = sources.status.as_ref()?.borrow().clone();
+                    Some((cp.address.clone(), status, sources.provenance()?))
+                }),
+            };
+            dump::config_dump(&dump_mesh.load(), &dump_certs, &origin)
+        }),
         log,
         shutdown: quit_tx,
         metrics: metrics.clone(),
@@ -238,26 +258,6 @@ fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, DaemonError
     SocketFactory::default()
         .listener(addr, false)
         .map_err(|source| DaemonError::Bind { what, addr, source })
-}
-
-/// Certificates for the identities of this node's workloads, before the first connection needs
-/// them, so the first handshake does not wait for signing.
-fn prefetch_certificates(config: &Config, mesh: &MeshStore, certificates: &Arc<CertManager>) {
-    let snapshot = mesh.load();
-    let mut ids: Vec<_> = snapshot
-        .local_workloads(&config.node)
-        .map(|w| w.identity())
-        .collect();
-    ids.sort();
-    ids.dedup();
-    for id in ids {
-        let certificates = certificates.clone();
-        tokio::spawn(async move {
-            if let Err(e) = certificates.fetch(&id).await {
-                warn!(%id, error = %e, "prefetching a certificate");
-            }
-        });
-    }
 }
 
 async fn wait_for_stop(quit: &mut watch::Receiver<bool>) {
