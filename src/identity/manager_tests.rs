@@ -169,12 +169,16 @@ async fn sync_local_prefetches_retries_and_forgets() {
     );
 
     // The background retry after the backoff issues both, without anyone fetching.
+    // (Two issues may reach a watcher as one change: wait for the state, not for a count.)
     source.failing.store(false, Ordering::SeqCst);
-    for _ in 0..2 {
-        next_change(&mut changes, Duration::from_secs(4)).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(6);
+    while !manager.pending(&wanted).is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the background retry did not issue both"
+        );
+        let _ = tokio::time::timeout(Duration::from_millis(100), changes.changed()).await;
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(manager.pending(&wanted).is_empty());
     assert_eq!(source.issued(), 2);
     let expiries = manager.expiries();
     assert_eq!(expiries.len(), 2);
