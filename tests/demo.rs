@@ -103,7 +103,8 @@ fn the_demo_shows_identities_and_policies_then_leaves_nothing() {
     let refused = row(&stdout, "node1 (no mesh) → db:5432");
     assert!(refused.contains("plaintext"), "{refused}");
     assert!(
-        refused.contains("refused: PeerAuthentication default/db-strict is STRICT"),
+        // PeerAuthentication db-strict reaches the node as istiod sends STRICT: the static policy.
+        refused.contains("refused: STRICT mTLS (istio-system/istio_converted_static_strict)"),
         "{refused}"
     );
 

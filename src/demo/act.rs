@@ -109,10 +109,6 @@ pub async fn run(world: &World) -> Result<(Outcome, String), DemoError> {
         as_expected: closed_after.is_some() && closed_by_policy && row.as_expected,
         new_connection: row.result,
     };
-    let source = match world.control_plane {
-        Some(_) => "pushed by the control plane",
-        None => "read from the mesh file",
-    };
     let closed = match (outcome.closed_after, outcome.closed_by_policy) {
         (Some(after), true) => format!(
             "sleep → echo closed by policy after {:.1} s",
@@ -130,7 +126,7 @@ pub async fn run(world: &World) -> Result<(Outcome, String), DemoError> {
     let mark = if outcome.as_expected { "  " } else { "! " };
     let text = format!(
         "  while sleep → echo streamed ({} messages echoed), AuthorizationPolicy {} (DENY sleep → echo) went to {where_written}\n\
-         {mark}policy {source}: {closed}; a new connection: {}\n",
+         {mark}policy pushed by the control plane: {closed}; a new connection: {}\n",
         outcome.echoed,
         scenario::ECHO_DENY,
         outcome.new_connection,

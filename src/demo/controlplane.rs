@@ -17,19 +17,6 @@ pub const PORT: u16 = 15012;
 /// How long the control plane may take to listen.
 const LISTEN_DEADLINE: Duration = Duration::from_secs(15);
 
-/// Whether this binary has the `controlplane` subcommand.
-pub fn available() -> bool {
-    ztund_exe().is_ok_and(|exe| {
-        Command::new(exe)
-            .args(["controlplane", "--help"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    })
-}
-
 /// A running `ztund controlplane`; killed (by its pid) when dropped.
 pub struct ControlPlane {
     /// The directory of YAML it serves.

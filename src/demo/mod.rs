@@ -104,8 +104,6 @@ fn is_executable(path: &Path) -> bool {
 async fn demo(hold: bool) -> Result<(), DemoError> {
     let started = Instant::now();
     let mut stop = Stop::install()?;
-    // Until `ztund controlplane` is in this binary the nodes read a mesh file instead.
-    let with_control_plane = controlplane::available();
     println!(
         "ztund demo: {} nodes × {} pods from network namespaces ({}-*), handed to the real daemons as istio-cni does",
         scenario::NODES,
@@ -113,7 +111,7 @@ async fn demo(hold: bool) -> Result<(), DemoError> {
         world::PREFIX
     );
     let world = tokio::select! {
-        world = World::start(with_control_plane) => world?,
+        world = World::start() => world?,
         signal = stop.wait() => return Err(DemoError::Interrupted(signal)),
     };
     print!("{}", describe(&world));
@@ -181,8 +179,8 @@ fn describe(world: &World) -> String {
          AuthorizationPolicy db-deny-httpbin (DENY httpbin → db)\n",
         vip = scenario::ECHO_VIP
     );
-    out += &match &world.control_plane {
-        Some(cp) => format!(
+    if let Some(cp) = &world.control_plane {
+        out += &format!(
             "  control plane: ztund controlplane on {} at https://{} (Delta xDS + Istio CA, node tokens), serving {}\n",
             scenario::node_name(1),
             cp.listen,
@@ -191,11 +189,8 @@ fn describe(world: &World) -> String {
                 .unwrap_or(&cp.dir)
                 .join("mesh.yaml")
                 .display(),
-        ),
-        None => "  mesh file: mesh.yaml read by both nodes, built-in CA \
-                 (this ztund has no `controlplane` subcommand)\n"
-            .to_string(),
-    };
+        );
+    }
     out
 }
 

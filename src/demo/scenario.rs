@@ -197,17 +197,13 @@ spec:
     )
 }
 
-/// Where a node takes its mesh and certificates from.
+/// Where a node takes its mesh and certificates from: `ztund controlplane`, Delta xDS and the
+/// Istio CA API at `address`.
 #[derive(Debug, Clone, Copy)]
-pub enum NodeSource<'a> {
-    /// `mesh.yaml` in the demo directory and the built-in CA in `ca/`.
-    MeshFile,
-    /// `ztund controlplane`: Delta xDS and the Istio CA API at `address`.
-    ControlPlane {
-        address: SocketAddr,
-        root_cert: &'a Path,
-        token_file: &'a Path,
-    },
+pub struct NodeSource<'a> {
+    pub address: SocketAddr,
+    pub root_cert: &'a Path,
+    pub token_file: &'a Path,
 }
 
 /// The ZDS socket the demo, as node `n`'s istio-cni agent, listens on.
@@ -229,22 +225,12 @@ zdsSocket: {zds}
         state = dir.join(format!("state-{node}")).display(),
         zds = zds_socket(n, dir).display(),
     );
-    let source = match source {
-        NodeSource::MeshFile => format!(
-            "meshFile: {mesh}\nca: {{mode: builtin, dir: {ca}}}\nwatchInterval: 1s\n",
-            mesh = dir.join("mesh.yaml").display(),
-            ca = dir.join("ca").display(),
-        ),
-        NodeSource::ControlPlane {
-            address,
-            root_cert,
-            token_file,
-        } => format!(
-            "controlPlane: {{address: \"https://{address}\", rootCert: {root}, tokenFile: {token}}}\nca: {{mode: istio}}\n",
-            root = root_cert.display(),
-            token = token_file.display(),
-        ),
-    };
+    let source = format!(
+        "controlPlane: {{address: \"https://{address}\", rootCert: {root}, tokenFile: {token}}}\nca: {{mode: istio}}\n",
+        address = source.address,
+        root = source.root_cert.display(),
+        token = source.token_file.display(),
+    );
     common + &source
 }
 
@@ -319,26 +305,19 @@ mod tests {
     #[test]
     fn the_configs_take_pods_from_istio_cni_and_the_mesh_from_their_source() {
         let dir = Path::new("/tmp/ztdemo-x");
-        let text = node_config(2, dir, NodeSource::MeshFile);
-        let config = crate::config::Config::parse(&text, "node2.yaml").expect("valid config");
-        assert_eq!(config.node, "node2");
-        assert_eq!(config.capture, crate::config::CaptureMode::IstioCni);
-        assert_eq!(config.zds_socket, dir.join("zds-node2.sock"));
-        assert_eq!(
-            config.mesh_file.as_deref(),
-            Some(dir.join("mesh.yaml").as_path())
-        );
-
         let text = node_config(
             1,
             dir,
-            NodeSource::ControlPlane {
+            NodeSource {
                 address: "10.200.0.1:15012".parse().unwrap(),
                 root_cert: &dir.join("cp-state/ca/root-cert.pem"),
                 token_file: &dir.join("token-node1"),
             },
         );
         let config = crate::config::Config::parse(&text, "node1.yaml").expect("valid config");
+        assert_eq!(config.node, "node1");
+        assert_eq!(config.capture, crate::config::CaptureMode::IstioCni);
+        assert_eq!(config.zds_socket, dir.join("zds-node1.sock"));
         assert_eq!(config.mesh_file, None);
         let cp = config.control_plane.expect("controlPlane");
         assert_eq!(cp.address, "https://10.200.0.1:15012");

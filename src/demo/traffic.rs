@@ -79,7 +79,9 @@ pub fn flows(world: &World) -> Vec<Flow> {
         direct(
             Client::Outside(1),
             DB,
-            Expect::RefusedBy(scenario::DB_STRICT),
+            // The node knows PeerAuthentication STRICT as istiod sends it: the static policy
+            // that denies connections without a peer identity.
+            Expect::RefusedBy(crate::policy::STATIC_STRICT_POLICY),
         ),
         direct(Client::Outside(1), ECHO, Expect::Echoed),
     ]
@@ -233,6 +235,9 @@ fn refusal(reason: &str) -> String {
         return format!("refused: PeerAuthentication {pa} is STRICT");
     }
     if let Some(policy) = reason.strip_prefix("explicitly denied by: ") {
+        if policy.ends_with(crate::policy::STATIC_STRICT_POLICY) {
+            return format!("refused: STRICT mTLS ({policy})");
+        }
         return format!("denied by AuthorizationPolicy {policy}");
     }
     format!("refused: {reason}")

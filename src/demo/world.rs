@@ -18,7 +18,6 @@ use super::DemoError;
 use super::agent::CniAgent;
 use super::controlplane::{self, ControlPlane};
 use super::scenario::{self, NODES, NodeSource, PODS, PODS_PER_NODE};
-use crate::identity::ca::CertificateAuthority;
 use crate::topology::{ChildGuard, Place, Topology};
 
 /// The prefix of every namespace the demo creates.
@@ -63,11 +62,11 @@ pub struct World {
 }
 
 impl World {
-    /// Builds the namespaces, writes the mesh where its source reads it (starting the control
-    /// plane with `with_control_plane`), starts the apps and the daemons, hands each daemon its
+    /// Builds the namespaces, writes the mesh into the control plane's directory and starts
+    /// it, starts the apps and the daemons, hands each daemon its
     /// node's pods, and waits until every daemon is ready. Anything made before a failure is
     /// removed again.
-    pub async fn start(with_control_plane: bool) -> Result<World, DemoError> {
+    pub async fn start() -> Result<World, DemoError> {
         let dir = WorkDir::create()?;
         let topology = Topology::with_prefix(PREFIX, NODES, PODS_PER_NODE)?;
         let mesh = scenario::mesh_yaml(&scenario::placements(&topology));
@@ -79,23 +78,16 @@ impl World {
             dir,
             mesh,
         };
-        if with_control_plane {
-            let cp_dir = world.dir.path().join("cp");
-            DirBuilder::new()
-                .mode(0o700)
-                .create(&cp_dir)
-                .map_err(|source| DemoError::File {
-                    path: cp_dir.clone(),
-                    source,
-                })?;
-            controlplane::replace_file(&cp_dir.join("mesh.yaml"), &world.mesh)?;
-            world.control_plane =
-                Some(ControlPlane::start(&world.topology, world.dir.path()).await?);
-        } else {
-            CertificateAuthority::init(&world.dir.path().join("ca"), scenario::TRUST_DOMAIN)
-                .map_err(|e| DemoError::Setup(format!("creating the demo CA: {e}")))?;
-            world.dir.write("mesh.yaml", &world.mesh)?;
-        }
+        let cp_dir = world.dir.path().join("cp");
+        DirBuilder::new()
+            .mode(0o700)
+            .create(&cp_dir)
+            .map_err(|source| DemoError::File {
+                path: cp_dir.clone(),
+                source,
+            })?;
+        controlplane::replace_file(&cp_dir.join("mesh.yaml"), &world.mesh)?;
+        world.control_plane = Some(ControlPlane::start(&world.topology, world.dir.path()).await?);
         for pod in PODS {
             if let Some(port) = pod.port {
                 world.topology.echo_server(pod.node, pod.index, port)?;
@@ -122,41 +114,36 @@ impl World {
         Ok(world)
     }
 
-    /// Writes node `n`'s config (and, under the control plane, its token) and returns its path.
+    /// The control plane, started by [`World::start`].
+    fn control_plane(&self) -> Result<&ControlPlane, DemoError> {
+        self.control_plane
+            .as_ref()
+            .ok_or_else(|| DemoError::Setup("the control plane is not running".into()))
+    }
+
+    /// Writes node `n`'s token and config and returns the config's path.
     fn node_config(&self, n: usize) -> Result<PathBuf, DemoError> {
         let node = scenario::node_name(n);
-        let dir = self.dir.path();
-        let text = match &self.control_plane {
-            None => scenario::node_config(n, dir, NodeSource::MeshFile),
-            Some(cp) => {
-                // A trailing newline, as `kubectl create secret` and editors leave one.
-                let token = self
-                    .dir
-                    .write(&format!("token-{node}"), &format!("{}\n", cp.token(&node)?))?;
-                let root = cp.root_cert();
-                let source = NodeSource::ControlPlane {
-                    address: cp.listen,
-                    root_cert: &root,
-                    token_file: &token,
-                };
-                scenario::node_config(n, dir, source)
-            }
+        let cp = self.control_plane()?;
+        // A trailing newline, as `kubectl create secret` and editors leave one.
+        let token = self
+            .dir
+            .write(&format!("token-{node}"), &format!("{}\n", cp.token(&node)?))?;
+        let root = cp.root_cert();
+        let source = NodeSource {
+            address: cp.listen,
+            root_cert: &root,
+            token_file: &token,
         };
+        let text = scenario::node_config(n, self.dir.path(), source);
         self.dir.write(&format!("{node}.yaml"), &text)
     }
 
-    /// Adds or replaces policy `name` where the mesh's source reads it: a file of its own in the
-    /// control plane's directory, or appended to the mesh file. Returns where it went.
+    /// Adds or replaces policy `name` as a file of its own in the control plane's directory.
+    /// Returns where it went.
     pub fn write_policy(&self, name: &str, yaml: &str) -> Result<PathBuf, DemoError> {
-        let path = match &self.control_plane {
-            Some(cp) => cp.dir.join(format!("{name}.yaml")),
-            None => self.dir.path().join("mesh.yaml"),
-        };
-        let text = match &self.control_plane {
-            Some(_) => yaml.to_string(),
-            None => format!("{}---\n{yaml}", self.mesh),
-        };
-        controlplane::replace_file(&path, &text)?;
+        let path = self.control_plane()?.dir.join(format!("{name}.yaml"));
+        controlplane::replace_file(&path, yaml)?;
         Ok(path)
     }
 
