@@ -318,6 +318,7 @@ impl Config {
             self.mesh_file = Some(mesh.into());
         }
         let invalid = |field, reason| ConfigError::invalid("environment", field, reason);
+        self.apply_control_plane_env(&env)?;
         if let Some(threads) = env("ZTUND_WORKER_THREADS") {
             let count = threads.parse().map_err(|_| {
                 invalid(
@@ -339,6 +340,70 @@ impl Config {
             })?;
         }
         self.validate("environment")
+    }
+
+    /// `ZTUND_CONTROL_PLANE_ADDRESS` (with `_ROOT_CERT`, `_TOKEN_FILE`, `_SERVER_NAME`),
+    /// `ZTUND_CLUSTER_ID`, `ZTUND_POD_NAME`, `ZTUND_POD_NAMESPACE`, `ZTUND_INSTANCE_IP`; an
+    /// address alone turns the control plane on (its root certificate is then required).
+    fn apply_control_plane_env(
+        &mut self,
+        env: &impl Fn(&str) -> Option<String>,
+    ) -> Result<(), ConfigError> {
+        let invalid = |field, reason| ConfigError::invalid("environment", field, reason);
+        if let Some(address) = env("ZTUND_CONTROL_PLANE_ADDRESS") {
+            match &mut self.control_plane {
+                Some(cp) => cp.address = address,
+                None => {
+                    let root_cert = env("ZTUND_CONTROL_PLANE_ROOT_CERT").ok_or_else(|| {
+                        invalid(
+                            "controlPlane.rootCert",
+                            "ZTUND_CONTROL_PLANE_ADDRESS needs ZTUND_CONTROL_PLANE_ROOT_CERT when the file sets no controlPlane".into(),
+                        )
+                    })?;
+                    self.control_plane = Some(ControlPlaneConfig {
+                        address,
+                        root_cert: root_cert.into(),
+                        token_file: None,
+                        cluster_id: default_cluster_id(),
+                        server_name: None,
+                        pod_name: None,
+                        pod_namespace: default_root_namespace(),
+                        instance_ip: None,
+                        metadata: Default::default(),
+                    });
+                }
+            }
+        }
+        let Some(cp) = &mut self.control_plane else {
+            return Ok(());
+        };
+        if let Some(root) = env("ZTUND_CONTROL_PLANE_ROOT_CERT") {
+            cp.root_cert = root.into();
+        }
+        if let Some(token) = env("ZTUND_CONTROL_PLANE_TOKEN_FILE") {
+            cp.token_file = Some(token.into());
+        }
+        if let Some(name) = env("ZTUND_CONTROL_PLANE_SERVER_NAME") {
+            cp.server_name = Some(name);
+        }
+        if let Some(cluster) = env("ZTUND_CLUSTER_ID") {
+            cp.cluster_id = cluster;
+        }
+        if let Some(pod) = env("ZTUND_POD_NAME") {
+            cp.pod_name = Some(pod);
+        }
+        if let Some(namespace) = env("ZTUND_POD_NAMESPACE") {
+            cp.pod_namespace = namespace;
+        }
+        if let Some(ip) = env("ZTUND_INSTANCE_IP") {
+            cp.instance_ip = Some(ip.parse().map_err(|_| {
+                invalid(
+                    "controlPlane.instanceIp",
+                    format!("ZTUND_INSTANCE_IP={ip:?} is not an IP address"),
+                )
+            })?);
+        }
+        Ok(())
     }
 
     fn resolve_relative_paths(&mut self, base: &Path) {
@@ -478,128 +543,5 @@ pub mod duration_text {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const MINIMAL: &str = "node: node1\nmeshFile: mesh.yaml\nca: {mode: builtin, dir: ca}\n";
-
-    #[test]
-    fn minimal_config_gets_istio_defaults() {
-        let c = Config::parse(MINIMAL, "t.yaml").unwrap();
-        assert_eq!(c.trust_domain, "cluster.local");
-        assert_eq!(c.ports.hbone, 15008);
-        assert_eq!(c.ports.socks5, 15080);
-        assert_eq!(c.cert_ttl, Duration::from_secs(86400));
-        assert_eq!(c.socks5_bind, IpAddr::from([127, 0, 0, 1]));
-        assert_eq!(c.pool.max_streams_per_connection, 100);
-    }
-
-    #[test]
-    fn errors_name_the_field() {
-        let cases = [
-            (
-                "node: ''\nmeshFile: m\nca: {mode: builtin, dir: c}\n",
-                "node",
-            ),
-            (
-                "node: n\nmeshFile: m\nca: {mode: builtin, dir: c}\ntrustDomain: Bad Domain\n",
-                "trustDomain",
-            ),
-            (
-                "node: n\nmeshFile: m\nca: {mode: builtin, dir: c}\nports: {socks5: 15008}\n",
-                "ports.socks5",
-            ),
-            (
-                "node: n\nmeshFile: m\nca: {mode: builtin, dir: c}\ncertTtl: 5x\n",
-                "certTtl",
-            ),
-            (
-                "node: n\nmeshFile: m\nca: {mode: builtin, dir: c}\nnodee: x\n",
-                "nodee",
-            ),
-            ("node: n\nca: {mode: builtin, dir: c}\n", "meshFile"),
-            (
-                "node: n\ncontrolPlane: {address: cp:15012, rootCert: r}\nca: {mode: istio, adress: x}\n",
-                "adress",
-            ),
-            ("node: n\nmeshFile: m\nca: {mode: istio}\n", "ca.address"),
-            (
-                "node: n\nmeshFile: m\nca: {mode: builtin, dir: c}\ndataPlane: {threads: 0}\n",
-                "dataPlane.threads",
-            ),
-            (
-                "node: n\nmeshFile: m\nca: {mode: builtin, dir: c}\ndataPlane: {scheduling: fifo}\n",
-                "dataPlane.scheduling",
-            ),
-        ];
-        for (text, field) in cases {
-            let err = Config::parse(text, "cfg.yaml").unwrap_err().to_string();
-            assert!(err.contains("cfg.yaml"), "{err}");
-            assert!(err.contains(field), "{err} should name {field}");
-        }
-    }
-
-    #[test]
-    fn data_plane_threads_and_scheduling_from_file_and_environment() {
-        let c = Config::parse(MINIMAL, "t.yaml").unwrap();
-        assert_eq!(c.data_plane.scheduling, ThreadScheduling::Normal);
-        assert!(c.data_plane.thread_count() >= 2);
-
-        let text = format!("{MINIMAL}dataPlane: {{threads: 3, scheduling: batch}}\n");
-        let mut c = Config::parse(&text, "t.yaml").unwrap();
-        assert_eq!(c.data_plane.thread_count(), 3);
-        assert_eq!(c.data_plane.scheduling, ThreadScheduling::Batch);
-
-        let env = |threads: &'static str, policy: &'static str| {
-            move |key: &str| match key {
-                "ZTUND_WORKER_THREADS" => Some(threads.to_string()),
-                "ZTUND_DATA_PLANE_SCHEDULING" => Some(policy.to_string()),
-                _ => None,
-            }
-        };
-        c.apply_env(env("1", "normal")).unwrap();
-        assert_eq!(c.data_plane.thread_count(), 1);
-        assert_eq!(c.data_plane.scheduling, ThreadScheduling::Normal);
-
-        // A bad value fails the start with an error that names its field.
-        for (threads, policy, field) in [
-            ("two", "batch", "dataPlane.threads"),
-            ("0", "batch", "dataPlane.threads"),
-            ("2", "fifo", "dataPlane.scheduling"),
-        ] {
-            let err = c.clone().apply_env(env(threads, policy)).unwrap_err();
-            let err = err.to_string();
-            assert!(err.contains(field), "{err} should name {field}");
-            assert!(err.contains("environment"), "{err}");
-        }
-    }
-
-    #[test]
-    fn relative_paths_follow_the_config_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("node.yaml");
-        std::fs::write(&path, format!("{MINIMAL}zdsSocket: run/ztunnel.sock\n")).unwrap();
-        let c = Config::load(&path).unwrap();
-        assert_eq!(c.mesh_file, Some(dir.path().join("mesh.yaml")));
-        assert_eq!(c.zds_socket, dir.path().join("run/ztunnel.sock"));
-        assert!(matches!(&c.ca, CaConfig::Builtin { dir: d } if *d == dir.path().join("ca")));
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(
-            duration_text::parse("500ms").unwrap(),
-            Duration::from_millis(500)
-        );
-        assert_eq!(
-            duration_text::parse("5m").unwrap(),
-            Duration::from_secs(300)
-        );
-        assert_eq!(
-            duration_text::parse("24h").unwrap(),
-            Duration::from_secs(86400)
-        );
-        assert!(duration_text::parse("h").is_err());
-        assert!(duration_text::parse("3w").is_err());
-    }
-}
+#[path = "config_tests.rs"]
+mod tests;

@@ -1,0 +1,164 @@
+//! The daemon config: defaults, errors that name their field, environment overrides.
+use super::*;
+
+const MINIMAL: &str = "node: node1\nmeshFile: mesh.yaml\nca: {mode: builtin, dir: ca}\n";
+
+#[test]
+fn minimal_config_gets_istio_defaults() {
+    let c = Config::parse(MINIMAL, "t.yaml").unwrap();
+    assert_eq!(c.trust_domain, "cluster.local");
+    assert_eq!(c.ports.hbone, 15008);
+    assert_eq!(c.ports.socks5, 15080);
+    assert_eq!(c.cert_ttl, Duration::from_secs(86400));
+    assert_eq!(c.socks5_bind, IpAddr::from([127, 0, 0, 1]));
+    assert_eq!(c.pool.max_streams_per_connection, 100);
+}
+
+#[test]
+fn errors_name_the_field() {
+    let cases = [
+        (
+            "node: ''\nmeshFile: m\nca: {mode: builtin, dir: c}\n",
+            "node",
+        ),
+        (
+            "node: n\nmeshFile: m\nca: {mode: builtin, dir: c}\ntrustDomain: Bad Domain\n",
+            "trustDomain",
+        ),
+        (
+            "node: n\nmeshFile: m\nca: {mode: builtin, dir: c}\nports: {socks5: 15008}\n",
+            "ports.socks5",
+        ),
+        (
+            "node: n\nmeshFile: m\nca: {mode: builtin, dir: c}\ncertTtl: 5x\n",
+            "certTtl",
+        ),
+        (
+            "node: n\nmeshFile: m\nca: {mode: builtin, dir: c}\nnodee: x\n",
+            "nodee",
+        ),
+        ("node: n\nca: {mode: builtin, dir: c}\n", "meshFile"),
+        (
+            "node: n\ncontrolPlane: {address: cp:15012, rootCert: r}\nca: {mode: istio, adress: x}\n",
+            "adress",
+        ),
+        ("node: n\nmeshFile: m\nca: {mode: istio}\n", "ca.address"),
+        (
+            "node: n\nmeshFile: m\nca: {mode: builtin, dir: c}\ndataPlane: {threads: 0}\n",
+            "dataPlane.threads",
+        ),
+        (
+            "node: n\nmeshFile: m\nca: {mode: builtin, dir: c}\ndataPlane: {scheduling: fifo}\n",
+            "dataPlane.scheduling",
+        ),
+    ];
+    for (text, field) in cases {
+        let err = Config::parse(text, "cfg.yaml").unwrap_err().to_string();
+        assert!(err.contains("cfg.yaml"), "{err}");
+        assert!(err.contains(field), "{err} should name {field}");
+    }
+}
+
+#[test]
+fn data_plane_threads_and_scheduling_from_file_and_environment() {
+    let c = Config::parse(MINIMAL, "t.yaml").unwrap();
+    assert_eq!(c.data_plane.scheduling, ThreadScheduling::Normal);
+    assert!(c.data_plane.thread_count() >= 2);
+
+    let text = format!("{MINIMAL}dataPlane: {{threads: 3, scheduling: batch}}\n");
+    let mut c = Config::parse(&text, "t.yaml").unwrap();
+    assert_eq!(c.data_plane.thread_count(), 3);
+    assert_eq!(c.data_plane.scheduling, ThreadScheduling::Batch);
+
+    let env = |threads: &'static str, policy: &'static str| {
+        move |key: &str| match key {
+            "ZTUND_WORKER_THREADS" => Some(threads.to_string()),
+            "ZTUND_DATA_PLANE_SCHEDULING" => Some(policy.to_string()),
+            _ => None,
+        }
+    };
+    c.apply_env(env("1", "normal")).unwrap();
+    assert_eq!(c.data_plane.thread_count(), 1);
+    assert_eq!(c.data_plane.scheduling, ThreadScheduling::Normal);
+
+    // A bad value fails the start with an error that names its field.
+    for (threads, policy, field) in [
+        ("two", "batch", "dataPlane.threads"),
+        ("0", "batch", "dataPlane.threads"),
+        ("2", "fifo", "dataPlane.scheduling"),
+    ] {
+        let err = c.clone().apply_env(env(threads, policy)).unwrap_err();
+        let err = err.to_string();
+        assert!(err.contains(field), "{err} should name {field}");
+        assert!(err.contains("environment"), "{err}");
+    }
+}
+
+#[test]
+fn the_control_plane_from_the_environment() {
+    let mut c = Config::parse(MINIMAL, "t.yaml").unwrap();
+    let env = |pairs: &'static [(&'static str, &'static str)]| {
+        move |key: &str| {
+            pairs
+                .iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, v)| v.to_string())
+        }
+    };
+    let err = c
+        .clone()
+        .apply_env(env(&[("ZTUND_CONTROL_PLANE_ADDRESS", "https://cp:15012")]))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("controlPlane.rootCert"), "{err}");
+    c.apply_env(env(&[
+        ("ZTUND_CONTROL_PLANE_ADDRESS", "https://cp:15012"),
+        ("ZTUND_CONTROL_PLANE_ROOT_CERT", "/etc/root.pem"),
+        ("ZTUND_CONTROL_PLANE_TOKEN_FILE", "/etc/token"),
+        ("ZTUND_CLUSTER_ID", "c1"),
+        ("ZTUND_POD_NAME", "ztund-x"),
+        ("ZTUND_INSTANCE_IP", "10.0.0.9"),
+    ]))
+    .unwrap();
+    let cp = c.control_plane.clone().unwrap();
+    assert_eq!(cp.address, "https://cp:15012");
+    assert_eq!(cp.root_cert, PathBuf::from("/etc/root.pem"));
+    assert_eq!(cp.token_file, Some(PathBuf::from("/etc/token")));
+    assert_eq!(cp.cluster_id, "c1");
+    assert_eq!(cp.pod_name.as_deref(), Some("ztund-x"));
+    assert_eq!(cp.instance_ip, Some(IpAddr::from([10, 0, 0, 9])));
+    let err = c
+        .apply_env(env(&[("ZTUND_INSTANCE_IP", "ten")]))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("controlPlane.instanceIp"), "{err}");
+}
+
+#[test]
+fn relative_paths_follow_the_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("node.yaml");
+    std::fs::write(&path, format!("{MINIMAL}zdsSocket: run/ztunnel.sock\n")).unwrap();
+    let c = Config::load(&path).unwrap();
+    assert_eq!(c.mesh_file, Some(dir.path().join("mesh.yaml")));
+    assert_eq!(c.zds_socket, dir.path().join("run/ztunnel.sock"));
+    assert!(matches!(&c.ca, CaConfig::Builtin { dir: d } if *d == dir.path().join("ca")));
+}
+
+#[test]
+fn durations() {
+    assert_eq!(
+        duration_text::parse("500ms").unwrap(),
+        Duration::from_millis(500)
+    );
+    assert_eq!(
+        duration_text::parse("5m").unwrap(),
+        Duration::from_secs(300)
+    );
+    assert_eq!(
+        duration_text::parse("24h").unwrap(),
+        Duration::from_secs(86400)
+    );
+    assert!(duration_text::parse("h").is_err());
+    assert!(duration_text::parse("3w").is_err());
+}
