@@ -22,31 +22,6 @@ fn ap(name: &str, spec: &str) -> String {
 
 const DENY_SLEEP_SELECTOR: &str = "  selector: {matchLabels: {app: echo}}\n  action: DENY\n  rules: [{from: [{source: {principals: [cluster.local/ns/default/sa/sleep]}}]}]\n";
 
-/// A mesh client denied: non-zero SOCKS5 reply, nothing at the app, the policy in node 2's log.
-async fn assert_mesh_denied(w: &World, client: &str, port: u16, policy: &str) {
-    let before = (w.echo.accepted(), w.echo_9001.accepted());
-    let reply = w.mesh_client(client, addr(ECHO, port)).await;
-    assert!(reply.is_err(), "{client} → echo:{port} was let through");
-    log_line(&w.node2, &["connection refused", "\"status\":401", policy]).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(
-        (w.echo.accepted(), w.echo_9001.accepted()),
-        before,
-        "a denied client reached the app"
-    );
-}
-
-async fn assert_mesh_allowed(w: &World, client: &str, port: u16) {
-    let mut stream = w
-        .mesh_client(client, addr(ECHO, port))
-        .await
-        .unwrap_or_else(|code| panic!("{client} → echo:{port} refused with {code}"));
-    assert!(
-        echoes(&mut stream).await,
-        "{client} → echo:{port} not served"
-    );
-}
-
 /// Time until a new connection from `client` is refused (polled every 20 ms, bounded).
 async fn until_denied(w: &World, client: &str, port: u16, limit: Duration) -> Duration {
     let start = Instant::now();

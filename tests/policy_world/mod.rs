@@ -350,3 +350,29 @@ impl Drop for World {
         }
     }
 }
+
+/// A mesh client denied: non-zero SOCKS5 reply, nothing at the app, the policy in node 2's log.
+pub async fn assert_mesh_denied(w: &World, client: &str, port: u16, policy: &str) {
+    let before = (w.echo.accepted(), w.echo_9001.accepted());
+    let reply = w.mesh_client(client, addr(ECHO, port)).await;
+    assert!(reply.is_err(), "{client} → echo:{port} was let through");
+    let line = log_line(&w.node2, &["connection refused", "\"status\":401", policy]).await;
+    assert!(line.contains(&format!("{ECHO}:{port}")), "{line}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        (w.echo.accepted(), w.echo_9001.accepted()),
+        before,
+        "a denied client reached the app"
+    );
+}
+
+pub async fn assert_mesh_allowed(w: &World, client: &str, port: u16) {
+    let mut stream = w
+        .mesh_client(client, addr(ECHO, port))
+        .await
+        .unwrap_or_else(|code| panic!("{client} → echo:{port} refused with {code}"));
+    assert!(
+        echoes(&mut stream).await,
+        "{client} → echo:{port} not served"
+    );
+}
