@@ -199,3 +199,56 @@ fn workload_uids(dump: &serde_json::Value) -> Vec<String> {
     uids.sort();
     uids
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_mesh_file_is_merged_with_the_control_plane() {
+    // Node 2 also reads a local file holding one policy of its own; the control plane has none.
+    let local = |policies: &[&str]| docs(policies);
+    let deny_foo = ap(
+        "local-deny-foo",
+        "  action: DENY\n  rules: [{from: [{source: {namespaces: [foo]}}]}]\n",
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("local.yaml");
+    std::fs::write(&file, local(&[&deny_foo])).expect("local mesh file");
+    let extra = format!("meshFile: {}\nwatchInterval: 100ms\n", file.display());
+    let w = World::with_node2_extra(MeshSource::ControlPlane, &[], &extra).await;
+    assert_mesh_denied(&w, FOO, 9000, "default/local-deny-foo").await;
+    assert_mesh_allowed(&w, SLEEP, 9000).await;
+    // The workloads are the control plane's: echo is known to node 2 only through xDS.
+    let dump = config_dump(&w, 2);
+    assert!(
+        dump["workloads"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .all(|w| w["origin"]["source"] == "xds"),
+        "{dump}"
+    );
+    assert!(
+        dump["policies"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|p| p["name"] == "default/local-deny-foo" && p["origin"]["source"] == "meshFile"),
+        "{dump}"
+    );
+
+    // The local file changes: merged again without touching what the control plane sent.
+    let tmp = dir.path().join("local.yaml.tmp");
+    std::fs::write(&tmp, "").expect("local mesh file");
+    std::fs::rename(&tmp, &file).expect("rename");
+    support::eventually("the local policy gone", Duration::from_secs(5), || {
+        let lines = w
+            .node2
+            .log_lines(&["mesh file merged with the control plane"]);
+        if lines.is_empty() {
+            Err(w.node2.log_text())
+        } else {
+            Ok(())
+        }
+    })
+    .await;
+    assert_mesh_allowed(&w, FOO, 9000).await;
+    assert_eq!(workload_uids(&config_dump(&w, 2)).len(), 4);
+}

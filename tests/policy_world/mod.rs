@@ -191,6 +191,11 @@ impl World {
 
     /// Both daemons up with the base mesh plus `policies`, taken from `source`.
     pub async fn from_source(source: MeshSource, policies: &[&str]) -> World {
+        World::with_node2_extra(source, policies, "").await
+    }
+
+    /// [`World::from_source`] with `extra` YAML appended to node 2's config.
+    pub async fn with_node2_extra(source: MeshSource, policies: &[&str], extra: &str) -> World {
         let bed = Testbed::new(2, 1);
         bed.run_in(
             Place::Node(1),
@@ -208,7 +213,8 @@ impl World {
             MeshSource::File => {
                 write_atomically(&cluster, &mesh_text(policies));
                 let c1 = cluster.node_config("node1", "mesh.yaml", "socks5Bind: 0.0.0.0\n");
-                let c2 = cluster.node_config("node2", "mesh.yaml", "capture: host\n");
+                let c2 =
+                    cluster.node_config("node2", "mesh.yaml", &format!("capture: host\n{extra}"));
                 (c1, c2, None)
             }
             MeshSource::ControlPlane => {
@@ -218,7 +224,7 @@ impl World {
                 let listen = addr(SLEEP, 15012);
                 let cp = ControlPlane::start(&bed, &cluster, Place::Node(1), listen).await;
                 let c1 = cp.node_config(&cluster, "node1", "socks5Bind: 0.0.0.0\n");
-                let c2 = cp.node_config(&cluster, "node2", "capture: host\n");
+                let c2 = cp.node_config(&cluster, "node2", &format!("capture: host\n{extra}"));
                 (c1, c2, Some(cp))
             }
         };

@@ -109,8 +109,9 @@ async fn a_method_other_than_connect_gets_400_without_reaching_the_caller() {
             .body(())
             .unwrap();
         let (response, mut body) = client.send_request(request, false).unwrap();
-        body.send_data(Bytes::from_static(b"payload"), true)
-            .unwrap();
+        // The server may answer 400 and close the stream before the body goes out; sending it
+        // then fails on our side, which is no part of what is checked here.
+        let _ = body.send_data(Bytes::from_static(b"payload"), true);
         let response = response.await.expect("response");
         assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{method}");
         client = client.ready().await.unwrap();
