@@ -12,7 +12,7 @@ mod testbed;
 use std::time::{Duration, Instant};
 
 use policy_world::*;
-use testbed::Place;
+use support::controlplane::{all_workloads_from_xds, config_dump};
 
 fn ap(name: &str, spec: &str) -> String {
     format!(
@@ -124,7 +124,7 @@ async fn the_nodes_serve_from_their_last_state_while_the_control_plane_is_away()
     let mut w = World::from_source(MeshSource::ControlPlane, &[]).await;
     let mut open = w.mesh_client(FOO, addr(ECHO, 9000)).await.expect("foo");
     assert!(echoes(&mut open).await);
-    let dump_before = config_dump(&w, 2);
+    let dump_before = config_dump(&w.bed, 2);
 
     w.control_plane.as_mut().expect("control plane").kill();
     let away = Instant::now();
@@ -165,7 +165,7 @@ async fn the_nodes_serve_from_their_last_state_while_the_control_plane_is_away()
     }
     w.control_plane = Some(cp);
     assert_eq!(
-        workload_uids(&config_dump(&w, 2)),
+        workload_uids(&config_dump(&w.bed, 2)),
         workload_uids(&dump_before)
     );
     assert!(
@@ -179,14 +179,6 @@ fn mesh_with(policies: &[&str]) -> String {
     let mut all = vec![BASE_MESH];
     all.extend_from_slice(policies);
     docs(&all)
-}
-
-fn config_dump(w: &World, node: usize) -> serde_json::Value {
-    let text = w.bed.run_in(
-        Place::Node(node),
-        &["curl", "-s", "http://127.0.0.1:15000/config_dump"],
-    );
-    serde_json::from_str(&text).expect("config dump is JSON")
 }
 
 fn workload_uids(dump: &serde_json::Value) -> Vec<String> {
@@ -216,15 +208,8 @@ async fn a_local_mesh_file_is_merged_with_the_control_plane() {
     assert_mesh_denied(&w, FOO, 9000, "default/local-deny-foo").await;
     assert_mesh_allowed(&w, SLEEP, 9000).await;
     // The workloads are the control plane's: echo is known to node 2 only through xDS.
-    let dump = config_dump(&w, 2);
-    assert!(
-        dump["workloads"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .all(|w| w["origin"]["source"] == "xds"),
-        "{dump}"
-    );
+    let dump = config_dump(&w.bed, 2);
+    assert!(all_workloads_from_xds(&dump), "{dump}");
     assert!(
         dump["policies"]
             .as_array()
@@ -250,5 +235,5 @@ async fn a_local_mesh_file_is_merged_with_the_control_plane() {
     })
     .await;
     assert_mesh_allowed(&w, FOO, 9000).await;
-    assert_eq!(workload_uids(&config_dump(&w, 2)).len(), 4);
+    assert_eq!(workload_uids(&config_dump(&w.bed, 2)).len(), 4);
 }

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use policy_world::{App, addr, docs, echoes};
-use support::controlplane::ControlPlane;
+use support::controlplane::{ControlPlane, all_workloads_from_xds, config_dump};
 use support::{Cluster, Daemon, eventually, socks5_connect};
 use testbed::{Place, Testbed};
 
@@ -18,14 +18,6 @@ fn entry(name: &str, address: &str, node: &str) -> String {
     format!(
         "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: {name}, namespace: default, annotations: {{ztund.io/node: {node}}}}}\nspec: {{address: \"{address}\", serviceAccount: {name}, labels: {{app: {name}}}}}\n"
     )
-}
-
-fn config_dump(bed: &Testbed, node: usize) -> serde_json::Value {
-    let text = bed.run_in(
-        Place::Node(node),
-        &["curl", "-s", "http://127.0.0.1:15000/config_dump"],
-    );
-    serde_json::from_str(&text).expect("config dump is JSON")
 }
 
 fn identities(dump: &serde_json::Value) -> Vec<String> {
@@ -78,14 +70,7 @@ async fn three_nodes_from_the_control_plane_gain_and_lose_a_workload() {
             Some(3),
             "{dump}"
         );
-        assert!(
-            dump["workloads"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .all(|w| w["origin"]["source"] == "xds"),
-            "node{n}: {dump}"
-        );
+        assert!(all_workloads_from_xds(&dump), "node{n}: {dump}");
         assert_eq!(
             identities(&dump),
             [format!("spiffe://cluster.local/ns/default/sa/{identity}")],

@@ -299,14 +299,13 @@ fn entry_endpoint(snapshot: &Snapshot, service: &Service, ip: IpAddr) -> wl::Wor
 
 /// The service's ports, with this workload's target ports when it has its own.
 fn port_list(service: &Service, w: Option<&Workload>) -> wl::PortList {
-    let key = service_key(service);
     wl::PortList {
         ports: service
             .ports
             .iter()
             .map(|p| wl::Port {
                 service_port: u32::from(p.port),
-                target_port: u32::from(w.map_or(p.target_port, |w| w.target_port(&key, p))),
+                target_port: u32::from(w.map_or(p.target_port, |w| w.target_port(service, p))),
                 app_protocol: 0,
             })
             .collect(),

@@ -16,7 +16,6 @@ use crate::mesh::{MeshSettings, MeshStore, Snapshot, load_and_watch};
 use crate::xds::client::{ClientSettings, XdsClient, XdsStatus};
 use crate::xds::metrics::XdsMetrics;
 use crate::xds::state::{FileMesh, Provenance, XdsState};
-use crate::xds::{RawResource, ResourceSink};
 
 /// The running sources behind the node's [`MeshStore`].
 pub struct MeshSources {
@@ -87,7 +86,7 @@ pub async fn start(
     }
     tokio::spawn(track_readiness(status.clone(), readiness.clone()));
 
-    let sink = SharedState(state.clone());
+    let sink = state.clone();
     let (rebuild_store, rebuild_file) = (store.clone(), file.clone());
     let root = config.root_namespace.clone();
     let rebuild_state = state.clone();
@@ -201,23 +200,5 @@ async fn follow_file(
             }
             Err(_) => return,
         }
-    }
-}
-
-/// The xDS client's sink: the shared state, locked per response.
-struct SharedState(Arc<Mutex<XdsState>>);
-
-impl ResourceSink for SharedState {
-    fn apply(
-        &mut self,
-        type_url: &str,
-        added: Vec<RawResource>,
-        removed: Vec<String>,
-    ) -> Vec<(String, String)> {
-        lock(&self.0).apply(type_url, added, removed)
-    }
-
-    fn versions(&self, type_url: &str) -> std::collections::HashMap<String, String> {
-        lock(&self.0).versions(type_url)
     }
 }

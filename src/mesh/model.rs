@@ -73,12 +73,19 @@ impl PartialEq for IdentityCache {
 }
 
 impl Workload {
-    /// The port to dial on this workload for a service port: its own mapping when the control
-    /// plane sent one, else the service's.
-    pub fn target_port(&self, service_key: &str, port: &ServicePort) -> u16 {
+    /// The port to dial on this workload for a port of `service`: its own mapping when the
+    /// control plane sent one, else the service's. Asked per connection: the key is matched in
+    /// its parts, never built.
+    pub fn target_port(&self, service: &Service, port: &ServicePort) -> u16 {
+        let is_key = |key: &str| {
+            key.strip_prefix(service.namespace.as_str())
+                .and_then(|rest| rest.strip_prefix('/'))
+                == Some(service.hostname.as_str())
+        };
         self.service_ports
-            .get(service_key)
-            .and_then(|ports| ports.get(&port.port))
+            .iter()
+            .find(|(key, _)| is_key(key))
+            .and_then(|(_, ports)| ports.get(&port.port))
             .copied()
             .unwrap_or(port.target_port)
     }

@@ -260,6 +260,22 @@ mod tests {
     }
 
     #[test]
+    fn a_listed_endpoint_dials_its_own_target_port_for_its_service_only() {
+        let mut echo = workload("default", "echo", "echo", "10.0.0.2", "app=echo");
+        echo.service_ports.insert(
+            "default/echo.default.svc.cluster.local".into(),
+            [(80, 9090)].into(),
+        );
+        let own = service("default", "echo.default.svc.cluster.local", "echo");
+        let same_host_elsewhere = service("other", "echo.default.svc.cluster.local", "echo");
+        let port = &own.ports[0];
+        assert_eq!(echo.target_port(&own, port), 9090);
+        assert_eq!(echo.target_port(&same_host_elsewhere, port), 8080);
+        let prefix = service("default", "echo.default.svc", "echo");
+        assert_eq!(echo.target_port(&prefix, port), 8080);
+    }
+
+    #[test]
     fn endpoints_are_found_by_namespace_and_hostname() {
         let echo = workload("default", "echo", "echo", "10.0.0.2", "app=echo");
         let other = workload("other", "echo", "echo", "10.0.0.3", "app=echo");

@@ -258,8 +258,7 @@ fn destination(
             let Some(port) = service.port(*port) else {
                 return Err(Refusal::Unavailable(format!("{host} has no port {port}")));
             };
-            let key = crate::mesh::service_key(service);
-            SocketAddr::new(local.ip(), workload.target_port(&key, port))
+            SocketAddr::new(local.ip(), workload.target_port(service, port))
         }
     };
     if super::route::SELF_PORTS.contains(&target.port()) {

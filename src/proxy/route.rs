@@ -192,9 +192,7 @@ fn pick_endpoint<'a>(
     let target_port = match &service.endpoints {
         Endpoints::Listed => service
             .port(destination.port())
-            .map_or(target_port, |port| {
-                workload.target_port(&crate::mesh::service_key(service), port)
-            }),
+            .map_or(target_port, |port| workload.target_port(service, port)),
         _ => target_port,
     };
     Ok(Endpoint::Workload(

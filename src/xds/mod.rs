@@ -13,6 +13,9 @@
 pub mod convert;
 pub mod state;
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use prost_types::Any;
 
 pub mod client;
@@ -40,5 +43,23 @@ pub trait ResourceSink: Send {
 
     /// Versions of the resources of `type_url` held now (sent as `initial_resource_versions`
     /// on a reconnect). Rejected resources are left out, so the server resends them.
-    fn versions(&self, type_url: &str) -> std::collections::HashMap<String, String>;
+    fn versions(&self, type_url: &str) -> HashMap<String, String>;
+}
+
+/// A sink shared with others (the daemon rebuilds snapshots from it too): locked per call.
+impl<S: ResourceSink> ResourceSink for Arc<Mutex<S>> {
+    fn apply(
+        &mut self,
+        type_url: &str,
+        added: Vec<RawResource>,
+        removed: Vec<String>,
+    ) -> Vec<(String, String)> {
+        let mut sink = self.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        sink.apply(type_url, added, removed)
+    }
+
+    fn versions(&self, type_url: &str) -> HashMap<String, String> {
+        let sink = self.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        sink.versions(type_url)
+    }
 }

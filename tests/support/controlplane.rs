@@ -145,3 +145,21 @@ impl Drop for ControlPlane {
         }
     }
 }
+
+/// A node's `/config_dump` (admin port 15000 in its namespace).
+pub fn config_dump(bed: &Testbed, node: usize) -> serde_json::Value {
+    let text = bed.run_in(
+        Place::Node(node),
+        &["curl", "-s", "http://127.0.0.1:15000/config_dump"],
+    );
+    serde_json::from_str(&text).expect("config dump is JSON")
+}
+
+/// Whether every workload in a dump came from the control plane.
+pub fn all_workloads_from_xds(dump: &serde_json::Value) -> bool {
+    dump["workloads"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .all(|w| w["origin"]["source"] == "xds")
+}
