@@ -244,6 +244,11 @@ pub struct Config {
     /// How often the mesh file is checked for changes.
     #[serde(default = "default_watch_interval", with = "duration_text")]
     pub watch_interval: Duration,
+    /// How long open connections may run on after a stop is asked for; the rest are closed then.
+    /// `ZTUND_DRAIN_DEADLINE` overrides it. Kubernetes' `terminationGracePeriodSeconds` must
+    /// exceed it.
+    #[serde(default = "default_drain_deadline", with = "duration_text")]
+    pub drain_deadline: Duration,
 }
 
 fn default_trust_domain() -> String {
@@ -269,6 +274,9 @@ fn default_root_namespace() -> String {
 }
 fn default_watch_interval() -> Duration {
     Duration::from_millis(500)
+}
+fn default_drain_deadline() -> Duration {
+    Duration::from_secs(5)
 }
 
 impl Config {
@@ -318,6 +326,11 @@ impl Config {
             self.mesh_file = Some(mesh.into());
         }
         let invalid = |field, reason| ConfigError::invalid("environment", field, reason);
+        if let Some(deadline) = env("ZTUND_DRAIN_DEADLINE") {
+            self.drain_deadline = duration_text::parse(&deadline).map_err(|e| {
+                invalid("drainDeadline", format!("ZTUND_DRAIN_DEADLINE: {e}"))
+            })?;
+        }
         self.apply_control_plane_env(&env)?;
         if let Some(threads) = env("ZTUND_WORKER_THREADS") {
             let count = threads.parse().map_err(|_| {
