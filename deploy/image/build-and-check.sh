@@ -2,7 +2,9 @@
 # Builds ztund's container image from an already built binary (the Dockerfile's `prebuilt`
 # target: no registry needed) and checks it by running it: `ztund --version` through the image's
 # entrypoint, as the image's non-root user, must print what the binary prints outside; the image
-# must hold ztund and its libraries and no shell; its labels and user must be as declared.
+# must hold ztund and its libraries and no shell; its labels and user must be as declared. Then
+# the daemon itself, as that user, in a network namespace of this script's own: it must answer
+# readiness with 200 and exit 0 on SIGTERM.
 #
 # usage: build-and-check.sh [BINARY]     (default target/debug/ztund, which `cargo test` builds)
 # Env: ZTUND_IMAGE  tag to build (default localhost/ztund:check); KEEP_IMAGE=1 keeps it (and
@@ -30,7 +32,10 @@ fi
 
 work=$(mktemp -d "${TMPDIR:-/var/tmp}/ztund-image.XXXXXX")
 podman=(podman --root "$work/storage" --runroot "$work/run" --runtime runc)
+netns=ztund-image-$$
 cleanup() {
+    "${podman[@]}" rm -f -t 0 ztund-image-check >/dev/null 2>&1 || true
+    ip netns delete "$netns" 2>/dev/null || true
     if [ "${KEEP_IMAGE:-0}" = 1 ]; then
         echo "image kept: ${podman[*]} images $image"
     else
@@ -61,9 +66,9 @@ podman+=(--storage-driver "$driver")
 # a sandboxed root (CI's) may not raise its limits that far: the container start fails with
 # "setrlimit: operation not permitted". Lowering a limit is always allowed, and a run of
 # `--version` needs few of either.
-run=("${podman[@]}" run --rm --network none --ulimit nofile=1024:1024 --ulimit nproc=1024:1024)
+run=("${podman[@]}" run --ulimit nofile=1024:1024 --ulimit nproc=1024:1024)
 
-inside=$("${run[@]}" "$image" --version) || fail "ztund --version did not run in the image"
+inside=$("${run[@]}" --rm --network none "$image" --version) || fail "ztund --version did not run in the image"
 [ "$inside" = "$expected" ] || fail "ztund --version printed '$inside' in the image, '$expected' outside"
 
 user=$("${podman[@]}" image inspect --format '{{.Config.User}}' "$image")
@@ -87,6 +92,41 @@ for unwanted in bin/sh usr/bin/sh bin/bash usr/bin/apt-get; do
     fi
 done
 
+# The daemon: a node with the built-in CA, an empty mesh and no capture, which needs no
+# privilege, so it runs as the image's user. Its namespace holds only loopback.
+node=$work/node
+"$binary" ca init --dir "$node/ca" >/dev/null
+printf '%s\n' 'node: image-check' 'meshFile: mesh.yaml' 'ca: {mode: builtin, dir: ca}' \
+    'capture: none' >"$node/config.yaml"
+: >"$node/mesh.yaml"
+chown -R 65532:65532 "$node"
+ip netns add "$netns"
+ip -n "$netns" link set lo up
+"${run[@]}" -d --name ztund-image-check --network "ns:/run/netns/$netns" \
+    -v "$node:/etc/ztund:ro" "$image" run --config /etc/ztund/config.yaml >/dev/null
+ready=""
+for _ in $(seq 100); do
+    ready=$(ip netns exec "$netns" bash -c 'exec 3<>/dev/tcp/127.0.0.1/15021 &&
+        printf "GET /healthz/ready HTTP/1.0\r\n\r\n" >&3 && head -n1 <&3' 2>/dev/null || true)
+    case $ready in *" 200 "*) break ;; esac
+    sleep 0.1
+done
+case $ready in
+*" 200 "*) ;;
+*)
+    "${podman[@]}" logs ztund-image-check >&2 || true
+    fail "the daemon in the image did not answer readiness with 200 within 10 s (last: '$ready')"
+    ;;
+esac
+"${podman[@]}" stop -t 10 ztund-image-check >/dev/null
+status=$("${podman[@]}" inspect --format '{{.State.ExitCode}}' ztund-image-check)
+if [ "$status" != 0 ]; then
+    "${podman[@]}" logs ztund-image-check >&2 || true
+    fail "the daemon in the image exited $status on SIGTERM"
+fi
+"${podman[@]}" rm ztund-image-check >/dev/null
+
 size=$("${podman[@]}" image inspect --format '{{.Size}}' "$image")
 echo "image check: ok ($image, $((size / 1024 / 1024)) MiB, $(grep -vc '/$' <<<"$files") files," \
-    "storage $driver, '$inside' as user $user, $(($(date +%s) - started)) s)"
+    "storage $driver, '$inside' as user $user, daemon ready and stopped cleanly," \
+    "$(($(date +%s) - started)) s)"
