@@ -109,13 +109,15 @@ for _ in $(seq 100); do
     ready=$(ip netns exec "$netns" bash -c 'exec 3<>/dev/tcp/127.0.0.1/15021 &&
         printf "GET /healthz/ready HTTP/1.0\r\n\r\n" >&3 && head -n1 <&3' 2>/dev/null || true)
     case $ready in *" 200 "*) break ;; esac
+    running=$("${podman[@]}" inspect --format '{{.State.Running}}' ztund-image-check)
+    [ "$running" = true ] || break
     sleep 0.1
 done
 case $ready in
 *" 200 "*) ;;
 *)
     "${podman[@]}" logs ztund-image-check >&2 || true
-    fail "the daemon in the image did not answer readiness with 200 within 10 s (last: '$ready')"
+    fail "the daemon in the image did not answer readiness with 200 within 10 s, or exited (last answer: '$ready')"
     ;;
 esac
 "${podman[@]}" stop -t 10 ztund-image-check >/dev/null
