@@ -24,8 +24,7 @@ LABEL org.opencontainers.image.title="ztund" \
       org.opencontainers.image.description="Node-level zero-trust tunnel daemon (HBONE, SPIFFE identities); a drop-in for Istio's ztunnel" \
       org.opencontainers.image.version="${ZTUND_VERSION}" \
       org.opencontainers.image.revision="${REVISION}" \
-      org.opencontainers.image.licenses="Apache-2.0" \
-      org.opencontainers.image.base.name="scratch"
+      org.opencontainers.image.licenses="Apache-2.0"
 # Non-root unless the pod says otherwise: the node proxy's DaemonSet runs it as UID 0 with only
 # NET_ADMIN, SYS_ADMIN and NET_RAW, since Kubernetes gives added capabilities to UID 0 only
 # (README "Container image"); `ztund controlplane` needs none and runs as this user.
