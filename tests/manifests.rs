@@ -47,7 +47,7 @@ fn container(workload: &Value) -> &Value {
 /// stand-ins, `$(VAR)` references to earlier variables expanded.
 fn resolved_env(workload: &Value, stand_ins: &[(&str, &str)]) -> BTreeMap<String, String> {
     let pod = &workload["spec"]["template"]["spec"];
-    let mut env = BTreeMap::new();
+    let mut env: BTreeMap<String, String> = BTreeMap::new();
     for var in list(&container(workload)["env"]) {
         let name = text(&var["name"]).to_string();
         let value = if let Some(v) = var["value"].as_str() {
