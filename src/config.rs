@@ -527,7 +527,7 @@ pub mod duration_text {
         }
         let secs = d.as_secs();
         for (unit, size) in [("d", 86400), ("h", 3600), ("m", 60)] {
-            if secs % size == 0 {
+            if secs.is_multiple_of(size) {
                 return format!("{}{unit}", secs / size);
             }
         }
