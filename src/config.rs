@@ -5,8 +5,8 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
 use serde::de::IntoDeserializer;
+use serde::{Deserialize, Serialize};
 
 pub use crate::scheduling::ThreadScheduling;
 
@@ -40,7 +40,7 @@ impl ConfigError {
 }
 
 /// How pods are handed to ztund.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum CaptureMode {
     /// No transparent capture: HBONE and SOCKS5 listeners in the daemon's own namespace; local
@@ -56,7 +56,7 @@ pub enum CaptureMode {
 }
 
 /// Where workload certificates come from.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(tag = "mode", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum CaConfig {
     /// ztund's built-in CA: a directory made by `ztund ca init`.
@@ -91,7 +91,7 @@ fn default_spire_admin_socket() -> PathBuf {
 
 /// The control plane ztund takes workloads, services and policies from over Delta xDS
 /// (istiod, or `ztund controlplane`).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ControlPlaneConfig {
     /// `https://host:port` (istiod: `https://istiod.istio-system.svc:15012`).
@@ -127,7 +127,7 @@ fn default_cluster_id() -> String {
 }
 
 /// Listener ports; Istio's numbers by default.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct Ports {
     pub hbone: u16,
@@ -154,7 +154,7 @@ impl Default for Ports {
 }
 
 /// Connection pool settings for the HBONE client.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct PoolConfig {
     pub max_streams_per_connection: u32,
@@ -172,7 +172,7 @@ impl Default for PoolConfig {
 }
 
 /// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     #[default]
@@ -181,7 +181,7 @@ pub enum LogFormat {
 }
 
 /// The data plane's threads (the shards).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct DataPlaneConfig {
     /// How many; by default a quarter of the node's cores, at least 2 (the apps need the rest).
@@ -202,7 +202,7 @@ impl DataPlaneConfig {
 }
 
 /// The daemon configuration.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Config {
     /// This node's name; workloads whose `node` equals it are local.
@@ -327,9 +327,8 @@ impl Config {
         }
         let invalid = |field, reason| ConfigError::invalid("environment", field, reason);
         if let Some(deadline) = env("ZTUND_DRAIN_DEADLINE") {
-            self.drain_deadline = duration_text::parse(&deadline).map_err(|e| {
-                invalid("drainDeadline", format!("ZTUND_DRAIN_DEADLINE: {e}"))
-            })?;
+            self.drain_deadline = duration_text::parse(&deadline)
+                .map_err(|e| invalid("drainDeadline", format!("ZTUND_DRAIN_DEADLINE: {e}")))?;
         }
         self.apply_control_plane_env(&env)?;
         if let Some(threads) = env("ZTUND_WORKER_THREADS") {
@@ -419,7 +418,7 @@ impl Config {
         Ok(())
     }
 
-    fn resolve_relative_paths(&mut self, base: &Path) {
+    pub(crate) fn resolve_relative_paths(&mut self, base: &Path) {
         let fix = |p: &mut PathBuf| {
             if p.is_relative() {
                 *p = base.join(&*p);
@@ -514,7 +513,26 @@ impl Config {
 pub mod duration_text {
     use std::time::Duration;
 
-    use serde::{Deserialize, Deserializer};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Writes the shortest exact form (`500ms`, `30s`, `5m`), which [`parse`] reads back.
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format(*d))
+    }
+
+    /// The shortest exact text of `d` in the units [`parse`] reads.
+    pub fn format(d: Duration) -> String {
+        if d.subsec_nanos() != 0 || d.is_zero() {
+            return format!("{}ms", d.as_millis());
+        }
+        let secs = d.as_secs();
+        for (unit, size) in [("d", 86400), ("h", 3600), ("m", 60)] {
+            if secs.is_multiple_of(size) {
+                return format!("{}{unit}", secs / size);
+            }
+        }
+        format!("{secs}s")
+    }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         #[derive(Deserialize)]

@@ -22,3 +22,4 @@ pub mod shard;
 pub mod tls;
 pub mod topology;
 pub mod xds;
+pub mod ztunnel_env;

@@ -171,6 +171,12 @@ impl LogControl {
     }
 }
 
+/// Checks a level spec (`RUST_LOG`'s value, say) the way [`init`] will read it.
+pub fn check_spec(spec: &str) -> Result<(), LogError> {
+    let merged = LevelSpec::new("info").merged(spec)?;
+    merged.filter().map(|_| ())
+}
+
 /// Builds the subscriber and its control without installing it. `spec` is the starting level
 /// spec; an invalid one falls back to `info` and the error is returned alongside.
 pub fn build<W>(

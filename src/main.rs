@@ -31,6 +31,13 @@ enum Command {
         )]
         config: PathBuf,
     },
+    /// Run as Istio's ztunnel container (`proxy ztunnel`, the arguments its Helm chart gives):
+    /// the config comes from ztunnel's environment and the chart's mounts, then a ztund config
+    /// file (`ZTUND_CONFIG`, or /etc/ztund/config.yaml when present), then `ZTUND_*`.
+    Proxy {
+        #[command(subcommand)]
+        kind: ProxyKind,
+    },
     /// The built-in certificate authority.
     Ca {
         #[command(subcommand)]
@@ -93,6 +100,16 @@ enum CaCommand {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum ProxyKind {
+    /// The node proxy of Istio ambient.
+    Ztunnel {
+        /// Print the resulting config as YAML (with any warnings on stderr) and exit.
+        #[arg(long)]
+        print_config: bool,
+    },
+}
+
 const DEFAULT_CP_STATE: &str = "/var/lib/ztund-controlplane";
 
 #[derive(Debug, Subcommand)]
@@ -136,6 +153,9 @@ fn main() -> ExitCode {
             let log = ztund::logging::init(format, "info");
             report(ztund::daemon::run(config, log))
         }
+        Command::Proxy {
+            kind: ProxyKind::Ztunnel { print_config },
+        } => run_as_ztunnel(cli.log_json, print_config),
         Command::Ca {
             command: CaCommand::Init { dir, trust_domain },
         } => match ztund::identity::ca::CertificateAuthority::init(&dir, &trust_domain) {
@@ -211,6 +231,39 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+fn run_as_ztunnel(log_json: bool, print_config: bool) -> ExitCode {
+    use ztund::ztunnel_env::{ChartEnv, load};
+    let loaded = match load(&ChartEnv::from_process()) {
+        Ok(loaded) => loaded,
+        Err(e) => return fail(&e),
+    };
+    if print_config {
+        for warning in &loaded.warnings {
+            eprintln!("ztund: warning: {warning}");
+        }
+        return match serde_yaml::to_string(&loaded.config) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        };
+    }
+    let format = if log_json {
+        ztund::config::LogFormat::Json
+    } else {
+        loaded.config.log_format
+    };
+    let log = ztund::logging::init(format, "info");
+    if let Some(file) = &loaded.file {
+        tracing::info!(file = %file.display(), "ztund config file layered on ztunnel's environment");
+    }
+    for warning in &loaded.warnings {
+        tracing::warn!("{warning}");
+    }
+    report(ztund::daemon::run(loaded.config, log))
 }
 
 fn report<E: std::fmt::Display>(result: Result<(), E>) -> ExitCode {

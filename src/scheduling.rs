@@ -14,7 +14,7 @@ use std::time::Duration;
 use tracing::{info, warn};
 
 /// The `dataPlane.scheduling` setting.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ThreadScheduling {
     /// The policy ztund was started with (normally `SCHED_OTHER`), never changed.
