@@ -153,7 +153,8 @@ where
     }
 }
 
-/// Serves `GET /healthz/ready` until drained: 200 `ready` or 500 naming the pending tasks.
+/// Serves `GET /healthz/ready` until `stop` turns true: 200 `ready`, 503 `draining` once the
+/// daemon drains, or 500 naming the pending tasks.
 pub async fn serve_readiness(
     listener: TcpListener,
     readiness: Readiness,
@@ -171,6 +172,9 @@ fn readiness_route<B>(request: &Request<B>, readiness: &Readiness) -> Response<B
     }
     if request.method() != Method::GET {
         return method_not_allowed("GET");
+    }
+    if readiness.is_draining() {
+        return text(StatusCode::SERVICE_UNAVAILABLE, "draining\n");
     }
     let pending = readiness.pending();
     if pending.is_empty() {
