@@ -272,8 +272,9 @@ const MIGRATE_REQUESTS_SYSCTL: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
 /// successor's listeners on the same ports rather than being reset.
 pub fn enable_request_migration(netns: Option<&Netns>) -> io::Result<()> {
     let write = || {
-        std::fs::write(MIGRATE_REQUESTS_SYSCTL, b"1")
-            .map_err(|e| io::Error::new(e.kind(), format!("writing {MIGRATE_REQUESTS_SYSCTL}: {e}")))
+        std::fs::write(MIGRATE_REQUESTS_SYSCTL, b"1").map_err(|e| {
+            io::Error::new(e.kind(), format!("writing {MIGRATE_REQUESTS_SYSCTL}: {e}"))
+        })
     };
     match netns {
         Some(netns) => netns.enter(write)?,

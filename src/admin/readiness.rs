@@ -129,6 +129,9 @@ mod tests {
         readiness.start_draining();
         assert!(readiness.is_draining());
         assert!(!readiness.is_ready());
-        assert!(readiness.pending().is_empty(), "draining is no pending task");
+        assert!(
+            readiness.pending().is_empty(),
+            "draining is no pending task"
+        );
     }
 }

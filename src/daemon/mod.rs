@@ -96,7 +96,10 @@ async fn serve(config: Arc<Config>, log: LogControl, shards: Spawner) -> Result<
     // Held until this function returns: a stopping instance sees a successor by its lock.
     let instance = handover::Instance::register(&config.state_dir)?;
     if let Some(pid) = instance.successor_running() {
-        info!(pid, "another ztund runs on this node: taking over from pid {pid}");
+        info!(
+            pid,
+            "another ztund runs on this node: taking over from pid {pid}"
+        );
     }
     let (drain_tx, drain) = watch::channel(false);
     let readiness = Readiness::new();
@@ -252,7 +255,10 @@ async fn serve(config: Arc<Config>, log: LogControl, shards: Spawner) -> Result<
         "ztund ready"
     );
     wait_for_stop(&mut quit).await;
-    drain_connections(&config, &ctx.live, &instance, &readiness, drain_tx, ready_stop).await;
+    drain_connections(
+        &config, &ctx.live, &instance, &readiness, drain_tx, ready_stop,
+    )
+    .await;
     Ok(())
 }
 
