@@ -262,6 +262,35 @@ impl SocketFactory {
     }
 }
 
+/// The sysctl that moves a closed `SO_REUSEPORT` listener's queued connections (accept queue
+/// and half-open handshakes) to another listener of its group instead of resetting them
+/// (Linux >= 5.14). `/proc/sys/net` shows the namespace of the thread that opens it.
+const MIGRATE_REQUESTS_SYSCTL: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
+
+/// Turns on `net.ipv4.tcp_migrate_req` in `netns` (`None`: this thread's namespace), so that
+/// when a stopping ztund closes its listeners, connections the kernel queued on them go to the
+/// successor's listeners on the same ports rather than being reset.
+pub fn enable_request_migration(netns: Option<&Netns>) -> io::Result<()> {
+    let write = || {
+        std::fs::write(MIGRATE_REQUESTS_SYSCTL, b"1").map_err(|e| {
+            io::Error::new(e.kind(), format!("writing {MIGRATE_REQUESTS_SYSCTL}: {e}"))
+        })
+    };
+    match netns {
+        Some(netns) => netns.enter(write)?,
+        None => write(),
+    }
+}
+
+/// Whether `net.ipv4.tcp_migrate_req` is on in `netns` (`None`: this thread's namespace).
+pub fn request_migration_enabled(netns: Option<&Netns>) -> io::Result<bool> {
+    let read = || std::fs::read_to_string(MIGRATE_REQUESTS_SYSCTL).map(|v| v.trim() == "1");
+    match netns {
+        Some(netns) => netns.enter(read)?,
+        None => read(),
+    }
+}
+
 /// `IP_BIND_ADDRESS_NO_PORT`, best effort (the connect still works without it).
 fn set_bind_address_no_port(socket: &Socket) {
     let on: libc::c_int = 1;

@@ -3,12 +3,15 @@
 //! register and complete them.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Shared, cloneable view of the pending start-up tasks.
 #[derive(Debug, Clone, Default)]
 pub struct Readiness {
     pending: Arc<Mutex<BTreeSet<String>>>,
+    /// Set once the daemon starts draining; never cleared.
+    draining: Arc<AtomicBool>,
 }
 
 impl Readiness {
@@ -47,9 +50,19 @@ impl Readiness {
         self.lock().iter().cloned().collect()
     }
 
-    /// Whether no task is pending.
+    /// Whether no task is pending and the daemon is not draining.
     pub fn is_ready(&self) -> bool {
-        self.lock().is_empty()
+        !self.is_draining() && self.lock().is_empty()
+    }
+
+    /// The daemon stops: not ready from now on, whatever the tasks say.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    /// Whether [`Readiness::start_draining`] was called.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
     }
 }
 
@@ -108,5 +121,17 @@ mod tests {
         assert!(!readiness.is_ready());
         readiness.mark_ready("workload proxy manager");
         assert!(readiness.is_ready());
+    }
+
+    #[test]
+    fn draining_is_never_ready() {
+        let readiness = Readiness::new();
+        readiness.start_draining();
+        assert!(readiness.is_draining());
+        assert!(!readiness.is_ready());
+        assert!(
+            readiness.pending().is_empty(),
+            "draining is no pending task"
+        );
     }
 }

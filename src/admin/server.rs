@@ -22,6 +22,7 @@ use tokio::task::JoinSet;
 use super::metrics::{Metrics, content_type};
 use super::readiness::Readiness;
 use crate::logging::{LogControl, LogError};
+use crate::net::SocketFactory;
 
 /// How long requests in flight may finish once the drain signal fires.
 const DRAIN_GRACE: Duration = Duration::from_secs(1);
@@ -153,7 +154,8 @@ where
     }
 }
 
-/// Serves `GET /healthz/ready` until drained: 200 `ready` or 500 naming the pending tasks.
+/// Serves `GET /healthz/ready` until `stop` turns true: 200 `ready`, 503 `draining` once the
+/// daemon drains, or 500 naming the pending tasks.
 pub async fn serve_readiness(
     listener: TcpListener,
     readiness: Readiness,
@@ -171,6 +173,9 @@ fn readiness_route<B>(request: &Request<B>, readiness: &Readiness) -> Response<B
     }
     if request.method() != Method::GET {
         return method_not_allowed("GET");
+    }
+    if readiness.is_draining() {
+        return text(StatusCode::SERVICE_UNAVAILABLE, "draining\n");
     }
     let pending = readiness.pending();
     if pending.is_empty() {
@@ -221,19 +226,19 @@ fn metrics_response<B>(request: &Request<B>, metrics: &Metrics) -> Response<Body
 
 /// Binds the admin port on `127.0.0.1` and, when the host has IPv6, `::1`; never a wildcard
 /// address, since the admin server can shut the daemon down. With port 0 both share the port
-/// the kernel picked for IPv4 when it is free on `::1`.
+/// the kernel picked for IPv4 when it is free on `::1`. `SO_REUSEPORT`, as every listener of
+/// ztund: a successor binds the same port while this daemon still runs (an upgrade).
 pub async fn bind_admin(port: u16) -> Result<Vec<TcpListener>, AdminError> {
+    let bind = |addr: SocketAddr| SocketFactory::default().listener(addr, false);
     let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let v4_listener = TcpListener::bind(v4)
-        .await
-        .map_err(|source| AdminError::Bind { addr: v4, source })?;
+    let v4_listener = bind(v4).map_err(|source| AdminError::Bind { addr: v4, source })?;
     let chosen = match v4_listener.local_addr() {
         Ok(addr) => addr.port(),
         Err(_) => port,
     };
     let mut listeners = vec![v4_listener];
     let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, chosen));
-    match TcpListener::bind(v6).await {
+    match bind(v6) {
         Ok(listener) => listeners.push(listener),
         Err(e) => tracing::debug!(addr = %v6, error = %e, "admin server not on IPv6 loopback"),
     }

@@ -86,6 +86,9 @@ pub fn check_tools() -> Result<(), CaptureError> {
 }
 
 /// The nftables script for a pod namespace. Applying it replaces any earlier ztund table.
+/// Each `tproxy` rule is followed by a `drop` of the same packets: `tproxy` finds no socket when
+/// ztund is down (a crash, between a stop and a restart) and then falls through, which would
+/// hand the app plaintext past a STRICT policy; dropped, the pod fails closed.
 pub fn pod_ruleset(ports: &RedirectPorts) -> String {
     let RedirectPorts {
         outbound,
@@ -109,8 +112,10 @@ table ip {TABLE} {{
     ip saddr {PROBE_SOURCE} meta l4proto tcp accept
     iifname \"lo\" ip daddr != 127.0.0.1 meta l4proto tcp accept
     tcp dport {hbone} {not_ztund} {set_tproxy} tproxy to :{hbone} accept
+    tcp dport {hbone} {not_ztund} drop
     meta l4proto tcp ct state established,related accept
     ip daddr != 127.0.0.1 meta l4proto tcp {not_ztund} {set_tproxy} tproxy to :{inbound_plaintext} accept
+    ip daddr != 127.0.0.1 meta l4proto tcp {not_ztund} drop
   }}
   chain output_mangle {{
     type route hook output priority mangle; policy accept;
@@ -397,7 +402,8 @@ mod tests {
         for line in [
             "meta mark & 0xfff == 0x539 ct mark set ct mark & 0xfffff000 | 0x111",
             "tcp dport 15008 meta mark & 0xfff != 0x539 meta mark set meta mark & 0xfffff000 | 0x111 tproxy to :15008 accept",
-            "ip daddr != 127.0.0.1 meta l4proto tcp meta mark & 0xfff != 0x539 meta mark set meta mark & 0xfffff000 | 0x111 tproxy to :15006 accept",
+            "ip daddr != 127.0.0.1 meta l4proto tcp meta mark & 0xfff != 0x539 meta mark set meta mark & 0xfffff000 | 0x111 tproxy to :15006 accept\n    ip daddr != 127.0.0.1 meta l4proto tcp meta mark & 0xfff != 0x539 drop",
+            "tproxy to :15008 accept\n    tcp dport 15008 meta mark & 0xfff != 0x539 drop",
             "ct mark & 0xfff == 0x111 meta mark set ct mark",
             "ip daddr != 127.0.0.1 meta l4proto tcp meta mark & 0xfff != 0x539 redirect to :15001",
         ] {

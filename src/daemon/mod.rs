@@ -2,17 +2,18 @@
 //! listeners, admin — runs until told to stop, then drains.
 
 mod dump;
+pub mod handover;
 mod identity;
 pub mod pods;
 mod sources;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::Instant;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::admin::{
     AdminState, Metrics, Readiness, bind_admin, serve_admin, serve_metrics, serve_readiness,
@@ -22,6 +23,7 @@ use crate::hbone::pool::{Pool, PoolSettings};
 use crate::identity::CertManager;
 use crate::logging::LogControl;
 use crate::net::SocketFactory;
+use crate::proxy::accept::LiveConnections;
 use crate::proxy::context::{Owner, ProxyContext, Scope};
 use crate::proxy::originate::Originator;
 use crate::proxy::tracker::{self, ConnectionTracker};
@@ -52,6 +54,8 @@ pub enum DaemonError {
     Capture(String),
     #[error("starting the runtime: {0}")]
     Runtime(std::io::Error),
+    #[error("instance registry: {0}")]
+    Handover(#[from] handover::HandoverError),
 }
 
 /// Runs the daemon until SIGINT/SIGTERM or `POST /quitquitquit`.
@@ -89,6 +93,14 @@ fn keep_freed_heap() {
 
 async fn serve(config: Arc<Config>, log: LogControl, shards: Spawner) -> Result<(), DaemonError> {
     info!(node = %config.node, trust_domain = %config.trust_domain, "ztund starting");
+    // Held until this function returns: a stopping instance sees a successor by its lock.
+    let instance = handover::Instance::register(&config.state_dir)?;
+    if let Some(pid) = instance.successor_running() {
+        info!(
+            pid,
+            "another ztund runs on this node: taking over from pid {pid}"
+        );
+    }
     let (drain_tx, drain) = watch::channel(false);
     let readiness = Readiness::new();
 
@@ -136,6 +148,7 @@ async fn serve(config: Arc<Config>, log: LogControl, shards: Spawner) -> Result<
         tracker: ConnectionTracker::new(),
         originator: Arc::new(Originator::new()),
         drain: drain.clone(),
+        live: Arc::new(LiveConnections::default()),
         shards: shards.clone(),
     });
     tokio::spawn(tracker::watch_policies(
@@ -145,7 +158,10 @@ async fn serve(config: Arc<Config>, log: LogControl, shards: Spawner) -> Result<
         drain.clone(),
     ));
 
-    // Listeners.
+    // Listeners. Queued connections must survive a hand-over in this namespace too.
+    if let Err(e) = crate::net::enable_request_migration(None) {
+        warn!(error = %e, "connections queued at a restart will be reset");
+    }
     let ports = &config.ports;
     let node_scope = Scope {
         owner: Owner::Node,
@@ -225,10 +241,12 @@ async fn serve(config: Arc<Config>, log: LogControl, shards: Spawner) -> Result<
         "readiness",
         SocketAddr::from(([0, 0, 0, 0], ports.readiness)),
     )?;
+    // Readiness outlives the drain signal: it answers 503 while connections drain.
+    let (ready_stop, ready_stopped) = watch::channel(false);
     tokio::spawn(serve_readiness(
         ready_listener,
         readiness.clone(),
-        drain.clone(),
+        ready_stopped,
     ));
 
     info!(
@@ -237,12 +255,49 @@ async fn serve(config: Arc<Config>, log: LogControl, shards: Spawner) -> Result<
         "ztund ready"
     );
     wait_for_stop(&mut quit).await;
-
-    // Drain: stop accepting, let open connections finish for a while, then leave.
-    info!("draining");
-    let _ = drain_tx.send(true);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    drain_connections(
+        &config, &ctx.live, &instance, &readiness, drain_tx, ready_stop,
+    )
+    .await;
     Ok(())
+}
+
+/// Stops accepting at once (every listener closes, HBONE connections get a GOAWAY), lets open
+/// connections run on until they end or `drainDeadline` passes, then returns; the caller's
+/// shards close what is left. Readiness answers 503 from the start; with a successor running
+/// its readiness listener closes at once too, so probes on the shared port reach the successor.
+async fn drain_connections(
+    config: &Config,
+    live: &LiveConnections,
+    instance: &handover::Instance,
+    readiness: &Readiness,
+    drain: watch::Sender<bool>,
+    ready_stop: watch::Sender<bool>,
+) {
+    let started = Instant::now();
+    let successor = instance.successor_running();
+    match successor {
+        Some(pid) => info!(pid, open = live.count(), "handing over to pid {pid}"),
+        None => info!(open = live.count(), "draining"),
+    }
+    readiness.start_draining();
+    drain.send_replace(true);
+    if successor.is_some() {
+        ready_stop.send_replace(true);
+    }
+    let deadline = config.drain_deadline;
+    match tokio::time::timeout(deadline, live.idle()).await {
+        Ok(()) => info!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "drained: every connection finished"
+        ),
+        Err(_) => info!(
+            open = live.count(),
+            deadline_ms = deadline.as_millis() as u64,
+            "drain deadline passed: closing the connections still open"
+        ),
+    }
+    ready_stop.send_replace(true);
 }
 
 /// One listener on `addr` per shard (they share the port through `SO_REUSEPORT`).

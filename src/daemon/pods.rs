@@ -194,8 +194,16 @@ fn spawn_sets(
 
 /// A running pod proxy: its drain signal and listener tasks.
 struct RunningPod {
-    drain: watch::Sender<bool>,
+    drain: Arc<watch::Sender<bool>>,
     listeners: Vec<JoinHandle<()>>,
+}
+
+/// A pod drains when the whole daemon does (a stop or an upgrade hand-over), not only when
+/// the pod goes away.
+async fn follow_daemon_drain(mut daemon: watch::Receiver<bool>, pod: Arc<watch::Sender<bool>>) {
+    if daemon.wait_for(|d| *d).await.is_ok() {
+        pod.send_replace(true);
+    }
 }
 
 /// The daemon's side of [`PodProxies`]: binds a pod's listeners inside its namespace.
@@ -216,10 +224,16 @@ impl InPodProxies {
 impl PodProxies for InPodProxies {
     fn start(&self, pod: PodInfo, netns: Arc<Netns>) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async move {
+            // Before binding: a successor's listeners on these ports take over what is queued
+            // on ours when we stop (an upgrade hand-over).
+            if let Err(e) = crate::net::enable_request_migration(Some(&netns)) {
+                warn!(uid = %pod.uid, error = %e, "connections queued at a restart will be reset");
+            }
             let sockets = SocketFactory::in_netns(netns);
             let ports = RedirectPorts::from(&self.ctx.config.ports);
             let sets = bind_sets(&self.ctx, &sockets, &ports)?;
             let (drain, drain_rx) = watch::channel(false);
+            let drain = Arc::new(drain);
             let pod_ctx = Arc::new(ProxyContext {
                 drain: drain_rx,
                 ..(*self.ctx).clone()
@@ -232,7 +246,11 @@ impl PodProxies for InPodProxies {
                 }),
                 sockets,
             };
-            let listeners = spawn_sets(&pod_ctx, &scope, sets);
+            let mut listeners = spawn_sets(&pod_ctx, &scope, sets);
+            listeners.push(tokio::spawn(follow_daemon_drain(
+                self.ctx.drain.clone(),
+                drain.clone(),
+            )));
             let previous = self
                 .running
                 .lock()
@@ -260,9 +278,9 @@ impl PodProxies for InPodProxies {
 }
 
 /// Closes the listeners now and signals the pod's drain: HBONE connections answer it with a
-/// GOAWAY, and connections still open `proxy::accept::DRAIN_DEADLINE` later are cut.
+/// GOAWAY, and connections still open `drainDeadline` later are cut.
 fn stop_pod(pod: RunningPod) {
-    let _ = pod.drain.send(true);
+    pod.drain.send_replace(true);
     for task in pod.listeners {
         task.abort();
     }

@@ -1,26 +1,64 @@
 //! The accept loop every listener shares: each connection on its own task, the loop ending when
-//! its scope drains, and connections still open [`DRAIN_DEADLINE`] after the drain cut off (a
-//! removed pod or a stopping daemon does not wait on a client that never closes).
+//! its scope drains, and connections still open `drainDeadline` after the drain cut off (a
+//! removed pod or a stopping daemon does not wait on a client that never closes). Every
+//! connection is also counted in the daemon-wide [`LiveConnections`], which the daemon's drain
+//! waits on.
 //!
 //! The cut is one timer per listener, not one per connection: an idle connection's task holds
 //! nothing for it but its place in the listener's set of open connections.
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use futures::FutureExt;
 use slab::Slab;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::task::AbortHandle;
 use tracing::{debug, info, warn};
 
 use super::context::ProxyContext;
 
-/// How long open connections may finish after their scope starts draining.
-pub const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
+/// The daemon's open proxied connections, over every listener and pod.
+#[derive(Debug, Default)]
+pub struct LiveConnections {
+    count: AtomicUsize,
+    idle: Notify,
+}
+
+impl LiveConnections {
+    /// How many are open now.
+    pub fn count(&self) -> usize {
+        self.count.load(Ordering::Acquire)
+    }
+
+    /// Resolves once no connection is open.
+    pub async fn idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            let mut notified = std::pin::pin!(notified);
+            // Registered before the check, so a last leave in between still wakes us.
+            notified.as_mut().enable();
+            if self.count() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    fn enter(&self) {
+        self.count.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn leave(&self) {
+        if self.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.idle.notify_waiters();
+        }
+    }
+}
 
 /// Accepts on `listener` until `ctx.drain` flips, running `handle` for each connection.
 /// `what` names the listener in logs.
@@ -33,12 +71,12 @@ pub async fn accept_loop<F, Fut>(
     F: Fn(TcpStream, SocketAddr) -> Fut,
     Fut: Future<Output = Result<(), String>> + Send + 'static,
 {
-    let open = Arc::new(OpenConnections::default());
+    let open = Arc::new(OpenConnections::counted_in(ctx.live.clone()));
     // Its own task: a removed pod's listeners are aborted, and its connections must still be cut.
     tokio::spawn(cut_after_drain(
         ctx.drain.clone(),
         open.clone(),
-        DRAIN_DEADLINE,
+        ctx.config.drain_deadline,
         what,
     ));
     let mut drain = ctx.drain.clone();
@@ -77,14 +115,25 @@ fn logged(
 
 /// The tasks of one listener's connections that are still running.
 #[derive(Debug, Default)]
-struct OpenConnections(Mutex<Slab<AbortHandle>>);
+struct OpenConnections {
+    tasks: Mutex<Slab<AbortHandle>>,
+    live: Arc<LiveConnections>,
+}
 
 impl OpenConnections {
+    fn counted_in(live: Arc<LiveConnections>) -> OpenConnections {
+        OpenConnections {
+            tasks: Mutex::default(),
+            live,
+        }
+    }
+
     /// Runs `connection` on its own task, a member of the set until it ends.
     fn spawn(self: &Arc<Self>, connection: impl Future<Output = ()> + Send + 'static) {
         // Held across the spawn, so a task that ends at once on another thread cannot leave
         // before it is entered.
         let mut open = self.lock();
+        self.live.enter();
         let entry = open.vacant_entry();
         let member = Member {
             open: self.clone(),
@@ -110,7 +159,7 @@ impl OpenConnections {
     }
 
     fn lock(&self) -> MutexGuard<'_, Slab<AbortHandle>> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+        self.tasks.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -132,6 +181,7 @@ impl Drop for Member {
     fn drop(&mut self) {
         // Absent after a cut, which empties the set before aborting.
         self.open.lock().try_remove(self.key);
+        self.open.live.leave();
     }
 }
 
@@ -160,6 +210,8 @@ async fn cut_after_drain(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
 
     /// A connection task that runs until its `finish` sender fires or drops; `ended` reports
     /// (by closing) when its future is gone, finished or aborted.
@@ -220,10 +272,9 @@ mod tests {
             Ok::<(), String>(())
         };
         let inner = std::mem::size_of_val(&connection);
-        let member = Member {
-            open: Arc::default(),
-            key: 0,
-        };
+        let open = Arc::<OpenConnections>::default();
+        open.live.enter();
+        let member = Member { open, key: 0 };
         let task = member.held_by(logged(connection, "127.0.0.1:1".parse().unwrap(), "test"));
         let size = std::mem::size_of_val(&task);
         assert!(
@@ -243,5 +294,34 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(60)).await;
         assert!(still_running(&mut ended), "a dropped sender is not a drain");
         assert_eq!(open.len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_daemon_wide_count_follows_every_listener_and_wakes_the_drain_at_zero() {
+        let live = Arc::new(LiveConnections::default());
+        let a = Arc::new(OpenConnections::counted_in(live.clone()));
+        let b = Arc::new(OpenConnections::counted_in(live.clone()));
+        let (finish_a, ended_a) = connection(&a);
+        let (_finish_b, ended_b) = connection(&b);
+        tokio::task::yield_now().await;
+        assert_eq!(live.count(), 2);
+
+        let waiting = tokio::spawn({
+            let live = live.clone();
+            async move { live.idle().await }
+        });
+        finish_a.send(()).unwrap();
+        assert!(ended_a.await.is_err());
+        assert_eq!(live.count(), 1);
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "idle with a connection open");
+
+        assert_eq!(b.cut(), 1);
+        assert!(ended_b.await.is_err(), "the cut connection was aborted");
+        assert_eq!(live.count(), 0, "a cut connection still counted");
+        tokio::time::timeout(Duration::from_secs(1), waiting)
+            .await
+            .expect("idle resolves once the last connection is gone")
+            .unwrap();
     }
 }

@@ -14,6 +14,7 @@ use crate::net::SocketFactory;
 use crate::shard::Spawner;
 use crate::tls::Credentials;
 
+use super::accept::LiveConnections;
 use super::originate::Originator;
 use super::tracker::ConnectionTracker;
 
@@ -31,6 +32,8 @@ pub struct ProxyContext {
     pub originator: Arc<Originator>,
     /// Flips to true when the daemon drains.
     pub drain: watch::Receiver<bool>,
+    /// Every open proxied connection of the daemon (pods share the daemon's count).
+    pub live: Arc<LiveConnections>,
     /// Where listeners run: one per shard ([`crate::shard`]).
     pub shards: Spawner,
 }

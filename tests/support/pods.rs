@@ -161,6 +161,12 @@ impl PodWorld {
         Some(daemon)
     }
 
+    /// Takes node n's daemon out of the world without stopping it (to stop it by hand while a
+    /// successor runs); it is killed when the returned value drops.
+    pub fn take(&mut self, n: usize) -> Option<Daemon> {
+        self.daemons[n - 1].take()
+    }
+
     /// Node n's running daemon.
     pub fn daemon(&self, n: usize) -> &Daemon {
         self.daemons[n - 1]
