@@ -1,5 +1,7 @@
 //! Daemon settings: one typed struct loaded from a YAML file, overridden by `ZTUND_*` environment
 //! variables and flags, validated in one place. Everything else receives a `Config`.
+// Every key an operator can set is documented here first (README's reference follows it).
+#![deny(missing_docs)]
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -13,18 +15,31 @@ pub use crate::scheduling::ThreadScheduling;
 /// What went wrong reading the daemon config.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The file could not be read.
     #[error("reading {path}: {source}")]
     Io {
+        /// The config file.
         path: String,
+        /// Why reading failed.
         #[source]
         source: std::io::Error,
     },
+    /// The YAML is malformed, or a key or value is not one the config accepts.
     #[error("{path}: {message}")]
-    Parse { path: String, message: String },
+    Parse {
+        /// The config file.
+        path: String,
+        /// serde's message, prefixed with the field.
+        message: String,
+    },
+    /// A value parsed but is not allowed (or an override is bad).
     #[error("{path}: field `{field}`: {reason}")]
     Invalid {
+        /// The config file, or `environment`.
         path: String,
+        /// The key path, e.g. `ports.socks5`.
         field: &'static str,
+        /// What is wrong with it.
         reason: String,
     },
 }
@@ -60,19 +75,29 @@ pub enum CaptureMode {
 #[serde(tag = "mode", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum CaConfig {
     /// ztund's built-in CA: a directory made by `ztund ca init`.
-    Builtin { dir: PathBuf },
+    Builtin {
+        /// The CA directory (`ca-cert.pem`, `ca-key.pem`, `root-cert.pem`, `cert-chain.pem`).
+        dir: PathBuf,
+    },
     /// An organisation's intermediate in Istio's `cacerts` layout.
-    Cacerts { dir: PathBuf },
+    Cacerts {
+        /// The directory holding `ca-cert.pem`, `ca-key.pem`, `root-cert.pem`, `cert-chain.pem`.
+        dir: PathBuf,
+    },
     /// Istio's CA API (istiod, or `ztund controlplane`): a CSR per identity over gRPC. Unset
     /// fields are taken from `controlPlane`.
     #[serde(rename_all = "camelCase")]
     Istio {
+        /// `https://host:port` of the CA; default `controlPlane.address`.
         #[serde(default)]
         address: Option<String>,
+        /// PEM roots the CA's serving certificate must chain to; default `controlPlane.rootCert`.
         #[serde(default)]
         root_cert: Option<PathBuf>,
+        /// Bearer token file, re-read for every request; default `controlPlane.tokenFile`.
         #[serde(default)]
         token_file: Option<PathBuf>,
+        /// The name checked against the CA's certificate; default `controlPlane.serverName`.
         #[serde(default)]
         server_name: Option<String>,
     },
@@ -113,8 +138,10 @@ pub struct ControlPlaneConfig {
     /// `1.1.1.1` (ztunnel's).
     #[serde(default)]
     pub pod_name: Option<String>,
+    /// This proxy's namespace in the node id; default `istio-system`.
     #[serde(default = "default_root_namespace")]
     pub pod_namespace: String,
+    /// This proxy's IP in the node id; default `1.1.1.1`.
     #[serde(default)]
     pub instance_ip: Option<IpAddr>,
     /// Extra node metadata (Istio's `proxyMetadata` / `ISTIO_META_*`).
@@ -130,12 +157,19 @@ fn default_cluster_id() -> String {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct Ports {
+    /// HBONE (mTLS + HTTP/2 CONNECT) from other nodes; 15008.
     pub hbone: u16,
+    /// SOCKS5, a way into the mesh without capture (on `socks5Bind`); 15080.
     pub socks5: u16,
+    /// Where captured outbound connections are redirected (inside each pod); 15001.
     pub outbound: u16,
+    /// Where captured plaintext inbound connections are redirected; 15006.
     pub inbound_plaintext: u16,
+    /// The admin server, on loopback only; 15000.
     pub admin: u16,
+    /// Prometheus metrics; 15020.
     pub metrics: u16,
+    /// Readiness (`/healthz/ready`); 15021.
     pub readiness: u16,
 }
 
@@ -157,7 +191,9 @@ impl Default for Ports {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct PoolConfig {
+    /// CONNECT streams one HBONE connection carries at most (less if the peer allows less).
     pub max_streams_per_connection: u32,
+    /// An HBONE connection with no stream for this long is closed.
     #[serde(with = "duration_text")]
     pub idle_timeout: Duration,
 }
@@ -175,8 +211,10 @@ impl Default for PoolConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
+    /// Human-readable lines (`--log-json` overrides it).
     #[default]
     Text,
+    /// One JSON object per line, fields flattened (`src.addr` is a top-level key).
     Json,
 }
 
@@ -193,6 +231,7 @@ pub struct DataPlaneConfig {
 }
 
 impl DataPlaneConfig {
+    /// `threads`, or the default for this node's cores.
     pub fn thread_count(&self) -> usize {
         self.threads.unwrap_or_else(|| {
             let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -207,6 +246,7 @@ impl DataPlaneConfig {
 pub struct Config {
     /// This node's name; workloads whose `node` equals it are local.
     pub node: String,
+    /// The SPIFFE trust domain of every identity ztund issues, proves and accepts.
     #[serde(default = "default_trust_domain")]
     pub trust_domain: String,
     /// Multi-document Kubernetes/Istio YAML describing the mesh; watched for changes. With a
@@ -216,11 +256,15 @@ pub struct Config {
     /// Take workloads, services and policies from a control plane over Delta xDS.
     #[serde(default)]
     pub control_plane: Option<ControlPlaneConfig>,
+    /// A directory for the daemon's own state; accepted, but the daemon writes nothing there yet.
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
+    /// Where workload certificates come from (`mode` picks the source).
     pub ca: CaConfig,
+    /// The lifetime asked for each workload certificate (at least 60s); renewed at half life.
     #[serde(default = "default_cert_ttl", with = "duration_text")]
     pub cert_ttl: Duration,
+    /// Listener ports.
     #[serde(default)]
     pub ports: Ports,
     /// Address the SOCKS5 listener binds; localhost unless configured.
@@ -229,16 +273,22 @@ pub struct Config {
     /// Address of the HBONE listener in capture mode `none` (the node's own namespace).
     #[serde(default = "default_hbone_bind")]
     pub hbone_bind: IpAddr,
+    /// How pods are handed to ztund and their traffic captured.
     #[serde(default)]
     pub capture: CaptureMode,
+    /// istio-cni's ZDS socket ztund connects to in capture mode `istio-cni`.
     #[serde(default = "default_zds_socket")]
     pub zds_socket: PathBuf,
+    /// The HBONE client's connection pool.
     #[serde(default)]
     pub pool: PoolConfig,
+    /// The data plane's threads.
     #[serde(default)]
     pub data_plane: DataPlaneConfig,
+    /// Istio's root namespace: policies there apply mesh-wide.
     #[serde(default = "default_root_namespace")]
     pub root_namespace: String,
+    /// Log output format.
     #[serde(default)]
     pub log_format: LogFormat,
     /// How often the mesh file is checked for changes.
@@ -509,69 +559,8 @@ impl Config {
     }
 }
 
-/// Durations written as `500ms`, `30s`, `5m`, `24h` (or a bare number of seconds).
-pub mod duration_text {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    /// Writes the shortest exact form (`500ms`, `30s`, `5m`), which [`parse`] reads back.
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&format(*d))
-    }
-
-    /// The shortest exact text of `d` in the units [`parse`] reads.
-    pub fn format(d: Duration) -> String {
-        if d.subsec_nanos() != 0 || d.is_zero() {
-            return format!("{}ms", d.as_millis());
-        }
-        let secs = d.as_secs();
-        for (unit, size) in [("d", 86400), ("h", 3600), ("m", 60)] {
-            if secs.is_multiple_of(size) {
-                return format!("{}{unit}", secs / size);
-            }
-        }
-        format!("{secs}s")
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Seconds(u64),
-            Text(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Seconds(s) => Ok(Duration::from_secs(s)),
-            Raw::Text(t) => parse(&t).map_err(serde::de::Error::custom),
-        }
-    }
-
-    /// Parses `500ms`, `30s`, `5m`, `24h`, `7d`.
-    pub fn parse(text: &str) -> Result<Duration, String> {
-        let text = text.trim();
-        let split = text
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(text.len());
-        let (digits, unit) = text.split_at(split);
-        let n: u64 = digits
-            .parse()
-            .map_err(|_| format!("{text:?} is not a duration like 30s, 5m or 24h"))?;
-        let secs = match unit {
-            "ms" => return Ok(Duration::from_millis(n)),
-            "" | "s" => n,
-            "m" => n * 60,
-            "h" => n * 3600,
-            "d" => n * 86400,
-            _ => {
-                return Err(format!(
-                    "{text:?} has unknown unit {unit:?} (use ms, s, m, h, d)"
-                ));
-            }
-        };
-        Ok(Duration::from_secs(secs))
-    }
-}
+#[path = "config_duration.rs"]
+pub mod duration_text;
 
 #[cfg(test)]
 #[path = "config_tests.rs"]

@@ -161,4 +161,33 @@ fn durations() {
     );
     assert!(duration_text::parse("h").is_err());
     assert!(duration_text::parse("3w").is_err());
+    assert!(duration_text::parse("99999999999999999d").is_err());
+}
+
+#[test]
+fn a_duration_without_a_unit_is_refused_naming_the_field() {
+    for (yaml, field) in [
+        ("certTtl: 86400\n", "certTtl"),
+        ("pool: {idleTimeout: 300}\n", "pool.idleTimeout"),
+        ("watchInterval: '500'\n", "watchInterval"),
+        ("drainDeadline: 5\n", "drainDeadline"),
+    ] {
+        let err = Config::parse(&format!("{MINIMAL}{yaml}"), "cfg.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&format!("field `{field}`")), "{err}");
+        assert!(err.contains("needs a unit, e.g."), "{err}");
+    }
+    let mut c = Config::parse(MINIMAL, "t.yaml").unwrap();
+    let err = c
+        .apply_env(|k| (k == "ZTUND_DRAIN_DEADLINE").then(|| "5".to_string()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("drainDeadline") && err.contains("5 needs a unit, e.g. 5s"),
+        "{err}"
+    );
+    c.apply_env(|k| (k == "ZTUND_DRAIN_DEADLINE").then(|| "2500ms".to_string()))
+        .unwrap();
+    assert_eq!(c.drain_deadline, Duration::from_millis(2500));
 }

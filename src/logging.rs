@@ -7,9 +7,9 @@
 //! `ztund::proxy`). Changes merge into the levels in force; [`LogControl::reset`] goes back to
 //! the levels at start.
 //!
-//! **Access logs** are events with target `access`: "connection opened" at debug level and
-//! "connection complete" at info (error on failure), so `access=off` or `access=debug` tunes
-//! them independently of the rest.
+//! **Access logs** are events with target `access` at info level ("connection complete",
+//! "connection refused", "connection closed by policy"; fields in README, "Access logs"), so
+//! `access=off` turns them off independently of the rest.
 //!
 //! This module does not emit access logs itself; the proxies do.
 //!

@@ -1,7 +1,8 @@
 //! Two ztund nodes in network namespaces carry traffic over HBONE: bytes arrive intact, the
-//! server side knows the client's SPIFFE id, streams share pooled connections, and everything
-//! that is not a valid CONNECT from a trusted peer to a local workload is refused before the app
-//! sees a byte.
+//! server side knows the client's SPIFFE id, the two nodes' access-log lines of one connection
+//! join on the client's address and name each other's verified identity, streams share pooled
+//! connections, and everything that is not a valid CONNECT from a trusted peer to a local
+//! workload is refused before the app sees a byte.
 
 mod support;
 mod testbed;
@@ -139,15 +140,9 @@ async fn sixteen_mib_round_trip_and_the_server_names_the_client() {
     let stream = socks5_connect(&w.bed, Place::Node(1), w.app_addr)
         .await
         .expect("SOCKS5 CONNECT through ztund succeeds");
+    let client = stream.local_addr().expect("the client's address");
     Testbed::assert_echo(stream, 16 << 20).await;
-    let line = w
-        .node2
-        .wait_log(&["connection complete", "\"inbound\""])
-        .await;
-    assert!(
-        line.contains("spiffe://cluster.local/ns/default/sa/client"),
-        "server access log does not name the client identity: {line}"
-    );
+    assert_lines_join(&w, client).await;
     assert!(w.app.accepted() >= 1);
     const SCHED_OTHER: u64 = 0;
     const SCHED_BATCH: u64 = 3;
@@ -160,6 +155,71 @@ async fn sixteen_mib_round_trip_and_the_server_names_the_client() {
     assert!(
         !node1.is_empty() && node1.iter().all(|&p| p == SCHED_OTHER),
         "{node1:?}"
+    );
+}
+
+/// The access-log field `key` of a JSON line, as text.
+fn field(line: &serde_json::Value, key: &str) -> String {
+    line[key].as_str().unwrap_or_default().to_string()
+}
+
+/// Node 1's `outbound` line and node 2's `inbound` line of the connection from `client` carry
+/// the same `src.addr` (the client's own socket, not the pooled tunnel's), and each names the
+/// identity the other side proved.
+async fn assert_lines_join(w: &World, client: SocketAddr) {
+    let src = format!("\"src.addr\":\"{client}\"");
+    let parse = |line: String| -> serde_json::Value {
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"))
+    };
+    let out = parse(
+        w.node1
+            .wait_log(&["connection complete", "\"outbound\"", &src])
+            .await,
+    );
+    let served = parse(
+        w.node2
+            .wait_log(&["connection complete", "\"inbound\"", &src])
+            .await,
+    );
+    assert_eq!(field(&out, "path"), "hbone", "{out}");
+    assert_eq!(field(&out, "dst.addr"), w.app_addr.to_string(), "{out}");
+    assert_eq!(
+        field(&out, "dst.hbone_addr"),
+        w.app_addr.to_string(),
+        "{out}"
+    );
+    let next_hop = SocketAddr::new(w.bed.node_ip(2), 15008);
+    assert_eq!(field(&out, "upstream.addr"), next_hop.to_string(), "{out}");
+    assert_eq!(
+        field(&out, "dst.identity"),
+        "spiffe://cluster.local/ns/default/sa/echo",
+        "the client side names the identity node 2 proved: {out}"
+    );
+    assert_eq!(
+        field(&served, "src.identity"),
+        "spiffe://cluster.local/ns/default/sa/client",
+        "the server side names the client's verified identity: {served}"
+    );
+    assert_eq!(
+        field(&served, "dst.addr"),
+        w.app_addr.to_string(),
+        "{served}"
+    );
+    let tunnel: SocketAddr = field(&served, "tunnel.peer_addr")
+        .parse()
+        .unwrap_or_else(|e| panic!("tunnel.peer_addr: {e}: {served}"));
+    assert_eq!(tunnel.ip(), w.bed.node_ip(1), "{served}");
+    assert_ne!(
+        tunnel, client,
+        "the tunnel is not the client's socket: {served}"
+    );
+    assert_eq!(
+        (
+            out["bytes_sent"].as_u64(),
+            served["bytes_received"].as_u64()
+        ),
+        (Some(16 << 20), Some(16 << 20)),
+        "both sides count the 16 MiB: {out} {served}"
     );
 }
 

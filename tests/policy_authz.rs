@@ -84,6 +84,9 @@ async fn a_policy_applied_while_connections_are_open_closes_the_ones_it_denies()
     for stream in [&mut hbone_sleep, &mut hbone_foo, &mut plain] {
         assert!(echoes(stream).await);
     }
+    // The close lines name each client's own address and port.
+    let sleep_src = format!("\"src.addr\":\"{}\"", hbone_sleep.local_addr().unwrap());
+    let plain_src = format!("\"src.addr\":\"{}\"", plain.local_addr().unwrap());
     let deny_sleep = ap(
         "deny-sleep",
         "  action: DENY\n  rules: [{from: [{source: {principals: [cluster.local/ns/default/sa/sleep]}}]}]\n",
@@ -104,7 +107,11 @@ async fn a_policy_applied_while_connections_are_open_closes_the_ones_it_denies()
     );
     let line = log_line(
         &w.node2,
-        &["connection closed by policy", "default/deny-sleep"],
+        &[
+            "connection closed by policy",
+            "default/deny-sleep",
+            &sleep_src,
+        ],
     )
     .await;
     assert!(
@@ -113,7 +120,11 @@ async fn a_policy_applied_while_connections_are_open_closes_the_ones_it_denies()
     );
     log_line(
         &w.node2,
-        &["connection closed by policy", "default/deny-plaintext-9001"],
+        &[
+            "connection closed by policy",
+            "default/deny-plaintext-9001",
+            &plain_src,
+        ],
     )
     .await;
 

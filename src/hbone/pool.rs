@@ -139,6 +139,8 @@ struct PooledConnection {
 struct ConnectionState {
     id: u64,
     peer: SocketAddr,
+    /// The SPIFFE id the server proved in the TLS handshake (one of the key's `expected`).
+    peer_identity: Option<SpiffeId>,
     /// Streams checked out; raised only under the key's lock.
     active: AtomicUsize,
     last_used: Mutex<Instant>,
@@ -149,6 +151,13 @@ struct ConnectionState {
 #[derive(Debug)]
 pub(crate) struct StreamLease {
     state: Arc<ConnectionState>,
+}
+
+impl StreamLease {
+    /// The identity the connection's server proved.
+    pub(crate) fn peer_identity(&self) -> Option<&SpiffeId> {
+        self.state.peer_identity.as_ref()
+    }
 }
 
 impl Drop for StreamLease {
@@ -303,6 +312,7 @@ impl Pool {
             );
             return Err(HboneError::Alpn { peer, alpn });
         }
+        let peer_identity = crate::tls::peer_identity(tls.get_ref().1);
         let (send, mut conn) = client_builder(h2)
             .handshake::<_, Bytes>(tls)
             .await
@@ -311,6 +321,7 @@ impl Pool {
         let state = Arc::new(ConnectionState {
             id: inner.next_id.fetch_add(1, Ordering::Relaxed),
             peer,
+            peer_identity,
             active: AtomicUsize::new(0),
             last_used: Mutex::new(Instant::now()),
             closed: AtomicBool::new(false),

@@ -1,6 +1,7 @@
 //! The CONNECT request the pool sends (PROTOCOL.md §1.3): the `:authority` with the target
 //! port, and the headers that describe the source (`forwarded`, `baggage`, `traceparent`,
-//! `x-forwarded-network`). Knows nothing about connections.
+//! `x-forwarded-network`); and [`forwarded_for`], the server's reading of `forwarded`. Knows
+//! nothing about connections.
 
 use std::net::SocketAddr;
 
@@ -111,5 +112,71 @@ impl ConnectRequest {
         *request.version_mut() = Version::HTTP_2;
         *request.headers_mut() = self.headers.clone();
         Ok(request)
+    }
+}
+
+/// The client address a CONNECT's `forwarded` header names (`for="10.0.0.1:40000"`, IPv6 as
+/// `for="[fd00::1]:40000"`; RFC 7239), from its first element: the original client. `None`
+/// when absent, or when it names no address with a port (`for=unknown`, an obfuscated `_id`,
+/// a bare IP). The client node vouches for it; nothing checks it, so it is for logs only.
+pub fn forwarded_for(headers: &HeaderMap) -> Option<SocketAddr> {
+    let value = headers.get("forwarded")?.to_str().ok()?;
+    let first = value.split(',').next()?;
+    first.split(';').find_map(|pair| {
+        let (key, value) = pair.split_once('=')?;
+        if !key.trim().eq_ignore_ascii_case("for") {
+            return None;
+        }
+        let value = value.trim();
+        let unquoted = value
+            .strip_prefix('"')
+            .and_then(|v| v.strip_suffix('"'))
+            .unwrap_or(value);
+        unquoted.parse().ok()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers_of(request: ConnectRequest) -> HeaderMap {
+        request.headers().clone()
+    }
+
+    #[test]
+    fn forwarded_for_reads_back_what_the_client_sends() {
+        for client in ["10.1.2.3:40000", "[fd00::7]:443"] {
+            let client: SocketAddr = client.parse().unwrap();
+            let sent = ConnectRequest::new("10.0.0.2:80").forwarded(client, None);
+            assert_eq!(forwarded_for(&headers_of(sent)), Some(client));
+            let with_host = ConnectRequest::new("10.0.0.2:80")
+                .forwarded(client, Some("echo.default.svc.cluster.local"));
+            assert_eq!(forwarded_for(&headers_of(with_host)), Some(client));
+        }
+    }
+
+    #[test]
+    fn forwarded_for_takes_the_first_element_and_ignores_what_names_no_socket() {
+        let of = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert("forwarded", HeaderValue::from_str(value).unwrap());
+            forwarded_for(&headers)
+        };
+        assert_eq!(
+            of("host=x;For=\"10.0.0.1:1\", for=\"10.0.0.9:9\""),
+            Some("10.0.0.1:1".parse().unwrap())
+        );
+        assert_eq!(of("for=10.0.0.1:2"), Some("10.0.0.1:2".parse().unwrap()));
+        for unusable in [
+            "for=unknown",
+            "for=_hidden",
+            "for=10.0.0.1",
+            "host=x",
+            "for=\"\"",
+        ] {
+            assert_eq!(of(unusable), None, "{unusable}");
+        }
+        assert_eq!(forwarded_for(&HeaderMap::new()), None);
     }
 }

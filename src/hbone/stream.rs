@@ -14,6 +14,7 @@ use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::pool::StreamLease;
+use crate::identity::SpiffeId;
 
 /// A bidirectional CONNECT stream. Use it as `AsyncRead + AsyncWrite`, or split it with
 /// [`H2Stream::into_parts`] to move `Bytes` without copying.
@@ -29,7 +30,7 @@ pub struct H2Send {
     stream: SendStream<Bytes>,
     finished: bool,
     /// Holds the stream's slot on a pooled connection until both halves are gone.
-    _lease: Option<Arc<StreamLease>>,
+    lease: Option<Arc<StreamLease>>,
 }
 
 /// The receiving half: DATA frames from the peer.
@@ -52,7 +53,7 @@ impl H2Stream {
             send: H2Send {
                 stream: send,
                 finished: false,
-                _lease: lease.clone(),
+                lease: lease.clone(),
             },
             recv: H2Recv {
                 stream: recv,
@@ -61,6 +62,11 @@ impl H2Stream {
                 _lease: lease,
             },
         }
+    }
+
+    /// The SPIFFE id the server proved, for a stream of a pooled client connection.
+    pub fn peer_identity(&self) -> Option<&SpiffeId> {
+        self.send.lease.as_ref()?.peer_identity()
     }
 
     /// The two halves, for a copier that moves `Bytes` in both directions at once.

@@ -15,6 +15,7 @@ use super::context::{Owner, ProxyContext, Scope};
 use super::copy::{Transferred, copy_tcp_h2};
 use super::tracker::TrackedConnection;
 use crate::admin::TrafficSeries;
+use crate::hbone::request::forwarded_for;
 use crate::hbone::server::{ConnectionInfo, IncomingConnect, Refusal, accept_and_serve};
 use crate::hbone::{Authority, H2Stream};
 use crate::identity::SpiffeId;
@@ -91,9 +92,28 @@ struct Connection {
     stream: H2Stream,
     workload: Arc<Workload>,
     series: Arc<TrafficSeries>,
-    peer: SocketAddr,
+    ends: Ends,
     target: SocketAddr,
     started: Instant,
+}
+
+/// Where a CONNECT came from, as its access-log line names it.
+#[derive(Debug, Clone, Copy)]
+struct Ends {
+    /// The client's own socket, as its node's `forwarded` header names it (else the tunnel's
+    /// peer): the `src.addr` the client side's line carries too, so the two lines join.
+    client: SocketAddr,
+    /// The HBONE connection's peer: the client node's (or pod's) pooled tunnel socket.
+    tunnel_peer: SocketAddr,
+}
+
+impl Ends {
+    fn of(incoming: &IncomingConnect) -> Ends {
+        Ends {
+            client: forwarded_for(&incoming.headers).unwrap_or(incoming.peer_addr),
+            tunnel_peer: incoming.peer_addr,
+        }
+    }
 }
 
 /// Decides, authorizes and connects to the app; `None` once the stream has been refused.
@@ -110,7 +130,7 @@ async fn set_up(
     let (workload, target) = match destination(&ctx, &scope, &snapshot, &incoming) {
         Ok(found) => found,
         Err(refusal) => {
-            refuse(incoming, refusal);
+            refuse(incoming, None, refusal);
             return None;
         }
     };
@@ -121,13 +141,19 @@ async fn set_up(
         destination_port: target.port(),
     };
     // Registered while it lives, so that a policy change can close it (see `tracker`).
-    let admitted = ctx
-        .tracker
-        .admit(&workload, facts, &snapshot, &ctx.mesh, &ctx.metrics);
+    let ends = Ends::of(&incoming);
+    let admitted = ctx.tracker.admit(
+        &workload,
+        facts,
+        ends.client,
+        &snapshot,
+        &ctx.mesh,
+        &ctx.metrics,
+    );
     let tracked = match admitted {
         Ok(tracked) => tracked,
         Err(reason) => {
-            refuse(incoming, Refusal::Denied(reason));
+            refuse(incoming, Some(target), Refusal::Denied(reason));
             return None;
         }
     };
@@ -142,6 +168,7 @@ async fn set_up(
         Err(e) => {
             refuse(
                 incoming,
+                Some(target),
                 Refusal::Unavailable(format!("connecting to {target}: {e}")),
             );
             return None;
@@ -166,7 +193,7 @@ async fn set_up(
         stream,
         workload,
         series,
-        peer,
+        ends,
         target,
         started,
     }))
@@ -180,7 +207,7 @@ async fn carry(ctx: &ProxyContext, connection: Box<Connection>) {
         stream,
         workload,
         series,
-        peer,
+        ends,
         target,
         started,
     } = super::unbox(connection);
@@ -194,11 +221,13 @@ async fn carry(ctx: &ProxyContext, connection: Box<Connection>) {
     info!(
         target: "access",
         direction = "inbound",
-        src.addr = %peer,
+        src.addr = %ends.client,
         src.identity = %Optional(tracked.facts().source_identity.as_ref()),
+        tunnel.peer_addr = %ends.tunnel_peer,
         dst.addr = %target,
         dst.workload = %workload.name,
         dst.namespace = %workload.namespace,
+        dst.identity = %workload.identity_ref(),
         bytes_received = received,
         bytes_sent = sent,
         duration_ms = started.elapsed().as_millis() as u64,
@@ -207,11 +236,18 @@ async fn carry(ctx: &ProxyContext, connection: Box<Connection>) {
     );
 }
 
-fn refuse(incoming: IncomingConnect, refusal: Refusal) {
+/// Answers a CONNECT with `refusal` and logs it; `target` is the workload socket the authority
+/// was resolved to, when it got that far.
+fn refuse(incoming: IncomingConnect, target: Option<SocketAddr>, refusal: Refusal) {
+    let target = target.or(match incoming.authority {
+        Authority::Addr(addr) => Some(addr),
+        Authority::Host(..) => None,
+    });
     access_refused(
-        incoming.peer_addr,
+        Ends::of(&incoming),
         incoming.peer_identity.as_ref(),
         &incoming.authority,
+        target,
         &refusal,
     );
     incoming.refuse(refusal);
@@ -270,17 +306,20 @@ fn destination(
 }
 
 fn access_refused(
-    peer: SocketAddr,
+    ends: Ends,
     identity: Option<&SpiffeId>,
     authority: &Authority,
+    target: Option<SocketAddr>,
     refusal: &Refusal,
 ) {
     info!(
         target: "access",
         direction = "inbound",
-        src.addr = %peer,
+        src.addr = %ends.client,
         src.identity = %Optional(identity),
+        tunnel.peer_addr = %ends.tunnel_peer,
         dst.authority = %authority,
+        dst.addr = %Optional(target),
         status = refusal.status().as_u16(),
         reason = refusal.reason(),
         "connection refused"

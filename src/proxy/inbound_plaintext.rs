@@ -49,7 +49,7 @@ async fn handle(
     };
     let admitted = ctx
         .tracker
-        .admit(&workload, facts, &snapshot, &ctx.mesh, &ctx.metrics);
+        .admit(&workload, facts, peer, &snapshot, &ctx.mesh, &ctx.metrics);
     let tracked = match admitted {
         Ok(tracked) => tracked,
         Err(reason) => {

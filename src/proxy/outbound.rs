@@ -314,10 +314,19 @@ async fn carry(ctx: &ProxyContext, connection: Box<Connection>) {
         client,
         started,
     } = super::unbox(connection);
-    let (path, target) = describe(&plan);
+    let Route {
+        path,
+        hbone_addr,
+        upstream_addr,
+    } = describe(&plan);
     let series = super::labels::outbound_series(&ctx.metrics, source.as_ref(), &plan);
     drop(plan);
     ctx.metrics.open(&series);
+    // Read before the copy consumes the stream: the line names who the server proved to be.
+    let verified = match &upstream {
+        Ok(Upstream::Tunnel(stream)) => stream.peer_identity().cloned(),
+        _ => None,
+    };
     let result = match upstream {
         Ok(Upstream::Tunnel(stream)) => {
             copy_tcp_h2(client, stream).await.map_err(|e| e.to_string())
@@ -342,9 +351,12 @@ async fn carry(ctx: &ProxyContext, connection: Box<Connection>) {
         path,
         src.addr = %peer,
         src.workload = source.as_ref().map(|w| w.name.as_str()).unwrap_or(""),
+        src.namespace = source.as_ref().map(|w| w.namespace.as_str()).unwrap_or(""),
         src.identity = %Optional(source.as_ref().map(|w| w.identity_ref())),
         dst.addr = %destination,
-        dst.hbone_addr = %Optional(target),
+        dst.hbone_addr = %Optional(hbone_addr),
+        dst.identity = %Optional(verified.as_ref()),
+        upstream.addr = %Optional(upstream_addr),
         bytes_sent = received,
         bytes_received = sent,
         duration_ms = started.elapsed().as_millis() as u64,
@@ -353,14 +365,31 @@ async fn carry(ctx: &ProxyContext, connection: Box<Connection>) {
     );
 }
 
-/// The access log's path name and next hop of a plan.
-fn describe(plan: &Plan) -> (&'static str, Option<SocketAddr>) {
-    match plan {
-        Plan::Hbone { authority, .. } => ("hbone", Some(*authority)),
-        Plan::Direct { target, .. } => ("direct", Some(*target)),
-        Plan::Originate { target, .. } => ("tls-origination", Some(*target)),
-        Plan::Passthrough { target } => ("passthrough", Some(*target)),
-        Plan::Refuse(_) => ("refused", None),
+/// What the access log says about a plan's way to the destination.
+struct Route {
+    path: &'static str,
+    /// The CONNECT authority, on the HBONE path only.
+    hbone_addr: Option<SocketAddr>,
+    /// The socket ztund dials: the peer node's HBONE port, or the destination itself.
+    upstream_addr: Option<SocketAddr>,
+}
+
+fn describe(plan: &Plan) -> Route {
+    let (path, hbone_addr, upstream_addr) = match plan {
+        Plan::Hbone {
+            authority,
+            next_hop,
+            ..
+        } => ("hbone", Some(*authority), Some(*next_hop)),
+        Plan::Direct { target, .. } => ("direct", None, Some(*target)),
+        Plan::Originate { target, .. } => ("tls-origination", None, Some(*target)),
+        Plan::Passthrough { target } => ("passthrough", None, Some(*target)),
+        Plan::Refuse(_) => ("refused", None, None),
+    };
+    Route {
+        path,
+        hbone_addr,
+        upstream_addr,
     }
 }
 

@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::future::poll_fn;
+use std::net::SocketAddr;
 use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
@@ -31,6 +32,8 @@ pub struct ConnectionTracker {
 struct Registration {
     workload: Arc<Workload>,
     facts: ConnectionFacts,
+    /// The client's socket, for the log line of a policy close.
+    client: SocketAddr,
     /// Set once, to the denial reason, to close the connection.
     close: OnceLock<String>,
     /// Woken after `close` is set; keeps the wake-up if the connection is not waiting yet.
@@ -43,6 +46,8 @@ pub struct Closed {
     pub workload_uid: String,
     pub workload_name: String,
     pub facts: ConnectionFacts,
+    /// The client's address and port (its node's word for it, on HBONE).
+    pub client: SocketAddr,
     /// The denial, naming the policy.
     pub reason: String,
 }
@@ -123,12 +128,13 @@ impl ConnectionTracker {
         self: &Arc<Self>,
         workload: &Arc<Workload>,
         facts: ConnectionFacts,
+        client: SocketAddr,
         seen: &Snapshot,
         mesh: &MeshStore,
         metrics: &Metrics,
     ) -> Result<TrackedConnection, String> {
         let admitted = match policy::authorize(&seen.policies, workload, &facts) {
-            Decision::Allow => self.register(workload, facts, seen, mesh),
+            Decision::Allow => self.register(workload, facts, client, seen, mesh),
             Decision::Deny(reason) => Err(reason),
         };
         if let Err(reason) = &admitted {
@@ -137,13 +143,15 @@ impl ConnectionTracker {
         admitted
     }
 
-    /// Registers a connection to `workload` that `seen` authorized. If the mesh moved on since
+    /// Registers a connection from `client` to `workload` that `seen` authorized. If the mesh
+    /// moved on since
     /// `seen` (a re-check may have run before this registration), it is authorized again against
     /// the current snapshot; `Err` carries the denial and nothing stays registered.
     pub fn register(
         self: &Arc<Self>,
         workload: &Arc<Workload>,
         facts: ConnectionFacts,
+        client: SocketAddr,
         seen: &Snapshot,
         mesh: &MeshStore,
     ) -> Result<TrackedConnection, String> {
@@ -151,6 +159,7 @@ impl ConnectionTracker {
         let registration = Arc::new(Registration {
             workload: workload.clone(),
             facts,
+            client,
             close: OnceLock::new(),
             wake: Notify::new(),
         });
@@ -202,6 +211,7 @@ impl ConnectionTracker {
                         workload_uid: entry.workload.uid.clone(),
                         workload_name: entry.workload.name.clone(),
                         facts: entry.facts.clone(),
+                        client: entry.client,
                         reason,
                     });
                     false
@@ -237,9 +247,9 @@ pub async fn watch_policies(
             info!(
                 target: "access",
                 direction = "inbound",
-                src.addr = %closed.facts.source_ip,
+                src.addr = %closed.client,
                 src.identity = %identity,
-                dst.addr = %std::net::SocketAddr::new(closed.facts.destination_ip, closed.facts.destination_port),
+                dst.addr = %SocketAddr::new(closed.facts.destination_ip, closed.facts.destination_port),
                 dst.workload = %closed.workload_name,
                 generation = snapshot.generation,
                 reason = %closed.reason,
@@ -262,6 +272,10 @@ spec:
   rules: [{from: [{source: {principals: [cluster.local/ns/default/sa/sleep]}}]}]
 ";
 
+    fn client() -> SocketAddr {
+        "10.0.0.1:40000".parse().unwrap()
+    }
+
     fn snapshot(yaml: &str) -> Snapshot {
         let echo = workload("default", "echo", "echo", "10.0.0.2", "app=echo");
         Snapshot::build(vec![echo], vec![], policies(yaml))
@@ -275,8 +289,12 @@ spec:
         let tracker = ConnectionTracker::new();
         let sleep = conn("10.0.0.1", Some("default/sleep"), "10.0.0.2", 8080);
         let other = conn("10.0.0.3", Some("default/web"), "10.0.0.2", 8080);
-        let denied = tracker.register(&echo, sleep, &seen, &mesh).unwrap();
-        let kept = tracker.register(&echo, other, &seen, &mesh).unwrap();
+        let denied = tracker
+            .register(&echo, sleep, client(), &seen, &mesh)
+            .unwrap();
+        let kept = tracker
+            .register(&echo, other, client(), &seen, &mesh)
+            .unwrap();
         assert_eq!(tracker.len(), 2);
 
         assert!(tracker.recheck(&seen).is_empty(), "nothing changed");
@@ -284,6 +302,11 @@ spec:
         let closed = tracker.recheck(&mesh.load());
         assert_eq!(closed.len(), 1);
         assert!(closed[0].reason.contains("default/no-sleep"), "{closed:?}");
+        assert_eq!(
+            closed[0].client,
+            client(),
+            "the close names the client's port"
+        );
         assert_eq!(tracker.len(), 1);
 
         let reason = tokio::time::timeout(std::time::Duration::from_secs(1), denied.closed())
@@ -305,7 +328,7 @@ spec:
         mesh.replace(snapshot(DENY_SLEEP));
         let tracker = ConnectionTracker::new();
         let sleep = conn("10.0.0.1", Some("default/sleep"), "10.0.0.2", 8080);
-        let denied = tracker.register(&echo, sleep, &seen, &mesh);
+        let denied = tracker.register(&echo, sleep, client(), &seen, &mesh);
         assert!(matches!(denied, Err(reason) if reason.contains("default/no-sleep")));
         assert!(tracker.is_empty());
     }
