@@ -327,9 +327,8 @@ impl Config {
         }
         let invalid = |field, reason| ConfigError::invalid("environment", field, reason);
         if let Some(deadline) = env("ZTUND_DRAIN_DEADLINE") {
-            self.drain_deadline = duration_text::parse(&deadline).map_err(|e| {
-                invalid("drainDeadline", format!("ZTUND_DRAIN_DEADLINE: {e}"))
-            })?;
+            self.drain_deadline = duration_text::parse(&deadline)
+                .map_err(|e| invalid("drainDeadline", format!("ZTUND_DRAIN_DEADLINE: {e}")))?;
         }
         self.apply_control_plane_env(&env)?;
         if let Some(threads) = env("ZTUND_WORKER_THREADS") {

@@ -3,6 +3,8 @@
 
 mod dump;
 mod identity;
+mod limits;
+pub mod notify;
 pub mod pods;
 mod sources;
 
@@ -52,11 +54,14 @@ pub enum DaemonError {
     Capture(String),
     #[error("starting the runtime: {0}")]
     Runtime(std::io::Error),
+    #[error("systemd notification: {0}")]
+    Notify(#[from] notify::NotifyError),
 }
 
 /// Runs the daemon until SIGINT/SIGTERM or `POST /quitquitquit`.
 pub fn run(config: Config, log: LogControl) -> Result<(), DaemonError> {
     keep_freed_heap();
+    limits::raise_open_files();
     // The main runtime does control work only (mesh, certificates, admin); the data plane
     // runs on the shards, one thread each.
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -89,6 +94,9 @@ fn keep_freed_heap() {
 
 async fn serve(config: Arc<Config>, log: LogControl, shards: Spawner) -> Result<(), DaemonError> {
     info!(node = %config.node, trust_domain = %config.trust_domain, "ztund starting");
+    let notifier = notify::Notifier::from_env()?;
+    let watchdog_interval = notify::watchdog_interval()?;
+    notifier.status("starting");
     let (drain_tx, drain) = watch::channel(false);
     let readiness = Readiness::new();
 
@@ -151,7 +159,7 @@ async fn serve(config: Arc<Config>, log: LogControl, shards: Spawner) -> Result<
         owner: Owner::Node,
         sockets: SocketFactory::default(),
     };
-    match config.capture {
+    let host_capture = match config.capture {
         CaptureMode::None => {
             let hbone = bind_per_shard(
                 &shards,
@@ -162,13 +170,12 @@ async fn serve(config: Arc<Config>, log: LogControl, shards: Spawner) -> Result<
             shards.serve_each(hbone, move |listener| {
                 inbound::serve(ctx.clone(), scope.clone(), listener)
             });
+            None
         }
-        other => {
-            pods::start(ctx.clone(), other, &readiness)
-                .await
-                .map_err(|e| DaemonError::Capture(e.to_string()))?;
-        }
-    }
+        other => pods::start(ctx.clone(), other, &readiness)
+            .await
+            .map_err(|e| DaemonError::Capture(e.to_string()))?,
+    };
     let socks5 = bind_per_shard(
         &shards,
         "SOCKS5",
@@ -231,6 +238,28 @@ async fn serve(config: Arc<Config>, log: LogControl, shards: Spawner) -> Result<
         drain.clone(),
     ));
 
+    // systemd hears READY=1 once /healthz/ready, now listening, would answer 200.
+    tokio::spawn(notify::announce_ready(
+        notifier.clone(),
+        readiness.clone(),
+        format!(
+            "ready: node {}, capture {}, {} workloads, {} services",
+            config.node,
+            format!("{:?}", config.capture).to_lowercase(),
+            snapshot.workloads().len(),
+            snapshot.services().len()
+        ),
+    ));
+    if let Some(interval) = watchdog_interval {
+        info!(interval = ?interval, "petting the systemd watchdog");
+        tokio::spawn(notify::watchdog(
+            notifier.clone(),
+            interval,
+            shards.clone(),
+            drain.clone(),
+        ));
+    }
+
     info!(
         hbone = ports.hbone,
         socks5 = %SocketAddr::new(config.socks5_bind, ports.socks5),
@@ -240,8 +269,13 @@ async fn serve(config: Arc<Config>, log: LogControl, shards: Spawner) -> Result<
 
     // Drain: stop accepting, let open connections finish for a while, then leave.
     info!("draining");
+    notifier.send("STOPPING=1\nSTATUS=draining");
     let _ = drain_tx.send(true);
     tokio::time::sleep(Duration::from_millis(200)).await;
+    // A stopped ztund leaves the host's network as it found it (the one place teardown runs).
+    if let Some(host) = host_capture {
+        host.remove();
+    }
     Ok(())
 }
 
