@@ -93,8 +93,8 @@ impl Vm {
 
     /// A host process on node 1 calling `target`, as any program on the VM would.
     async fn call(&self, target: SocketAddr) -> std::io::Result<TcpStream> {
-        let connecting = self.bed.app_sockets(Place::Node(1)).connect(target, None);
-        match tokio::time::timeout(Duration::from_secs(5), connecting).await {
+        let sockets = self.bed.app_sockets(Place::Node(1));
+        match tokio::time::timeout(Duration::from_secs(5), sockets.connect(target, None)).await {
             Ok(result) => result,
             Err(_) => Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,

@@ -413,7 +413,7 @@ fn run_in(
         .stderr(Stdio::piped());
     // A VM host's namespace is the daemon's own: no setns, so host mode needs neither
     // CAP_SYS_ADMIN nor a seccomp/namespace allowance for it (systemd's RestrictNamespaces).
-    let elsewhere = Netns::current().map_or(true, |here| here != *netns);
+    let elsewhere = !Netns::current().is_ok_and(|here| here == *netns);
     if elsewhere {
         // SAFETY: `netns`, which owns `fd`, outlives the spawn below.
         unsafe { enter_before_exec(&mut command, fd) };

@@ -239,13 +239,13 @@ async fn serve(config: Arc<Config>, log: LogControl, shards: Spawner) -> Result<
     ));
 
     // systemd hears READY=1 once /healthz/ready, now listening, would answer 200.
+    let capture = format!("{:?}", config.capture).to_lowercase();
     tokio::spawn(notify::announce_ready(
         notifier.clone(),
         readiness.clone(),
         format!(
-            "ready: node {}, capture {}, {} workloads, {} services",
+            "ready: node {}, capture {capture}, {} workloads, {} services",
             config.node,
-            format!("{:?}", config.capture).to_lowercase(),
             snapshot.workloads().len(),
             snapshot.services().len()
         ),
