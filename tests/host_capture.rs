@@ -55,14 +55,9 @@ struct Vm {
 impl Vm {
     async fn start() -> Vm {
         let bed = Testbed::new(2, 1);
-        bed.run_in(
-            Place::Node(1),
-            &["ip", "addr", "add", "10.200.0.1/24", "dev", "eth0"],
-        );
-        bed.run_in(
-            Place::Node(2),
-            &["ip", "addr", "add", "10.200.0.2/24", "dev", "eth0"],
-        );
+        // The nodes' own addresses: 10.200.0.1 and 10.200.0.2.
+        assert_eq!(bed.node_ip(1).to_string(), "10.200.0.1");
+        assert_eq!(bed.node_ip(2).to_string(), "10.200.0.2");
         let mesh_app = bed.serve(Place::Node(2), "10.200.0.2:9000".parse().unwrap(), echo);
         let outside_app = bed.echo_server(2, 1, 8080);
         let cluster = Cluster::new();
