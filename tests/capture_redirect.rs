@@ -161,7 +161,22 @@ async fn host_mode_captures_the_hosts_own_traffic_and_leaves_forwarded_traffic_a
     let bed = Testbed::new(2, 1);
     let host = bed.netns(Place::Node(1));
     let remote = bed.echo_server(2, 1, 8080);
-    nft::install_host_redirection(&host, &HostRedirection::default()).unwrap();
+    // Only mesh destinations are redirected: `remote` is one, node 2's own address is not.
+    let mesh_destination = match remote.ip() {
+        std::net::IpAddr::V4(v4) => v4,
+        std::net::IpAddr::V6(_) => unreachable!("the testbed is IPv4"),
+    };
+    nft::install_host_redirection(&host, &HostRedirection::default(), &[mesh_destination]).unwrap();
+    let outside = bed.serve(
+        Place::Node(2),
+        SocketAddr::new(bed.node_ip(2), 8081),
+        |mut stream, _| {
+            Box::pin(async move {
+                let (mut r, mut w) = stream.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            })
+        },
+    );
     let outbound = listen(&host, 15001);
     let inbound = listen(&host, 15006);
     let ssh = bed
@@ -177,6 +192,15 @@ async fn host_mode_captures_the_hosts_own_traffic_and_leaves_forwarded_traffic_a
         .unwrap();
     let (captured, _) = accepted(&outbound).await;
     assert_eq!(original_destination(&captured).unwrap(), remote);
+
+    // A destination outside the mesh is not redirected.
+    let plain = bed
+        .app_sockets(Place::Node(1))
+        .connect(outside, None)
+        .await
+        .unwrap();
+    Testbed::assert_echo(plain, 64 * 1024).await;
+    nothing_lands_on(&outbound).await;
 
     // ztund's own marked socket passes.
     let direct = ztund_sockets(host.clone())

@@ -6,12 +6,27 @@ use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use tokio::sync::watch;
+
 /// Shared, cloneable view of the pending start-up tasks.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Readiness {
     pending: Arc<Mutex<BTreeSet<String>>>,
     /// Set once the daemon starts draining; never cleared.
     draining: Arc<AtomicBool>,
+    /// The number of pending tasks after each change, for whoever waits on readiness (systemd's
+    /// `READY=1`) without polling.
+    changes: Arc<watch::Sender<usize>>,
+}
+
+impl Default for Readiness {
+    fn default() -> Self {
+        Readiness {
+            pending: Arc::default(),
+            draining: Arc::default(),
+            changes: Arc::new(watch::channel(0).0),
+        }
+    }
 }
 
 impl Readiness {
@@ -37,12 +52,23 @@ impl Readiness {
 
     /// Marks `task` pending (again).
     pub fn mark_pending(&self, task: &str) {
-        self.lock().insert(task.to_string());
+        let mut pending = self.lock();
+        if pending.insert(task.to_string()) {
+            self.changes.send_replace(pending.len());
+        }
     }
 
     /// Marks `task` ready; unknown tasks are ignored.
     pub fn mark_ready(&self, task: &str) {
-        self.lock().remove(task);
+        let mut pending = self.lock();
+        if pending.remove(task) {
+            self.changes.send_replace(pending.len());
+        }
+    }
+
+    /// Changes to the number of pending tasks.
+    pub fn subscribe(&self) -> watch::Receiver<usize> {
+        self.changes.subscribe()
     }
 
     /// The tasks still pending, sorted.

@@ -6,6 +6,7 @@
 //! IPv4 only for now: the verified rule set is an `ip` table.
 
 use std::io::Write;
+use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
@@ -15,6 +16,9 @@ use crate::net::{Netns, TPROXY_CONNMARK, ZTUND_MARK};
 
 /// nftables table holding every ztund rule of a namespace.
 const TABLE: &str = "ztund";
+/// The nftables set (in [`TABLE`]) of the addresses a VM host's outbound traffic is redirected
+/// for: every mesh workload address and service VIP.
+pub const MESH_SET: &str = "mesh_destinations";
 /// Routing table that delivers connmarked replies locally (to ztund's transparent sockets).
 const ROUTE_TABLE: &str = "100";
 const RULE_PREF: &str = "32764";
@@ -135,11 +139,17 @@ table ip {TABLE} {{
     )
 }
 
-/// The nftables script for a VM host's own namespace: outbound TCP of the host's processes goes
-/// to the outbound listener (except ztund's marked sockets and local/loopback traffic); new TCP
+/// The nftables script for a VM host's own namespace: outbound TCP of the host's processes to a
+/// mesh destination (an address in the `mesh_destinations` set, [`MESH_SET`]) goes to the
+/// outbound listener, except ztund's marked sockets and local/loopback traffic; new TCP
 /// connections to the host's own addresses go to the inbound plaintext listener (except HBONE
 /// and the exempt ports); forwarded traffic is left alone.
-pub fn host_ruleset(host: &HostRedirection) -> String {
+///
+/// Only mesh destinations are redirected because for any other address the outbound proxy's
+/// plan is a plain passthrough anyway (`proxy::route::plan`); redirecting it gains nothing and,
+/// when ztund dies with its rules in place, refuses every connection the host makes. With the
+/// set, a crashed ztund fails closed only for the traffic policy governs.
+pub fn host_ruleset(host: &HostRedirection, mesh_destinations: &[Ipv4Addr]) -> String {
     let RedirectPorts {
         outbound,
         inbound_plaintext,
@@ -159,6 +169,9 @@ pub fn host_ruleset(host: &HostRedirection) -> String {
     format!(
         "{replace}
 table ip {TABLE} {{
+  set {MESH_SET} {{
+    type ipv4_addr;{elements}
+  }}
   chain prerouting_mangle {{
     type filter hook prerouting priority mangle; policy accept;
     {is_ztund} {tag_connection}
@@ -178,13 +191,38 @@ table ip {TABLE} {{
     {is_ztund} accept
     oifname \"lo\" accept
     ip daddr 127.0.0.0/8 accept
-    meta l4proto tcp redirect to :{outbound}
+    ip daddr @{MESH_SET} meta l4proto tcp redirect to :{outbound}
   }}
 }}
 ",
         replace = replace_table(),
         is_tproxy_ct = m.is_tproxy_ct(),
+        elements = match element_list(mesh_destinations) {
+            Some(list) => format!("\n    elements = {{ {list} }}"),
+            None => String::new(),
+        },
     )
+}
+
+/// The script that replaces the host's set of mesh destinations in one transaction (a
+/// connection never sees a half-updated set).
+pub fn mesh_destinations_update(mesh_destinations: &[Ipv4Addr]) -> String {
+    let mut script = format!("flush set ip {TABLE} {MESH_SET}\n");
+    if let Some(list) = element_list(mesh_destinations) {
+        script.push_str(&format!("add element ip {TABLE} {MESH_SET} {{ {list} }}\n"));
+    }
+    script
+}
+
+/// `a, b, c` (sorted, without duplicates, which nft refuses), or `None` for no address (an
+/// empty `elements = { }` is a syntax error).
+fn element_list(addresses: &[Ipv4Addr]) -> Option<String> {
+    let unique: std::collections::BTreeSet<&Ipv4Addr> = addresses.iter().collect();
+    if unique.is_empty() {
+        return None;
+    }
+    let list: Vec<String> = unique.iter().map(|a| a.to_string()).collect();
+    Some(list.join(", "))
 }
 
 /// nftables matches on the low 12 bits of marks, leaving the rest to other software.
@@ -225,10 +263,29 @@ pub fn install_pod_redirection(netns: &Netns, ports: &RedirectPorts) -> Result<(
     install_reply_routing(netns)
 }
 
-/// Installs (or replaces) the host-mode redirection in `netns` (the host's own namespace).
-pub fn install_host_redirection(netns: &Netns, host: &HostRedirection) -> Result<(), CaptureError> {
-    apply_nft(netns, &host_ruleset(host))?;
+/// Installs (or replaces, adopting what an earlier ztund left) the host-mode redirection in
+/// `netns` (the host's own namespace), redirecting `mesh_destinations`.
+pub fn install_host_redirection(
+    netns: &Netns,
+    host: &HostRedirection,
+    mesh_destinations: &[Ipv4Addr],
+) -> Result<(), CaptureError> {
+    apply_nft(netns, &host_ruleset(host, mesh_destinations))?;
     install_reply_routing(netns)
+}
+
+/// Replaces the set of mesh destinations the host redirects (after a mesh change).
+pub fn update_mesh_destinations(
+    netns: &Netns,
+    mesh_destinations: &[Ipv4Addr],
+) -> Result<(), CaptureError> {
+    apply_nft(netns, &mesh_destinations_update(mesh_destinations))
+}
+
+/// Removes everything host mode installed (nft table, ip rule, route table) so that a stopped
+/// ztund leaves the host's network as it found it. Succeeds when it is already gone.
+pub fn remove_host_redirection(netns: &Netns) -> Result<(), CaptureError> {
+    remove_redirection(netns)
 }
 
 /// Removes ztund's table, rule and route from `netns`; succeeds when they are already gone.
@@ -359,16 +416,12 @@ fn run_in(
         })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    // SAFETY: between fork and exec the child only makes the async-signal-safe setns syscall on
-    // an fd the parent keeps open (`netns` outlives the spawn).
-    unsafe {
-        command.pre_exec(move || {
-            if libc::setns(fd, libc::CLONE_NEWNET) == 0 {
-                Ok(())
-            } else {
-                Err(std::io::Error::last_os_error())
-            }
-        });
+    // A VM host's namespace is the daemon's own: no setns, so host mode needs neither
+    // CAP_SYS_ADMIN nor a seccomp/namespace allowance for it (systemd's RestrictNamespaces).
+    let elsewhere = !Netns::current().is_ok_and(|here| here == *netns);
+    if elsewhere {
+        // SAFETY: `netns`, which owns `fd`, outlives the spawn below.
+        unsafe { enter_before_exec(&mut command, fd) };
     }
     let mut child = command.spawn().map_err(spawn_error)?;
     if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
@@ -383,6 +436,24 @@ fn run_in(
         });
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// Makes the child `setns` into `fd` between fork and exec.
+///
+/// # Safety
+/// `fd` must stay open until the command is spawned.
+unsafe fn enter_before_exec(command: &mut Command, fd: RawFd) {
+    // SAFETY: between fork and exec the child only makes the async-signal-safe setns syscall on
+    // an fd the parent keeps open (`netns` outlives the spawn).
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setns(fd, libc::CLONE_NEWNET) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
 }
 
 fn package_of(binary: &str) -> &'static str {
@@ -418,13 +489,33 @@ mod tests {
             ports: RedirectPorts::default(),
             exempt_inbound_ports: vec![22, 9100],
         };
-        let text = host_ruleset(&host);
+        let text = host_ruleset(&host, &[]);
+        assert!(!text.contains("elements"), "{text}");
         assert!(
             text.contains("tcp dport { 15008, 22, 9100 } accept"),
             "{text}"
         );
         assert!(text.contains("meta mark & 0xfff == 0x539 accept"), "{text}");
-        assert!(text.contains("redirect to :15001"), "{text}");
+        assert!(
+            text.contains("ip daddr @mesh_destinations meta l4proto tcp redirect to :15001"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn mesh_destinations_are_listed_once_and_replaced_atomically() {
+        let a: Ipv4Addr = "10.0.0.2".parse().unwrap();
+        let b: Ipv4Addr = "10.0.0.1".parse().unwrap();
+        let text = host_ruleset(&HostRedirection::default(), &[a, b, a]);
+        assert!(text.contains("elements = { 10.0.0.1, 10.0.0.2 }"), "{text}");
+        assert_eq!(
+            mesh_destinations_update(&[a]),
+            "flush set ip ztund mesh_destinations\nadd element ip ztund mesh_destinations { 10.0.0.2 }\n"
+        );
+        assert_eq!(
+            mesh_destinations_update(&[]),
+            "flush set ip ztund mesh_destinations\n"
+        );
     }
 
     #[test]

@@ -4,6 +4,8 @@
 mod dump;
 pub mod handover;
 mod identity;
+mod limits;
+pub mod notify;
 pub mod pods;
 mod sources;
 
@@ -56,11 +58,14 @@ pub enum DaemonError {
     Runtime(std::io::Error),
     #[error("instance registry: {0}")]
     Handover(#[from] handover::HandoverError),
+    #[error("systemd notification: {0}")]
+    Notify(#[from] notify::NotifyError),
 }
 
 /// Runs the daemon until SIGINT/SIGTERM or `POST /quitquitquit`.
 pub fn run(config: Config, log: LogControl) -> Result<(), DaemonError> {
     keep_freed_heap();
+    limits::raise_open_files();
     // The main runtime does control work only (mesh, certificates, admin); the data plane
     // runs on the shards, one thread each.
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -93,6 +98,9 @@ fn keep_freed_heap() {
 
 async fn serve(config: Arc<Config>, log: LogControl, shards: Spawner) -> Result<(), DaemonError> {
     info!(node = %config.node, trust_domain = %config.trust_domain, "ztund starting");
+    let notifier = notify::Notifier::from_env()?;
+    let watchdog_interval = notify::watchdog_interval()?;
+    notifier.status("starting");
     // Held until this function returns: a stopping instance sees a successor by its lock.
     let instance = handover::Instance::register(&config.state_dir)?;
     if let Some(pid) = instance.successor_running() {
@@ -167,7 +175,7 @@ async fn serve(config: Arc<Config>, log: LogControl, shards: Spawner) -> Result<
         owner: Owner::Node,
         sockets: SocketFactory::default(),
     };
-    match config.capture {
+    let host_capture = match config.capture {
         CaptureMode::None => {
             let hbone = bind_per_shard(
                 &shards,
@@ -178,13 +186,12 @@ async fn serve(config: Arc<Config>, log: LogControl, shards: Spawner) -> Result<
             shards.serve_each(hbone, move |listener| {
                 inbound::serve(ctx.clone(), scope.clone(), listener)
             });
+            None
         }
-        other => {
-            pods::start(ctx.clone(), other, &readiness)
-                .await
-                .map_err(|e| DaemonError::Capture(e.to_string()))?;
-        }
-    }
+        other => pods::start(ctx.clone(), other, &readiness)
+            .await
+            .map_err(|e| DaemonError::Capture(e.to_string()))?,
+    };
     let socks5 = bind_per_shard(
         &shards,
         "SOCKS5",
@@ -249,16 +256,47 @@ async fn serve(config: Arc<Config>, log: LogControl, shards: Spawner) -> Result<
         ready_stopped,
     ));
 
+    // systemd hears READY=1 once /healthz/ready, now listening, would answer 200.
+    let capture = format!("{:?}", config.capture).to_lowercase();
+    tokio::spawn(notify::announce_ready(
+        notifier.clone(),
+        readiness.clone(),
+        format!(
+            "ready: node {}, capture {capture}, {} workloads, {} services",
+            config.node,
+            snapshot.workloads().len(),
+            snapshot.services().len()
+        ),
+    ));
+    if let Some(interval) = watchdog_interval {
+        info!(interval = ?interval, "petting the systemd watchdog");
+        tokio::spawn(notify::watchdog(
+            notifier.clone(),
+            interval,
+            shards.clone(),
+            drain.clone(),
+        ));
+    }
+
     info!(
         hbone = ports.hbone,
         socks5 = %SocketAddr::new(config.socks5_bind, ports.socks5),
         "ztund ready"
     );
     wait_for_stop(&mut quit).await;
+    notifier.send("STOPPING=1\nSTATUS=draining");
     drain_connections(
         &config, &ctx.live, &instance, &readiness, drain_tx, ready_stop,
     )
     .await;
+    // A stopped ztund leaves the host's network as it found it (the one place teardown runs),
+    // unless a successor runs: it has adopted the same table, rule and route.
+    if let Some(host) = host_capture {
+        match instance.successor_running() {
+            Some(pid) => info!(pid, "host redirection left to the successor"),
+            None => host.remove(),
+        }
+    }
     Ok(())
 }
 

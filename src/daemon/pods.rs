@@ -2,7 +2,7 @@
 //! that istio-cni (ZDS) or the mesh file (standalone) hand over, and host mode for a VM.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,16 +23,17 @@ use crate::proxy::context::{Owner, PodRef, ProxyContext, Scope};
 use crate::proxy::outbound::Entry;
 use crate::proxy::{inbound, inbound_plaintext, outbound};
 
-/// Starts transparent capture in the configured mode.
+/// Starts transparent capture in the configured mode. Host mode returns what the daemon must
+/// remove when it stops.
 pub async fn start(
     ctx: Arc<ProxyContext>,
     mode: CaptureMode,
     readiness: &Readiness,
-) -> Result<(), String> {
+) -> Result<Option<HostCapture>, String> {
     let ports = RedirectPorts::from(&ctx.config.ports);
     match mode {
-        CaptureMode::None => Ok(()),
-        CaptureMode::Host => start_host(ctx, ports),
+        CaptureMode::None => Ok(None),
+        CaptureMode::Host => start_host(ctx, ports).map(Some),
         CaptureMode::Standalone => {
             nft::check_tools().map_err(|e| e.to_string())?;
             let proxies = Arc::new(InPodProxies::new(ctx.clone()));
@@ -42,7 +43,7 @@ pub async fn start(
             tokio::spawn(track_readiness(manager.clone(), readiness.clone(), false));
             tokio::spawn(follow_mesh(ctx, manager.clone()));
             tokio::spawn(manager.run_retries(Duration::from_secs(5)));
-            Ok(())
+            Ok(None)
         }
         CaptureMode::IstioCni => {
             let proxies = Arc::new(InPodProxies::new(ctx.clone()));
@@ -53,7 +54,7 @@ pub async fn start(
             let client = ZdsClient::new(ctx.config.zds_socket.clone(), manager.clone());
             tokio::spawn(async move { client.run().await });
             tokio::spawn(manager.run_retries(Duration::from_secs(5)));
-            Ok(())
+            Ok(None)
         }
     }
 }
@@ -76,7 +77,7 @@ async fn track_readiness(manager: Arc<PodManager>, readiness: Readiness, uses_zd
 }
 
 /// A VM host: the host's own processes are the workload; listeners and rules live here.
-fn start_host(ctx: Arc<ProxyContext>, ports: RedirectPorts) -> Result<(), String> {
+fn start_host(ctx: Arc<ProxyContext>, ports: RedirectPorts) -> Result<HostCapture, String> {
     nft::check_tools().map_err(|e| e.to_string())?;
     let sockets = SocketFactory {
         netns: None,
@@ -93,9 +94,85 @@ fn start_host(ctx: Arc<ProxyContext>, ports: RedirectPorts) -> Result<(), String
         ports,
         ..HostRedirection::default()
     };
-    nft::install_host_redirection(&current, &rules).map_err(|e| e.to_string())?;
-    info!("host capture installed");
-    Ok(())
+    // Replacing the table adopts whatever a crashed predecessor left.
+    let destinations = mesh_destinations(&ctx.mesh.load());
+    nft::install_host_redirection(&current, &rules, &destinations).map_err(|e| e.to_string())?;
+    info!(
+        mesh_destinations = destinations.len(),
+        "host capture installed"
+    );
+    let host = HostCapture {
+        netns: Arc::new(current),
+    };
+    tokio::spawn(follow_mesh_destinations(ctx, host.netns.clone()));
+    Ok(host)
+}
+
+/// What host mode installed in the host's namespace.
+pub struct HostCapture {
+    netns: Arc<Netns>,
+}
+
+impl HostCapture {
+    /// Removes the host's redirection (nft table, ip rule, route table), leaving its network as
+    /// it was before ztund: called once, after the drain.
+    pub fn remove(self) {
+        match nft::remove_host_redirection(&self.netns) {
+            Ok(()) => info!("host capture removed"),
+            Err(e) => {
+                warn!(error = %e, "cannot remove the host capture; remove table ip ztund by hand")
+            }
+        }
+    }
+}
+
+/// Every address whose outbound plan is not a passthrough (`proxy::route::plan`): mesh
+/// workloads and service VIPs. IPv4 only, as the host rules are.
+fn mesh_destinations(snapshot: &Snapshot) -> Vec<Ipv4Addr> {
+    let workloads = snapshot.workloads().iter().flat_map(|w| w.addresses.iter());
+    let vips = snapshot.services().iter().flat_map(|s| s.vips.iter());
+    let mut addresses: Vec<Ipv4Addr> = workloads
+        .chain(vips)
+        .filter_map(|ip| match ip {
+            IpAddr::V4(v4) => Some(*v4),
+            IpAddr::V6(_) => None,
+        })
+        .collect();
+    addresses.sort_unstable();
+    addresses.dedup();
+    addresses
+}
+
+/// Keeps the host's set of redirected destinations equal to the mesh's.
+async fn follow_mesh_destinations(ctx: Arc<ProxyContext>, netns: Arc<Netns>) {
+    let mut changes = ctx.mesh.subscribe();
+    let mut drain = ctx.drain.clone();
+    let mut installed = mesh_destinations(&ctx.mesh.load());
+    loop {
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return },
+            _ = drain.wait_for(|d| *d) => return,
+        }
+        let wanted = mesh_destinations(&ctx.mesh.load());
+        if wanted == installed {
+            continue;
+        }
+        let netns = netns.clone();
+        let update = wanted.clone();
+        let applied =
+            tokio::task::spawn_blocking(move || nft::update_mesh_destinations(&netns, &update))
+                .await;
+        match applied {
+            Ok(Ok(())) => {
+                info!(mesh_destinations = wanted.len(), "host capture updated");
+                installed = wanted;
+            }
+            Ok(Err(e)) => {
+                warn!(error = %e, "cannot update the host's mesh destinations; retrying on the next change")
+            }
+            Err(e) => warn!(error = %e, "host capture update task failed"),
+        }
+    }
 }
 
 /// The pods the mesh file places on this node with a network namespace.
