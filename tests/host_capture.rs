@@ -9,6 +9,7 @@ mod support;
 mod testbed;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
@@ -41,6 +42,14 @@ fn echo(mut stream: TcpStream, _peer: SocketAddr) -> BoxFuture<'static, ()> {
         let _ = tokio::io::copy(&mut r, &mut w).await;
         let _ = w.shutdown().await;
     })
+}
+
+/// Connections the VM host's own app (node 1, port 9001) accepted.
+static HOST_APP_ACCEPTS: AtomicUsize = AtomicUsize::new(0);
+
+fn counted_echo(stream: TcpStream, peer: SocketAddr) -> BoxFuture<'static, ()> {
+    HOST_APP_ACCEPTS.fetch_add(1, Ordering::SeqCst);
+    echo(stream, peer)
 }
 
 struct Vm {
@@ -237,6 +246,28 @@ async fn after_kill_9_only_mesh_destinations_fail_closed_and_a_restart_adopts_th
         ),
         Ok(_) => panic!("a mesh destination was reached without ztund"),
     }
+
+    // Inbound to the host's apps fails closed too (no plaintext falls through to them), while
+    // an exempt port (SSH) stays reachable: ztund's death never cuts a host off entirely.
+    let host_app = vm.bed.serve(
+        Place::Node(1),
+        "10.200.0.1:9001".parse().unwrap(),
+        counted_echo,
+    );
+    let ssh = vm
+        .bed
+        .serve(Place::Node(1), "10.200.0.1:22".parse().unwrap(), echo);
+    let outsider = vm.bed.app_sockets(Place::Pod(2, 1));
+    let reached = tokio::time::timeout(Duration::from_secs(2), outsider.connect(host_app, None))
+        .await
+        .is_ok_and(|r| r.is_ok());
+    assert!(!reached, "plaintext reached the host's app with ztund dead");
+    assert_eq!(HOST_APP_ACCEPTS.load(Ordering::SeqCst), 0);
+    let stream = outsider
+        .connect(ssh, None)
+        .await
+        .expect("the exempt SSH port with ztund dead");
+    Testbed::assert_echo(stream, 4096).await;
 
     // A restarted ztund adopts the rules: one rule, one table, traffic tunneled again.
     let config = vm.cluster.path("node1.yaml");

@@ -149,6 +149,10 @@ table ip {TABLE} {{
 /// plan is a plain passthrough anyway (`proxy::route::plan`); redirecting it gains nothing and,
 /// when ztund dies with its rules in place, refuses every connection the host makes. With the
 /// set, a crashed ztund fails closed only for the traffic policy governs.
+///
+/// Inbound, the `tproxy` rule is followed by a `drop` as in [`pod_ruleset`]: with no ztund
+/// listening it finds no socket and would fall through, handing the host's apps plaintext past
+/// a STRICT policy. The exempt ports (SSH by default) stay reachable whatever happens to ztund.
 pub fn host_ruleset(host: &HostRedirection, mesh_destinations: &[Ipv4Addr]) -> String {
     let RedirectPorts {
         outbound,
@@ -180,6 +184,7 @@ table ip {TABLE} {{
     meta l4proto tcp ct state established,related accept
     tcp dport {{ {exempt} }} accept
     meta l4proto tcp {not_ztund} {set_tproxy} tproxy to :{inbound_plaintext} accept
+    meta l4proto tcp {not_ztund} drop
   }}
   chain output_mangle {{
     type route hook output priority mangle; policy accept;
@@ -498,6 +503,13 @@ mod tests {
         assert!(text.contains("meta mark & 0xfff == 0x539 accept"), "{text}");
         assert!(
             text.contains("ip daddr @mesh_destinations meta l4proto tcp redirect to :15001"),
+            "{text}"
+        );
+        // With ztund down, inbound fails closed instead of falling through to the apps.
+        assert!(
+            text.contains(
+                "tproxy to :15006 accept\n    meta l4proto tcp meta mark & 0xfff != 0x539 drop"
+            ),
             "{text}"
         );
     }
