@@ -154,6 +154,26 @@ pub fn setns(fd: BorrowedFd<'_>) -> io::Result<()> {
     }
 }
 
+/// Makes `command`'s child enter the namespace of `netns` before it runs (the `nft` and `ip`
+/// ztund runs in a pod, the processes of the test topology). The child gets its own copy of the
+/// fd at fork, so `netns` only has to outlive the spawn, which the borrow ensures for callers
+/// that spawn before dropping it.
+pub fn enter_before_exec(command: &mut std::process::Command, netns: &Netns) {
+    use std::os::unix::process::CommandExt;
+    let fd = netns.as_fd().as_raw_fd();
+    // SAFETY: between fork and exec the child only makes the async-signal-safe setns syscall,
+    // on an fd it inherited open from the parent.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setns(fd, libc::CLONE_NEWNET) == 0 {
+                Ok(())
+            } else {
+                Err(io::Error::last_os_error())
+            }
+        });
+    }
+}
+
 /// Creates TCP sockets in one namespace with one mark. `netns: None` means the daemon's own
 /// namespace; `mark: None` leaves the socket unmarked.
 #[derive(Debug, Clone, Default)]

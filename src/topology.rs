@@ -8,7 +8,6 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -332,18 +331,7 @@ impl Topology {
     }
 
     fn enter_on_exec(&self, place: Place, command: &mut Command) -> Result<(), TopologyError> {
-        let fd = self.netns(place)?.as_fd().as_raw_fd();
-        // SAFETY: only the async-signal-safe setns syscall runs between fork and exec, on an fd
-        // the topology keeps open while it exists.
-        unsafe {
-            command.pre_exec(move || {
-                if libc::setns(fd, libc::CLONE_NEWNET) == 0 {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::last_os_error())
-                }
-            });
-        }
+        crate::net::enter_before_exec(command, &*self.netns(place)?);
         Ok(())
     }
 

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{Cluster, Daemon, ztund_bin};
+use support::{Cluster, Daemon, readiness_code, ztund_bin};
 use testbed::{Place, Testbed};
 use tokio::net::UnixDatagram;
 
@@ -153,24 +153,6 @@ spec: {address: \"10.200.0.1\", serviceAccount: vm}
     };
     assert!(status.success(), "ztund exited with {status}");
     eprintln!("exited {:?} after SIGTERM", stopping_since.elapsed());
-}
-
-/// `/healthz/ready`'s status code inside the node, or `None` while nothing answers.
-async fn readiness_code(sockets: &ztund::net::SocketFactory) -> Option<u16> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = sockets
-        .connect("127.0.0.1:15021".parse().expect("addr"), None)
-        .await
-        .ok()?;
-    s.write_all(b"GET /healthz/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .ok()?;
-    let mut answer = String::new();
-    tokio::time::timeout(Duration::from_secs(2), s.read_to_string(&mut answer))
-        .await
-        .ok()?
-        .ok()?;
-    answer.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
 }
 
 /// Each shipped unit passes `systemd-analyze verify` with nothing to say about it (unknown keys

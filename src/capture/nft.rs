@@ -7,8 +7,6 @@
 
 use std::io::Write;
 use std::net::Ipv4Addr;
-use std::os::fd::{AsFd, AsRawFd, RawFd};
-use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 
 use super::CaptureError;
@@ -410,7 +408,6 @@ fn run_in(
             }
         }
     };
-    let fd: RawFd = netns.as_fd().as_raw_fd();
     let mut command = Command::new(binary);
     command
         .args(args)
@@ -425,8 +422,7 @@ fn run_in(
     // CAP_SYS_ADMIN nor a seccomp/namespace allowance for it (systemd's RestrictNamespaces).
     let elsewhere = !Netns::current().is_ok_and(|here| here == *netns);
     if elsewhere {
-        // SAFETY: `netns`, which owns `fd`, outlives the spawn below.
-        unsafe { enter_before_exec(&mut command, fd) };
+        crate::net::enter_before_exec(&mut command, netns);
     }
     let mut child = command.spawn().map_err(spawn_error)?;
     if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
@@ -445,22 +441,6 @@ fn run_in(
 
 /// Makes the child `setns` into `fd` between fork and exec.
 ///
-/// # Safety
-/// `fd` must stay open until the command is spawned.
-unsafe fn enter_before_exec(command: &mut Command, fd: RawFd) {
-    // SAFETY: between fork and exec the child only makes the async-signal-safe setns syscall on
-    // an fd the parent keeps open (`netns` outlives the spawn).
-    unsafe {
-        command.pre_exec(move || {
-            if libc::setns(fd, libc::CLONE_NEWNET) == 0 {
-                Ok(())
-            } else {
-                Err(std::io::Error::last_os_error())
-            }
-        });
-    }
-}
-
 fn package_of(binary: &str) -> &'static str {
     match binary {
         "nft" => "nftables",

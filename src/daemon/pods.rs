@@ -104,7 +104,11 @@ fn start_host(ctx: Arc<ProxyContext>, ports: RedirectPorts) -> Result<HostCaptur
     let host = HostCapture {
         netns: Arc::new(current),
     };
-    tokio::spawn(follow_mesh_destinations(ctx, host.netns.clone()));
+    tokio::spawn(follow_mesh_destinations(
+        ctx,
+        host.netns.clone(),
+        destinations,
+    ));
     Ok(host)
 }
 
@@ -143,15 +147,23 @@ fn mesh_destinations(snapshot: &Snapshot) -> Vec<Ipv4Addr> {
     addresses
 }
 
-/// Keeps the host's set of redirected destinations equal to the mesh's.
-async fn follow_mesh_destinations(ctx: Arc<ProxyContext>, netns: Arc<Netns>) {
+/// Keeps the host's set of redirected destinations equal to the mesh's. `installed` is what the
+/// set holds now: the mesh may have changed between the install and this task's subscription,
+/// so the first look compares against the set, not against the snapshot of the moment.
+async fn follow_mesh_destinations(
+    ctx: Arc<ProxyContext>,
+    netns: Arc<Netns>,
+    mut installed: Vec<Ipv4Addr>,
+) {
     let mut changes = ctx.mesh.subscribe();
     let mut drain = ctx.drain.clone();
-    let mut installed = mesh_destinations(&ctx.mesh.load());
+    let mut first = true;
     loop {
-        tokio::select! {
-            changed = changes.changed() => if changed.is_err() { return },
-            _ = drain.wait_for(|d| *d) => return,
+        if !std::mem::take(&mut first) {
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { return },
+                _ = drain.wait_for(|d| *d) => return,
+            }
         }
         let wanted = mesh_destinations(&ctx.mesh.load());
         if wanted == installed {

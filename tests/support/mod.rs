@@ -179,18 +179,7 @@ impl Daemon {
     /// The status code of the readiness endpoint (`/healthz/ready` on 127.0.0.1:15021 in the
     /// node's namespace), or `None` while nothing answers there.
     pub async fn readiness_code(&self, bed: &Testbed) -> Option<u16> {
-        let sockets = bed.app_sockets(Place::Node(self.node));
-        let addr: SocketAddr = "127.0.0.1:15021".parse().expect("addr");
-        let mut s = sockets.connect(addr, None).await.ok()?;
-        s.write_all(b"GET /healthz/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await
-            .ok()?;
-        let mut answer = String::new();
-        tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut answer))
-            .await
-            .ok()?
-            .ok()?;
-        answer.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
+        readiness_code(&bed.app_sockets(Place::Node(self.node))).await
     }
 
     /// Waits (bounded) until the readiness endpoint answers 200.
@@ -268,4 +257,20 @@ pub async fn socks5_connect(
     } else {
         Err(reply[1])
     }
+}
+
+/// The status code of `/healthz/ready` on 127.0.0.1:15021 where `sockets` connect from, or
+/// `None` while nothing answers there.
+pub async fn readiness_code(sockets: &ztund::net::SocketFactory) -> Option<u16> {
+    let addr: SocketAddr = "127.0.0.1:15021".parse().expect("addr");
+    let mut s = sockets.connect(addr, None).await.ok()?;
+    s.write_all(b"GET /healthz/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .ok()?;
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut answer))
+        .await
+        .ok()?
+        .ok()?;
+    answer.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
 }
