@@ -151,6 +151,10 @@ table ip {TABLE} {{
 /// Inbound, the `tproxy` rule is followed by a `drop` as in [`pod_ruleset`]: with no ztund
 /// listening it finds no socket and would fall through, handing the host's apps plaintext past
 /// a STRICT policy. The exempt ports (SSH by default) stay reachable whatever happens to ztund.
+/// Both act on connection openings only: the host's connections already open when the table
+/// arrives (ztund's own xDS stream among them) are picked up by conntrack mid-stream, their
+/// first packet not yet `established`; `tproxy` does not match a non-transparent socket, so the
+/// drop would cut them.
 pub fn host_ruleset(host: &HostRedirection, mesh_destinations: &[Ipv4Addr]) -> String {
     let RedirectPorts {
         outbound,
@@ -181,8 +185,8 @@ table ip {TABLE} {{
     fib daddr type != local accept
     meta l4proto tcp ct state established,related accept
     tcp dport {{ {exempt} }} accept
-    meta l4proto tcp {not_ztund} {set_tproxy} tproxy to :{inbound_plaintext} accept
-    meta l4proto tcp {not_ztund} drop
+    {new_connection} {not_ztund} {set_tproxy} tproxy to :{inbound_plaintext} accept
+    {new_connection} {not_ztund} drop
   }}
   chain output_mangle {{
     type route hook output priority mangle; policy accept;
@@ -200,6 +204,7 @@ table ip {TABLE} {{
 ",
         replace = replace_table(),
         is_tproxy_ct = m.is_tproxy_ct(),
+        new_connection = "tcp flags & (fin | syn | rst | ack) == syn",
         elements = match element_list(mesh_destinations) {
             Some(list) => format!("\n    elements = {{ {list} }}"),
             None => String::new(),
@@ -488,7 +493,7 @@ mod tests {
         // With ztund down, inbound fails closed instead of falling through to the apps.
         assert!(
             text.contains(
-                "tproxy to :15006 accept\n    meta l4proto tcp meta mark & 0xfff != 0x539 drop"
+                "tproxy to :15006 accept\n    tcp flags & (fin | syn | rst | ack) == syn meta mark & 0xfff != 0x539 drop"
             ),
             "{text}"
         );
