@@ -11,7 +11,7 @@ mod sources;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -300,6 +300,9 @@ async fn serve(config: Arc<Config>, log: LogControl, shards: Spawner) -> Result<
     Ok(())
 }
 
+/// How long before the drain deadline the daemon counts what is still open.
+const DRAIN_LOOK_AHEAD: Duration = Duration::from_millis(20);
+
 /// Stops accepting at once (every listener closes, HBONE connections get a GOAWAY), lets open
 /// connections run on until they end or `drainDeadline` passes, then returns; the caller's
 /// shards close what is left. Readiness answers 503 from the start; with a successor running
@@ -324,16 +327,23 @@ async fn drain_connections(
         ready_stop.send_replace(true);
     }
     let deadline = config.drain_deadline;
-    match tokio::time::timeout(deadline, live.idle()).await {
+    // The listeners cut their connections at the deadline themselves (`proxy::accept`), on
+    // other threads' timers: looking a moment before it counts what they are about to cut
+    // instead of racing them; then the cut is waited for.
+    let look = deadline.saturating_sub(DRAIN_LOOK_AHEAD);
+    match tokio::time::timeout(look, live.idle()).await {
         Ok(()) => info!(
             elapsed_ms = started.elapsed().as_millis() as u64,
             "drained: every connection finished"
         ),
-        Err(_) => info!(
-            open = live.count(),
-            deadline_ms = deadline.as_millis() as u64,
-            "drain deadline passed: closing the connections still open"
-        ),
+        Err(_) => {
+            info!(
+                open = live.count(),
+                deadline_ms = deadline.as_millis() as u64,
+                "drain deadline passed: closing the connections still open"
+            );
+            let _ = tokio::time::timeout(DRAIN_LOOK_AHEAD * 2, live.idle()).await;
+        }
     }
     ready_stop.send_replace(true);
 }
