@@ -140,7 +140,8 @@ struct ConnectionState {
     id: u64,
     peer: SocketAddr,
     /// The SPIFFE id the server proved in the TLS handshake (one of the key's `expected`).
-    peer_identity: Option<SpiffeId>,
+    /// Shared, so each connection's access-log line takes it without copying the id.
+    peer_identity: Option<Arc<SpiffeId>>,
     /// Streams checked out; raised only under the key's lock.
     active: AtomicUsize,
     last_used: Mutex<Instant>,
@@ -155,7 +156,7 @@ pub(crate) struct StreamLease {
 
 impl StreamLease {
     /// The identity the connection's server proved.
-    pub(crate) fn peer_identity(&self) -> Option<&SpiffeId> {
+    pub(crate) fn peer_identity(&self) -> Option<&Arc<SpiffeId>> {
         self.state.peer_identity.as_ref()
     }
 }
@@ -312,7 +313,7 @@ impl Pool {
             );
             return Err(HboneError::Alpn { peer, alpn });
         }
-        let peer_identity = crate::tls::peer_identity(tls.get_ref().1);
+        let peer_identity = crate::tls::peer_identity(tls.get_ref().1).map(Arc::new);
         let (send, mut conn) = client_builder(h2)
             .handshake::<_, Bytes>(tls)
             .await

@@ -65,7 +65,7 @@ impl H2Stream {
     }
 
     /// The SPIFFE id the server proved, for a stream of a pooled client connection.
-    pub fn peer_identity(&self) -> Option<&SpiffeId> {
+    pub fn peer_identity(&self) -> Option<&Arc<SpiffeId>> {
         self.send.lease.as_ref()?.peer_identity()
     }
 
