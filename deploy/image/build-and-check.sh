@@ -93,11 +93,12 @@ for unwanted in bin/sh usr/bin/sh bin/bash usr/bin/apt-get; do
 done
 
 # The daemon: a node with the built-in CA, an empty mesh and no capture, which needs no
-# privilege, so it runs as the image's user. Its namespace holds only loopback.
+# privilege, so it runs as the image's user. Its namespace holds only loopback. Its state lives
+# in /tmp/ztund, as in the DaemonSets: the image's only writable directory for that user.
 node=$work/node
 "$binary" ca init --dir "$node/ca" >/dev/null
 printf '%s\n' 'node: image-check' 'meshFile: mesh.yaml' 'ca: {mode: builtin, dir: ca}' \
-    'capture: none' >"$node/config.yaml"
+    'capture: none' 'stateDir: /tmp/ztund' >"$node/config.yaml"
 : >"$node/mesh.yaml"
 chown -R 65532:65532 "$node"
 ip netns add "$netns"
