@@ -14,8 +14,8 @@ use tokio_rustls::client::TlsStream;
 use ztund::hbone::server::accept_and_serve;
 use ztund::hbone::testing::TestPki;
 use ztund::hbone::{
-    ConnectRequest, ConnectionInfo, H2Settings, HboneError, IncomingConnect, Pool, PoolKey,
-    PoolSettings,
+    ConnectRequest, ConnectionInfo, HboneError, IncomingConnect, Limits, Pool, PoolKey,
+    PoolSettings, ServerBudget,
 };
 
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/bench/sa/client";
@@ -27,6 +27,7 @@ async fn start_server(pki: &TestPki) -> SocketAddr {
     let addr = listener.local_addr().expect("addr");
     let acceptor = tokio_rustls::TlsAcceptor::from(pki.server_config(SERVER_ID));
     let (_drain, drain_rx) = tokio::sync::watch::channel(false);
+    let budget = ServerBudget::new(Limits::server());
     tokio::spawn(async move {
         let _keep_drain_open = _drain;
         while let Ok((tcp, peer_addr)) = listener.accept().await {
@@ -34,12 +35,10 @@ async fn start_server(pki: &TestPki) -> SocketAddr {
                 peer_addr,
                 local_addr: addr,
             };
-            let (acceptor, drain_rx) = (acceptor.clone(), drain_rx.clone());
+            let (acceptor, drain_rx, budget) = (acceptor.clone(), drain_rx.clone(), budget.clone());
             tokio::spawn(async move {
                 let on_connect = |incoming: IncomingConnect| drop(incoming.accept());
-                let settings = H2Settings::server();
-                let _ =
-                    accept_and_serve(tcp, &acceptor, info, &settings, drain_rx, on_connect).await;
+                let _ = accept_and_serve(tcp, &acceptor, info, &budget, drain_rx, on_connect).await;
             });
         }
     });

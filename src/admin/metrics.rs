@@ -214,6 +214,10 @@ pub struct Metrics {
     hbone_pool_connections: Gauge,
     mesh_reloads: Family<ReloadLabels, Counter>,
     policy_denials: Family<PolicyLabels, Counter>,
+    /// HBONE server limits hit, by `limit` (crate::hbone::LimitHit names).
+    hbone_limit_hits: Family<Vec<(&'static str, &'static str)>, Counter>,
+    /// Inbound dials to apps, by `outcome`: every one, cancelled or not.
+    inbound_dials: Family<Vec<(&'static str, &'static str)>, Counter>,
     active_proxies: Gauge,
     pending_proxies: Gauge,
     proxies_started: Counter,
@@ -242,6 +246,8 @@ impl Metrics {
             hbone_pool_connections: Gauge::default(),
             mesh_reloads: Family::default(),
             policy_denials: Family::default(),
+            hbone_limit_hits: Family::default(),
+            inbound_dials: Family::default(),
             active_proxies: Gauge::default(),
             pending_proxies: Gauge::default(),
             proxies_started: Counter::default(),
@@ -317,6 +323,16 @@ impl Metrics {
             "ztund_policy_denials",
             "Connections denied, by the policy that denied them",
             self.policy_denials.clone(),
+        );
+        registry.register(
+            "ztund_hbone_limit_hits",
+            "HBONE server limits hit (streams refused, connections closed), by limit",
+            self.hbone_limit_hits.clone(),
+        );
+        registry.register(
+            "ztund_inbound_dials",
+            "Inbound connections ztund opened (or began to open) to apps, by outcome",
+            self.inbound_dials.clone(),
         );
         registry.register(
             "workload_manager_active_proxy_count",
@@ -462,6 +478,20 @@ impl Metrics {
             .get_or_create(&PolicyLabels {
                 policy: policy.to_string(),
             })
+            .inc();
+    }
+
+    /// The HBONE server enforced `limit`.
+    pub fn hbone_limit_hit(&self, limit: &'static str) {
+        self.hbone_limit_hits
+            .get_or_create(&vec![("limit", limit)])
+            .inc();
+    }
+
+    /// An inbound dial to an app ended with `outcome` (`connected`, `failed`, `cancelled`).
+    pub fn inbound_dial(&self, outcome: &'static str) {
+        self.inbound_dials
+            .get_or_create(&vec![("outcome", outcome)])
             .inc();
     }
 

@@ -1,11 +1,12 @@
 //! `/config_dump`: the mesh as this node sees it and the certificates it holds, as JSON, each
 //! workload, service and policy with the source it came from (`xds` with its resource version,
-//! or `meshFile`).
+//! or `meshFile`), and the HBONE server's limits.
 
 use std::time::SystemTime;
 
 use serde_json::{Value, json};
 
+use crate::hbone::Limits;
 use crate::identity::CertManager;
 use crate::mesh::{Endpoints, Snapshot, TunnelProtocol, service_key};
 use crate::xds::client::XdsStatus;
@@ -36,7 +37,12 @@ impl Origin {
 }
 
 /// The admin server's config dump.
-pub fn config_dump(snapshot: &Snapshot, certificates: &CertManager, origin: &Origin) -> Value {
+pub fn config_dump(
+    snapshot: &Snapshot,
+    certificates: &CertManager,
+    origin: &Origin,
+    hbone_limits: &Limits,
+) -> Value {
     let workloads: Vec<Value> = snapshot
         .workloads()
         .iter()
@@ -130,6 +136,7 @@ pub fn config_dump(snapshot: &Snapshot, certificates: &CertManager, origin: &Ori
         "workloads": workloads,
         "services": services,
         "certificates": certificates,
+        "hboneLimits": hbone_limits.to_json(),
         "version": env!("CARGO_PKG_VERSION"),
     })
 }

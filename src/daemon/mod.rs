@@ -147,6 +147,13 @@ async fn serve(config: Arc<Config>, log: LogControl, shards: Spawner) -> Result<
     ));
 
     let pool = Arc::new(Pool::new(PoolSettings::from(&config.pool)));
+    let hbone_budget = {
+        let metrics = metrics.clone();
+        crate::hbone::ServerBudget::with_callback(
+            crate::hbone::Limits::server(),
+            Some(Box::new(move |hit| metrics.hbone_limit_hit(hit.name()))),
+        )
+    };
     let ctx = Arc::new(ProxyContext {
         config: config.clone(),
         mesh: mesh.clone(),
@@ -158,6 +165,7 @@ async fn serve(config: Arc<Config>, log: LogControl, shards: Spawner) -> Result<
         drain: drain.clone(),
         live: Arc::new(LiveConnections::default()),
         shards: shards.clone(),
+        hbone_budget: hbone_budget.clone(),
     });
     tokio::spawn(tracker::watch_policies(
         ctx.tracker.clone(),
@@ -213,6 +221,7 @@ async fn serve(config: Arc<Config>, log: LogControl, shards: Spawner) -> Result<
     let dump_mesh = mesh.clone();
     let dump_certs = certificates.clone();
     let dump_config = config.clone();
+    let dump_budget = hbone_budget.clone();
     let sources = Arc::new(sources);
     let state = AdminState {
         config_dump: Arc::new(move || {
@@ -226,7 +235,7 @@ async fn serve(config: Arc<Config>, log: LogControl, shards: Spawner) -> Result<
                     Some((cp.address.clone(), status, sources.provenance()?))
                 }),
             };
-            dump::config_dump(&dump_mesh.load(), &dump_certs, &origin)
+            dump::config_dump(&dump_mesh.load(), &dump_certs, &origin, &dump_budget.limits)
         }),
         log,
         shutdown: quit_tx,

@@ -3,8 +3,13 @@
 //! the server reports who asked for what and the caller accepts or refuses; the client is given
 //! an already-verified TLS stream by the caller's dial function.
 
+pub mod budget;
+mod frames;
 mod keepalive;
+pub mod limits;
 pub mod pool;
+#[doc(hidden)]
+pub mod raw_client;
 pub mod request;
 pub mod server;
 pub mod stream;
@@ -18,6 +23,8 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+pub use budget::{LimitHit, ServerBudget};
+pub use limits::Limits;
 pub use pool::{Pool, PoolKey, PoolSettings, PoolStats};
 pub use request::ConnectRequest;
 pub use server::{ConnectionInfo, IncomingConnect, Refusal, serve_connection};

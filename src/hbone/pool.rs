@@ -394,7 +394,15 @@ impl Pool {
         let response = match response.await {
             Ok(response) => response,
             Err(source) => {
-                let refused = source.reason() == Some(Reason::REFUSED_STREAM);
+                // The peer never processed it: refused, or above a graceful GOAWAY's last
+                // stream id (RFC 9113 §6.8), so another connection may carry it.
+                let going_away = source.is_go_away()
+                    && source.is_remote()
+                    && source.reason() == Some(Reason::NO_ERROR);
+                if going_away {
+                    connection.state.closed.store(true, Ordering::Release);
+                }
+                let refused = going_away || source.reason() == Some(Reason::REFUSED_STREAM);
                 let error = HboneError::H2 { peer, source };
                 return Err(if refused {
                     Attempt::Retry(error)

@@ -3,9 +3,12 @@
 //! with 400 itself and hands every well-formed CONNECT to the caller as an [`IncomingConnect`],
 //! which the caller accepts (200) or refuses. Knows nothing about policy or upstreams.
 
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use h2::server::SendResponse;
@@ -14,8 +17,10 @@ use http::{HeaderMap, Method, Request, Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
+use super::budget::{LimitHit, ServerBudget, StreamPermit};
+use super::frames::FrameWatch;
 use super::keepalive::keepalive;
-use super::{ALPN_H2, Authority, H2Settings, H2Stream, HboneError};
+use super::{ALPN_H2, Authority, H2Stream, HboneError};
 use crate::identity::SpiffeId;
 
 /// How long a client gets for the TLS handshake before the connection is dropped.
@@ -38,6 +43,8 @@ pub enum Refusal {
     Denied(String),
     /// 503: the destination is unknown or unreachable.
     Unavailable(String),
+    /// 429: the peer is over a budget (it cancels too many CONNECTs before their answer).
+    Throttled(String),
 }
 
 impl Refusal {
@@ -47,6 +54,7 @@ impl Refusal {
             Refusal::BadRequest(_) => StatusCode::BAD_REQUEST,
             Refusal::Denied(_) => StatusCode::UNAUTHORIZED,
             Refusal::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::Throttled(_) => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -54,7 +62,8 @@ impl Refusal {
         match self {
             Refusal::BadRequest(reason)
             | Refusal::Denied(reason)
-            | Refusal::Unavailable(reason) => reason,
+            | Refusal::Unavailable(reason)
+            | Refusal::Throttled(reason) => reason,
         }
     }
 }
@@ -95,7 +104,28 @@ impl IncomingConnect {
         let send = respond
             .send_response(response, false)
             .map_err(|source| HboneError::H2 { peer, source })?;
-        Ok(H2Stream::new(send, body, None))
+        let permit = self.responder.permit.take();
+        Ok(H2Stream::with_permit(send, body, None, permit))
+    }
+
+    /// Whether the client has reset the stream already (it then wants no answer).
+    pub fn is_cancelled(&mut self) -> bool {
+        let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+        self.responder.poll_cancelled(&mut cx).is_ready()
+    }
+
+    /// Runs `work` (the authorization, the dial) unless the client resets the stream first:
+    /// then `work` is dropped where it stands (a dial in flight is abandoned) and the answer is
+    /// `None`. Such a reset counts against the peer's early-reset budget.
+    pub async fn unless_cancelled<F: Future>(&mut self, work: F) -> Option<F::Output> {
+        let mut work = std::pin::pin!(work);
+        poll_fn(|cx| {
+            if let Poll::Ready(output) = work.as_mut().poll(cx) {
+                return Poll::Ready(Some(output));
+            }
+            self.responder.poll_cancelled(cx).map(|()| None)
+        })
+        .await
     }
 
     /// Answers with the refusal's status and ends the stream.
@@ -118,10 +148,41 @@ impl IncomingConnect {
 struct Responder {
     respond: Option<SendResponse<Bytes>>,
     body: Option<RecvStream>,
+    permit: Option<StreamPermit>,
+    peer_identity: Option<SpiffeId>,
+    /// The client's early reset has been counted already.
+    reset_counted: bool,
+}
+
+impl Responder {
+    /// Ready once the client has reset the unanswered stream; counts that reset once.
+    fn poll_cancelled(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let Some(respond) = self.respond.as_mut() else {
+            return Poll::Pending;
+        };
+        match respond.poll_reset(cx) {
+            // An error is the whole connection ending: not this peer cancelling.
+            Poll::Ready(Err(_)) => Poll::Ready(()),
+            Poll::Ready(Ok(_)) => {
+                if !self.reset_counted {
+                    self.reset_counted = true;
+                    if let Some(permit) = &self.permit {
+                        permit.budget().early_reset(&self.peer_identity);
+                    }
+                }
+                Poll::Ready(())
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
 }
 
 impl Drop for Responder {
     fn drop(&mut self) {
+        let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+        if self.poll_cancelled(&mut cx).is_ready() {
+            return;
+        }
         if let Some(mut respond) = self.respond.take() {
             answer(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
         }
@@ -141,7 +202,7 @@ pub async fn accept_and_serve<IO>(
     io: IO,
     acceptor: &tokio_rustls::TlsAcceptor,
     info: ConnectionInfo,
-    settings: &H2Settings,
+    budget: &Arc<ServerBudget>,
     drain: watch::Receiver<bool>,
     on_connect: impl Fn(IncomingConnect) + Send + Sync + 'static,
 ) -> Result<(), HboneError>
@@ -157,16 +218,17 @@ where
             after: TLS_HANDSHAKE_TIMEOUT,
         })?
         .map_err(|source| HboneError::Tls { peer, source })?;
-    serve_connection(tls, info, settings, drain, on_connect).await
+    serve_connection(tls, info, budget, drain, on_connect).await
 }
 
-/// Serves one HBONE connection until the client closes it, the keepalive fails, or a drain
-/// (`*drain == true`) has let every open stream finish. Each well-formed CONNECT goes to
-/// `on_connect`, which must not block: spawn a task for the stream.
+/// Serves one HBONE connection until the client closes it, the keepalive fails, a limit of
+/// [`super::Limits`] closes it, or a drain (`*drain == true`) has let every open stream finish.
+/// Each well-formed CONNECT within the budgets goes to `on_connect`, which must not block:
+/// spawn a task for the stream.
 pub async fn serve_connection<IO>(
     mut tls: tokio_rustls::server::TlsStream<IO>,
     info: ConnectionInfo,
-    settings: &H2Settings,
+    budget: &Arc<ServerBudget>,
     mut drain: watch::Receiver<bool>,
     on_connect: impl Fn(IncomingConnect) + Send + Sync + 'static,
 ) -> Result<(), HboneError>
@@ -174,6 +236,7 @@ where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let peer = info.peer_addr;
+    let limits = &budget.limits;
     let (_, session) = tls.get_ref();
     // rustls lets a client that offers no ALPN through; such a client does not speak HBONE.
     if session.alpn_protocol() != Some(ALPN_H2) {
@@ -185,39 +248,61 @@ where
         return Err(HboneError::Alpn { peer, alpn });
     }
     let peer_identity = crate::tls::peer_identity(session);
+    let (watched, frames_exhausted) = FrameWatch::new(
+        tls,
+        limits.control_frames_per_second,
+        limits.control_frame_burst,
+    );
 
-    let mut conn = tokio::time::timeout(
-        settings.keepalive_timeout,
-        server_builder(settings).handshake::<_, Bytes>(tls),
+    let handshake = tokio::time::timeout(
+        limits.preface_timeout,
+        limits.builder().handshake::<_, Bytes>(watched),
     )
-    .await
-    .map_err(|_| HboneError::Timeout {
-        peer,
-        what: "the HTTP/2 preface",
-        after: settings.keepalive_timeout,
-    })?
-    .map_err(|source| HboneError::H2 { peer, source })?;
+    .await;
+    let mut conn = match handshake {
+        Ok(conn) => conn.map_err(|source| HboneError::H2 { peer, source })?,
+        Err(_) => {
+            budget.hit(LimitHit::PrefaceTimeout);
+            return Err(HboneError::Timeout {
+                peer,
+                what: "the HTTP/2 preface",
+                after: limits.preface_timeout,
+            });
+        }
+    };
 
     let keepalive = keepalive(
         conn.ping_pong(),
-        settings.keepalive_interval,
-        settings.keepalive_interval,
-        settings.keepalive_timeout,
+        limits.h2.keepalive_interval,
+        limits.h2.keepalive_interval,
+        limits.h2.keepalive_timeout,
         None,
     );
     tokio::pin!(keepalive);
+    let exhausted = frames_exhausted.wait();
+    tokio::pin!(exhausted);
+    let open_streams = Arc::new(AtomicUsize::new(0));
+    let mut idle = Idle::new(limits.idle_timeout);
 
     let mut draining = *drain.borrow_and_update();
     if draining {
         conn.graceful_shutdown();
     }
     let mut drain_open = true;
+    let mut calmed = false;
     loop {
         tokio::select! {
             next = conn.accept() => match next {
                 None => return Ok(()),
                 Some(Ok((request, respond))) => {
-                    dispatch(request, respond, &info, &peer_identity, &on_connect);
+                    idle.busy();
+                    let stream = NewStream { info: &info, peer_identity: &peer_identity };
+                    let verdict = stream.dispatch(request, respond, budget, &open_streams, &on_connect);
+                    if verdict == Dispatched::OverBudget && !calmed {
+                        calmed = true;
+                        tracing::warn!(%peer, identity = ?peer_identity, "peer cancels too many CONNECTs before their answer; closing its connection");
+                        conn.abrupt_shutdown(Reason::ENHANCE_YOUR_CALM);
+                    }
                 }
                 Some(Err(e)) if peer_went_away(&e) => return Ok(()),
                 Some(Err(source)) => return Err(HboneError::H2 { peer, source }),
@@ -232,6 +317,24 @@ where
                 }
                 Err(_) => drain_open = false,
             },
+            () = idle.tick(), if !idle.closed => {
+                if idle.expired(open_streams.load(Ordering::Acquire)) {
+                    budget.hit(LimitHit::IdleTimeout);
+                    tracing::debug!(%peer, "closing HBONE connection idle for {:?}", limits.idle_timeout);
+                    conn.graceful_shutdown();
+                }
+            }
+            () = &mut exhausted, if !calmed => {
+                budget.hit(LimitHit::ControlFrames);
+                tracing::warn!(%peer, identity = ?peer_identity, "peer sends PING/SETTINGS/PRIORITY frames over budget; closing its connection");
+                conn.abrupt_shutdown(Reason::ENHANCE_YOUR_CALM);
+                let flush = poll_fn(|cx| conn.poll_closed(cx));
+                let _ = tokio::time::timeout(Duration::from_secs(1), flush).await;
+                return Err(HboneError::H2 {
+                    peer,
+                    source: h2::Error::from(Reason::ENHANCE_YOUR_CALM),
+                });
+            }
             () = &mut keepalive => {
                 conn.abrupt_shutdown(Reason::NO_ERROR);
                 let flush = poll_fn(|cx| conn.poll_closed(cx));
@@ -239,67 +342,140 @@ where
                 return Err(HboneError::Timeout {
                     peer,
                     what: "a keepalive PING",
-                    after: settings.keepalive_timeout,
+                    after: limits.h2.keepalive_timeout,
                 });
             }
         }
     }
 }
 
-fn server_builder(settings: &H2Settings) -> h2::server::Builder {
-    let mut builder = h2::server::Builder::new();
-    builder
-        .initial_window_size(settings.stream_window)
-        .initial_connection_window_size(settings.connection_window)
-        .max_frame_size(settings.max_frame_size)
-        .max_header_list_size(settings.max_header_list_size)
-        .max_send_buffer_size(settings.max_send_buffer)
-        .max_concurrent_streams(settings.max_concurrent_streams);
-    builder
+/// When a connection without streams is due to close: checked a few times per timeout.
+struct Idle {
+    timeout: Duration,
+    since: Option<Instant>,
+    ticker: tokio::time::Interval,
+    /// GOAWAY has gone out for it; nothing more to check.
+    closed: bool,
 }
 
-/// Answers a malformed request with 400 here; hands a well-formed CONNECT to the caller.
-fn dispatch(
-    request: Request<RecvStream>,
-    mut respond: SendResponse<Bytes>,
-    info: &ConnectionInfo,
-    peer_identity: &Option<SpiffeId>,
-    on_connect: &impl Fn(IncomingConnect),
-) {
-    if request.method() != Method::CONNECT {
-        tracing::debug!(peer = %info.peer_addr, method = %request.method(), "HBONE request is not CONNECT");
-        answer(&mut respond, StatusCode::BAD_REQUEST);
-        return;
+impl Idle {
+    fn new(timeout: Duration) -> Idle {
+        let period = (timeout / 4).max(Duration::from_millis(10));
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Idle {
+            timeout,
+            since: Some(Instant::now()),
+            ticker,
+            closed: false,
+        }
     }
-    let authority = match request
-        .uri()
-        .authority()
-        .map(|a| Authority::parse(a.as_str()))
-    {
-        Some(Ok(authority)) => authority,
-        Some(Err(e)) => {
-            tracing::debug!(peer = %info.peer_addr, "{e}");
-            answer(&mut respond, StatusCode::BAD_REQUEST);
-            return;
+
+    async fn tick(&mut self) {
+        self.ticker.tick().await;
+    }
+
+    fn busy(&mut self) {
+        self.since = None;
+    }
+
+    /// Whether the connection, with `open` streams now, has been idle for the timeout.
+    fn expired(&mut self, open: usize) -> bool {
+        if open > 0 {
+            self.since = None;
+            return false;
         }
-        None => {
-            tracing::debug!(peer = %info.peer_addr, "CONNECT without :authority");
-            answer(&mut respond, StatusCode::BAD_REQUEST);
-            return;
+        let since = *self.since.get_or_insert_with(Instant::now);
+        self.closed = since.elapsed() >= self.timeout;
+        self.closed
+    }
+}
+
+/// What became of a new stream.
+#[derive(Debug, PartialEq, Eq)]
+enum Dispatched {
+    ToCaller,
+    Refused,
+    /// The peer has spent its early-reset budget: the connection is to be closed.
+    OverBudget,
+}
+
+/// A new stream's connection facts.
+struct NewStream<'a> {
+    info: &'a ConnectionInfo,
+    peer_identity: &'a Option<SpiffeId>,
+}
+
+impl NewStream<'_> {
+    /// Refuses what is over a budget (before anything is checked or dialled), answers a
+    /// malformed request with 400 here, and hands a well-formed CONNECT to the caller.
+    fn dispatch(
+        &self,
+        request: Request<RecvStream>,
+        mut respond: SendResponse<Bytes>,
+        budget: &Arc<ServerBudget>,
+        open_streams: &Arc<AtomicUsize>,
+        on_connect: &impl Fn(IncomingConnect),
+    ) -> Dispatched {
+        let peer = self.info.peer_addr;
+        if !budget.peer_in_budget(self.peer_identity) {
+            budget.hit(LimitHit::EarlyResetBudget);
+            answer(&mut respond, StatusCode::TOO_MANY_REQUESTS);
+            return Dispatched::OverBudget;
         }
-    };
-    let (parts, body) = request.into_parts();
-    on_connect(IncomingConnect {
-        authority,
-        peer_identity: peer_identity.clone(),
-        peer_addr: info.peer_addr,
-        local_addr: info.local_addr,
-        headers: parts.headers,
-        responder: Responder {
-            respond: Some(respond),
-            body: Some(body),
-        },
-    });
+        let Some(permit) = budget.open_stream(open_streams) else {
+            tracing::warn!(%peer, "the node has {} HBONE streams open; refusing one more", budget.limits.max_streams_total);
+            respond.send_reset(Reason::REFUSED_STREAM);
+            return Dispatched::Refused;
+        };
+        if request.method() != Method::CONNECT {
+            tracing::debug!(%peer, method = %request.method(), "HBONE request is not CONNECT");
+            answer(&mut respond, StatusCode::BAD_REQUEST);
+            return Dispatched::Refused;
+        }
+        // RFC 9113 §8.5: a CONNECT carries no :scheme and no :path (and is not extended).
+        if request.uri().scheme().is_some()
+            || request.uri().path_and_query().is_some()
+            || request.extensions().get::<h2::ext::Protocol>().is_some()
+        {
+            tracing::debug!(%peer, uri = %request.uri(), "CONNECT with :scheme or :path");
+            answer(&mut respond, StatusCode::BAD_REQUEST);
+            return Dispatched::Refused;
+        }
+        let authority = match request
+            .uri()
+            .authority()
+            .map(|a| Authority::parse(a.as_str()))
+        {
+            Some(Ok(authority)) => authority,
+            Some(Err(e)) => {
+                tracing::debug!(%peer, "{e}");
+                answer(&mut respond, StatusCode::BAD_REQUEST);
+                return Dispatched::Refused;
+            }
+            None => {
+                tracing::debug!(%peer, "CONNECT without :authority");
+                answer(&mut respond, StatusCode::BAD_REQUEST);
+                return Dispatched::Refused;
+            }
+        };
+        let (parts, body) = request.into_parts();
+        on_connect(IncomingConnect {
+            authority,
+            peer_identity: self.peer_identity.clone(),
+            peer_addr: peer,
+            local_addr: self.info.local_addr,
+            headers: parts.headers,
+            responder: Responder {
+                respond: Some(respond),
+                body: Some(body),
+                permit: Some(permit),
+                peer_identity: self.peer_identity.clone(),
+                reset_counted: false,
+            },
+        });
+        Dispatched::ToCaller
+    }
 }
 
 /// A client closing its TCP connection, or saying goodbye, is how connections normally end.

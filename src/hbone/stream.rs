@@ -13,6 +13,7 @@ use bytes::{Buf, Bytes};
 use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::budget::StreamPermit;
 use super::pool::StreamLease;
 use crate::identity::SpiffeId;
 
@@ -41,6 +42,8 @@ pub struct H2Recv {
     leftover: Bytes,
     eof: bool,
     _lease: Option<Arc<StreamLease>>,
+    /// A served stream's place in the server's stream budget, given back when it ends.
+    _permit: Option<StreamPermit>,
 }
 
 impl H2Stream {
@@ -48,6 +51,15 @@ impl H2Stream {
         send: SendStream<Bytes>,
         recv: RecvStream,
         lease: Option<Arc<StreamLease>>,
+    ) -> Self {
+        H2Stream::with_permit(send, recv, lease, None)
+    }
+
+    pub(crate) fn with_permit(
+        send: SendStream<Bytes>,
+        recv: RecvStream,
+        lease: Option<Arc<StreamLease>>,
+        permit: Option<StreamPermit>,
     ) -> Self {
         H2Stream {
             send: H2Send {
@@ -60,6 +72,7 @@ impl H2Stream {
                 leftover: Bytes::new(),
                 eof: false,
                 _lease: lease,
+                _permit: permit,
             },
         }
     }

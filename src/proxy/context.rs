@@ -36,6 +36,8 @@ pub struct ProxyContext {
     pub live: Arc<LiveConnections>,
     /// Where listeners run: one per shard ([`crate::shard`]).
     pub shards: Spawner,
+    /// The HBONE server's limits and the budgets all its connections share.
+    pub hbone_budget: Arc<crate::hbone::ServerBudget>,
 }
 
 /// The pod a set of in-pod listeners belongs to.

@@ -59,10 +59,10 @@ async fn handle_connection(
         peer_addr: peer,
         local_addr: local,
     };
-    let settings = crate::hbone::H2Settings::server();
     let acceptor = TlsAcceptor::from(server_config);
     let drain = ctx.drain.clone();
-    accept_and_serve(tcp, &acceptor, info, &settings, drain, move |incoming| {
+    let budget = ctx.hbone_budget.clone();
+    accept_and_serve(tcp, &acceptor, info, &budget, drain, move |incoming| {
         tokio::spawn(handle_connect(ctx.clone(), scope.clone(), incoming));
     })
     .await
@@ -120,7 +120,7 @@ impl Ends {
 async fn set_up(
     ctx: Arc<ProxyContext>,
     scope: Scope,
-    incoming: IncomingConnect,
+    mut incoming: IncomingConnect,
 ) -> Option<Box<Connection>> {
     let started = Instant::now();
     let snapshot = ctx.mesh.load();
@@ -140,6 +140,11 @@ async fn set_up(
         destination_ip: target.ip(),
         destination_port: target.port(),
     };
+    // A client that has reset the stream already gets neither an authorization nor a dial.
+    if incoming.is_cancelled() {
+        cancelled(&incoming, target, false);
+        return None;
+    }
     // Registered while it lives, so that a policy change can close it (see `tracker`).
     let ends = Ends::of(&incoming);
     let admitted = ctx.tracker.admit(
@@ -163,9 +168,21 @@ async fn set_up(
         Owner::Pod(_) if peer.ip() != target.ip() => Some(peer.ip()),
         _ => None,
     };
-    let upstream = match scope.sockets.connect(target, spoof).await {
-        Ok(upstream) => upstream,
-        Err(e) => {
+    // A reset while the dial is in flight abandons the dial: every one is counted and, when
+    // it did not end in a tunnel, logged.
+    let dial = scope.sockets.connect(target, spoof);
+    let upstream = match incoming.unless_cancelled(dial).await {
+        None => {
+            ctx.metrics.inbound_dial("cancelled");
+            cancelled(&incoming, target, true);
+            return None;
+        }
+        Some(Ok(upstream)) => {
+            ctx.metrics.inbound_dial("connected");
+            upstream
+        }
+        Some(Err(e)) => {
+            ctx.metrics.inbound_dial("failed");
             refuse(
                 incoming,
                 Some(target),
@@ -180,6 +197,10 @@ async fn set_up(
         tracked.facts().source_identity.as_ref(),
         &snapshot,
     );
+    if incoming.is_cancelled() {
+        cancelled(&incoming, target, true);
+        return None;
+    }
     let stream = match incoming.accept() {
         Ok(stream) => stream,
         Err(e) => {
@@ -251,6 +272,23 @@ fn refuse(incoming: IncomingConnect, target: Option<SocketAddr>, refusal: Refusa
         &refusal,
     );
     incoming.refuse(refusal);
+}
+
+/// Logs a CONNECT its client reset before the answer (the early reset is counted against the
+/// peer's budget by the server).
+fn cancelled(incoming: &IncomingConnect, target: SocketAddr, dialled: bool) {
+    let ends = Ends::of(incoming);
+    info!(
+        target: "access",
+        direction = "inbound",
+        src.addr = %ends.client,
+        src.identity = %Optional(incoming.peer_identity.as_ref()),
+        tunnel.peer_addr = %ends.tunnel_peer,
+        dst.authority = %incoming.authority,
+        dst.addr = %target,
+        dialled,
+        "connection cancelled by the client before its answer"
+    );
 }
 
 /// The local workload and socket address a CONNECT authority names, or why it is refused.

@@ -1,6 +1,7 @@
 //! Loopback tests of the HBONE server, pool and stream with real TLS: a test world of one
 //! HBONE server (recording what reached the caller), upstream apps, and dial functions.
 
+mod hostile;
 mod pool_tests;
 mod server_tests;
 
@@ -43,6 +44,8 @@ pub(super) struct World {
     /// Calls of `on_connect`.
     pub connects: Arc<AtomicUsize>,
     pub drain: watch::Sender<bool>,
+    /// The server's shared budgets and limit counters.
+    pub budget: Arc<ServerBudget>,
     task: JoinHandle<()>,
 }
 
@@ -54,6 +57,15 @@ impl Drop for World {
 
 impl World {
     pub async fn start(settings: H2Settings, on_connect: OnConnect) -> World {
+        let limits = Limits {
+            h2: settings,
+            ..Limits::server()
+        };
+        World::start_with(limits, on_connect).await
+    }
+
+    pub async fn start_with(limits: Limits, on_connect: OnConnect) -> World {
+        let budget = ServerBudget::new(limits);
         let pki = Arc::new(TestPki::new());
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
@@ -63,6 +75,7 @@ impl World {
         let connects = Arc::new(AtomicUsize::new(0));
         let (drain, drain_rx) = watch::channel(false);
         let task = {
+            let budget = budget.clone();
             let (accepted, served, connects) = (accepted.clone(), served.clone(), connects.clone());
             tokio::spawn(async move {
                 while let Ok((tcp, peer_addr)) = listener.accept().await {
@@ -71,8 +84,8 @@ impl World {
                         peer_addr,
                         local_addr: addr,
                     };
-                    let (acceptor, settings, drain_rx) =
-                        (acceptor.clone(), settings.clone(), drain_rx.clone());
+                    let (acceptor, budget, drain_rx) =
+                        (acceptor.clone(), budget.clone(), drain_rx.clone());
                     let (served, connects, on_connect) =
                         (served.clone(), connects.clone(), on_connect.clone());
                     tokio::spawn(async move {
@@ -81,7 +94,7 @@ impl World {
                             on_connect(incoming);
                         };
                         let result =
-                            accept_and_serve(tcp, &acceptor, info, &settings, drain_rx, callback)
+                            accept_and_serve(tcp, &acceptor, info, &budget, drain_rx, callback)
                                 .await;
                         served
                             .lock()
@@ -98,6 +111,7 @@ impl World {
             served,
             connects,
             drain,
+            budget,
             task,
         }
     }

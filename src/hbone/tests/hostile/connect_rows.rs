@@ -1,0 +1,241 @@
+//! HARDENING.md §3, rows C5–C8, and Rapid Reset spread over many connections (issue 14),
+//! against the HBONE server.
+
+use super::*;
+use crate::hbone::budget::LimitHit;
+use crate::hbone::raw_client::*;
+use crate::hbone::request::forwarded_for;
+
+// HARDENING H1 (after accept), issue 14 "Rapid Reset spread over many connections"
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resets_spread_over_connections_cancel_their_dials_and_spend_the_peers_budget() {
+    let app = App::start(Behaviour::Echo).await;
+    let dials = Arc::new(AtomicUsize::new(0));
+    let mut limits = Limits::server();
+    limits.early_reset_burst = 20;
+    limits.early_resets_per_second = 1;
+    // The caller's authorization takes 300 ms: every reset lands while it runs.
+    let on_connect = cancellable_forward(Duration::from_millis(300), dials.clone());
+    let world = World::start_with(limits, on_connect).await;
+    let baseline = alive_tasks();
+    let target = app.addr.to_string();
+    let (connections, streams) = (10u32, 5u32);
+    let mut calmed = 0;
+    for _ in 0..connections {
+        let mut raw = world.raw().await;
+        let before = world.connects.load(Ordering::SeqCst);
+        for n in 0..streams {
+            raw.connect(2 * n + 1, &target, &[]).await.unwrap();
+        }
+        // Reset each once the caller has it (under HTTP/2's own per-connection cap).
+        eventually(Duration::from_millis(200), || {
+            world.connects.load(Ordering::SeqCst) >= before + streams as usize
+        })
+        .await;
+        for n in 0..streams {
+            let _ = raw.reset(2 * n + 1, CANCEL).await;
+        }
+        let answer = raw.until_goaway(Duration::from_millis(300)).await;
+        if matches!(
+            answer,
+            Answer::GoAway {
+                code: ENHANCE_YOUR_CALM,
+                ..
+            }
+        ) {
+            calmed += 1;
+        }
+    }
+    let early = world.budget.hits(LimitHit::EarlyReset);
+    assert!(
+        (20..=40).contains(&early),
+        "{early} early resets counted before the budget closed in"
+    );
+    assert!(
+        world.budget.hits(LimitHit::EarlyResetBudget) >= 1 && calmed >= 3,
+        "over budget, {calmed} connections were told ENHANCE_YOUR_CALM"
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        dials.load(Ordering::SeqCst),
+        0,
+        "a cancelled CONNECT was dialled"
+    );
+    assert_eq!(app.accepted(), 0, "a cancelled CONNECT reached the app");
+    assert!(tasks_back_to(baseline).await, "tasks left behind");
+
+    // Another identity is not held to this one's budget.
+    let mut other = world.raw_as(OTHER_ID, &[]).await;
+    other.connect(1, &target, &[]).await.unwrap();
+    assert_eq!(other.answer(1, WAIT).await, Answer::Status(200));
+    assert_eq!(app.accepted(), 1);
+}
+
+// HARDENING C5
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connects_without_authority_with_path_or_extended_and_other_methods_are_refused() {
+    let app = App::start(Behaviour::Echo).await;
+    let world = World::start_with(Limits::server(), forward(Seen::default(), Arc::default())).await;
+    let target = app.addr.to_string();
+    let cases: [(&str, Vec<(&str, &str)>); 5] = [
+        ("no :authority", vec![(":method", "CONNECT")]),
+        (
+            ":path and :scheme",
+            vec![
+                (":method", "CONNECT"),
+                (":authority", &target),
+                (":scheme", "https"),
+                (":path", "/"),
+            ],
+        ),
+        (
+            "extended CONNECT",
+            vec![
+                (":method", "CONNECT"),
+                (":protocol", "websocket"),
+                (":scheme", "https"),
+                (":path", "/"),
+                (":authority", &target),
+            ],
+        ),
+        (
+            "GET",
+            vec![
+                (":method", "GET"),
+                (":scheme", "http"),
+                (":path", "/"),
+                (":authority", &target),
+            ],
+        ),
+        (
+            "POST without :path",
+            vec![(":method", "POST"), (":authority", &target)],
+        ),
+    ];
+    let mut raw = world.raw().await;
+    for (n, (what, fields)) in cases.iter().enumerate() {
+        let stream = 2 * n as u32 + 1;
+        raw.send(
+            HEADERS,
+            END_HEADERS | END_STREAM,
+            stream,
+            &header_block(fields),
+        )
+        .await
+        .unwrap();
+        let answer = raw.answer(stream, WAIT).await;
+        assert!(
+            answer == Answer::Status(400) || answer == Answer::Reset(PROTOCOL_ERROR),
+            "{what}: {answer:?}"
+        );
+    }
+    assert_eq!(world.connects.load(Ordering::SeqCst), 0);
+    assert_eq!(app.accepted(), 0);
+}
+
+// HARDENING C6
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_telemetry_headers_change_nothing_but_telemetry() {
+    let app = App::start(Behaviour::Echo).await;
+    let seen = Seen::default();
+    let headers = Arc::new(Mutex::new(Vec::new()));
+    let record = headers.clone();
+    let forward = forward(seen.clone(), Arc::default());
+    let on_connect: OnConnect = Arc::new(move |incoming: IncomingConnect| {
+        record.lock().unwrap().push(incoming.headers.clone());
+        forward(incoming);
+    });
+    let world = World::start_with(Limits::server(), on_connect).await;
+    let baggage: Vec<String> = (0..100)
+        .map(|n| format!("k8s.namespace.name=kube-system-{n}"))
+        .chain(["k8s.namespace.name=kube-system".to_string()])
+        .collect();
+    let baggage = baggage.join(",");
+    let mut raw = world.raw().await;
+    raw.connect(
+        1,
+        &app.addr.to_string(),
+        &[
+            ("baggage", &baggage),
+            ("traceparent", "zz-not-a-trace"),
+            ("forwarded", "host=evil.example;for=\"[garbage\""),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(raw.answer(1, WAIT).await, Answer::Status(200));
+    // The identity is the certificate's, whatever the headers claim.
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(
+        seen[0].0.as_ref().map(ToString::to_string).as_deref(),
+        Some(CLIENT_ID)
+    );
+    let headers = headers.lock().unwrap().clone();
+    assert_eq!(forwarded_for(&headers[0]), None);
+}
+
+// HARDENING C7
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_sent_before_a_refusal_is_dropped_and_its_window_given_back() {
+    for (refusal, status) in [
+        (Refusal::Denied("policy".into()), 401),
+        (Refusal::Unavailable("no app".into()), 503),
+    ] {
+        let world = World::start_with(
+            Limits::server(),
+            refuse_after(Duration::from_millis(200), refusal),
+        )
+        .await;
+        let mut raw = world.raw().await;
+        // 1 MiB before the answer, a few times over: the connection window (16 MiB) only
+        // holds if what a refused stream received is released.
+        for n in 0..20u32 {
+            let stream = 2 * n + 1;
+            raw.connect(stream, "127.0.0.1:9", &[]).await.unwrap();
+            let chunk = vec![0u8; 16 * 1024];
+            for _ in 0..64 {
+                if raw.send(DATA, 0, stream, &chunk).await.is_err() {
+                    break;
+                }
+            }
+            let answer = raw.answer(stream, WAIT).await;
+            assert_eq!(answer, Answer::Status(status), "stream {stream}");
+        }
+    }
+}
+
+// HARDENING C8
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn end_stream_half_closes_the_upstream_and_a_reset_closes_it() {
+    let app = App::start(Behaviour::ByeOnEof).await;
+    let dials = Arc::new(AtomicUsize::new(0));
+    let world =
+        World::start_with(Limits::server(), cancellable_forward(Duration::ZERO, dials)).await;
+    let mut raw = world.raw().await;
+    raw.connect(1, &app.addr.to_string(), &[]).await.unwrap();
+    assert_eq!(raw.answer(1, WAIT).await, Answer::Status(200));
+    // END_STREAM: the app reads EOF and can still answer.
+    raw.send(DATA, END_STREAM, 1, b"hello").await.unwrap();
+    let mut back = Vec::new();
+    let mut ended = false;
+    while let Ok(frame) = raw.next(WAIT).await {
+        if frame.kind == DATA && frame.stream == 1 {
+            back.extend_from_slice(&frame.payload);
+            if frame.flags & END_STREAM != 0 {
+                ended = true;
+                break;
+            }
+        }
+    }
+    assert_eq!(back, b"bye");
+    assert!(ended, "the app's close did not end the stream");
+    // RST_STREAM: the upstream connection ends.
+    raw.connect(3, &app.addr.to_string(), &[]).await.unwrap();
+    assert_eq!(raw.answer(3, WAIT).await, Answer::Status(200));
+    raw.reset(3, CANCEL).await.unwrap();
+    assert!(
+        eventually(WAIT, || app.written.load(Ordering::SeqCst) == 2).await,
+        "the upstream of a reset stream stayed open"
+    );
+}
