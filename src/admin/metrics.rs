@@ -201,6 +201,12 @@ impl EncodeLabelSet for PolicyLabels {
     }
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RefusedLabels {
+    port: u16,
+    reason: &'static str,
+}
+
 /// Every metric ztund exports, registered once; cheap to share behind an `Arc`.
 #[derive(Debug)]
 pub struct Metrics {
@@ -214,6 +220,7 @@ pub struct Metrics {
     hbone_pool_connections: Gauge,
     mesh_reloads: Family<ReloadLabels, Counter>,
     policy_denials: Family<PolicyLabels, Counter>,
+    refused: Family<RefusedLabels, Counter>,
     active_proxies: Gauge,
     pending_proxies: Gauge,
     proxies_started: Counter,
@@ -242,6 +249,7 @@ impl Metrics {
             hbone_pool_connections: Gauge::default(),
             mesh_reloads: Family::default(),
             policy_denials: Family::default(),
+            refused: Family::default(),
             active_proxies: Gauge::default(),
             pending_proxies: Gauge::default(),
             proxies_started: Counter::default(),
@@ -317,6 +325,11 @@ impl Metrics {
             "ztund_policy_denials",
             "Connections denied, by the policy that denied them",
             self.policy_denials.clone(),
+        );
+        registry.register(
+            "ztund_connections_refused",
+            "Connections and CONNECT streams refused, by listener port and reason",
+            self.refused.clone(),
         );
         registry.register(
             "workload_manager_active_proxy_count",
@@ -462,6 +475,13 @@ impl Metrics {
             .get_or_create(&PolicyLabels {
                 policy: policy.to_string(),
             })
+            .inc();
+    }
+
+    /// Records a connection (or CONNECT stream) refused on listener `port` for `reason`.
+    pub fn connection_refused(&self, port: u16, reason: &'static str) {
+        self.refused
+            .get_or_create(&RefusedLabels { port, reason })
             .inc();
     }
 

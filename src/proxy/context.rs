@@ -15,6 +15,7 @@ use crate::shard::Spawner;
 use crate::tls::Credentials;
 
 use super::accept::LiveConnections;
+use super::admission::Admission;
 use super::originate::Originator;
 use super::tracker::ConnectionTracker;
 
@@ -36,6 +37,8 @@ pub struct ProxyContext {
     pub live: Arc<LiveConnections>,
     /// Where listeners run: one per shard ([`crate::shard`]).
     pub shards: Spawner,
+    /// Caps on pending handshakes, the descriptor reserve, and the record of refusals.
+    pub admission: Arc<Admission>,
 }
 
 /// The pod a set of in-pod listeners belongs to.
