@@ -201,6 +201,12 @@ impl EncodeLabelSet for PolicyLabels {
     }
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RefusedLabels {
+    port: u16,
+    reason: &'static str,
+}
+
 /// Every metric ztund exports, registered once; cheap to share behind an `Arc`.
 #[derive(Debug)]
 pub struct Metrics {
@@ -218,6 +224,7 @@ pub struct Metrics {
     hbone_limit_hits: Family<Vec<(&'static str, &'static str)>, Counter>,
     /// Inbound dials to apps, by `outcome`: every one, cancelled or not.
     inbound_dials: Family<Vec<(&'static str, &'static str)>, Counter>,
+    refused: Family<RefusedLabels, Counter>,
     active_proxies: Gauge,
     pending_proxies: Gauge,
     proxies_started: Counter,
@@ -248,6 +255,7 @@ impl Metrics {
             policy_denials: Family::default(),
             hbone_limit_hits: Family::default(),
             inbound_dials: Family::default(),
+            refused: Family::default(),
             active_proxies: Gauge::default(),
             pending_proxies: Gauge::default(),
             proxies_started: Counter::default(),
@@ -333,6 +341,11 @@ impl Metrics {
             "ztund_inbound_dials",
             "Inbound connections ztund opened (or began to open) to apps, by outcome",
             self.inbound_dials.clone(),
+        );
+        registry.register(
+            "ztund_connections_refused",
+            "Connections and CONNECT streams refused, by listener port and reason",
+            self.refused.clone(),
         );
         registry.register(
             "workload_manager_active_proxy_count",
@@ -492,6 +505,13 @@ impl Metrics {
     pub fn inbound_dial(&self, outcome: &'static str) {
         self.inbound_dials
             .get_or_create(&vec![("outcome", outcome)])
+            .inc();
+    }
+
+    /// Records a connection (or CONNECT stream) refused on listener `port` for `reason`.
+    pub fn connection_refused(&self, port: u16, reason: &'static str) {
+        self.refused
+            .get_or_create(&RefusedLabels { port, reason })
             .inc();
     }
 

@@ -3,6 +3,7 @@
 //! the caller (the admin one through [`bind_admin`], which never binds a wildcard address).
 //! What the daemon does on `/quitquitquit` or which JSON it dumps is not decided here.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -17,7 +18,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tokio::task::JoinSet;
+use tokio::task::{AbortHandle, JoinSet};
 
 use super::metrics::{Metrics, content_type};
 use super::readiness::Readiness;
@@ -28,6 +29,11 @@ use crate::net::SocketFactory;
 const DRAIN_GRACE: Duration = Duration::from_secs(1);
 /// Pause after a failed accept (e.g. out of file descriptors) so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// A request's headers must arrive within this (slowloris on 15020/15021).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections one server holds open; past it the oldest is closed, so a flood of idle or
+/// trickling connections can neither exhaust descriptors nor keep a probe out.
+const MAX_CONNECTIONS: usize = 64;
 
 /// What went wrong setting up the admin server.
 #[derive(Debug, thiserror::Error)]
@@ -100,12 +106,22 @@ async fn serve<F>(
     F: Fn(&Request<hyper::body::Incoming>) -> Response<Body> + Clone + Send + Sync + 'static,
 {
     let mut connections = JoinSet::new();
+    // Oldest first; entries of finished connections are pruned when the cap is reached.
+    let mut by_age: VecDeque<AbortHandle> = VecDeque::new();
     loop {
         tokio::select! {
             _ = drained(&mut drain) => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _peer)) => {
-                    connections.spawn(serve_connection(stream, drain.clone(), route.clone()));
+                    let task = connections.spawn(serve_connection(stream, drain.clone(), route.clone()));
+                    by_age.push_back(task);
+                    if by_age.len() > MAX_CONNECTIONS {
+                        by_age.retain(|task| !task.is_finished());
+                    }
+                    if by_age.len() > MAX_CONNECTIONS && let Some(oldest) = by_age.pop_front() {
+                        tracing::debug!(server, "connection cap reached: closing the oldest");
+                        oldest.abort();
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(server, error = %e, "accept failed");
@@ -140,6 +156,7 @@ where
     let connection = hyper::server::conn::http1::Builder::new()
         // The timer lets hyper enforce its header read timeout against idle, half-sent requests.
         .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
         .serve_connection(TokioIo::new(stream), service);
     tokio::pin!(connection);
     let result = tokio::select! {

@@ -26,8 +26,10 @@ use crate::identity::CertManager;
 use crate::logging::LogControl;
 use crate::net::SocketFactory;
 use crate::proxy::accept::LiveConnections;
+use crate::proxy::admission::Admission;
 use crate::proxy::context::{Owner, ProxyContext, Scope};
 use crate::proxy::originate::Originator;
+use crate::proxy::refusals::Refusals;
 use crate::proxy::tracker::{self, ConnectionTracker};
 use crate::proxy::{inbound, outbound};
 use crate::shard::{Shards, Spawner};
@@ -166,6 +168,7 @@ async fn serve(config: Arc<Config>, log: LogControl, shards: Spawner) -> Result<
         live: Arc::new(LiveConnections::default()),
         shards: shards.clone(),
         hbone_budget: hbone_budget.clone(),
+        admission: admission(&metrics),
     });
     tokio::spawn(tracker::watch_policies(
         ctx.tracker.clone(),
@@ -307,6 +310,27 @@ async fn serve(config: Arc<Config>, log: LogControl, shards: Spawner) -> Result<
         }
     }
     Ok(())
+}
+
+/// Admission sized to the open-files limit the daemon runs with (raised at start).
+fn admission(metrics: &Arc<Metrics>) -> Arc<Admission> {
+    let limit = match limits::open_files() {
+        Ok((soft, _)) => soft,
+        Err(e) => {
+            warn!(error = %e, "cannot read the open-files limit; assuming 1024");
+            1024
+        }
+    };
+    let admission = Admission::new(limit, Refusals::new(metrics.clone()));
+    let caps = admission.limits();
+    info!(
+        open_files = limit,
+        fd_reserve = crate::proxy::admission::fd_reserve(limit),
+        pending_handshakes = caps.total,
+        pending_handshakes_per_source = caps.per_source,
+        "admission limits"
+    );
+    Arc::new(admission)
 }
 
 /// How long before the drain deadline the daemon counts what is still open.

@@ -209,16 +209,28 @@ pub async fn accept_and_serve<IO>(
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let peer = info.peer_addr;
-    let tls = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(io))
+    let tls = tls_accept(io, acceptor, info.peer_addr).await?;
+    serve_connection(tls, info, budget, drain, on_connect).await
+}
+
+/// The TLS handshake of a freshly accepted connection from `peer`, bounded by
+/// [`TLS_HANDSHAKE_TIMEOUT`] (a silent or trickling client is dropped at the deadline).
+pub async fn tls_accept<IO>(
+    io: IO,
+    acceptor: &tokio_rustls::TlsAcceptor,
+    peer: SocketAddr,
+) -> Result<tokio_rustls::server::TlsStream<IO>, HboneError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(io))
         .await
         .map_err(|_| HboneError::Timeout {
             peer,
             what: "the TLS handshake",
             after: TLS_HANDSHAKE_TIMEOUT,
         })?
-        .map_err(|source| HboneError::Tls { peer, source })?;
-    serve_connection(tls, info, budget, drain, on_connect).await
+        .map_err(|source| HboneError::Tls { peer, source })
 }
 
 /// Serves one HBONE connection until the client closes it, the keepalive fails, a limit of

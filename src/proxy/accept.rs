@@ -9,6 +9,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -18,9 +19,10 @@ use slab::Slab;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
 use tokio::task::AbortHandle;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use super::context::ProxyContext;
+use super::refusals::RefusalReason;
 
 /// The daemon's open proxied connections, over every listener and pod.
 #[derive(Debug, Default)]
@@ -79,6 +81,8 @@ pub async fn accept_loop<F, Fut>(
         ctx.config.drain_deadline,
         what,
     ));
+    let port = listener.local_addr().map_or(0, |addr| addr.port());
+    let admission = ctx.admission.clone();
     let mut drain = ctx.drain.clone();
     loop {
         let accepted = tokio::select! {
@@ -89,14 +93,43 @@ pub async fn accept_loop<F, Fut>(
             Ok((stream, peer)) => {
                 // Dual-stack listeners report IPv4 peers as ::ffff:a.b.c.d.
                 let peer = crate::net::canonical(peer);
+                if admission.in_reserve(stream.as_raw_fd()) {
+                    // Descriptors are running out: this one goes, and so do the oldest
+                    // connections that have proved nothing yet.
+                    let shed = admission.shed_for_descriptors();
+                    drop(stream);
+                    let detail =
+                        format!("open files near the limit; {shed} pending handshakes shed");
+                    admission
+                        .refusals
+                        .record(port, RefusalReason::FdReserve, peer, &detail);
+                    continue;
+                }
                 open.spawn(logged(handle(stream, peer), peer, what));
             }
             Err(e) => {
-                warn!(error = %e, listener = what, "accepting a connection");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                // Out of descriptors (EMFILE, ENFILE) the listener stays readable: retrying at
+                // once would spin. Shed what has proved nothing, then pause.
+                let shed = admission.shed_for_descriptors();
+                let detail = format!("{what}: {e}; {shed} pending handshakes shed");
+                admission.refusals.record(
+                    port,
+                    RefusalReason::AcceptFailed,
+                    unknown_peer(),
+                    &detail,
+                );
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
             }
         }
     }
+}
+
+/// Pause after a failed `accept()`.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// A failed `accept()` has no peer; its log line shows this one.
+fn unknown_peer() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 0))
 }
 
 /// A connection's future with its end logged. (`map`, not an `async` block: a block that awaits

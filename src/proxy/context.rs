@@ -15,6 +15,7 @@ use crate::shard::Spawner;
 use crate::tls::Credentials;
 
 use super::accept::LiveConnections;
+use super::admission::Admission;
 use super::originate::Originator;
 use super::tracker::ConnectionTracker;
 
@@ -38,6 +39,8 @@ pub struct ProxyContext {
     pub shards: Spawner,
     /// The HBONE server's limits and the budgets all its connections share.
     pub hbone_budget: Arc<crate::hbone::ServerBudget>,
+    /// Caps on pending handshakes, the descriptor reserve, and the record of refusals.
+    pub admission: Arc<Admission>,
 }
 
 /// The pod a set of in-pod listeners belongs to.

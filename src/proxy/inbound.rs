@@ -2,7 +2,7 @@
 //! destination → authorize (and stay registered for re-checks) → connect to the app → answer 200
 //! → copy until done or closed by policy → record.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -13,11 +13,15 @@ use tracing::{debug, info};
 use super::accept::accept_loop;
 use super::context::{Owner, ProxyContext, Scope};
 use super::copy::{Transferred, copy_tcp_h2};
+use super::refusals::RefusalReason;
+use super::route::is_own_port;
 use super::tracker::TrackedConnection;
 use crate::admin::TrafficSeries;
 use crate::hbone::request::forwarded_for;
-use crate::hbone::server::{ConnectionInfo, IncomingConnect, Refusal, accept_and_serve};
-use crate::hbone::{Authority, H2Stream};
+use crate::hbone::server::{
+    ConnectionInfo, IncomingConnect, Refusal, serve_connection, tls_accept,
+};
+use crate::hbone::{Authority, H2Stream, HboneError};
 use crate::identity::SpiffeId;
 use crate::logging::Optional;
 use crate::mesh::{Snapshot, Workload};
@@ -38,35 +42,73 @@ pub async fn serve(ctx: Arc<ProxyContext>, scope: Scope, listener: TcpListener) 
     .await;
 }
 
-/// One TLS connection carrying any number of CONNECT streams.
+/// One TLS connection carrying any number of CONNECT streams. Until its handshake is done it
+/// is pending ([`crate::proxy::admission`]): capped, and shed first when the caps are reached.
 async fn handle_connection(
     ctx: Arc<ProxyContext>,
     scope: Scope,
     tcp: TcpStream,
     peer: SocketAddr,
 ) -> Result<(), String> {
+    let port = ctx.config.ports.hbone;
+    let refusals = &ctx.admission.refusals;
+    let mut pending = ctx.admission.admit_handshake(peer.ip());
     let local = crate::net::canonical(tcp.local_addr().map_err(|e| e.to_string())?);
     let snapshot = ctx.mesh.load();
     let Some(workload) = scope.local_workload(&snapshot, &ctx.config.node, local.ip()) else {
-        return Err(format!("no local workload owns {local}; closing"));
+        let reason = format!("no local workload owns {local}; closing");
+        refusals.record(port, RefusalReason::NoLocalWorkload, peer, &reason);
+        return Err(reason);
     };
+    drop(snapshot);
     let server_config = ctx
         .credentials
         .server_config(&workload.identity())
         .await
         .map_err(|e| e.to_string())?;
+    let acceptor = TlsAcceptor::from(server_config);
+    let tls = tokio::select! {
+        tls = tls_accept(tcp, &acceptor, peer) => tls,
+        why = pending.shed() => {
+            let reason = "shed before its TLS handshake finished";
+            refusals.record(port, why.reason(), peer, &reason);
+            return Err(reason.to_string());
+        }
+    };
+    drop(pending);
+    let tls = match tls {
+        Ok(tls) => tls,
+        Err(e) => {
+            let reason = match e {
+                HboneError::Timeout { .. } => RefusalReason::HandshakeTimeout,
+                _ => RefusalReason::TlsHandshake,
+            };
+            refusals.record(port, reason, peer, &e);
+            return Err(e.to_string());
+        }
+    };
     let info = ConnectionInfo {
         peer_addr: peer,
         local_addr: local,
     };
-    let acceptor = TlsAcceptor::from(server_config);
     let drain = ctx.drain.clone();
     let budget = ctx.hbone_budget.clone();
-    accept_and_serve(tcp, &acceptor, info, &budget, drain, move |incoming| {
-        tokio::spawn(handle_connect(ctx.clone(), scope.clone(), incoming));
+    let on_connect_ctx = ctx.clone();
+    let served = serve_connection(tls, info, &budget, drain, move |incoming| {
+        tokio::spawn(handle_connect(
+            on_connect_ctx.clone(),
+            scope.clone(),
+            incoming,
+        ));
     })
-    .await
-    .map_err(|e| e.to_string())
+    .await;
+    match served {
+        Err(e @ HboneError::Alpn { .. }) => {
+            refusals.record(port, RefusalReason::Alpn, peer, &e);
+            Err(e.to_string())
+        }
+        other => other.map_err(|e| e.to_string()),
+    }
 }
 
 /// One CONNECT stream, start to end. The stream's task keeps its future for the stream's whole
@@ -129,8 +171,8 @@ async fn set_up(
     // Decide: is the target ours, and may this peer reach it?
     let (workload, target) = match destination(&ctx, &scope, &snapshot, &incoming) {
         Ok(found) => found,
-        Err(refusal) => {
-            refuse(incoming, None, refusal);
+        Err((reason, refusal)) => {
+            refuse(&ctx, incoming, None, reason, refusal);
             return None;
         }
     };
@@ -158,7 +200,8 @@ async fn set_up(
     let tracked = match admitted {
         Ok(tracked) => tracked,
         Err(reason) => {
-            refuse(incoming, Some(target), Refusal::Denied(reason));
+            let refusal = Refusal::Denied(reason);
+            refuse(&ctx, incoming, Some(target), RefusalReason::Denied, refusal);
             return None;
         }
     };
@@ -184,8 +227,10 @@ async fn set_up(
         Some(Err(e)) => {
             ctx.metrics.inbound_dial("failed");
             refuse(
+                &ctx,
                 incoming,
                 Some(target),
+                RefusalReason::Unavailable,
                 Refusal::Unavailable(format!("connecting to {target}: {e}")),
             );
             return None;
@@ -257,19 +302,32 @@ async fn carry(ctx: &ProxyContext, connection: Box<Connection>) {
     );
 }
 
-/// Answers a CONNECT with `refusal` and logs it; `target` is the workload socket the authority
-/// was resolved to, when it got that far.
-fn refuse(incoming: IncomingConnect, target: Option<SocketAddr>, refusal: Refusal) {
+/// Answers a CONNECT with `refusal`, logs and counts it; `target` is the workload socket the
+/// authority was resolved to, when it got that far.
+fn refuse(
+    ctx: &ProxyContext,
+    incoming: IncomingConnect,
+    target: Option<SocketAddr>,
+    reason: RefusalReason,
+    refusal: Refusal,
+) {
     let target = target.or(match incoming.authority {
         Authority::Addr(addr) => Some(addr),
         Authority::Host(..) => None,
     });
+    let ends = Ends::of(&incoming);
     access_refused(
-        Ends::of(&incoming),
+        ends,
         incoming.peer_identity.as_ref(),
         &incoming.authority,
         target,
         &refusal,
+    );
+    ctx.admission.refusals.record(
+        ctx.config.ports.hbone,
+        reason,
+        ends.tunnel_peer,
+        &refusal.reason(),
     );
     incoming.refuse(refusal);
 }
@@ -291,56 +349,104 @@ fn cancelled(incoming: &IncomingConnect, target: SocketAddr, dialled: bool) {
     );
 }
 
+/// Why a CONNECT is turned away before anything is dialled: how it is counted, and what the
+/// peer hears.
+type Turned = (RefusalReason, Refusal);
+
 /// The local workload and socket address a CONNECT authority names, or why it is refused.
 /// An address must be the one the TLS connection arrived on (ztund is never an open proxy); a
-/// service hostname must have an endpoint that is this very workload.
+/// service hostname must have an endpoint that is this very workload. Whatever the authority
+/// resolves to, a port of ztund's own or a loopback address is a self-call: 400 before dialling.
 fn destination(
     ctx: &ProxyContext,
     scope: &Scope,
     snapshot: &Snapshot,
     incoming: &IncomingConnect,
-) -> Result<(Arc<Workload>, SocketAddr), Refusal> {
+) -> Result<(Arc<Workload>, SocketAddr), Turned> {
+    let bad = |reason, text: String| Err((reason, Refusal::BadRequest(text)));
     let local = incoming.local_addr;
     let Some(workload) = scope.local_workload(snapshot, &ctx.config.node, local.ip()) else {
-        return Err(Refusal::Unavailable(format!(
-            "no local workload at {local}"
-        )));
+        return Err((
+            RefusalReason::NoLocalWorkload,
+            Refusal::Unavailable(format!("no local workload at {local}")),
+        ));
     };
     let target = match &incoming.authority {
         Authority::Addr(addr) => {
-            if addr.ip() != local.ip() || !workload.addresses.contains(&addr.ip()) {
-                return Err(Refusal::BadRequest(format!(
-                    "{addr} is not the workload this connection reached ({})",
-                    local.ip()
-                )));
+            // `[::ffff:10.0.0.2]` is 10.0.0.2: compared and authorized as such.
+            let addr = crate::net::canonical(*addr);
+            if is_host_itself(addr.ip()) {
+                return bad(
+                    RefusalReason::SelfCall,
+                    format!("{addr} is the host itself, never a workload"),
+                );
             }
-            *addr
+            if addr.ip() != local.ip() || !workload.addresses.contains(&addr.ip()) {
+                return bad(
+                    RefusalReason::NotLocalDestination,
+                    format!(
+                        "{addr} is not the workload this connection reached ({})",
+                        local.ip()
+                    ),
+                );
+            }
+            if addr.port() == 0 {
+                return bad(RefusalReason::BadAuthority, format!("{addr}: port 0"));
+            }
+            addr
         }
         Authority::Host(host, port) => {
+            if !is_service_hostname(host) {
+                return bad(
+                    RefusalReason::BadAuthority,
+                    format!("{host} is neither a socket address nor a service hostname"),
+                );
+            }
             let Some(service) = snapshot.service_by_hostname(host, &workload.namespace) else {
-                return Err(Refusal::Unavailable(format!("unknown service {host}")));
+                return Err((
+                    RefusalReason::Unavailable,
+                    Refusal::Unavailable(format!("unknown service {host}")),
+                ));
             };
             if !snapshot
                 .endpoints(service)
                 .iter()
                 .any(|w| w.uid == workload.uid)
             {
-                return Err(Refusal::BadRequest(format!(
-                    "{host} has no endpoint on this workload"
-                )));
+                return bad(
+                    RefusalReason::NotLocalDestination,
+                    format!("{host} has no endpoint on this workload"),
+                );
             }
             let Some(port) = service.port(*port) else {
-                return Err(Refusal::Unavailable(format!("{host} has no port {port}")));
+                return Err((
+                    RefusalReason::Unavailable,
+                    Refusal::Unavailable(format!("{host} has no port {port}")),
+                ));
             };
             SocketAddr::new(local.ip(), workload.target_port(service, port))
         }
     };
-    if super::route::SELF_PORTS.contains(&target.port()) {
-        return Err(Refusal::Unavailable(format!(
-            "{target} is one of ztund's own ports"
-        )));
+    if is_own_port(target.port(), &ctx.config.ports) {
+        return bad(
+            RefusalReason::SelfCall,
+            format!("{target} is one of ztund's own ports"),
+        );
     }
     Ok((workload, target))
+}
+
+/// Loopback or unspecified, in any spelling once canonical (127.0.0.0/8, ::1, 0.0.0.0, ::).
+fn is_host_itself(ip: IpAddr) -> bool {
+    ip.is_loopback() || ip.is_unspecified()
+}
+
+/// A name that can only be a service hostname: not `localhost`, and no all-digit last label
+/// (`127.1`, `2130706433`: what `inet_aton` would read as an address). Never resolved by DNS.
+fn is_service_hostname(host: &str) -> bool {
+    let last = host.rsplit('.').next().unwrap_or(host);
+    let numeric = !last.is_empty() && last.bytes().all(|b| b.is_ascii_digit());
+    !numeric && host != "localhost" && !host.ends_with(".localhost")
 }
 
 fn access_refused(

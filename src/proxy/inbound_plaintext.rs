@@ -13,6 +13,8 @@ use tracing::info;
 use super::accept::accept_loop;
 use super::context::{ProxyContext, Scope};
 use super::copy::{Transferred, copy_bidirectional};
+use super::refusals::RefusalReason;
+use super::route::is_own_port;
 use crate::policy::ConnectionFacts;
 
 /// Accepts plaintext connections until the pod or the daemon drains.
@@ -33,13 +35,19 @@ async fn handle(
     peer: SocketAddr,
 ) -> Result<(), String> {
     let started = Instant::now();
+    let port = ctx.config.ports.inbound_plaintext;
+    let refusals = &ctx.admission.refusals;
     let target = crate::net::original_destination(&client).map_err(|e| e.to_string())?;
     let snapshot = ctx.mesh.load();
     let Some(workload) = scope.local_workload(&snapshot, &ctx.config.node, target.ip()) else {
-        return Err(format!("no local workload owns {target}; closing"));
+        let reason = format!("no local workload owns {target}; closing");
+        refusals.record(port, RefusalReason::NoLocalWorkload, peer, &reason);
+        return Err(reason);
     };
-    if super::route::SELF_PORTS.contains(&target.port()) {
-        return Err(format!("{target} is one of ztund's own ports"));
+    if is_own_port(target.port(), &ctx.config.ports) || target.ip().is_loopback() {
+        let reason = format!("{target} is one of ztund's own ports");
+        refusals.record(port, RefusalReason::SelfCall, peer, &reason);
+        return Err(reason);
     }
     let facts = ConnectionFacts {
         source_ip: peer.ip(),
@@ -62,15 +70,19 @@ async fn handle(
                 reason = %reason,
                 "connection refused"
             );
+            refusals.record(port, RefusalReason::Denied, peer, &reason);
             return Ok(());
         }
     };
     let spoof = (peer.ip() != target.ip()).then_some(peer.ip());
-    let upstream = scope
-        .sockets
-        .connect(target, spoof)
-        .await
-        .map_err(|e| format!("connecting to {target}: {e}"))?;
+    let upstream = match scope.sockets.connect(target, spoof).await {
+        Ok(upstream) => upstream,
+        Err(e) => {
+            let reason = format!("connecting to {target}: {e}");
+            refusals.record(port, RefusalReason::Unavailable, peer, &reason);
+            return Err(reason);
+        }
+    };
     let series = super::labels::inbound_series(&ctx.metrics, &workload, None, &snapshot);
     ctx.metrics.open(&series);
     let result = tracked.guard(copy_bidirectional(client, upstream)).await;

@@ -3,6 +3,7 @@
 //! Knows nothing about how its sockets got into a network namespace.
 
 pub mod accept;
+pub mod admission;
 pub mod context;
 pub mod copy;
 pub mod inbound;
@@ -10,6 +11,7 @@ pub mod inbound_plaintext;
 pub mod labels;
 pub mod originate;
 pub mod outbound;
+pub mod refusals;
 pub mod route;
 pub mod socks5;
 pub mod tracker;

@@ -13,6 +13,7 @@ use tracing::info;
 use super::accept::accept_loop;
 use super::context::{ProxyContext, Scope};
 use super::copy::{copy_bidirectional, copy_tcp_h2};
+use super::refusals::RefusalReason;
 use super::route::{self, Plan};
 use super::socks5;
 use crate::hbone::pool::PoolKey;
@@ -102,6 +103,7 @@ async fn set_up_transparent(
         ctx.config.ports.hbone,
     );
     let upstream = connect(ctx, scope, source.as_deref(), peer, &plan).await;
+    count_refusal(ctx, ctx.config.ports.outbound, peer, &upstream);
     Ok(Box::new(Connection {
         source,
         peer,
@@ -151,6 +153,7 @@ async fn set_up_socks5(
         ctx.config.ports.hbone,
     );
     let upstream = connect(ctx, scope, Some(&source), peer, &plan).await;
+    count_refusal(ctx, ctx.config.ports.socks5, peer, &upstream);
     let code = match &upstream {
         Ok(_) => socks5::Reply::Succeeded,
         Err(Failure::Refused(_)) => socks5::Reply::NotAllowed,
@@ -192,6 +195,21 @@ impl std::fmt::Display for Failure {
         match self {
             Failure::Refused(r) | Failure::Unreachable(r) => f.write_str(r),
         }
+    }
+}
+
+/// A connection the plan refuses is counted and logged (rate-limited) as a refusal; one that
+/// could not reach its next hop is an ordinary failed connection.
+fn count_refusal(
+    ctx: &ProxyContext,
+    port: u16,
+    peer: SocketAddr,
+    upstream: &Result<Upstream, Failure>,
+) {
+    if let Err(Failure::Refused(reason)) = upstream {
+        ctx.admission
+            .refusals
+            .record(port, RefusalReason::NoRoute, peer, reason);
     }
 }
 

@@ -8,12 +8,29 @@ use std::sync::Arc;
 
 use rand::Rng;
 
+use crate::config::Ports;
 use crate::identity::SpiffeId;
 use crate::mesh::{Endpoints, Service, Snapshot, TunnelProtocol, Workload};
 use crate::policy::{self, OutboundTls, TlsOrigination};
 
-/// Ports of ztund's own listeners: a connection aimed at one of them would loop.
-pub const SELF_PORTS: [u16; 3] = [15001, 15006, 15008];
+/// Istio's ports for the node proxy's own listeners (admin, outbound, inbound plaintext, HBONE,
+/// metrics, readiness, DNS, SOCKS5): a connection aimed at one of them on a workload address or
+/// loopback is a self-call, which would loop or reach ztund's own servers through the tunnel.
+pub const SELF_PORTS: [u16; 8] = [15000, 15001, 15006, 15008, 15020, 15021, 15053, 15080];
+
+/// Whether `port` is one of ztund's own: Istio's numbers, and the ones this node configured.
+pub fn is_own_port(port: u16, ports: &Ports) -> bool {
+    let configured = [
+        ports.hbone,
+        ports.socks5,
+        ports.outbound,
+        ports.inbound_plaintext,
+        ports.admin,
+        ports.metrics,
+        ports.readiness,
+    ];
+    SELF_PORTS.contains(&port) || configured.contains(&port)
+}
 
 /// How one outbound connection is carried.
 #[derive(Debug, Clone, PartialEq)]
@@ -61,7 +78,10 @@ pub fn plan(
     destination: SocketAddr,
     hbone_port: u16,
 ) -> Plan {
-    if destination.ip().is_loopback() && SELF_PORTS.contains(&destination.port()) {
+    // `[::ffff:127.0.0.1]` is loopback too, and 0.0.0.0 reaches the host's own listeners.
+    let destination = crate::net::canonical(destination);
+    let host_itself = destination.ip().is_loopback() || destination.ip().is_unspecified();
+    if host_itself && SELF_PORTS.contains(&destination.port()) {
         return Plan::Refuse(format!("{destination} is one of ztund's own ports"));
     }
     if let Some(service) = snapshot.service_by_vip(destination.ip()) {

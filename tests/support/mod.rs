@@ -84,6 +84,17 @@ impl Cluster {
 
     /// Starts `ztund run` inside node `n`'s namespace without waiting for readiness.
     pub fn spawn(&self, bed: &Testbed, n: usize, config: &Path) -> Daemon {
+        self.spawn_with(bed, n, config, |_| {})
+    }
+
+    /// [`Cluster::spawn`], with `adjust` applied to the command first (limits, environment).
+    pub fn spawn_with(
+        &self,
+        bed: &Testbed,
+        n: usize,
+        config: &Path,
+        adjust: impl FnOnce(&mut Command),
+    ) -> Daemon {
         // A restarted daemon gets a fresh log; the earlier one stays for the failure message.
         let log = (0..)
             .map(|run| match run {
@@ -100,6 +111,7 @@ impl Cluster {
             .env("ZTUND_LOG", "info,access=debug")
             .stdout(Stdio::null())
             .stderr(log_file);
+        adjust(&mut command);
         let child = bed.spawn_in(Place::Node(n), command);
         Daemon {
             child,
