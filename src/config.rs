@@ -525,17 +525,34 @@ impl Config {
                 "mode istio needs an address, or a controlPlane to take it from".into(),
             ));
         }
-        if self.cert_ttl < Duration::from_secs(60) {
-            return Err(invalid("certTtl", "must be at least 60s".into()));
+        for (field, value, least, most) in self.duration_bounds() {
+            if value < least || value > most {
+                let [value, least, most] = [value, least, most].map(duration_text::format);
+                return Err(invalid(
+                    field,
+                    format!("{value} is out of range: must be from {least} to {most}"),
+                ));
+            }
         }
-        if self.pool.max_streams_per_connection == 0 {
-            return Err(invalid(
+        let counts = [
+            (
                 "pool.maxStreamsPerConnection",
-                "must be at least 1".into(),
-            ));
-        }
-        if self.data_plane.threads == Some(0) {
-            return Err(invalid("dataPlane.threads", "must be at least 1".into()));
+                u64::from(self.pool.max_streams_per_connection),
+                MAX_STREAMS_PER_CONNECTION,
+            ),
+            (
+                "dataPlane.threads",
+                self.data_plane.threads.map_or(1, |n| n as u64),
+                MAX_DATA_PLANE_THREADS,
+            ),
+        ];
+        for (field, value, most) in counts {
+            if value == 0 || value > most {
+                return Err(invalid(
+                    field,
+                    format!("{value} is out of range: must be from 1 to {most}"),
+                ));
+            }
         }
         let p = &self.ports;
         let all = [
@@ -556,6 +573,35 @@ impl Config {
             }
         }
         Ok(())
+    }
+}
+
+/// More data-plane threads than this is a typo, not a node (each is a runtime and a thread).
+const MAX_DATA_PLANE_THREADS: u64 = 1024;
+/// HTTP/2 allows 2³¹ streams; past this many on one connection the pool stops spreading load
+/// and a single connection's loss takes everything with it.
+const MAX_STREAMS_PER_CONNECTION: u64 = 10_000;
+
+impl Config {
+    /// Every duration key with its allowed range. Zero is never allowed: a zero period panics
+    /// the timer using it (`watchInterval: 0s` once killed the mesh watcher) and a zero
+    /// timeout or lifetime ends things at once. The upper bounds stop typos (`24d` for `24h`)
+    /// and values whose arithmetic would overflow a timer.
+    fn duration_bounds(&self) -> [(&'static str, Duration, Duration, Duration); 4] {
+        const MS: Duration = Duration::from_millis(1);
+        const SECOND: Duration = Duration::from_secs(1);
+        const HOUR: Duration = Duration::from_secs(3600);
+        const DAY: Duration = Duration::from_secs(86400);
+        [
+            // Renewed at half life: shorter than a minute is renewal all the time.
+            ("certTtl", self.cert_ttl, 60 * SECOND, 365 * DAY),
+            ("pool.idleTimeout", self.pool.idle_timeout, SECOND, DAY),
+            // Each poll stats the file; faster than 10 ms is a busy loop.
+            ("watchInterval", self.watch_interval, 10 * MS, HOUR),
+            // Kubernetes' terminationGracePeriodSeconds and systemd's TimeoutStopSec, outside
+            // this file, must exceed it (tests/manifests.rs checks the shipped ones).
+            ("drainDeadline", self.drain_deadline, MS, HOUR),
+        ]
     }
 }
 

@@ -191,3 +191,52 @@ fn a_duration_without_a_unit_is_refused_naming_the_field() {
         .unwrap();
     assert_eq!(c.drain_deadline, Duration::from_millis(2500));
 }
+
+/// Issue 14 item 8: `watchInterval: 0s` once passed and panicked the mesh watcher. Every
+/// duration and count is checked at load, the error names the key and its range, and the
+/// range's own ends are accepted.
+#[test]
+fn every_duration_and_count_out_of_range_is_refused_naming_the_key() {
+    let refused = [
+        ("watchInterval: 0s\n", "watchInterval"),
+        ("watchInterval: 9ms\n", "watchInterval"),
+        ("watchInterval: 2h\n", "watchInterval"),
+        ("certTtl: 59s\n", "certTtl"),
+        ("certTtl: 366d\n", "certTtl"),
+        ("pool: {idleTimeout: 0s}\n", "pool.idleTimeout"),
+        ("pool: {idleTimeout: 25h}\n", "pool.idleTimeout"),
+        ("drainDeadline: 0ms\n", "drainDeadline"),
+        ("drainDeadline: 61m\n", "drainDeadline"),
+        (
+            "pool: {maxStreamsPerConnection: 0}\n",
+            "pool.maxStreamsPerConnection",
+        ),
+        (
+            "pool: {maxStreamsPerConnection: 10001}\n",
+            "pool.maxStreamsPerConnection",
+        ),
+        ("dataPlane: {threads: 1025}\n", "dataPlane.threads"),
+    ];
+    for (yaml, field) in refused {
+        let err = Config::parse(&format!("{MINIMAL}{yaml}"), "cfg.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("cfg.yaml") && err.contains(&format!("field `{field}`")),
+            "{yaml}: {err}"
+        );
+        assert!(err.contains("out of range: must be from"), "{yaml}: {err}");
+    }
+    let edges = "watchInterval: 10ms\ncertTtl: 365d\npool: {idleTimeout: 1s, maxStreamsPerConnection: 10000}\ndrainDeadline: 1h\ndataPlane: {threads: 1024}\n";
+    let c = Config::parse(&format!("{MINIMAL}{edges}"), "cfg.yaml").unwrap();
+    assert_eq!(c.watch_interval, Duration::from_millis(10));
+    let mut c = Config::parse(MINIMAL, "t.yaml").unwrap();
+    let err = c
+        .apply_env(|k| (k == "ZTUND_DRAIN_DEADLINE").then(|| "0s".to_string()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("environment") && err.contains("drainDeadline"),
+        "{err}"
+    );
+}

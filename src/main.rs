@@ -81,8 +81,12 @@ enum Command {
     /// Validate Istio YAML and print each workload's effective policy.
     Check {
         /// Mesh files (multi-document Kubernetes/Istio YAML).
-        #[arg(required = true)]
+        #[arg(required_unless_present = "config")]
         files: Vec<PathBuf>,
+        /// A node config to validate too (every key, with `ZTUND_*` overrides); its
+        /// `meshFile` is checked when no files are named.
+        #[arg(long)]
+        config: Option<PathBuf>,
         /// The Istio root namespace.
         #[arg(long, default_value = "istio-system")]
         root_namespace: String,
@@ -214,10 +218,20 @@ fn main() -> ExitCode {
             ))
         }
         Command::Check {
-            files,
+            mut files,
+            config,
             root_namespace,
         } => {
             let _log = ztund::logging::init(format, "warn");
+            if let Some(path) = config {
+                let loaded = ztund::config::Config::load(&path)
+                    .and_then(|mut c| c.apply_env(|k| std::env::var(k).ok()).map(|_| c));
+                match loaded {
+                    Ok(config) if files.is_empty() => files.extend(config.mesh_file),
+                    Ok(_) => {}
+                    Err(e) => return fail(&e),
+                }
+            }
             let settings = ztund::mesh::MeshSettings {
                 root_namespace,
                 ..Default::default()

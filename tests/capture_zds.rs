@@ -338,3 +338,160 @@ async fn standalone_pods_get_proxies_and_redirection_and_lose_both_when_gone() {
     assert!(!nft::redirection_installed(&ns1).unwrap());
     assert!(recorder.running().is_empty());
 }
+
+/// How many of this process's fds name `target` (`net:[inode]`, or a path).
+fn fds_naming(target: &std::path::Path) -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+        .filter(|link| link == target)
+        .count()
+}
+
+// HARDENING Z1 Z2 Z3 Z4
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_packets_on_the_real_socket_close_every_fd_they_carried() {
+    use std::os::fd::AsRawFd;
+    let bed = Testbed::new(1, 1);
+    let d = daemon();
+    let ns = bed.netns(Place::Pod(1, 1));
+    let ns_link = std::fs::read_link(format!("/proc/self/fd/{}", ns.as_fd().as_raw_fd())).unwrap();
+    let baseline = fds_naming(&ns_link);
+    let conn = d.accept().await;
+    let add = proto::WorkloadRequest {
+        payload: Some(proto::workload_request::Payload::Add(proto::AddWorkload {
+            uid: "a".into(),
+            workload_info: Some(proto::WorkloadInfo::default()),
+        })),
+    }
+    .encode_to_vec();
+    let del = proto::WorkloadRequest {
+        payload: Some(proto::workload_request::Payload::Del(proto::DelWorkload {
+            uid: "a".into(),
+        })),
+    }
+    .encode_to_vec();
+    let file = std::fs::File::open("/proc/self/status").unwrap();
+    let mount_ns = std::fs::File::open("/proc/self/ns/mnt").unwrap();
+    let own_ns = std::fs::File::open("/proc/self/ns/net").unwrap();
+    let socket = std::os::unix::net::UnixDatagram::unbound().unwrap();
+    let six = [ns.as_fd(); 6];
+
+    let refusals = [
+        (conn.send_raw(&add, &six).await, "did not fit"),
+        (
+            conn.send_raw(&add, &[file.as_fd()]).await,
+            "not a network namespace",
+        ),
+        (
+            conn.send_raw(&add, &[socket.as_fd()]).await,
+            "not a network namespace",
+        ),
+        (
+            conn.send_raw(&add, &[mount_ns.as_fd()]).await,
+            "not a network namespace",
+        ),
+        (
+            conn.send_raw(&add, &[own_ns.as_fd()]).await,
+            "ztund's own network namespace",
+        ),
+        (
+            conn.send_raw(&add, &[ns.as_fd(), ns.as_fd()]).await,
+            "2 file descriptors",
+        ),
+        (
+            conn.send_raw(&del, &[ns.as_fd()]).await,
+            "only Add may carry",
+        ),
+        (
+            conn.send_raw(&[0xff, 0xff, 0xff], &[ns.as_fd()]).await,
+            "undecodable",
+        ),
+    ];
+    for (ack, text) in refusals {
+        let error = ack.expect("an Ack comes back").expect_err("refused");
+        assert!(error.contains(text), "{error:?} should mention {text:?}");
+    }
+    // Many more refused fds than a process could hold open if any leaked per message.
+    for _ in 0..300 {
+        let ack = conn.send_raw(&add, &six).await.expect("an Ack");
+        assert!(ack.is_err());
+    }
+    assert_eq!(
+        fds_naming(&ns_link),
+        baseline,
+        "every fd received with a refused message is closed"
+    );
+    assert!(d.recorder.log().is_empty(), "nothing started");
+    assert!(!d.client.is_finished());
+}
+
+// HARDENING Z8
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zds_peer_that_is_neither_root_nor_ztund_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    const NOBODY: u32 = 65534;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let theirs = dir.path().join("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    std::os::unix::fs::chown(&theirs, Some(NOBODY), Some(NOBODY)).unwrap();
+    let path = theirs.join("ztunnel.sock");
+
+    // Another user listens on the path: a thread whose own effective uid is nobody (the raw
+    // syscall changes this thread only), so the kernel records that uid for the socket.
+    let (ready_tx, ready) = std::sync::mpsc::channel();
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let listening = path.clone();
+    let impostor = std::thread::spawn(move || {
+        use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
+        // SAFETY: setresuid on this thread only; it does nothing else as root afterwards.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_setresuid,
+                -1 as libc::c_long,
+                NOBODY as libc::c_long,
+                -1 as libc::c_long,
+            )
+        };
+        assert_eq!(rc, 0, "setresuid");
+        let fd = socket::socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        socket::bind(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            &UnixAddr::new(&listening).unwrap(),
+        )
+        .unwrap();
+        socket::listen(&fd, Backlog::new(4).unwrap()).unwrap();
+        ready_tx.send(()).unwrap();
+        let _ = stopped.recv_timeout(Duration::from_secs(10));
+    });
+    ready.recv_timeout(Duration::from_secs(5)).unwrap();
+    let recorder = Arc::new(Recorder::default());
+    let manager = Arc::new(PodManager::new(recorder.clone()));
+    let client = ZdsClient::new(&path, manager.clone());
+    let err = client.session().await.unwrap_err();
+    assert!(
+        matches!(err, ZdsError::UntrustedPeer { uid: NOBODY }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("uid 65534"), "{err}");
+    stop.send(()).unwrap();
+    impostor.join().unwrap();
+
+    // Root's own server, but in a directory anyone may write: refused before any request.
+    let open = dir.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let _server = CniServer::bind(&open.join("ztunnel.sock")).unwrap();
+    let client = ZdsClient::new(open.join("ztunnel.sock"), manager);
+    let err = client.session().await.unwrap_err();
+    assert!(matches!(err, ZdsError::UnsafeDirectory { .. }), "{err}");
+    assert!(err.to_string().contains("writable by anyone"), "{err}");
+    assert!(recorder.log().is_empty());
+}

@@ -64,6 +64,13 @@ impl SeqPacket {
         Ok(SeqPacket { fd: register(fd)? })
     }
 
+    /// The uid of the process at the other end (`SO_PEERCRED`, taken when it connected).
+    pub fn peer_uid(&self) -> io::Result<u32> {
+        let credentials = socket::getsockopt(self.fd.get_ref(), socket::sockopt::PeerCredentials)
+            .map_err(errno)?;
+        Ok(credentials.uid())
+    }
+
     /// Sends one packet with `fds` attached.
     pub async fn send(&self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
         let raw: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();

@@ -74,6 +74,16 @@ pub enum ZdsError {
         #[source]
         source: std::io::Error,
     },
+    #[error("Add for pod {uid:?} carries an fd that is not a network namespace")]
+    NotNetns { uid: String },
+    #[error("Add for pod {uid:?} carries ztund's own network namespace")]
+    OwnNetns { uid: String },
+    #[error("ZDS peer runs as uid {uid}; only root or ztund's own uid may hand over pods")]
+    UntrustedPeer { uid: u32 },
+    #[error(
+        "ZDS socket directory {dir} is writable by anyone (mode {mode:o}): another user could stand in for istio-cni"
+    )]
+    UnsafeDirectory { dir: String, mode: u32 },
     #[error("ztund refused {request}: {error}")]
     Refused { request: String, error: String },
 }
@@ -157,9 +167,13 @@ pub fn validate(packet: Packet, snapshot_done: bool) -> Result<PodEvent, ZdsErro
                 uid: uid.clone(),
                 source,
             })?;
+            // The kernel would refuse setns into anything else, but only later and less
+            // clearly; ztund's own namespace would put a pod's listeners on the node itself.
             if !netns.is_network_namespace() {
-                // The kernel refuses setns into anything else; starting the proxy will say so.
-                tracing::warn!(%uid, "ZDS Add carries an fd that is not a network namespace");
+                return Err(ZdsError::NotNetns { uid });
+            }
+            if own_netns() == Some(netns.id()) {
+                return Err(ZdsError::OwnNetns { uid });
             }
             let pod = PodInfo {
                 uid,
@@ -190,6 +204,40 @@ pub fn validate(packet: Packet, snapshot_done: bool) -> Result<PodEvent, ZdsErro
             Ok(PodEvent::SnapshotSent)
         }
     }
+}
+
+/// The namespace ztund itself runs in (the process's, not a thread's that may be inside a pod).
+fn own_netns() -> Option<crate::net::NetnsId> {
+    static OWN: std::sync::OnceLock<Option<crate::net::NetnsId>> = std::sync::OnceLock::new();
+    *OWN.get_or_init(|| Netns::open("/proc/self/ns/net").ok().map(|ns| ns.id()))
+}
+
+/// Only istio-cni may hand over pods (ISTIO-SECURITY-2023-005): the peer runs as root or as
+/// ztund's own user, and the socket's directory is not writable by everyone (or anyone could
+/// bind the path first and stand in for it).
+fn check_peer(socket: &SeqPacket, path: &Path) -> Result<(), ZdsError> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && let Ok(meta) = std::fs::metadata(dir)
+    {
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & 0o002 != 0 {
+            return Err(ZdsError::UnsafeDirectory {
+                dir: dir.display().to_string(),
+                mode,
+            });
+        }
+    }
+    let uid = socket.peer_uid().map_err(|source| ZdsError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let own = unsafe { libc::geteuid() };
+    if uid != 0 && uid != own {
+        return Err(ZdsError::UntrustedPeer { uid });
+    }
+    Ok(())
 }
 
 /// Encodes the answer to one request.
@@ -248,6 +296,7 @@ impl ZdsClient {
             path: self.path.display().to_string(),
             source,
         })?;
+        check_peer(&socket, &self.path)?;
         let hello = proto::ZdsHello {
             version: proto::Version::V1 as i32,
         };
@@ -310,8 +359,19 @@ mod tests {
 
     use super::*;
 
+    /// A network namespace of its own (ztund's own is refused), made on a throwaway thread.
+    pub(super) fn fresh_netns() -> OwnedFd {
+        std::thread::spawn(|| {
+            // SAFETY: unshare only changes this short-lived thread's namespace.
+            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
+            OwnedFd::from(std::fs::File::open("/proc/thread-self/ns/net").unwrap())
+        })
+        .join()
+        .unwrap()
+    }
+
     fn fd() -> OwnedFd {
-        std::fs::File::open("/proc/self/ns/net").unwrap().into()
+        fresh_netns()
     }
 
     fn packet(request: Request, fds: usize) -> Packet {
@@ -425,6 +485,95 @@ mod tests {
             validate(empty, false),
             Err(ZdsError::EmptyRequest)
         ));
+    }
+
+    /// How many of this process's fds name `target` (a path, or `net:[inode]`).
+    fn fds_naming(target: &std::path::Path) -> usize {
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+            .filter(|link| link == target)
+            .count()
+    }
+
+    // HARDENING Z1 Z2 Z3 Z4
+    #[test]
+    fn every_refused_request_names_its_fault_and_closes_every_fd_it_carried() {
+        use std::os::fd::AsRawFd;
+        let dir = tempfile::tempdir().unwrap();
+        let file_path = dir.path().join("not-a-netns");
+        std::fs::write(&file_path, b"x").unwrap();
+        let file = || OwnedFd::from(std::fs::File::open(&file_path).unwrap());
+        let ns = fresh_netns();
+        let ns_link = std::fs::read_link(format!("/proc/self/fd/{}", ns.as_raw_fd())).unwrap();
+        let netns = || ns.try_clone().unwrap();
+        let socket = || OwnedFd::from(std::os::unix::net::UnixDatagram::unbound().unwrap());
+        let open = |path: &str| OwnedFd::from(std::fs::File::open(path).unwrap());
+        let with = |request: Request, fds: Vec<OwnedFd>| Packet {
+            fds,
+            ..packet(request, 0)
+        };
+        let del = Request::Del(proto::DelWorkload { uid: "u1".into() });
+        let keep = Request::Keep(proto::KeepWorkload { uid: "u1".into() });
+        let sent = Request::SnapshotSent(proto::SnapshotSent {});
+        let cases = vec![
+            (with(add("u1", true), vec![]), "0 file descriptors"),
+            (
+                with(add("u1", true), vec![netns(), netns()]),
+                "2 file descriptors",
+            ),
+            (
+                with(add("u1", true), vec![netns(), file()]),
+                "2 file descriptors",
+            ),
+            (with(add("u1", false), vec![netns()]), "no workload_info"),
+            (with(add("", true), vec![netns()]), "empty uid"),
+            (with(del, vec![netns()]), "only Add may carry"),
+            (with(keep, vec![file()]), "only Add may carry"),
+            (with(sent, vec![netns()]), "only Add may carry"),
+            (
+                with(add("u1", true), vec![file()]),
+                "not a network namespace",
+            ),
+            (
+                with(add("u1", true), vec![socket()]),
+                "not a network namespace",
+            ),
+            (
+                with(add("u1", true), vec![open("/proc/self/ns/mnt")]),
+                "not a network namespace",
+            ),
+            (
+                with(add("u1", true), vec![open("/proc/self/ns/net")]),
+                "ztund's own network namespace",
+            ),
+            (
+                Packet {
+                    truncated: true,
+                    ..with(add("u1", true), vec![netns()])
+                },
+                "did not fit",
+            ),
+            (
+                Packet {
+                    bytes: vec![0xff, 0xff, 0xff],
+                    fds: vec![netns(), file()],
+                    truncated: false,
+                },
+                "undecodable",
+            ),
+        ];
+        assert!(fds_naming(&file_path) > 0 && fds_naming(&ns_link) > 1);
+        for (packet, text) in cases {
+            let err = validate(packet, false).unwrap_err();
+            assert!(err.to_string().contains(text), "{err} should say {text}");
+        }
+        assert_eq!(fds_naming(&file_path), 0, "every file fd closed");
+        assert_eq!(
+            fds_naming(&ns_link),
+            1,
+            "only the test's own netns fd is left"
+        );
     }
 
     #[test]

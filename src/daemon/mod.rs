@@ -8,6 +8,7 @@ mod limits;
 pub mod notify;
 pub mod pods;
 mod sources;
+pub mod supervise;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -62,6 +63,11 @@ pub enum DaemonError {
     Handover(#[from] handover::HandoverError),
     #[error("systemd notification: {0}")]
     Notify(#[from] notify::NotifyError),
+    #[error("background task {task} {failure}")]
+    TaskFailed {
+        task: &'static str,
+        failure: supervise::TaskFailure,
+    },
 }
 
 /// Runs the daemon until SIGINT/SIGTERM or `POST /quitquitquit`.
@@ -113,6 +119,7 @@ async fn serve(config: Arc<Config>, log: LogControl, shards: Spawner) -> Result<
     }
     let (drain_tx, drain) = watch::channel(false);
     let readiness = Readiness::new();
+    let supervisor = supervise::Supervisor::new(readiness.clone(), drain.clone());
 
     // Identity: the source `ca` names, its requests counted; certificates follow this node's
     // workloads (`identity::follow_local_identities`, started once the mesh is known).
@@ -122,7 +129,9 @@ async fn serve(config: Arc<Config>, log: LogControl, shards: Spawner) -> Result<
     let xds_metrics = XdsMetrics::new();
     let metrics = {
         let (certificates, xds_metrics) = (certificates.clone(), xds_metrics.clone());
+        let supervisor = supervisor.clone();
         Metrics::new_with(move |registry| {
+            supervisor.register(registry);
             counted.register(registry);
             xds_metrics.register(registry);
             registry.register_collector(Box::new(identity::ExpiryCollector(certificates)));
@@ -131,7 +140,8 @@ async fn serve(config: Arc<Config>, log: LogControl, shards: Spawner) -> Result<
 
     // Mesh: the file, the control plane, or both; an invalid file at start-up stops the daemon
     // with the reason.
-    let sources = sources::start(&config, &readiness, xds_metrics, drain.clone()).await?;
+    let sources =
+        sources::start(&config, &readiness, &supervisor, xds_metrics, drain.clone()).await?;
     let mesh = sources.store.clone();
     let snapshot = mesh.load();
     info!(
@@ -140,13 +150,21 @@ async fn serve(config: Arc<Config>, log: LogControl, shards: Spawner) -> Result<
         control_plane = config.control_plane.as_ref().map(|c| c.address.as_str()),
         "mesh loaded"
     );
-    tokio::spawn(identity::follow_local_identities(
-        config.node.clone(),
-        mesh.clone(),
-        certificates.clone(),
-        readiness.clone(),
-        drain.clone(),
-    ));
+    // Restart: the certificates live in the manager and the wanted set is recomputed from the
+    // mesh at start, so a fresh copy resumes where the dead one was.
+    {
+        let (node, mesh, certificates) = (config.node.clone(), mesh.clone(), certificates.clone());
+        let (readiness, drain) = (readiness.clone(), drain.clone());
+        supervisor.spawn("certificate manager", restart(), move || {
+            supervise::never_fails(identity::follow_local_identities(
+                node.clone(),
+                mesh.clone(),
+                certificates.clone(),
+                readiness.clone(),
+                drain.clone(),
+            ))
+        });
+    }
 
     let pool = Arc::new(Pool::new(PoolSettings::from(&config.pool)));
     let hbone_budget = {
@@ -170,12 +188,24 @@ async fn serve(config: Arc<Config>, log: LogControl, shards: Spawner) -> Result<
         hbone_budget: hbone_budget.clone(),
         admission: admission(&metrics),
     });
-    tokio::spawn(tracker::watch_policies(
-        ctx.tracker.clone(),
-        mesh.clone(),
-        metrics.clone(),
-        drain.clone(),
-    ));
+    // Restart: the open connections live in the tracker; a fresh copy rechecks them against
+    // the mesh at once, so a DENY that arrived while none ran is enforced then.
+    {
+        let (tracker, mesh, metrics, drain) = (
+            ctx.tracker.clone(),
+            mesh.clone(),
+            metrics.clone(),
+            drain.clone(),
+        );
+        supervisor.spawn("policy enforcer", restart(), move || {
+            supervise::never_fails(tracker::watch_policies(
+                tracker.clone(),
+                mesh.clone(),
+                metrics.clone(),
+                drain.clone(),
+            ))
+        });
+    }
 
     // Listeners. Queued connections must survive a hand-over in this namespace too.
     if let Err(e) = crate::net::enable_request_migration(None) {
@@ -199,7 +229,7 @@ async fn serve(config: Arc<Config>, log: LogControl, shards: Spawner) -> Result<
             });
             None
         }
-        other => pods::start(ctx.clone(), other, &readiness)
+        other => pods::start(ctx.clone(), other, &readiness, &supervisor)
             .await
             .map_err(|e| DaemonError::Capture(e.to_string()))?,
     };
@@ -247,28 +277,41 @@ async fn serve(config: Arc<Config>, log: LogControl, shards: Spawner) -> Result<
     let admin_listeners = bind_admin(ports.admin)
         .await
         .map_err(|e| DaemonError::Admin(e.to_string()))?;
+    // The servers stop the daemon when they end: each owns its listening socket, which a
+    // fresh copy could not bind again while connections it accepted linger; a daemon nobody
+    // can probe or scrape is better restarted whole by kubelet or systemd.
     for listener in admin_listeners {
-        tokio::spawn(serve_admin(listener, state.clone(), drain.clone()));
+        supervisor.spawn_once(
+            "admin server",
+            supervise::never_fails(serve_admin(listener, state.clone(), drain.clone())),
+        );
     }
     let metrics_listener = bind("metrics", SocketAddr::from(([0, 0, 0, 0], ports.metrics)))?;
-    tokio::spawn(serve_metrics(
-        metrics_listener,
-        metrics.clone(),
-        drain.clone(),
-    ));
+    supervisor.spawn_once(
+        "metrics server",
+        supervise::never_fails(serve_metrics(
+            metrics_listener,
+            metrics.clone(),
+            drain.clone(),
+        )),
+    );
     let ready_listener = bind(
         "readiness",
         SocketAddr::from(([0, 0, 0, 0], ports.readiness)),
     )?;
     // Readiness outlives the drain signal: it answers 503 while connections drain.
     let (ready_stop, ready_stopped) = watch::channel(false);
-    tokio::spawn(serve_readiness(
-        ready_listener,
-        readiness.clone(),
-        ready_stopped,
-    ));
+    supervisor.spawn_once(
+        "readiness server",
+        supervise::never_fails(serve_readiness(
+            ready_listener,
+            readiness.clone(),
+            ready_stopped,
+        )),
+    );
 
-    // systemd hears READY=1 once /healthz/ready, now listening, would answer 200.
+    // systemd hears READY=1 once /healthz/ready, now listening, would answer 200. A one-shot
+    // that ends by design, so not supervised.
     let capture = format!("{:?}", config.capture).to_lowercase();
     tokio::spawn(notify::announce_ready(
         notifier.clone(),
@@ -282,12 +325,17 @@ async fn serve(config: Arc<Config>, log: LogControl, shards: Spawner) -> Result<
     ));
     if let Some(interval) = watchdog_interval {
         info!(interval = ?interval, "petting the systemd watchdog");
-        tokio::spawn(notify::watchdog(
-            notifier.clone(),
-            interval,
-            shards.clone(),
-            drain.clone(),
-        ));
+        // Restart: it holds nothing but the interval; while it is dead systemd's watchdog
+        // may fire, which is the point of one.
+        let (notifier, shards, drain) = (notifier.clone(), shards.clone(), drain.clone());
+        supervisor.spawn("systemd watchdog", restart(), move || {
+            supervise::never_fails(notify::watchdog(
+                notifier.clone(),
+                interval,
+                shards.clone(),
+                drain.clone(),
+            ))
+        });
     }
 
     info!(
@@ -295,7 +343,10 @@ async fn serve(config: Arc<Config>, log: LogControl, shards: Spawner) -> Result<
         socks5 = %SocketAddr::new(config.socks5_bind, ports.socks5),
         "ztund ready"
     );
-    wait_for_stop(&mut quit).await;
+    let fatal = tokio::select! {
+        () = wait_for_stop(&mut quit) => None,
+        fatal = supervisor.fatal() => Some(fatal),
+    };
     notifier.send("STOPPING=1\nSTATUS=draining");
     drain_connections(
         &config, &ctx.live, &instance, &readiness, drain_tx, ready_stop,
@@ -309,7 +360,16 @@ async fn serve(config: Arc<Config>, log: LogControl, shards: Spawner) -> Result<
             None => host.remove(),
         }
     }
-    Ok(())
+    match fatal {
+        None => Ok(()),
+        Some(supervise::FatalFailure { task, failure }) => {
+            Err(DaemonError::TaskFailed { task, failure })
+        }
+    }
+}
+
+fn restart() -> supervise::OnFailure {
+    supervise::OnFailure::Restart(supervise::RestartBackoff::default())
 }
 
 /// Admission sized to the open-files limit the daemon runs with (raised at start).

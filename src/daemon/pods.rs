@@ -12,6 +12,7 @@ use tokio::sync::{Mutex, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+use super::supervise::{OnFailure, RestartBackoff, Supervisor, never_fails};
 use crate::admin::Readiness;
 use crate::capture::nft::{self, HostRedirection, RedirectPorts};
 use crate::capture::pods::{PodInfo, PodManager, PodProxies};
@@ -25,24 +26,31 @@ use crate::proxy::{inbound, inbound_plaintext, outbound};
 
 /// Starts transparent capture in the configured mode. Host mode returns what the daemon must
 /// remove when it stops.
+///
+/// Every task here restarts when it fails: the pods' state lives in the [`PodManager`] (and the
+/// host's rules in the kernel), so a fresh copy picks up from it.
 pub async fn start(
     ctx: Arc<ProxyContext>,
     mode: CaptureMode,
     readiness: &Readiness,
+    supervisor: &Supervisor,
 ) -> Result<Option<HostCapture>, String> {
     let ports = RedirectPorts::from(&ctx.config.ports);
     match mode {
         CaptureMode::None => Ok(None),
-        CaptureMode::Host => start_host(ctx, ports).map(Some),
+        CaptureMode::Host => start_host(ctx, ports, supervisor).map(Some),
         CaptureMode::Standalone => {
             nft::check_tools().map_err(|e| e.to_string())?;
             let proxies = Arc::new(InPodProxies::new(ctx.clone()));
             let manager = Arc::new(PodManager::new(proxies).with_redirection(ports));
             readiness.mark_pending(PROXY_MANAGER_TASK);
             reconcile(&manager, &ctx.mesh.load(), &ctx.config).await;
-            tokio::spawn(track_readiness(manager.clone(), readiness.clone(), false));
-            tokio::spawn(follow_mesh(ctx, manager.clone()));
-            tokio::spawn(manager.run_retries(Duration::from_secs(5)));
+            spawn_manager_tasks(&manager, readiness, supervisor, false);
+            // A fresh copy reconciles at once (idempotent for pods already placed).
+            let m = manager.clone();
+            supervisor.spawn("pod mesh follower", restart(), move || {
+                never_fails(follow_mesh(ctx.clone(), m.clone()))
+            });
             Ok(None)
         }
         CaptureMode::IstioCni => {
@@ -50,13 +58,37 @@ pub async fn start(
             let manager = Arc::new(PodManager::new(proxies));
             // Not ready until istio-cni's snapshot arrived (PROTOCOL.md §5.1, §5.3).
             readiness.mark_pending(PROXY_MANAGER_TASK);
-            tokio::spawn(track_readiness(manager.clone(), readiness.clone(), true));
-            let client = ZdsClient::new(ctx.config.zds_socket.clone(), manager.clone());
-            tokio::spawn(async move { client.run().await });
-            tokio::spawn(manager.run_retries(Duration::from_secs(5)));
+            spawn_manager_tasks(&manager, readiness, supervisor, true);
+            // A fresh client connects anew, and istio-cni sends a fresh snapshot on each
+            // connection: reconcile drains what it no longer names.
+            let client = Arc::new(ZdsClient::new(ctx.config.zds_socket.clone(), manager));
+            supervisor.spawn("zds client", restart(), move || {
+                let client = client.clone();
+                never_fails(async move { client.run().await })
+            });
             Ok(None)
         }
     }
+}
+
+fn restart() -> OnFailure {
+    OnFailure::Restart(RestartBackoff::default())
+}
+
+fn spawn_manager_tasks(
+    manager: &Arc<PodManager>,
+    readiness: &Readiness,
+    supervisor: &Supervisor,
+    uses_zds: bool,
+) {
+    let (m, ready) = (manager.clone(), readiness.clone());
+    supervisor.spawn("pod readiness", restart(), move || {
+        never_fails(track_readiness(m.clone(), ready.clone(), uses_zds))
+    });
+    let m = manager.clone();
+    supervisor.spawn("pod retries", restart(), move || {
+        never_fails(m.clone().run_retries(Duration::from_secs(5)))
+    });
 }
 
 /// The readiness task of in-pod capture: pending while ZDS is disconnected or its snapshot
@@ -77,7 +109,11 @@ async fn track_readiness(manager: Arc<PodManager>, readiness: Readiness, uses_zd
 }
 
 /// A VM host: the host's own processes are the workload; listeners and rules live here.
-fn start_host(ctx: Arc<ProxyContext>, ports: RedirectPorts) -> Result<HostCapture, String> {
+fn start_host(
+    ctx: Arc<ProxyContext>,
+    ports: RedirectPorts,
+    supervisor: &Supervisor,
+) -> Result<HostCapture, String> {
     nft::check_tools().map_err(|e| e.to_string())?;
     let sockets = SocketFactory {
         netns: None,
@@ -104,11 +140,16 @@ fn start_host(ctx: Arc<ProxyContext>, ports: RedirectPorts) -> Result<HostCaptur
     let host = HostCapture {
         netns: Arc::new(current),
     };
-    tokio::spawn(follow_mesh_destinations(
-        ctx,
-        host.netns.clone(),
-        destinations,
-    ));
+    // A fresh copy does not know what the set holds, so its first look rewrites it to the
+    // mesh's: whatever changed while none ran is caught up.
+    let (netns, mut installed) = (host.netns.clone(), Some(destinations));
+    supervisor.spawn("host capture follower", restart(), move || {
+        never_fails(follow_mesh_destinations(
+            ctx.clone(),
+            netns.clone(),
+            installed.take(),
+        ))
+    });
     Ok(host)
 }
 
@@ -149,11 +190,12 @@ fn mesh_destinations(snapshot: &Snapshot) -> Vec<Ipv4Addr> {
 
 /// Keeps the host's set of redirected destinations equal to the mesh's. `installed` is what the
 /// set holds now: the mesh may have changed between the install and this task's subscription,
-/// so the first look compares against the set, not against the snapshot of the moment.
+/// so the first look compares against the set, not against the snapshot of the moment. `None`:
+/// the set's content is unknown (a restarted copy), so the first look rewrites it.
 async fn follow_mesh_destinations(
     ctx: Arc<ProxyContext>,
     netns: Arc<Netns>,
-    mut installed: Vec<Ipv4Addr>,
+    mut installed: Option<Vec<Ipv4Addr>>,
 ) {
     let mut changes = ctx.mesh.subscribe();
     let mut drain = ctx.drain.clone();
@@ -166,7 +208,7 @@ async fn follow_mesh_destinations(
             }
         }
         let wanted = mesh_destinations(&ctx.mesh.load());
-        if wanted == installed {
+        if installed.as_ref() == Some(&wanted) {
             continue;
         }
         let netns = netns.clone();
@@ -177,7 +219,7 @@ async fn follow_mesh_destinations(
         match applied {
             Ok(Ok(())) => {
                 info!(mesh_destinations = wanted.len(), "host capture updated");
-                installed = wanted;
+                installed = Some(wanted);
             }
             Ok(Err(e)) => {
                 warn!(error = %e, "cannot update the host's mesh destinations; retrying on the next change")
@@ -210,8 +252,14 @@ async fn reconcile(manager: &PodManager, snapshot: &Snapshot, config: &Config) {
 
 async fn follow_mesh(ctx: Arc<ProxyContext>, manager: Arc<PodManager>) {
     let mut changes = ctx.mesh.subscribe();
-    while changes.changed().await.is_ok() {
+    let mut drain = ctx.drain.clone();
+    loop {
+        // First at start: a restarted copy catches up on changes made while none ran.
         reconcile(&manager, &ctx.mesh.load(), &ctx.config).await;
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return },
+            _ = drain.wait_for(|d| *d) => return,
+        }
     }
 }
 

@@ -10,9 +10,12 @@ use tokio::sync::watch;
 use tracing::{error, info};
 
 use super::DaemonError;
+use super::supervise::{OnFailure, RestartBackoff, Supervisor, never_fails};
 use crate::admin::Readiness;
 use crate::config::Config;
-use crate::mesh::{MeshSettings, MeshStore, Snapshot, load_and_watch};
+use crate::mesh::{
+    MeshFileWatch, MeshSettings, MeshStore, Snapshot, load_for_watching, watch_file,
+};
 use crate::xds::client::{ClientSettings, XdsClient, XdsStatus};
 use crate::xds::metrics::XdsMetrics;
 use crate::xds::state::{FileMesh, Provenance, XdsState};
@@ -45,14 +48,14 @@ fn lock(state: &Mutex<XdsState>) -> std::sync::MutexGuard<'_, XdsState> {
 pub async fn start(
     config: &Arc<Config>,
     readiness: &Readiness,
+    supervisor: &Supervisor,
     metrics: XdsMetrics,
     drain: watch::Receiver<bool>,
 ) -> Result<MeshSources, DaemonError> {
     let settings = MeshSettings::from_config(config);
     let Some(control_plane) = &config.control_plane else {
         let path = config.mesh_file.clone().unwrap_or_default();
-        let (store, _watcher) = load_and_watch(path, settings, config.watch_interval)
-            .map_err(|e| DaemonError::Mesh(e.to_string()))?;
+        let store = watch_mesh_file(path, settings, config, supervisor)?;
         return Ok(MeshSources {
             store,
             xds: None,
@@ -66,9 +69,7 @@ pub async fn start(
     let file_changes = match &config.mesh_file {
         None => None,
         Some(path) => {
-            let (file_store, _watcher) =
-                load_and_watch(path.clone(), settings.clone(), config.watch_interval)
-                    .map_err(|e| DaemonError::Mesh(e.to_string()))?;
+            let file_store = watch_mesh_file(path.clone(), settings.clone(), config, supervisor)?;
             let mesh =
                 FileMesh::load(path, &settings).map_err(|e| DaemonError::Mesh(e.to_string()))?;
             file.store(Some(Arc::new(mesh)));
@@ -78,63 +79,119 @@ pub async fn start(
 
     let state = Arc::new(Mutex::new(XdsState::new()));
     let store = Arc::new(MeshStore::new(build(&state, &file, &config.root_namespace)));
-    let client = XdsClient::new(control_plane, &config.node, ClientSettings::default())
-        .with_metrics(metrics);
-    let status = client.status();
+    let new_client = {
+        let (control_plane, node) = (control_plane.clone(), config.node.clone());
+        move || {
+            XdsClient::new(&control_plane, &node, ClientSettings::default())
+                .with_metrics(metrics.clone())
+        }
+    };
+    // Never run: it holds the status every running copy reports into.
+    let template = new_client();
+    let status = template.status();
     for pending in status.borrow().pending() {
         readiness.mark_pending(&xds_task(pending));
     }
-    tokio::spawn(track_readiness(status.clone(), readiness.clone()));
+    // Restart: readiness follows `status`, which every copy shares; the stream's state lives
+    // in `state`, so a fresh client resumes from the versions held.
+    let (tracked, ready) = (status.clone(), readiness.clone());
+    supervisor.spawn("xds readiness", restart(), move || {
+        never_fails(track_readiness(tracked.clone(), ready.clone()))
+    });
 
-    let sink = state.clone();
+    // Restart: a client ends only by a panic (it reconnects on every stream failure itself);
+    // a fresh one shares the status and resumes from the versions in `state`.
+    let (sink, root) = (state.clone(), config.root_namespace.clone());
     let (rebuild_store, rebuild_file) = (store.clone(), file.clone());
-    let root = config.root_namespace.clone();
-    let rebuild_state = state.clone();
-    let mut stop = drain.clone();
-    tokio::spawn(async move {
-        client
-            .run(
-                sink,
-                move |_sink, type_url| {
-                    if !lock(&rebuild_state).take_changed() {
-                        return;
-                    }
-                    let snapshot = build(&rebuild_state, &rebuild_file, &root);
-                    let (workloads, services) =
-                        (snapshot.workloads().len(), snapshot.services().len());
-                    rebuild_store.replace(snapshot);
-                    info!(
-                        type_url,
-                        generation = rebuild_store.load().generation,
-                        workloads,
-                        services,
-                        "xds update applied"
-                    );
-                },
-                async move {
-                    let _ = stop.wait_for(|d| *d).await;
-                },
-            )
-            .await;
+    let stop = drain.clone();
+    supervisor.spawn("xds client", restart(), move || {
+        let client = new_client().sharing_status_of(&template);
+        let (sink, rebuild_state) = (sink.clone(), sink.clone());
+        let (rebuild_store, rebuild_file, root) =
+            (rebuild_store.clone(), rebuild_file.clone(), root.clone());
+        let mut stop = stop.clone();
+        never_fails(async move {
+            client
+                .run(
+                    sink,
+                    move |_sink, type_url| {
+                        if !lock(&rebuild_state).take_changed() {
+                            return;
+                        }
+                        let snapshot = build(&rebuild_state, &rebuild_file, &root);
+                        let (workloads, services) =
+                            (snapshot.workloads().len(), snapshot.services().len());
+                        rebuild_store.replace(snapshot);
+                        info!(
+                            type_url,
+                            generation = rebuild_store.load().generation,
+                            workloads,
+                            services,
+                            "xds update applied"
+                        );
+                    },
+                    async move {
+                        let _ = stop.wait_for(|d| *d).await;
+                    },
+                )
+                .await;
+        })
     });
 
     if let Some((path, file_store)) = file_changes {
-        tokio::spawn(follow_file(
-            path,
-            settings,
-            file_store,
-            file,
-            state.clone(),
-            store.clone(),
-            config.root_namespace.clone(),
-            drain,
-        ));
+        // Restart: the merged inputs live in `file` and `state`; a fresh copy merges the file
+        // once at start, in case it changed while none ran.
+        let (file, state, store) = (file.clone(), state.clone(), store.clone());
+        let root = config.root_namespace.clone();
+        let mut restarted = false;
+        supervisor.spawn("mesh file merger", restart(), move || {
+            let merge_first = std::mem::replace(&mut restarted, true);
+            never_fails(follow_file(
+                path.clone(),
+                settings.clone(),
+                file_store.clone(),
+                file.clone(),
+                state.clone(),
+                store.clone(),
+                root.clone(),
+                drain.clone(),
+                merge_first,
+            ))
+        });
     }
     Ok(MeshSources {
         store,
         xds: Some(state),
         status: Some(status),
     })
+}
+
+/// Loads the mesh file into a store and keeps it watched.
+fn watch_mesh_file(
+    path: std::path::PathBuf,
+    settings: MeshSettings,
+    config: &Config,
+    supervisor: &Supervisor,
+) -> Result<Arc<MeshStore>, DaemonError> {
+    let (store, watch) = load_for_watching(path.clone(), settings.clone())
+        .map_err(|e| DaemonError::Mesh(e.to_string()))?;
+    // Restart: the mesh in force lives in `store`; a fresh watcher re-reads the file at its
+    // first poll, so an edit made while none ran is applied then (the same content applied
+    // again is harmless). It fails when the file's directory is gone, and each restart fails
+    // again until the directory is back: readiness names it meanwhile.
+    let mut primed = Some(watch);
+    let (watched, interval) = (store.clone(), config.watch_interval);
+    supervisor.spawn("mesh watcher", restart(), move || {
+        let watch = primed
+            .take()
+            .unwrap_or_else(|| MeshFileWatch::unstarted(path.clone(), settings.clone()));
+        watch_file(watch, watched.clone(), interval)
+    });
+    Ok(store)
+}
+
+fn restart() -> OnFailure {
+    OnFailure::Restart(RestartBackoff::default())
 }
 
 fn build(
@@ -178,12 +235,16 @@ async fn follow_file(
     store: Arc<MeshStore>,
     root_namespace: String,
     mut drain: watch::Receiver<bool>,
+    merge_first: bool,
 ) {
     let mut changes = file_store.subscribe();
+    let mut first = true;
     loop {
-        tokio::select! {
-            changed = changes.changed() => if changed.is_err() { return },
-            _ = drain.wait_for(|d| *d) => return,
+        if !(std::mem::take(&mut first) && merge_first) {
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { return },
+                _ = drain.wait_for(|d| *d) => return,
+            }
         }
         let read = {
             let (path, settings) = (path.clone(), settings.clone());

@@ -64,7 +64,18 @@ pub fn load_and_watch(
     path: PathBuf,
     settings: MeshSettings,
     interval: Duration,
-) -> Result<(Arc<MeshStore>, JoinHandle<()>), MeshError> {
+) -> Result<(Arc<MeshStore>, JoinHandle<Result<(), WatchError>>), MeshError> {
+    let (store, watch) = load_for_watching(path, settings)?;
+    let handle = tokio::spawn(watch_file(watch, store.clone(), interval));
+    Ok((store, handle))
+}
+
+/// Loads the mesh file into a new store and returns the watch to run on it with
+/// [`watch_file`] (the daemon runs it under its supervisor).
+pub fn load_for_watching(
+    path: PathBuf,
+    settings: MeshSettings,
+) -> Result<(Arc<MeshStore>, MeshFileWatch), MeshError> {
     let mut watch = MeshFileWatch::unstarted(path, settings);
     let snapshot = match watch.poll() {
         Some(Reload::Applied(snapshot)) => *snapshot,
@@ -72,9 +83,7 @@ pub fn load_and_watch(
         // A fresh watch has seen nothing, so its first poll always reports.
         Some(Reload::Restored) | None => Snapshot::default(),
     };
-    let store = Arc::new(MeshStore::new(snapshot));
-    let handle = tokio::spawn(run(watch, store.clone(), interval));
-    Ok((store, handle))
+    Ok((Arc::new(MeshStore::new(snapshot)), watch))
 }
 
 /// Polls the mesh file every `interval` and applies valid changes to `store`. The store is
@@ -85,13 +94,28 @@ pub fn spawn_watcher(
     settings: MeshSettings,
     store: Arc<MeshStore>,
     interval: Duration,
-) -> JoinHandle<()> {
+) -> JoinHandle<Result<(), WatchError>> {
     // The baseline is taken before returning so that an edit made right after this call is seen.
     let watch = MeshFileWatch::new(path, settings);
-    tokio::spawn(run(watch, store, interval))
+    tokio::spawn(watch_file(watch, store, interval))
 }
 
-async fn run(mut watch: MeshFileWatch, store: Arc<MeshStore>, interval: Duration) {
+/// Why a mesh file watcher stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    /// A missing file is a refused edit that a later write heals; a missing directory means
+    /// the volume or the path itself went away, which an operator must hear about.
+    #[error("the mesh file's directory {dir} is gone")]
+    DirectoryGone { dir: String },
+}
+
+/// Polls the mesh file every `interval` and applies valid changes to `store` until the file's
+/// directory disappears. `interval` must not be zero (the config refuses it).
+pub async fn watch_file(
+    mut watch: MeshFileWatch,
+    store: Arc<MeshStore>,
+    interval: Duration,
+) -> Result<(), WatchError> {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
@@ -99,16 +123,27 @@ async fn run(mut watch: MeshFileWatch, store: Arc<MeshStore>, interval: Duration
         ticker.tick().await;
         // Reading and parsing are blocking work; keep them off the runtime's threads.
         let checked = tokio::task::spawn_blocking(move || {
-            let outcome = watch.poll();
-            (watch, outcome)
+            let gone = watch
+                .path
+                .parent()
+                .filter(|dir| !dir.as_os_str().is_empty() && !dir.is_dir())
+                .map(|dir| dir.display().to_string());
+            let outcome = match gone {
+                Some(_) => None,
+                None => watch.poll(),
+            };
+            (watch, gone, outcome)
         })
         .await;
-        let outcome;
-        (watch, outcome) = match checked {
+        let (gone, outcome);
+        (watch, gone, outcome) = match checked {
             Ok(checked) => checked,
             // Only when the runtime is shutting down (poll does not panic on any input).
-            Err(_) => return,
+            Err(_) => return Ok(()),
         };
+        if let Some(dir) = gone {
+            return Err(WatchError::DirectoryGone { dir });
+        }
         let file = watch.path.display();
         match outcome {
             None => {}
@@ -207,8 +242,9 @@ impl MeshFileWatch {
         watch
     }
 
-    /// A watch that has seen nothing: its first poll reports the file's content.
-    fn unstarted(path: PathBuf, settings: MeshSettings) -> MeshFileWatch {
+    /// A watch that has seen nothing: its first poll reports the file's content (and a
+    /// restarted watcher starts so, since the file may have changed while none ran).
+    pub fn unstarted(path: PathBuf, settings: MeshSettings) -> MeshFileWatch {
         MeshFileWatch {
             path,
             settings,

@@ -7,7 +7,8 @@ pub mod model;
 pub mod snapshot;
 
 pub use file::{
-    load_and_watch, load_snapshot, snapshot_from_files, snapshot_from_text, spawn_watcher,
+    MeshFileWatch, WatchError, load_and_watch, load_for_watching, load_snapshot,
+    snapshot_from_files, snapshot_from_text, spawn_watcher, watch_file,
 };
 pub use k8s::{MeshError, MeshSettings};
 pub use model::{

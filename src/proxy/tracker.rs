@@ -222,7 +222,8 @@ impl ConnectionTracker {
     }
 }
 
-/// Re-checks the open connections on every snapshot change until `drain` turns true.
+/// Re-checks the open connections at start (a restarted copy catches up on a change made while
+/// none ran) and on every snapshot change until `drain` turns true.
 pub async fn watch_policies(
     tracker: Arc<ConnectionTracker>,
     mesh: Arc<MeshStore>,
@@ -230,10 +231,13 @@ pub async fn watch_policies(
     mut drain: watch::Receiver<bool>,
 ) {
     let mut changes = mesh.subscribe();
+    let mut first = true;
     loop {
-        tokio::select! {
-            changed = changes.changed() => if changed.is_err() { return },
-            _ = drain.wait_for(|d| *d) => return,
+        if !std::mem::take(&mut first) {
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { return },
+                _ = drain.wait_for(|d| *d) => return,
+            }
         }
         let snapshot = mesh.load();
         for closed in tracker.recheck(&snapshot) {

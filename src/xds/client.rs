@@ -11,7 +11,7 @@
 //!   [`ClientSettings::backoff_max`]; it goes back to the start after a stream that delivered
 //!   at least one response (it was healthy, whatever ended it) and after a stream the server
 //!   ended cleanly. Refusals (a wrong token), connect failures and streams that fail before
-//!   their first response keep doubling it.
+//!   their first response keep doubling it. Each wait gets up to half again at random (jitter).
 //! - Liveness is HTTP/2 keepalive on the channel: a control plane that goes silent at the TCP
 //!   level fails the stream after `keepalive_interval + keepalive_timeout`.
 
@@ -132,7 +132,7 @@ pub struct XdsClient {
     node: Node,
     settings: ClientSettings,
     metrics: XdsMetrics,
-    status: watch::Sender<XdsStatus>,
+    status: std::sync::Arc<watch::Sender<XdsStatus>>,
 }
 
 /// The node id and metadata ztunnel sends (PROTOCOL.md §3.2), so istiod serves this node as a
@@ -193,13 +193,20 @@ impl XdsClient {
             node: node(config, node_name),
             settings,
             metrics: XdsMetrics::new(),
-            status,
+            status: std::sync::Arc::new(status),
         }
     }
 
     /// Records into `metrics` (registered by the caller) instead of private ones.
     pub fn with_metrics(mut self, metrics: XdsMetrics) -> Self {
         self.metrics = metrics;
+        self
+    }
+
+    /// Reports into `previous`'s status instead of its own: a client restarted after a
+    /// failure keeps the receivers readiness and `/config_dump` hold.
+    pub fn sharing_status_of(mut self, previous: &XdsClient) -> Self {
+        self.status = previous.status.clone();
         self
     }
 
@@ -254,7 +261,7 @@ impl XdsClient {
             if responses > 0 || outcome.is_ok() {
                 backoff.reset();
             }
-            let delay = backoff.next_delay();
+            let delay = jitter(backoff.next_delay());
             tracing::debug!(?delay, "reconnecting to the control plane");
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
@@ -455,6 +462,12 @@ impl Backoff {
         self.next = (delay * 2).min(self.max);
         delay
     }
+}
+
+/// Adds up to half again to `delay`, so that the nodes a control plane restart dropped all at
+/// once do not come back in step; never less than `delay`, so the doubling still holds.
+fn jitter(delay: Duration) -> Duration {
+    delay + delay.mul_f64(rand::random::<f64>() * 0.5)
 }
 
 #[cfg(test)]

@@ -92,6 +92,11 @@ impl AcceptedStream {
 
     /// Ends the stream cleanly (gRPC status OK).
     pub fn close(self) {}
+
+    /// Ends the stream with an error status (`UNAVAILABLE` is what a restarting istiod sends).
+    pub fn fail(self, status: tonic::Status) {
+        let _ = self.responses.send(Err(status));
+    }
 }
 
 struct Service {

@@ -405,3 +405,103 @@ fn backoff_doubles_to_its_cap_and_resets() {
     backoff.reset();
     assert_eq!(backoff.next_delay(), Duration::from_millis(10));
 }
+
+#[test]
+fn reconnect_waits_are_jittered_up_to_half_again() {
+    let base = Duration::from_millis(100);
+    let waits: Vec<Duration> = (0..200).map(|_| jitter(base)).collect();
+    assert!(
+        waits
+            .iter()
+            .all(|w| *w >= base && *w < base + base / 2 + Duration::from_millis(1)),
+        "{waits:?}"
+    );
+    let distinct: std::collections::BTreeSet<Duration> = waits.iter().copied().collect();
+    assert!(distinct.len() > 100, "waits spread out: {}", distinct.len());
+}
+
+// HARDENING X8
+#[tokio::test]
+async fn a_control_plane_answering_unavailable_is_retried_with_backoff_and_the_state_stays_served()
+{
+    let mut cp = FakeControlPlane::start().await;
+    let sink = TestSink::default();
+    let settings = ClientSettings {
+        backoff_initial: Duration::from_millis(20),
+        backoff_max: Duration::from_millis(400),
+        ..ClientSettings::default()
+    };
+    let mut client = Running::start(&cp.config(cp.addr), settings, sink.clone());
+    let mut stream = cp.accept().await;
+    for _ in 0..3 {
+        stream.request().await;
+    }
+    stream.respond(ADDRESS, "n1", &[("w1", "1")], &[]);
+    stream.request().await;
+    stream.respond(AUTHORIZATION, "n2", &[("ns/p", "1")], &[]);
+    stream.request().await;
+    within("readiness", client.status.wait_for(XdsStatus::ready))
+        .await
+        .unwrap();
+    client.applied().await;
+    stream.fail(tonic::Status::unavailable("istiod restarting"));
+
+    // Every new stream fails at once, as from a control plane that keeps resetting.
+    let mut opened = Vec::new();
+    for _ in 0..5 {
+        let stream = cp.accept().await;
+        opened.push(Instant::now());
+        stream.fail(tonic::Status::unavailable("istiod restarting"));
+        // Readiness is latched and the last state keeps serving throughout.
+        assert!(client.status.borrow().ready());
+        assert_eq!(sink.names(ADDRESS), ["w1"]);
+        assert_eq!(sink.names(AUTHORIZATION), ["ns/p"]);
+    }
+    // A stream that delivered something reset the backoff; failures before any response
+    // double it: 20, 40, 80, 160 ms, each jittered up to half again.
+    let gaps: Vec<Duration> = opened.windows(2).map(|w| w[1] - w[0]).collect();
+    for (i, gap) in gaps.iter().enumerate() {
+        let nominal = Duration::from_millis(40) * 2u32.pow(i as u32);
+        assert!(*gap >= nominal, "gap {i} {gap:?} under {nominal:?}");
+        assert!(
+            *gap < nominal * 3 / 2 + Duration::from_millis(150),
+            "gap {i} {gap:?} over {nominal:?} and its jitter"
+        );
+    }
+    assert!(!client.status.borrow().connected);
+    client.stop().await;
+}
+
+// HARDENING X4
+#[tokio::test]
+async fn a_response_over_the_decode_cap_is_refused_and_one_under_it_applied() {
+    let mut cp = FakeControlPlane::start().await;
+    let sink = TestSink::default();
+    let settings = ClientSettings {
+        max_message_bytes: 1 << 20,
+        ..fast()
+    };
+    let mut client = Running::start(&cp.config(cp.addr), settings, sink.clone());
+    let mut stream = cp.accept().await;
+    for _ in 0..3 {
+        stream.request().await;
+    }
+    // Just over the cap: the stream fails, nothing applied, no ACK.
+    let over = "o".repeat((1 << 20) + 1);
+    stream.respond(ADDRESS, "big", &[(over.as_str(), "1")], &[]);
+    let mut stream = cp.accept().await;
+    assert!(sink.names(ADDRESS).is_empty());
+    for _ in 0..3 {
+        stream.request().await;
+    }
+    // 100 000 resources well under the cap: all applied and ACKed.
+    let names: Vec<String> = (0..100_000).map(|i| format!("w{i}")).collect();
+    let many: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "1")).collect();
+    stream.respond(ADDRESS, "many", &many, &[]);
+    let ack = stream.request().await;
+    assert_eq!(ack.response_nonce, "many");
+    assert!(ack.error_detail.is_none());
+    assert_eq!(client.applied().await, ADDRESS);
+    assert_eq!(sink.names(ADDRESS).len(), 100_000);
+    client.stop().await;
+}

@@ -509,3 +509,17 @@ fn a_destination_rule_is_read_by_the_mesh_file_reader() {
             .starts_with("destination rule default/r: spec_json: not JSON")
     );
 }
+
+// HARDENING X3
+#[test]
+fn address_bytes_of_any_length_but_4_or_16_are_rejected() {
+    for len in [0usize, 3, 5, 15, 17] {
+        let mut w = pb_workload("default", "x", [10, 0, 0, 9]);
+        w.addresses = vec![vec![10; len]];
+        let why = reason(address(&workload_resource(w, "1")));
+        assert!(
+            why.ends_with(&format!("addresses[0]: {len} bytes, expected 4 or 16")),
+            "{why}"
+        );
+    }
+}

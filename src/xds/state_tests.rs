@@ -516,3 +516,128 @@ fn the_mesh_file_merges_in_and_the_control_plane_wins_clashes() {
     // Without the file, only the control plane's view.
     assert_eq!(state.snapshot(None, ROOT).workloads().len(), 2);
 }
+
+/// The bytes of a message holding `depth` nested groups of an unknown field (999): a decoder
+/// that recursed without a limit would follow them all.
+fn nested_groups(depth: usize) -> Vec<u8> {
+    let start = [0xbb, 0x3e]; // (999 << 3) | 3, StartGroup
+    let end = [0xbc, 0x3e]; // (999 << 3) | 4, EndGroup
+    let mut bytes = Vec::new();
+    (0..depth).for_each(|_| bytes.extend_from_slice(&start));
+    (0..depth).for_each(|_| bytes.extend_from_slice(&end));
+    bytes
+}
+
+// HARDENING X1
+#[test]
+fn malformed_protobuf_is_rejected_by_name_and_the_held_version_keeps_serving() {
+    let name = uid("default", "w");
+    let mut state = state_with(
+        type_url::ADDRESS,
+        vec![workload_resource(
+            pb_workload("default", "w", [10, 0, 0, 1]),
+            "1",
+        )],
+    );
+    let body = |value: Vec<u8>| {
+        raw(
+            &name,
+            "2",
+            Any {
+                type_url: type_url::ADDRESS.into(),
+                value,
+            },
+        )
+    };
+    let mut bad_utf8 = workload_resource(pb_workload("default", "w", [10, 0, 0, 2]), "2");
+    if let Some(any) = bad_utf8.resource.as_mut() {
+        let at = any
+            .value
+            .windows(1)
+            .position(|w| w == b"w")
+            .expect("the name's bytes");
+        any.value[at] = 0xff;
+    }
+    let cases = [
+        (body(vec![0x0a, 0xff]), "varint"),
+        (body(vec![0x08, 0x01]), "wire type"),
+        (bad_utf8, "UTF-8"),
+        (body(nested_groups(101)), "recursion limit"),
+    ];
+    for (resource, what) in cases {
+        let rejected = state.apply(type_url::ADDRESS, vec![resource], vec![]);
+        assert_eq!(rejected.len(), 1, "{what}: {rejected:?}");
+        let (rejected_name, reason) = &rejected[0];
+        assert_eq!(rejected_name, &name);
+        assert!(
+            reason.contains("undecodable istio.workload.Address"),
+            "{what}: {reason}"
+        );
+        assert!(
+            reason.to_lowercase().contains(&what.to_lowercase()),
+            "{what}: {reason}"
+        );
+        let snapshot = state.snapshot(None, ROOT);
+        assert!(
+            snapshot.workload_by_ip(ip("10.0.0.1")).is_some(),
+            "{what}: the held version keeps serving"
+        );
+        assert_eq!(state.versions(type_url::ADDRESS)[&name], "1");
+    }
+    // Under prost's limit of 100 the same groups are skipped as unknown fields.
+    let shallow = state.apply(type_url::ADDRESS, vec![body(nested_groups(90))], vec![]);
+    assert!(
+        shallow[0].1.ends_with("neither a workload nor a service"),
+        "{shallow:?}"
+    );
+}
+
+// HARDENING X5
+#[test]
+fn two_workloads_on_one_ip_resolve_the_same_in_any_order_and_a_moved_uid_leaves_no_stale_entry() {
+    let at = |name: &str, ip: [u8; 4], version: &str| {
+        workload_resource(pb_workload("default", name, ip), version)
+    };
+    let owner = |state: &XdsState, addr: &str| {
+        state
+            .snapshot(None, ROOT)
+            .workload_by_ip(ip(addr))
+            .map(|w| w.name.clone())
+    };
+    let one_response = state_with(
+        type_url::ADDRESS,
+        vec![at("a", [10, 0, 0, 7], "1"), at("b", [10, 0, 0, 7], "1")],
+    );
+    let reversed = state_with(
+        type_url::ADDRESS,
+        vec![at("b", [10, 0, 0, 7], "1"), at("a", [10, 0, 0, 7], "1")],
+    );
+    let mut apart = state_with(type_url::ADDRESS, vec![at("b", [10, 0, 0, 7], "1")]);
+    apart.apply(type_url::ADDRESS, vec![at("a", [10, 0, 0, 7], "1")], vec![]);
+    let winner = owner(&one_response, "10.0.0.7").expect("one of them");
+    assert_eq!(owner(&reversed, "10.0.0.7").as_ref(), Some(&winner));
+    assert_eq!(owner(&apart, "10.0.0.7").as_ref(), Some(&winner));
+    // Both stay known by uid; removing the winner hands the IP to the other.
+    let snapshot = apart.snapshot(None, ROOT);
+    assert!(snapshot.workload_by_uid(&uid("default", "a")).is_some());
+    assert!(snapshot.workload_by_uid(&uid("default", "b")).is_some());
+    apart.apply(type_url::ADDRESS, vec![], vec![uid("default", &winner)]);
+    let other = if winner == "a" { "b" } else { "a" };
+    assert_eq!(owner(&apart, "10.0.0.7").as_deref(), Some(other));
+
+    // A uid that moves to another IP is found only at the new one.
+    let mut moving = state_with(type_url::ADDRESS, vec![at("m", [10, 0, 0, 8], "1")]);
+    moving.apply(type_url::ADDRESS, vec![at("m", [10, 0, 0, 9], "2")], vec![]);
+    assert_eq!(owner(&moving, "10.0.0.8"), None, "no stale entry");
+    assert_eq!(owner(&moving, "10.0.0.9").as_deref(), Some("m"));
+    // The same name twice in one response: one workload, indexed by one address only.
+    let twice = state_with(
+        type_url::ADDRESS,
+        vec![at("d", [10, 0, 0, 10], "1"), at("d", [10, 0, 0, 11], "2")],
+    );
+    let snapshot = twice.snapshot(None, ROOT);
+    assert_eq!(snapshot.workloads().len(), 1);
+    let held =
+        owner(&twice, "10.0.0.10").is_some() as u8 + owner(&twice, "10.0.0.11").is_some() as u8;
+    assert_eq!(held, 1, "exactly one of the two addresses is indexed");
+}
