@@ -196,6 +196,13 @@ pub struct PoolConfig {
     /// An HBONE connection with no stream for this long is closed.
     #[serde(with = "duration_text")]
     pub idle_timeout: Duration,
+    /// Pause after each PONG before the next keepalive PING on an HBONE connection.
+    #[serde(with = "duration_text")]
+    pub keepalive_interval: Duration,
+    /// A PING unanswered this long closes the HBONE connection and takes it out of the pool:
+    /// how long a blackholed peer node can hold the streams on it.
+    #[serde(with = "duration_text")]
+    pub keepalive_timeout: Duration,
 }
 
 impl Default for PoolConfig {
@@ -203,6 +210,8 @@ impl Default for PoolConfig {
         PoolConfig {
             max_streams_per_connection: 100,
             idle_timeout: Duration::from_secs(300),
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(20),
         }
     }
 }
@@ -533,6 +542,14 @@ impl Config {
                 "pool.maxStreamsPerConnection",
                 "must be at least 1".into(),
             ));
+        }
+        for (field, value) in [
+            ("pool.keepaliveInterval", self.pool.keepalive_interval),
+            ("pool.keepaliveTimeout", self.pool.keepalive_timeout),
+        ] {
+            if value < Duration::from_millis(100) {
+                return Err(invalid(field, "must be at least 100ms".into()));
+            }
         }
         if self.data_plane.threads == Some(0) {
             return Err(invalid("dataPlane.threads", "must be at least 1".into()));

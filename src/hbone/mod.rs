@@ -3,6 +3,7 @@
 //! the server reports who asked for what and the caller accepts or refuses; the client is given
 //! an already-verified TLS stream by the caller's dial function.
 
+pub mod dialled;
 mod keepalive;
 pub mod pool;
 pub mod request;
@@ -18,6 +19,7 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+pub use dialled::{Dialled, WithCertExpiry};
 pub use pool::{Pool, PoolKey, PoolSettings, PoolStats};
 pub use request::ConnectRequest;
 pub use server::{ConnectionInfo, IncomingConnect, Refusal, serve_connection};

@@ -1,6 +1,7 @@
 //! Loopback tests of the HBONE server, pool and stream with real TLS: a test world of one
 //! HBONE server (recording what reached the caller), upstream apps, and dial functions.
 
+mod pool_expiry_tests;
 mod pool_tests;
 mod server_tests;
 
