@@ -196,6 +196,13 @@ pub struct PoolConfig {
     /// An HBONE connection with no stream for this long is closed.
     #[serde(with = "duration_text")]
     pub idle_timeout: Duration,
+    /// Pause after each PONG before the next keepalive PING on an HBONE connection.
+    #[serde(with = "duration_text")]
+    pub keepalive_interval: Duration,
+    /// A PING unanswered this long closes the HBONE connection and takes it out of the pool:
+    /// how long a blackholed peer node can hold the streams on it.
+    #[serde(with = "duration_text")]
+    pub keepalive_timeout: Duration,
 }
 
 impl Default for PoolConfig {
@@ -203,6 +210,8 @@ impl Default for PoolConfig {
         PoolConfig {
             max_streams_per_connection: 100,
             idle_timeout: Duration::from_secs(300),
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(20),
         }
     }
 }
@@ -587,7 +596,7 @@ impl Config {
     /// the timer using it (`watchInterval: 0s` once killed the mesh watcher) and a zero
     /// timeout or lifetime ends things at once. The upper bounds stop typos (`24d` for `24h`)
     /// and values whose arithmetic would overflow a timer.
-    fn duration_bounds(&self) -> [(&'static str, Duration, Duration, Duration); 4] {
+    fn duration_bounds(&self) -> [(&'static str, Duration, Duration, Duration); 6] {
         const MS: Duration = Duration::from_millis(1);
         const SECOND: Duration = Duration::from_secs(1);
         const HOUR: Duration = Duration::from_secs(3600);
@@ -596,6 +605,9 @@ impl Config {
             // Renewed at half life: shorter than a minute is renewal all the time.
             ("certTtl", self.cert_ttl, 60 * SECOND, 365 * DAY),
             ("pool.idleTimeout", self.pool.idle_timeout, SECOND, DAY),
+            // A keepalive faster than 100 ms is PING traffic, not liveness.
+            ("pool.keepaliveInterval", self.pool.keepalive_interval, 100 * MS, HOUR),
+            ("pool.keepaliveTimeout", self.pool.keepalive_timeout, 100 * MS, HOUR),
             // Each poll stats the file; faster than 10 ms is a busy loop.
             ("watchInterval", self.watch_interval, 10 * MS, HOUR),
             // Kubernetes' terminationGracePeriodSeconds and systemd's TimeoutStopSec, outside

@@ -4,6 +4,7 @@
 //! an already-verified TLS stream by the caller's dial function.
 
 pub mod budget;
+pub mod dialled;
 mod frames;
 mod keepalive;
 pub mod limits;
@@ -24,6 +25,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 pub use budget::{LimitHit, ServerBudget};
+pub use dialled::{Dialled, WithCertExpiry};
 pub use limits::Limits;
 pub use pool::{Pool, PoolKey, PoolSettings, PoolStats};
 pub use request::ConnectRequest;

@@ -10,7 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -20,6 +20,7 @@ use http::{Request, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::oneshot;
 
+use super::dialled::{Dialled, connection_expiry};
 use super::keepalive::keepalive;
 use super::{ALPN_H2, ConnectRequest, H2Settings, H2Stream, HboneError};
 use crate::identity::SpiffeId;
@@ -85,7 +86,11 @@ impl From<&crate::config::PoolConfig> for PoolSettings {
         PoolSettings {
             max_streams_per_connection: config.max_streams_per_connection,
             idle_timeout: config.idle_timeout,
-            h2: H2Settings::client(),
+            h2: H2Settings {
+                keepalive_interval: config.keepalive_interval,
+                keepalive_timeout: config.keepalive_timeout,
+                ..H2Settings::client()
+            },
         }
     }
 }
@@ -142,6 +147,10 @@ struct ConnectionState {
     /// The SPIFFE id the server proved in the TLS handshake (one of the key's `expected`).
     /// Shared, so each connection's access-log line takes it without copying the id.
     peer_identity: Option<Arc<SpiffeId>>,
+    /// The earlier of the two certificates' expiries: a connection whose handshake proved an
+    /// identity that is no longer valid must not carry new streams (HARDENING F4), though the
+    /// streams already on it run to their end.
+    not_after: Option<SystemTime>,
     /// Streams checked out; raised only under the key's lock.
     active: AtomicUsize,
     last_used: Mutex<Instant>,
@@ -198,16 +207,12 @@ impl Pool {
     /// Opens a CONNECT stream to `request`'s authority over a connection for `key`, dialling
     /// one with `dial` (TCP + TLS, the server's identity already checked) if none has room.
     /// Any status other than 200 is [`HboneError::Status`].
-    pub async fn open<IO>(
+    pub async fn open<D: Dialled>(
         &self,
         key: &PoolKey,
-        dial: impl FnOnce()
-            -> BoxFuture<'static, Result<tokio_rustls::client::TlsStream<IO>, HboneError>>,
+        dial: impl FnOnce() -> BoxFuture<'static, Result<D, HboneError>>,
         request: ConnectRequest,
-    ) -> Result<H2Stream, HboneError>
-    where
-        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
+    ) -> Result<H2Stream, HboneError> {
         let mut dial = Some(dial);
         let entry = self.inner.entry(key);
         let mut attempt = 0;
@@ -287,23 +292,22 @@ impl Pool {
 
     /// Dials, runs the HTTP/2 handshake, waits for the peer's SETTINGS (so its stream limit
     /// is known before anyone shares the connection), then pools it with one slot taken.
-    async fn connect<IO>(
+    async fn connect<D: Dialled>(
         &self,
         key: &PoolKey,
         entry: &Arc<KeyEntry>,
-        dial: impl FnOnce()
-            -> BoxFuture<'static, Result<tokio_rustls::client::TlsStream<IO>, HboneError>>,
-    ) -> Result<(Arc<PooledConnection>, Arc<StreamLease>), HboneError>
-    where
-        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
+        dial: impl FnOnce() -> BoxFuture<'static, Result<D, HboneError>>,
+    ) -> Result<(Arc<PooledConnection>, Arc<StreamLease>), HboneError> {
         let inner = &self.inner;
         let h2 = &inner.settings.h2;
         let peer = key.destination;
         inner.dials.fetch_add(1, Ordering::Relaxed);
-        let tls = dial().await.inspect_err(|_| {
-            inner.dial_failures.fetch_add(1, Ordering::Relaxed);
-        })?;
+        let (tls, local_not_after) = dial()
+            .await
+            .inspect_err(|_| {
+                inner.dial_failures.fetch_add(1, Ordering::Relaxed);
+            })?
+            .into_parts();
         let alpn = tls.get_ref().1.alpn_protocol();
         if alpn != Some(ALPN_H2) {
             inner.dial_failures.fetch_add(1, Ordering::Relaxed);
@@ -314,6 +318,7 @@ impl Pool {
             return Err(HboneError::Alpn { peer, alpn });
         }
         let peer_identity = crate::tls::peer_identity(tls.get_ref().1).map(Arc::new);
+        let not_after = connection_expiry(local_not_after, tls.get_ref().1);
         let (send, mut conn) = client_builder(h2)
             .handshake::<_, Bytes>(tls)
             .await
@@ -323,6 +328,7 @@ impl Pool {
             id: inner.next_id.fetch_add(1, Ordering::Relaxed),
             peer,
             peer_identity,
+            not_after,
             active: AtomicUsize::new(0),
             last_used: Mutex::new(Instant::now()),
             closed: AtomicBool::new(false),
@@ -487,9 +493,19 @@ impl PoolInner {
 }
 
 impl PooledConnection {
-    /// Not closed, and HTTP/2 still lets new streams open (no GOAWAY received).
+    /// Not closed, both certificates still valid, and HTTP/2 still lets new streams open (no
+    /// GOAWAY received).
     fn is_usable(&self) -> bool {
         if self.state.closed.load(Ordering::Acquire) {
+            return false;
+        }
+        if self
+            .state
+            .not_after
+            .is_some_and(|expiry| SystemTime::now() >= expiry)
+        {
+            tracing::debug!(peer = %self.state.peer, id = self.state.id, "a certificate of this HBONE connection expired; no new streams on it");
+            self.state.closed.store(true, Ordering::Release);
             return false;
         }
         let mut probe = self.send.clone();

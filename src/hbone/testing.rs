@@ -5,6 +5,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use rcgen::{
     BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
@@ -47,8 +48,20 @@ impl TestPki {
 
     /// A leaf for `spiffe_id`, good for client and server auth, with IP SANs 127.0.0.1 and ::1.
     pub fn leaf(&self, spiffe_id: &str) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        self.leaf_until(spiffe_id, None)
+    }
+
+    /// Like [`TestPki::leaf`], expiring at `not_after` (whole seconds) when given.
+    pub fn leaf_until(
+        &self,
+        spiffe_id: &str,
+        not_after: Option<SystemTime>,
+    ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
         let key = KeyPair::generate().expect("test leaf key");
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("test leaf params");
+        if let Some(not_after) = not_after {
+            params.not_after = time::OffsetDateTime::from(not_after);
+        }
         params.subject_alt_names = vec![
             SanType::URI(spiffe_id.try_into().expect("SPIFFE id as IA5 string")),
             SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)),
@@ -91,6 +104,20 @@ impl TestPki {
     /// A TLS 1.3 client config for `spiffe_id` offering ALPN `h2`.
     pub fn client_config(&self, spiffe_id: &str) -> Arc<ClientConfig> {
         let mut config = self.client_config_inner(spiffe_id);
+        config.alpn_protocols = vec![ALPN_H2.to_vec()];
+        Arc::new(config)
+    }
+
+    /// Like [`TestPki::client_config`] with a client certificate expiring at `not_after`.
+    pub fn client_config_until(&self, spiffe_id: &str, not_after: SystemTime) -> Arc<ClientConfig> {
+        let (chain, key) = self.leaf_until(spiffe_id, Some(not_after));
+        let mut config = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("TLS 1.3")
+            .with_root_certificates(self.roots())
+            .with_client_auth_cert(chain, key)
+            .expect("client certificate");
+        config.resumption = rustls::client::Resumption::disabled();
         config.alpn_protocols = vec![ALPN_H2.to_vec()];
         Arc::new(config)
     }

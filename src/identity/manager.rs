@@ -307,7 +307,13 @@ async fn renew(
             match source.issue(&id).await {
                 Ok(cert) => break Arc::new(cert),
                 Err(err) => {
-                    let delay = jitter(retry).min(until_expiry(&current));
+                    // Before expiry, one retry lands just before it; after it the backoff
+                    // keeps growing to its cap, so a CA outage is not met with a request per
+                    // identity per second from every node (HARDENING F2).
+                    let delay = match until_expiry(&current) {
+                        Some(left) => jitter(retry).min(left.max(MIN_RENEWAL_GAP)),
+                        None => jitter(retry),
+                    };
                     tracing::warn!(%id, error = %err, retry_in = ?delay, "certificate renewal failed; keeping the current certificate");
                     tokio::time::sleep(delay).await;
                     retry = (retry * 2).min(MAX_RETRY);
@@ -335,12 +341,13 @@ fn until_due(cert: &WorkloadCertificate) -> Duration {
     wait.max(MIN_RENEWAL_GAP)
 }
 
-/// A retry is never scheduled after the old certificate expires (but not sooner than the gap).
-fn until_expiry(cert: &WorkloadCertificate) -> Duration {
+/// How long the old certificate is still valid, `None` once it has expired: a retry is never
+/// scheduled after the expiry (but not sooner than the gap).
+fn until_expiry(cert: &WorkloadCertificate) -> Option<Duration> {
     cert.not_after
         .duration_since(SystemTime::now())
-        .unwrap_or_default()
-        .max(MIN_RENEWAL_GAP)
+        .ok()
+        .filter(|left| !left.is_zero())
 }
 
 /// Spreads retries of many identities over ±50 %.

@@ -251,3 +251,46 @@ async fn forgotten_identities_are_no_longer_renewed() {
     assert_eq!(source.attempts.load(Ordering::SeqCst), 1);
     assert!(manager.snapshot().is_empty());
 }
+
+// HARDENING F2
+#[tokio::test]
+async fn a_ca_down_near_expiry_fails_closed_after_it_and_keeps_backing_off() {
+    // 4 s: refresh due ~1.5 s after issue, expiry 3–4 s after.
+    let source = CountingSource::new(Duration::from_secs(4));
+    let manager = CertManager::new(source.clone());
+    let sleep = id("sleep");
+    let old = manager.fetch(&sleep).await.unwrap();
+    source.failing.store(true, Ordering::SeqCst);
+    let attempts = || source.attempts.load(Ordering::SeqCst);
+
+    // Half a second before expiry: the renewal was tried from half-life on, and the old,
+    // still valid certificate is what callers get.
+    let left = old.not_after.duration_since(SystemTime::now()).unwrap();
+    tokio::time::sleep(left.saturating_sub(Duration::from_millis(500))).await;
+    assert!(attempts() >= 2, "no renewal attempt before expiry");
+    assert!(Arc::ptr_eq(&manager.fetch(&sleep).await.unwrap(), &old));
+
+    // Past expiry: no certificate at all (so no handshake, never plaintext), and readiness
+    // names the identity.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(old.not_after <= SystemTime::now());
+    let refused = manager.fetch(&sleep).await;
+    assert!(refused.is_err(), "an expired certificate was handed out");
+    assert_eq!(manager.pending([&sleep]), vec![sleep.clone()]);
+
+    // The renewal keeps doubling its backoff after expiry instead of asking every second
+    // (1 s, 2 s, then 4 s ±50 %, 8 s ±50 %: at most two attempts in the next 4 s).
+    let at_expiry = attempts();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let during = attempts() - at_expiry;
+    assert!(
+        during <= 2,
+        "{during} CA requests in 4 s of outage after expiry: the backoff collapsed"
+    );
+
+    // The CA is back: the next fetch (after the failed fetch's own short backoff) issues anew.
+    source.failing.store(false, Ordering::SeqCst);
+    let fresh = manager.fetch(&sleep).await.expect("a fresh certificate");
+    assert!(fresh.not_after > SystemTime::now());
+    assert!(manager.pending([&sleep]).is_empty());
+}

@@ -16,6 +16,7 @@ use super::copy::{copy_bidirectional, copy_tcp_h2};
 use super::refusals::RefusalReason;
 use super::route::{self, Plan};
 use super::socks5;
+use crate::hbone::WithCertExpiry;
 use crate::hbone::pool::PoolKey;
 use crate::hbone::{ConnectRequest, H2Stream, HboneError};
 use crate::logging::Optional;
@@ -302,20 +303,33 @@ async fn open_tunnel(
                     peer: next_hop,
                     source,
                 })?;
+            let tls_error = |e: crate::tls::TlsError| HboneError::Tls {
+                peer: next_hop,
+                source: std::io::Error::other(e),
+            };
+            // Read before the config is built: a renewal in between only makes the config's
+            // certificate outlive this instant, never the other way round.
+            let local_not_after = credentials
+                .certs()
+                .fetch(&source)
+                .await
+                .map_err(|e| tls_error(e.into()))?
+                .not_after;
             let config = credentials
                 .client_config(&source, &expected)
                 .await
-                .map_err(|e| HboneError::Tls {
-                    peer: next_hop,
-                    source: std::io::Error::other(e),
-                })?;
-            TlsConnector::from(config)
+                .map_err(tls_error)?;
+            let tls = TlsConnector::from(config)
                 .connect(crate::tls::dummy_server_name(), tcp)
                 .await
                 .map_err(|source| HboneError::Tls {
                     peer: next_hop,
                     source,
-                })
+                })?;
+            Ok(WithCertExpiry {
+                tls,
+                local_not_after,
+            })
         })
     };
     ctx.pool.open(&key, dial, request).await

@@ -2,6 +2,7 @@
 //! HBONE server (recording what reached the caller), upstream apps, and dial functions.
 
 mod hostile;
+mod pool_expiry_tests;
 mod pool_tests;
 mod server_tests;
 
