@@ -8,6 +8,8 @@ pub mod config;
 pub mod controlplane;
 pub mod daemon;
 pub mod demo;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod grpc;
 pub mod hbone;
 pub mod identity;

@@ -5,7 +5,7 @@
 pub mod cni;
 pub mod nft;
 pub mod pods;
-mod seqpacket;
+pub(crate) mod seqpacket;
 pub mod zds;
 
 pub use nft::{HostRedirection, RedirectPorts};

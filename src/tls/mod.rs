@@ -33,7 +33,7 @@ macro_rules! signature_checks {
 pub(crate) use signature_checks;
 
 mod credentials;
-mod verify;
+pub(crate) mod verify;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::{Arc, OnceLock};
