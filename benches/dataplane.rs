@@ -137,7 +137,7 @@ fn main() {
     let mut builds_json = Vec::new();
     for ((label, bin), results) in builds.iter().zip(&results) {
         let table = results.table();
-        let (targets_text, targets_json) = report::check_targets(results);
+        let (targets_text, targets_json) = report::check_targets(results, report::TARGETS);
         println!("\n== {label}: {}\n{table}\n{targets_text}", bin.display());
         builds_json.push(serde_json::json!({
             "build": label, "binary": bin.display().to_string(),
@@ -158,7 +158,7 @@ fn main() {
         },
         "builds": builds_json,
     });
-    let path = report::json_path();
+    let path = report::json_path("dataplane");
     let last = std::fs::read(&path)
         .ok()
         .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok());

@@ -211,11 +211,11 @@ pub const TARGETS: &[Target] = &[
     },
 ];
 
-/// The targets with their medians and verdicts, as text and JSON.
-pub fn check_targets(results: &Results) -> (String, serde_json::Value) {
+/// `targets` with their medians and verdicts, as text and JSON.
+pub fn check_targets(results: &Results, targets: &[Target]) -> (String, serde_json::Value) {
     let mut text = String::from("targets (medians):\n");
     let mut json = Vec::new();
-    for target in TARGETS {
+    for target in targets {
         let median = results.get(target.metric).and_then(|s| {
             let values = match target.column {
                 Column::Ztund => &s.ztund,
@@ -237,12 +237,12 @@ pub fn check_targets(results: &Results) -> (String, serde_json::Value) {
     (text, serde_json::Value::Array(json))
 }
 
-/// `target/dataplane.json`, honouring CARGO_TARGET_DIR.
-pub fn json_path() -> PathBuf {
+/// `target/<name>.json`, honouring CARGO_TARGET_DIR.
+pub fn json_path(name: &str) -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"));
-    target.join("dataplane.json")
+    target.join(format!("{name}.json"))
 }
 
 /// Before → after, per metric: the medians of the ztund column and of the ratio, and the change.

@@ -5,6 +5,7 @@ mod dump;
 pub mod handover;
 mod identity;
 mod limits;
+pub mod memory;
 pub mod notify;
 pub mod pods;
 mod sources;
@@ -72,7 +73,7 @@ pub enum DaemonError {
 
 /// Runs the daemon until SIGINT/SIGTERM or `POST /quitquitquit`.
 pub fn run(config: Config, log: LogControl) -> Result<(), DaemonError> {
-    keep_freed_heap();
+    memory::keep_freed_heap();
     limits::raise_open_files();
     // The main runtime does control work only (mesh, certificates, admin); the data plane
     // runs on the shards, one thread each.
@@ -89,19 +90,6 @@ pub fn run(config: Config, log: LogControl) -> Result<(), DaemonError> {
     // Connections still open on the shards end here, after the drain.
     drop(shards);
     result
-}
-
-/// glibc hands a freed heap top back to the kernel once it passes its trim threshold (128 KiB,
-/// adjusted at run time), and bulk traffic frees and allocates frame-sized buffers all the time:
-/// `perf` showed ~4.5% of the daemons' CPU in page faults re-touching the same memory. Keeping
-/// up to 32 MiB of freed heap per arena costs at most that much RSS after a burst.
-fn keep_freed_heap() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: mallopt only changes allocator tunables; called before any other thread exists.
-    unsafe {
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
-    }
 }
 
 async fn serve(config: Arc<Config>, log: LogControl, shards: Spawner) -> Result<(), DaemonError> {
@@ -165,6 +153,8 @@ async fn serve(config: Arc<Config>, log: LogControl, shards: Spawner) -> Result<
             ))
         });
     }
+
+    tokio::spawn(memory::return_freed_heap(shards.clone()));
 
     let pool = Arc::new(Pool::new(PoolSettings::from(&config.pool)));
     let hbone_budget = {

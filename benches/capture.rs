@@ -1,0 +1,557 @@
+//! The paths users run (issue 16, item 1): traffic that enters ztund through transparent
+//! capture, against the same traffic without ztund, in the same run.
+//!
+//! Two worlds, each two testbed nodes with a ztund on each:
+//! - in-pod: pod (1,1) → pod (2,1), both captured in standalone mode (nftables redirect inside
+//!   the pod to ztund's in-pod listener, HBONE to the peer's in-pod 15008), against
+//!   pod (1,2) → pod (2,2), not captured, over the same veths and bridge;
+//! - host: a VM host's own processes (`capture: host`): node 1 → node 2's address (a mesh
+//!   workload), against node 1 → pod (2,1) (no mesh member: not redirected).
+//!
+//! Node mode (SOCKS5) has no place in these worlds, as the tools below cannot speak SOCKS5:
+//! `cargo bench --bench dataplane` measures it.
+//!
+//! Cases, with real servers and load generators (Debian packages nginx-light, wrk, iperf3,
+//! sockperf): one iperf3 stream (Gbit/s, both daemons' CPU per GB); sockperf 1 KiB ping-pong at
+//! the maximum rate and at 1 000 messages/s (p50, p99, p99.9 over every message: 10 000 samples
+//! in 10 s, so p99 rests on 100 of them); HTTP/1.1 with wrk -c4 against nginx answering 1 KiB,
+//! keep-alive and `Connection: close` (a new tunneled connection per request), with both
+//! daemons' CPU per 1 000 requests. Once per world, on fresh daemons: a burst of connections
+//! held open, then closed, with both daemons' RSS for `settle` seconds after (item 5).
+//!
+//! Every figure is the median of the runs with min and max; ratios are taken within each run
+//! and direct and ztund alternate which goes first. Prints a table per world, the targets of
+//! issue 16, and this run against the last (`target/capture-<world>.json`, then overwritten).
+//!
+//! `cargo bench --bench capture` (root). Settings, from the environment:
+//! `ZTUND_BENCH_QUICK=1`: 1 run, 1 s per case, no burst (tests/memory_after_burst.rs checks
+//! that in CI): ~40 s.
+//! `ZTUND_BENCH_RUNS` (3; 0: the burst only), `ZTUND_BENCH_SECONDS` (10), `ZTUND_BENCH_BURST` (5 000),
+//! `ZTUND_BENCH_SETTLE` (30 s), `ZTUND_BENCH_WORLDS` (inpod,host),
+//! `ZTUND_BENCH_AFTER=PATH`: measure that ztund binary instead of the one cargo built.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+#[path = "../tests/testbed/mod.rs"]
+mod testbed;
+
+#[path = "support/burst.rs"]
+mod burst;
+#[allow(dead_code)]
+#[path = "support/report.rs"]
+mod report;
+#[path = "support/tools.rs"]
+mod tools;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use report::{Column, Results, Target};
+use support::pods::{MESH_FILE, MeshPod, mesh_yaml};
+use support::{Cluster, Daemon, eventually};
+use testbed::{ChildGuard, Place, Testbed};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+const FIXED_RATE: u32 = 1_000;
+const ECHO_PORT: u16 = 9000;
+
+struct Settings {
+    runs: usize,
+    seconds: Duration,
+    burst: usize,
+    settle: Duration,
+    worlds: Vec<String>,
+    quick: bool,
+    ztund: PathBuf,
+}
+
+impl Settings {
+    fn from_env() -> Settings {
+        let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        let number = |name: &str, default: usize| {
+            env(name).map_or(default, |v| {
+                v.parse()
+                    .unwrap_or_else(|_| panic!("{name}={v} is not a number"))
+            })
+        };
+        let quick = env("ZTUND_BENCH_QUICK").is_some_and(|v| v != "0");
+        let seconds = |name, normal, quick_value| {
+            Duration::from_secs(number(name, if quick { quick_value } else { normal }) as u64)
+        };
+        Settings {
+            runs: number("ZTUND_BENCH_RUNS", if quick { 1 } else { 3 }),
+            seconds: seconds("ZTUND_BENCH_SECONDS", 10, 1).max(Duration::from_secs(1)),
+            burst: number("ZTUND_BENCH_BURST", if quick { 0 } else { 5_000 }),
+            settle: seconds("ZTUND_BENCH_SETTLE", 30, 30),
+            worlds: env("ZTUND_BENCH_WORLDS")
+                .unwrap_or_else(|| "inpod,host".into())
+                .split(',')
+                .map(|w| w.trim().to_string())
+                .collect(),
+            quick,
+            ztund: env("ZTUND_BENCH_AFTER")
+                .map_or_else(|| PathBuf::from(support::ztund_bin()), PathBuf::from),
+        }
+    }
+}
+
+/// Where a client runs and whom it calls.
+#[derive(Debug, Clone, Copy)]
+struct Route {
+    client: Place,
+    server: IpAddr,
+}
+
+/// One world: both daemons, the servers behind both routes, the namespaces.
+struct World {
+    name: &'static str,
+    // Fields drop in order: daemons and servers first, the namespaces last.
+    daemons: [Daemon; 2],
+    _servers: Vec<ChildGuard>,
+    routes: [Route; 2],
+    /// The echo server the burst calls, through ztund.
+    echo: SocketAddr,
+    _cluster: Cluster,
+    bed: Testbed,
+}
+
+impl World {
+    fn pids(&self) -> [u32; 2] {
+        [self.daemons[0].pid(), self.daemons[1].pid()]
+    }
+
+    /// Both daemons' CPU seconds spent while `f` ran, and its result.
+    fn with_cpu<T>(&self, f: impl FnOnce() -> T) -> (T, f64) {
+        let total = |pids: [u32; 2]| pids.map(burst::cpu_seconds).iter().sum::<f64>();
+        let before = total(self.pids());
+        let value = f();
+        (value, total(self.pids()) - before)
+    }
+}
+
+fn echo(mut stream: TcpStream, _peer: SocketAddr) -> BoxFuture<'static, ()> {
+    Box::pin(async move {
+        let (mut r, mut w) = stream.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+        let _ = w.shutdown().await;
+    })
+}
+
+/// `ztund run` in node `n` logging at `info` (no per-connection access lines, as in
+/// production), and waits until it is ready.
+async fn start_daemon(ztund: &Path, bed: &Testbed, cluster: &Cluster, n: usize) -> Daemon {
+    let log = cluster.path(&format!("node{n}-{}.log", bed.prefix()));
+    let mut command = Command::new(ztund);
+    command
+        .args(["--log-json", "run", "--config"])
+        .arg(cluster.path(&format!("node{n}.yaml")))
+        .env("ZTUND_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"));
+    let daemon = Daemon {
+        child: bed.spawn_in(Place::Node(n), command),
+        log,
+        node: n,
+    };
+    daemon.wait_ready(bed).await;
+    daemon
+}
+
+/// Many short connections from one address: reuse TIME_WAIT, use every port.
+fn tune(bed: &Testbed, place: Place) {
+    bed.run_in(
+        place,
+        &[
+            "sysctl",
+            "-qw",
+            "net.ipv4.tcp_tw_reuse=1",
+            "net.ipv4.ip_local_port_range=1024 65000",
+            "net.core.somaxconn=8192",
+        ],
+    );
+}
+
+async fn inpod_world(ztund: &Path) -> World {
+    let bed = Testbed::new(2, 2);
+    let pods = [
+        MeshPod::captured(1, 1, "client"),
+        MeshPod::captured(2, 1, "server"),
+        MeshPod::uncaptured(1, 2, "plain-client"),
+        MeshPod::uncaptured(2, 2, "plain-server"),
+    ];
+    let cluster = Cluster::new();
+    cluster.write(MESH_FILE, &mesh_yaml(&bed, &pods));
+    for n in [1, 2] {
+        cluster.node_config(&format!("node{n}"), MESH_FILE, "capture: standalone\n");
+        for place in [Place::Node(n), Place::Pod(n, 1), Place::Pod(n, 2)] {
+            tune(&bed, place);
+        }
+    }
+    let node2 = start_daemon(ztund, &bed, &cluster, 2).await;
+    let node1 = start_daemon(ztund, &bed, &cluster, 1).await;
+    for n in [1, 2] {
+        eventually(
+            &format!("pod ({n},1) captured"),
+            Duration::from_secs(10),
+            || {
+                let tables = bed.run_in(Place::Pod(n, 1), &["nft", "list", "tables"]);
+                if tables.contains("table ip ztund") {
+                    Ok(())
+                } else {
+                    Err(tables)
+                }
+            },
+        )
+        .await;
+    }
+    let mut servers = Vec::new();
+    for p in [1, 2] {
+        let dir = cluster.path(&format!("servers-pod-2-{p}"));
+        servers.extend(tools::start_servers(
+            &bed,
+            Place::Pod(2, p),
+            bed.pod_ip(2, p),
+            &dir,
+        ));
+    }
+    let echo = bed.echo_server(2, 1, ECHO_PORT);
+    let routes = [
+        Route {
+            client: Place::Pod(1, 2),
+            server: bed.pod_ip(2, 2),
+        },
+        Route {
+            client: Place::Pod(1, 1),
+            server: bed.pod_ip(2, 1),
+        },
+    ];
+    World {
+        name: "inpod",
+        daemons: [node1, node2],
+        _servers: servers,
+        routes,
+        echo,
+        _cluster: cluster,
+        bed,
+    }
+}
+
+async fn host_world(ztund: &Path) -> World {
+    let bed = Testbed::new(2, 1);
+    let (n1, n2) = (bed.node_ip(1), bed.node_ip(2));
+    let cluster = Cluster::new();
+    cluster.write(
+        MESH_FILE,
+        &format!(
+            "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\n\
+             metadata: {{name: vm, namespace: default, annotations: {{ztund.io/node: node1}}}}\n\
+             spec: {{address: \"{n1}\", serviceAccount: vm}}\n---\n\
+             apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\n\
+             metadata: {{name: app, namespace: default, annotations: {{ztund.io/node: node2}}}}\n\
+             spec: {{address: \"{n2}\", serviceAccount: app}}\n"
+        ),
+    );
+    for n in [1, 2] {
+        cluster.node_config(&format!("node{n}"), MESH_FILE, "capture: host\n");
+        for place in [Place::Node(n), Place::Pod(n, 1)] {
+            tune(&bed, place);
+        }
+    }
+    let node2 = start_daemon(ztund, &bed, &cluster, 2).await;
+    let node1 = start_daemon(ztund, &bed, &cluster, 1).await;
+    let mut servers =
+        tools::start_servers(&bed, Place::Node(2), n2, &cluster.path("servers-node-2"));
+    servers.extend(tools::start_servers(
+        &bed,
+        Place::Pod(2, 1),
+        bed.pod_ip(2, 1),
+        &cluster.path("servers-pod-2-1"),
+    ));
+    let echo = bed.serve(Place::Node(2), SocketAddr::new(n2, ECHO_PORT), echo);
+    let routes = [
+        Route {
+            client: Place::Node(1),
+            server: bed.pod_ip(2, 1),
+        },
+        Route {
+            client: Place::Node(1),
+            server: n2,
+        },
+    ];
+    World {
+        name: "host",
+        daemons: [node1, node2],
+        _servers: servers,
+        routes,
+        echo,
+        _cluster: cluster,
+        bed,
+    }
+}
+
+/// Waits (bounded) until every server answers on both routes, and warms ztund's pool.
+fn wait_for_servers(world: &World) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    for route in world.routes {
+        let url = format!("http://{}:{}/", route.server, tools::HTTP_PORT);
+        while world
+            .bed
+            .try_run_in(route.client, &["wrk", "-t1", "-c1", "-d1s", &url])
+            .is_err()
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{}: nginx on {url} did not answer",
+                world.name
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    tools::check_installed();
+    raise_open_files();
+    let settings = Settings::from_env();
+    eprintln!(
+        "capture: {} run(s), {:?} per case, burst {}, settle {:?}, worlds {:?}{}",
+        settings.runs,
+        settings.seconds,
+        settings.burst,
+        settings.settle,
+        settings.worlds,
+        if settings.quick { " (quick)" } else { "" }
+    );
+    for name in settings.worlds.clone() {
+        let world = match name.as_str() {
+            "inpod" => inpod_world(&settings.ztund).await,
+            "host" => host_world(&settings.ztund).await,
+            other => panic!("ZTUND_BENCH_WORLDS: unknown world {other} (inpod, host)"),
+        };
+        let mut results = Results::default();
+        // Fresh daemons: the burst first, so its idle RSS is a daemon that carried nothing.
+        memory_after_burst(&world, &settings, &mut results).await;
+        wait_for_servers(&world);
+        for run in 0..settings.runs {
+            let order = if run % 2 == 0 { [0, 1] } else { [1, 0] };
+            one_run(&world, &settings, order, &mut results);
+            eprintln!(
+                "capture: {}: run {} of {} done",
+                world.name,
+                run + 1,
+                settings.runs
+            );
+        }
+        report(&world, &settings, &results);
+    }
+}
+
+fn one_run(world: &World, s: &Settings, order: [usize; 2], results: &mut Results) {
+    let time = s.seconds;
+    let mut gbps = [0.0; 2];
+    let mut cpu_per_gb = 0.0;
+    for path in order {
+        let route = world.routes[path];
+        let (bulk, cpu) =
+            world.with_cpu(|| tools::iperf3(&world.bed, route.client, route.server, time));
+        gbps[path] = bulk.gbit_per_second;
+        if path == 1 {
+            cpu_per_gb = cpu / (bulk.bytes / 1e9);
+        }
+    }
+    results.pair("throughput, 1 stream", "Gbit/s", gbps[0], gbps[1]);
+    results.ztund("CPU per GB, both daemons", "core-s/GB", cpu_per_gb);
+
+    let mut max = [0.0; 2];
+    for path in order {
+        let route = world.routes[path];
+        max[path] = tools::sockperf(&world.bed, route.client, route.server, time, None).per_second;
+    }
+    results.pair("ping-pong 1 KiB, max rate", "msg/s", max[0], max[1]);
+
+    let mut fixed = [[0.0; 3]; 2];
+    for path in order {
+        let route = world.routes[path];
+        let p = tools::sockperf(
+            &world.bed,
+            route.client,
+            route.server,
+            time,
+            Some(FIXED_RATE),
+        );
+        fixed[path] = [p.p50, p.p99, p.p999];
+    }
+    results.pair("p50 @1000/s", "µs", fixed[0][0], fixed[1][0]);
+    results.pair("p99 @1000/s", "µs", fixed[0][1], fixed[1][1]);
+    results.pair("p99.9 @1000/s", "µs", fixed[0][2], fixed[1][2]);
+    results.ztund("added p99 @1000/s", "µs", fixed[1][1] - fixed[0][1]);
+
+    for close in [false, true] {
+        let mut rate = [0.0; 2];
+        let mut cpu_per_1000 = 0.0;
+        for path in order {
+            let route = world.routes[path];
+            let (http, cpu) =
+                world.with_cpu(|| tools::wrk(&world.bed, route.client, route.server, time, close));
+            assert!(
+                http.errors <= http.requests * 0.001,
+                "{}: wrk saw {} errors in {} requests (close: {close})",
+                world.name,
+                http.errors,
+                http.requests
+            );
+            rate[path] = http.per_second;
+            if path == 1 {
+                cpu_per_1000 = cpu * 1e3 / (http.requests / 1e3);
+            }
+            // Closed connections' last packets settle before the next measurement.
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        if close {
+            results.pair("HTTP Connection: close", "req/s", rate[0], rate[1]);
+            results.ztund("CPU per 1000 conns, both", "core-ms", cpu_per_1000);
+        } else {
+            results.pair("HTTP keep-alive, wrk -c4", "req/s", rate[0], rate[1]);
+            results.ztund("CPU per 1000 req keep-alive", "core-ms", cpu_per_1000);
+        }
+    }
+}
+
+async fn memory_after_burst(world: &World, s: &Settings, results: &mut Results) {
+    if s.burst == 0 {
+        return;
+    }
+    let client = world.routes[1].client;
+    let b = burst::run(
+        world.bed.app_sockets(client),
+        world.echo,
+        s.burst,
+        world.pids(),
+        s.settle,
+    )
+    .await;
+    eprintln!(
+        "capture: {}: RSS MiB idle {:?}, holding {} {:?}, after: {:?}",
+        world.name, b.idle, s.burst, b.held, b.after
+    );
+    let per = b.per_connection_kib(s.burst);
+    results.ztund("RSS idle, node1", "MiB", b.idle[0]);
+    results.ztund("RSS idle, node2", "MiB", b.idle[1]);
+    results.ztund("RSS holding the burst, node1", "MiB", b.held[0]);
+    results.ztund("RSS holding the burst, node2", "MiB", b.held[1]);
+    results.ztund("memory per idle conn, worse", "KiB", per[0].max(per[1]));
+    if let Some((_, last)) = b.after.last() {
+        results.ztund("RSS at settle end, node1", "MiB", last[0]);
+        results.ztund("RSS at settle end, node2", "MiB", last[1]);
+    }
+    results.ztund("RSS at settle end / idle, worse", "x", b.end_over_idle());
+    results.ztund(
+        "s until both <= 1.5x idle",
+        "s",
+        b.seconds_until_within(1.5).unwrap_or(f64::INFINITY),
+    );
+}
+
+const TARGETS: &[Target] = &[
+    Target {
+        goal: "single stream >= 0.60 of direct",
+        metric: "throughput, 1 stream",
+        column: Column::Ratio,
+        at_least: true,
+        bound: 0.6,
+    },
+    Target {
+        goal: "ping-pong max rate >= 0.75 of direct",
+        metric: "ping-pong 1 KiB, max rate",
+        column: Column::Ratio,
+        at_least: true,
+        bound: 0.75,
+    },
+    Target {
+        goal: "keep-alive req/s >= 0.45 of direct",
+        metric: "HTTP keep-alive, wrk -c4",
+        column: Column::Ratio,
+        at_least: true,
+        bound: 0.45,
+    },
+    Target {
+        goal: "Connection: close req/s >= 0.35 of direct",
+        metric: "HTTP Connection: close",
+        column: Column::Ratio,
+        at_least: true,
+        bound: 0.35,
+    },
+    Target {
+        goal: "added p99 at 1000 req/s <= 100 µs",
+        metric: "added p99 @1000/s",
+        column: Column::Ztund,
+        at_least: false,
+        bound: 100.0,
+    },
+    Target {
+        goal: "RSS within 1.5x of idle after the burst",
+        metric: "RSS at settle end / idle, worse",
+        column: Column::Ztund,
+        at_least: false,
+        bound: 1.5,
+    },
+    Target {
+        goal: "<= 3 KiB per idle tunnel per daemon",
+        metric: "memory per idle conn, worse",
+        column: Column::Ztund,
+        at_least: false,
+        bound: 3.0,
+    },
+];
+
+fn report(world: &World, s: &Settings, results: &Results) {
+    let (targets, targets_json) = report::check_targets(results, TARGETS);
+    println!(
+        "\n== {} capture: {}\n{}\n{targets}",
+        world.name,
+        s.ztund.display(),
+        results.table()
+    );
+    let json = serde_json::json!({
+        "settings": {
+            "runs": s.runs, "seconds": s.seconds.as_secs(), "burst": s.burst,
+            "settle": s.settle.as_secs(), "quick": s.quick, "world": world.name,
+            "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        },
+        "builds": [{
+            "build": "this build", "binary": s.ztund.display().to_string(),
+            "metrics": results.json(), "targets": targets_json,
+        }],
+    });
+    let path = report::json_path(&format!("capture-{}", world.name));
+    let last = std::fs::read(&path)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok());
+    if let Some(table) = last.and_then(|last| report::compare_with_last(&last, results)) {
+        println!("{table}");
+    }
+    match std::fs::write(&path, serde_json::to_string_pretty(&json).expect("JSON")) {
+        Ok(()) => println!("written to {}", path.display()),
+        Err(e) => eprintln!("capture: writing {}: {e}", path.display()),
+    }
+}
+
+/// The burst holds both ends of every connection in this process.
+fn raise_open_files() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls with a valid struct; the servers and daemons inherit the limit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
