@@ -354,9 +354,9 @@ impl Config {
 
     /// Parses and validates config text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        let config: Config = serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(
-            text,
-        ))
+        let config: Config = serde_path_to_error::deserialize(
+            serde_norway::Deserializer::from_str(text),
+        )
         .map_err(|e| {
             let field = e.path().to_string();
             let message = if field == "." {

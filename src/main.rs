@@ -257,7 +257,7 @@ fn run_as_ztunnel(log_json: bool, print_config: bool) -> ExitCode {
         for warning in &loaded.warnings {
             eprintln!("ztund: warning: {warning}");
         }
-        return match serde_yaml::to_string(&loaded.config) {
+        return match serde_norway::to_string(&loaded.config) {
             Ok(text) => {
                 print!("{text}");
                 ExitCode::SUCCESS

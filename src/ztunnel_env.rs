@@ -111,7 +111,7 @@ pub fn load(env: &ChartEnv) -> Result<ChartConfig, ZtunnelEnvError> {
             path: path.display().to_string(),
             reason: e.to_string(),
         })?;
-        let overlay: Value = serde_yaml::from_str(&text).map_err(|e| ZtunnelEnvError::File {
+        let overlay: Value = serde_norway::from_str(&text).map_err(|e| ZtunnelEnvError::File {
             path: path.display().to_string(),
             reason: e.to_string(),
         })?;

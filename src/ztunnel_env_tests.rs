@@ -214,6 +214,6 @@ fn a_ztund_file_then_ztund_env_go_on_top() {
 fn printed_config_reads_back_the_same() {
     let root = mounts();
     let c = load(&chart(root.path(), &[])).unwrap().config;
-    let text = serde_yaml::to_string(&c).unwrap();
+    let text = serde_norway::to_string(&c).unwrap();
     assert_eq!(Config::parse(&text, "printed").unwrap(), c);
 }

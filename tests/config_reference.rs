@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use serde_yaml::{Mapping, Value};
+use serde_norway::{Mapping, Value};
 use ztund::config::Config;
 
 const PROBE: &str = "zz_probe";

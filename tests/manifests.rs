@@ -9,14 +9,14 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use serde_yaml::Value;
+use serde_norway::Value;
 use ztund::config::{CaptureMode, Config};
 use ztund::ztunnel_env::{self, ChartEnv};
 
 fn docs(path: &str) -> Vec<Value> {
     let full = Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
     let text = std::fs::read_to_string(&full).unwrap_or_else(|e| panic!("{path}: {e}"));
-    serde_yaml::Deserializer::from_str(&text)
+    serde_norway::Deserializer::from_str(&text)
         .map(|d| Value::deserialize(d).unwrap_or_else(|e| panic!("{path}: {e}")))
         .filter(|d| !d.is_null())
         .collect()
@@ -200,7 +200,7 @@ fn check_node_proxy(ds: &Value, config: &Config, root: &Path, mounts: &[Mount]) 
     let caps = &c["securityContext"]["capabilities"];
     assert_eq!(
         caps["drop"],
-        serde_yaml::from_str::<Value>("[ALL]").unwrap()
+        serde_norway::from_str::<Value>("[ALL]").unwrap()
     );
     let mut added: Vec<&str> = list(&caps["add"]).iter().map(text).collect();
     added.sort();
@@ -224,7 +224,7 @@ fn istio_daemonset_gives_ztund_what_ztunnel_mode_reads() {
     find(&docs, "ServiceAccount", ztunnel_env::SERVICE_ACCOUNT);
     assert_eq!(
         container(ds)["args"],
-        serde_yaml::from_str::<Value>("[proxy, ztunnel]").unwrap()
+        serde_norway::from_str::<Value>("[proxy, ztunnel]").unwrap()
     );
 
     let root = tempfile::tempdir().unwrap();

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_yaml::Value;
+use serde_norway::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_ztund");
 
@@ -77,7 +77,7 @@ fn prints_the_config_the_charts_environment_and_mounts_make() {
     ));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    let c: Value = serde_yaml::from_slice(&out.stdout).unwrap();
+    let c: Value = serde_norway::from_slice(&out.stdout).unwrap();
     let istiod = "https://istiod.istio-system.svc:15012";
     assert_eq!(c["node"], "node1");
     assert_eq!(c["trustDomain"], "cluster.local");

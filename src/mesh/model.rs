@@ -197,5 +197,5 @@ impl std::fmt::Display for DocRef {
 pub struct RawDocument {
     pub doc: DocRef,
     pub api_version: String,
-    pub body: serde_yaml::Value,
+    pub body: serde_norway::Value,
 }

@@ -15,7 +15,7 @@ use std::net::IpAddr;
 
 use prost::Message;
 use prost_types::Any;
-use serde_yaml::{Mapping, Value};
+use serde_norway::{Mapping, Value};
 
 use super::RawResource;
 use crate::identity::SpiffeId;
@@ -513,7 +513,7 @@ pub fn destination_rule(resource: &RawResource) -> Result<DestinationRule, Conve
         return Err(ctx.invalid("namespace", "must not be empty"));
     }
     // JSON is YAML: the mesh file's reader takes the spec as it comes.
-    let spec: Value = serde_yaml::from_str(&d.spec_json)
+    let spec: Value = serde_norway::from_str(&d.spec_json)
         .map_err(|e| ctx.invalid("spec_json", format!("not JSON: {e}")))?;
     let mut metadata = Mapping::new();
     metadata.insert("name".into(), d.name.clone().into());

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use serde_yaml::Value;
+use serde_norway::Value;
 
 use super::MeshError;
 use crate::mesh::model::DocRef;
@@ -333,7 +333,7 @@ mod tests {
             name: "web".into(),
         };
         let body: Value =
-            serde_yaml::from_str("spec: {ports: [{port: 80}, {port: 81, targetPort: abc}]}\nmetadata: {labels: {a.b/c: 'x y'}}")
+            serde_norway::from_str("spec: {ports: [{port: 80}, {port: 81, targetPort: abc}]}\nmetadata: {labels: {a.b/c: 'x y'}}")
                 .unwrap();
         let root = Field::root(&doc, &body);
         let spec = root.get("spec").unwrap();

@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
 use serde::Deserialize;
-use serde_yaml::Value;
+use serde_norway::Value;
 
 use self::fields::{Field, check_dns_label, check_dns_subdomain, describe};
 use self::workloads::{ParsedService, ParsedWorkload};
@@ -142,7 +142,7 @@ const SECURITY_KINDS: [&str; 3] = [
 /// documents are skipped but still counted, so indexes match what the user sees.
 pub fn split_documents(file: &str, text: &str) -> Result<Vec<RawDocument>, MeshError> {
     let mut docs = Vec::new();
-    for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
+    for (i, de) in serde_norway::Deserializer::from_str(text).enumerate() {
         let index = i + 1;
         let body = Value::deserialize(de).map_err(|e| MeshError::Syntax {
             file: file.to_string(),

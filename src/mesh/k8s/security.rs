@@ -12,7 +12,7 @@ mod node;
 
 use std::collections::BTreeMap;
 
-use serde_yaml::Value;
+use serde_norway::Value;
 
 use super::super::model::RawDocument;
 use crate::mesh::Labels;

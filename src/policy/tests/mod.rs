@@ -18,8 +18,8 @@ pub(crate) const ROOT: &str = "istio-system";
 
 /// Splits a multi-document YAML string the way the mesh-file reader does.
 pub(crate) fn documents(yaml: &str) -> Vec<RawDocument> {
-    serde_yaml::Deserializer::from_str(yaml)
-        .map(|d| serde_yaml::Value::deserialize(d).expect("test YAML parses"))
+    serde_norway::Deserializer::from_str(yaml)
+        .map(|d| serde_norway::Value::deserialize(d).expect("test YAML parses"))
         .filter(|v| !v.is_null())
         .enumerate()
         .map(|(i, body)| {

@@ -2,7 +2,7 @@
 //! document and the field (`spec.rules[0].from[1].source.ipBlocks[2]`), and unknown fields are
 //! warned about in one place. Knows nothing about what the fields mean.
 
-use serde_yaml::Value;
+use serde_norway::Value;
 
 use crate::mesh::{DocRef, Labels};
 use crate::policy::PolicyError;
