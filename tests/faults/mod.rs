@@ -267,8 +267,9 @@ pub async fn fds_settle(daemon: &Daemon, baseline: usize, slack: usize, within: 
     }
 }
 
-/// Raises this test process's open-files limit to its hard limit (it holds both ends of
-/// thousands of connections); returns the limit.
+/// Raises this test process's open-files limit (soft and hard, where root may) to at least 65 536:
+/// it holds both ends of thousands of connections, and the daemons it starts inherit it.
+/// Returns the limit.
 pub fn raise_nofile() -> u64 {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
@@ -277,8 +278,15 @@ pub fn raise_nofile() -> u64 {
     // SAFETY: plain syscalls on a local struct.
     unsafe {
         assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        let hard = limit.rlim_max;
+        limit.rlim_max = hard.max(65_536);
         limit.rlim_cur = limit.rlim_max;
-        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+        // Without CAP_SYS_RESOURCE (a container) the hard limit stays where it is.
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+            limit.rlim_max = hard;
+            limit.rlim_cur = hard;
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+        }
     }
     limit.rlim_cur
 }
