@@ -226,11 +226,22 @@ pub struct CidrError {
 }
 
 impl Cidr {
-    /// A block from an address and a prefix length no longer than the address.
+    /// A block from an address and a prefix length no longer than the address. An IPv4-mapped
+    /// IPv6 block of /96 or longer is the IPv4 block it spells (`::ffff:10.0.0.0/104` is
+    /// `10.0.0.0/8`): its prefix is counted in IPv4 bits, so that `contains` compares the right
+    /// bits (left at 104 over an IPv4 address, the mask overflowed: a panic, or in a release
+    /// build a block that held every IPv4 address). A shorter mapped block stays IPv6.
     pub fn new(address: IpAddr, prefix_len: u8) -> Option<Cidr> {
+        let (address, prefix_len) = match address {
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) if prefix_len >= 96 => (IpAddr::V4(v4), prefix_len - 96),
+                _ => (address, prefix_len),
+            },
+            IpAddr::V4(_) => (address, prefix_len),
+        };
         let max = if address.is_ipv4() { 32 } else { 128 };
         (prefix_len <= max).then_some(Cidr {
-            address: address.to_canonical(),
+            address,
             prefix_len,
         })
     }
@@ -448,13 +459,23 @@ mod tests {
             ("fd00::/64", "fd00::abcd", true),
             ("fd00::/64", "fd00:0:0:1::1", false),
             ("::/0", "2001:db8::1", true),
+            // Found with the rbac_diff fuzz target: mapped blocks are the IPv4 blocks they spell.
+            ("::ffff:10.0.0.0/104", "10.255.1.1", true),
+            ("::ffff:10.0.0.0/104", "11.0.0.1", false),
+            ("::ffff:10.1.2.3/128", "10.1.2.3", true),
+            ("::ffff:10.1.2.3/128", "10.1.2.4", false),
+            ("::ffff:10.1.2.3/128", "::ffff:10.1.2.3", true),
+            ("::ffff:0:0/95", "10.1.2.3", false),
         ];
         for (cidr, ip, inside) in cases {
             let block: Cidr = cidr.parse().unwrap();
             assert_eq!(block.contains(ip.parse().unwrap()), inside, "{cidr} ∋ {ip}");
         }
+        let mapped: Cidr = "::ffff:10.0.0.0/104".parse().unwrap();
+        assert_eq!(mapped.to_string(), "10.0.0.0/8");
         for bad in [
             "10.0.0.0/33",
+            "::ffff:10.0.0.0/129",
             "fd00::/129",
             "10.0.0/8",
             "x",

@@ -156,6 +156,13 @@ fn cases() -> Vec<Case> {
             vec![(("::ffff:10.0.0.7", None, 8080), Allow), (("fd00::1", None, 8080), Deny(NONE_ALLOWED))],
         ),
         (
+            // Found with the rbac_diff fuzz target: the mask of such a block overflowed, so a
+            // release build allowed every IPv4 source (and a debug build panicked).
+            "ipBlocks written as IPv4-mapped IPv6 are the IPv4 blocks they spell",
+            ap("default/lan", "  rules: [{from: [{source: {ipBlocks: ['::ffff:10.0.0.0/120', '::ffff:10.0.1.9/128']}}]}]"),
+            vec![(SLEEP, Allow), (PLAIN, Allow), (OTHER, Deny(NONE_ALLOWED))],
+        ),
+        (
             "DENY notIpBlocks",
             ap("default/outsiders", "  action: DENY\n  rules: [{from: [{source: {notIpBlocks: [10.0.0.0/24]}}]}]"),
             vec![(SLEEP, Allow), (OTHER, Deny("default/outsiders"))],
