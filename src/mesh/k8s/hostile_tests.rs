@@ -303,7 +303,10 @@ fn duplicate_keys_and_duplicate_objects_are_refused() {
     let twice = format!("{policy}---\n{policy}");
     assert_names(
         &refused(&twice),
-        &["document 2", "a second AuthorizationPolicy named shop/p"],
+        &[
+            "document 2 (AuthorizationPolicy shop/p)",
+            "already claimed by mesh.yaml document 1",
+        ],
     );
 }
 
