@@ -40,6 +40,7 @@ fn policy(ns: &str, name: &str, scope: Scope, action: Action, m: Match) -> Autho
         action,
         rules: vec![rule(m)],
         dry_run: false,
+        not_enforced: Vec::new(),
     }
 }
 

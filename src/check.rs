@@ -125,6 +125,9 @@ fn authorization_lines(out: &mut String, policies: &PolicySet, workload: &Worklo
             line.push_str(" [dry-run: logged only]");
         }
         let _ = writeln!(out, "{line}");
+        for part in &policy.not_enforced {
+            let _ = writeln!(out, "          not enforced at L4: {part}");
+        }
     }
 }
 

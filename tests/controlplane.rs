@@ -460,7 +460,8 @@ fn ca_request(uri: &str, impersonate: bool) -> IstioCertificateRequest {
 }
 
 fn der(pem: &str) -> Vec<rustls::pki_types::CertificateDer<'static>> {
-    rustls_pemfile::certs(&mut pem.as_bytes())
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
         .map(Result::unwrap)
         .collect()
 }

@@ -106,6 +106,37 @@ async fn a_bad_change_is_refused_and_the_last_good_mesh_keeps_serving() {
         .expect("still serving");
     Testbed::assert_echo(stream, 1 << 20).await;
 
+    // HARDENING Y1 (the "mesh file has no size cap"): a file over the cap is refused
+    // without being parsed, naming the cap; memory stays where it was.
+    let rss_before = rss_kib(node1.pid());
+    let mut huge = good.clone();
+    huge.push_str(&"#".repeat(ztund::mesh::k8s::MAX_MESH_BYTES + 1 - good.len()));
+    cluster.write("mesh.yaml", &huge);
+    let line = node1
+        .wait_log(&["mesh file refused", "MAX_MESH_BYTES"])
+        .await;
+    assert!(line.contains("over the cap of 8388608 bytes"), "{line}");
+    let rss_after = rss_kib(node1.pid());
+    eprintln!("node1 RSS around an oversized mesh file: {rss_before} KiB -> {rss_after} KiB");
+    assert!(
+        rss_after < rss_before + 32 * 1024,
+        "RSS grew from {rss_before} KiB to {rss_after} KiB"
+    );
+
+    // HARDENING Y3: a misspelt field is refused by name, not read as absent.
+    cluster.write(
+        "mesh.yaml",
+        &good.replace("serviceAccount: echo", "serviceAcount: echo"),
+    );
+    let line = node1
+        .wait_log(&["mesh file refused", "spec.serviceAcount"])
+        .await;
+    assert!(line.contains("unknown field"), "{line}");
+    let stream = socks5_connect(&bed, Place::Node(1), app)
+        .await
+        .expect("still serving after the refusals");
+    Testbed::assert_echo(stream, 1 << 16).await;
+
     // A valid edit that renames the echo workload's service account: applied without restart
     // on both nodes; the client now expects the new identity and node 2 proves it.
     cluster.write(
@@ -122,4 +153,14 @@ async fn a_bad_change_is_refused_and_the_last_good_mesh_keeps_serving() {
         .await
         .expect("serving after reload");
     Testbed::assert_echo(stream, 1 << 16).await;
+}
+
+/// Resident memory of a process, from /proc.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("process status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
 }

@@ -3,7 +3,6 @@
 
 use super::report;
 use crate::mesh::{Endpoints, Service, ServicePort, Snapshot};
-use crate::policy::PolicySet;
 use crate::policy::tests::{ROOT, documents, workload};
 
 const POLICIES: &str = "apiVersion: security.istio.io/v1
@@ -104,7 +103,8 @@ service shop/cart (cart.shop.svc.cluster.local)
 
 #[test]
 fn report_matches_the_golden_output() {
-    let policies = PolicySet::from_documents(&documents(POLICIES), ROOT).expect("policies load");
+    let policies =
+        crate::mesh::k8s::security::policy_set(&documents(POLICIES), ROOT).expect("policies load");
     // Out of order on purpose: the report sorts.
     let workloads = vec![
         workload("shop", "web-1", "web", "10.1.0.2", "app=web"),

@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 use super::translate::{Resources, translate};
 use crate::mesh::k8s::{parse_mesh, split_documents};
 use crate::mesh::{MeshError, MeshSettings, Snapshot};
-use crate::policy::PolicySet;
 
 /// One configuration read from the directory.
 #[derive(Debug)]
@@ -71,7 +70,7 @@ pub fn load(content: &[(PathBuf, Vec<u8>)], settings: &MeshSettings) -> Result<L
         docs.extend(split_documents(&file, text)?);
     }
     let mesh = parse_mesh(&docs, settings)?;
-    let policies = PolicySet::from_documents(&docs, &settings.root_namespace)?;
+    let policies = crate::mesh::k8s::security::policy_set(&docs, &settings.root_namespace)?;
     let snapshot = Snapshot::build(mesh.workloads, mesh.services, policies);
     let resources = translate(&snapshot, &docs)?;
     Ok(Loaded {

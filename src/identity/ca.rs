@@ -447,9 +447,13 @@ fn csr_public_key(csr_pem: &str, id: &SpiffeId) -> Result<CsrKey, IdentityError>
         id: id.to_string(),
         reason,
     };
-    let der = rustls_pemfile::csr(&mut csr_pem.as_bytes())
-        .map_err(|e| bad(format!("not PEM: {e}")))?
-        .ok_or_else(|| bad("no CERTIFICATE REQUEST block in the PEM".into()))?;
+    use rustls::pki_types::CertificateSigningRequestDer;
+    use rustls::pki_types::pem::{Error as PemError, PemObject};
+    let der =
+        CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes()).map_err(|e| match e {
+            PemError::NoItemsFound => bad("no CERTIFICATE REQUEST block in the PEM".into()),
+            e => bad(format!("not PEM: {e}")),
+        })?;
     let (_, csr) = X509CertificationRequest::from_der(der.as_ref())
         .map_err(|e| bad(format!("not a PKCS#10 request: {e}")))?;
     csr.verify_signature()

@@ -20,9 +20,8 @@ use std::time::{Duration, SystemTime};
 use tokio::task::JoinHandle;
 use tracing::{error, info};
 
-use super::k8s::{MeshError, MeshSettings, parse_mesh, split_documents};
+use super::k8s::{MAX_MESH_BYTES, MeshError, MeshSettings, parse_mesh, split_documents};
 use super::snapshot::{MeshStore, Snapshot};
-use crate::policy::PolicySet;
 
 /// Builds a snapshot from mesh-file text; `file` names it in errors.
 pub fn snapshot_from_text(
@@ -32,7 +31,7 @@ pub fn snapshot_from_text(
 ) -> Result<Snapshot, MeshError> {
     let docs = split_documents(file, text)?;
     let mesh = parse_mesh(&docs, settings)?;
-    let policies = PolicySet::from_documents(&docs, &settings.root_namespace)?;
+    let policies = crate::mesh::k8s::security::policy_set(&docs, &settings.root_namespace)?;
     Ok(Snapshot::build(mesh.workloads, mesh.services, policies))
 }
 
@@ -48,7 +47,7 @@ pub fn snapshot_from_files(
         docs.extend(split_documents(&path.display().to_string(), &text)?);
     }
     let mesh = parse_mesh(&docs, settings)?;
-    let policies = PolicySet::from_documents(&docs, &settings.root_namespace)?;
+    let policies = crate::mesh::k8s::security::policy_set(&docs, &settings.root_namespace)?;
     Ok(Snapshot::build(mesh.workloads, mesh.services, policies))
 }
 
@@ -312,16 +311,41 @@ impl MeshFileWatch {
             source,
         };
         let stamp = Stamp::of(&std::fs::metadata(&self.path).map_err(io)?);
-        let bytes = std::fs::read(&self.path).map_err(io)?;
+        let bytes = read_capped(&self.path)?;
         Ok((stamp, bytes))
     }
 }
 
 fn read_text(path: &Path) -> Result<String, MeshError> {
-    std::fs::read_to_string(path).map_err(|source| MeshError::Io {
+    let bytes = read_capped(path)?;
+    String::from_utf8(bytes).map_err(|_| MeshError::Io {
+        path: path.display().to_string(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text"),
+    })
+}
+
+/// The file's bytes, refused once past [`MAX_MESH_BYTES`] without reading further: a huge file
+/// (or a FIFO, or /dev/zero) costs at most the cap in memory.
+fn read_capped(path: &Path) -> Result<Vec<u8>, MeshError> {
+    use std::io::Read;
+    let io = |source| MeshError::Io {
         path: path.display().to_string(),
         source,
-    })
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    let mut bytes = Vec::new();
+    file.take(MAX_MESH_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    if bytes.len() > MAX_MESH_BYTES {
+        let size = std::fs::metadata(path).map_or(bytes.len() as u64, |m| m.len());
+        return Err(MeshError::TooLarge {
+            file: path.display().to_string(),
+            size: size.max(bytes.len() as u64),
+            cap: MAX_MESH_BYTES,
+        });
+    }
+    Ok(bytes)
 }
 
 fn content_hash(bytes: &[u8]) -> u64 {

@@ -3,7 +3,7 @@
 //! the reader in `mesh::k8s::security` and a future xDS client both produce these types.
 
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 
 use crate::identity::SpiffeId;
@@ -46,6 +46,10 @@ pub struct Authorization {
     pub rules: Vec<Rule>,
     /// Only logged, never enforced.
     pub dry_run: bool,
+    /// What the source policy asked that cannot be seen at L4 (HTTP attributes), each as
+    /// `field: how it was applied`, for `ztund check`. Empty for policies from xDS: istiod has
+    /// already applied them the same way.
+    pub not_enforced: Vec<String>,
 }
 
 impl Authorization {
@@ -226,21 +230,26 @@ pub struct CidrError {
 }
 
 impl Cidr {
-    /// A block from an address and a prefix length no longer than the address. An IPv4-mapped
-    /// IPv6 block of /96 or longer is the IPv4 block it spells (`::ffff:10.0.0.0/104` is
-    /// `10.0.0.0/8`): its prefix is counted in IPv4 bits, so that `contains` compares the right
-    /// bits (left at 104 over an IPv4 address, the mask overflowed: a panic, or in a release
-    /// build a block that held every IPv4 address). A shorter mapped block stays IPv6.
+    /// A block from an address and a prefix length no longer than the address (HARDENING Y4).
+    /// Host bits are cleared (`10.0.0.1/8` is `10.0.0.0/8`, as Istio reads it). An IPv4-mapped
+    /// block (`::ffff:10.0.0.0/104`) is the IPv4 block it maps, its length less 96: kept at 104
+    /// against an IPv4 address, its mask would be all zeros and it would contain every address.
     pub fn new(address: IpAddr, prefix_len: u8) -> Option<Cidr> {
-        let (address, prefix_len) = match address {
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) if prefix_len >= 96 => (IpAddr::V4(v4), prefix_len - 96),
-                _ => (address, prefix_len),
-            },
-            IpAddr::V4(_) => (address, prefix_len),
-        };
         let max = if address.is_ipv4() { 32 } else { 128 };
-        (prefix_len <= max).then_some(Cidr {
+        if prefix_len > max {
+            return None;
+        }
+        let (address, prefix_len) = match address {
+            IpAddr::V6(v6) if prefix_len >= 96 && v6.to_ipv4_mapped().is_some() => {
+                (address.to_canonical(), prefix_len - 96)
+            }
+            other => (other, prefix_len),
+        };
+        let address = match address {
+            IpAddr::V4(ip) => IpAddr::V4(Ipv4Addr::from(u32::from(ip) & mask_v4(prefix_len))),
+            IpAddr::V6(ip) => IpAddr::V6(Ipv6Addr::from(u128::from(ip) & mask_v6(prefix_len))),
+        };
+        Some(Cidr {
             address,
             prefix_len,
         })
@@ -258,20 +267,28 @@ impl Cidr {
     pub fn contains(&self, ip: IpAddr) -> bool {
         match (self.address, ip.to_canonical()) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX
-                    .checked_shl(32 - u32::from(self.prefix_len))
-                    .unwrap_or(0);
-                u32::from(net) & mask == u32::from(ip) & mask
+                u32::from(net) == u32::from(ip) & mask_v4(self.prefix_len)
             }
             (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.prefix_len))
-                    .unwrap_or(0);
-                u128::from(net) & mask == u128::from(ip) & mask
+                u128::from(net) == u128::from(ip) & mask_v6(self.prefix_len)
             }
             _ => false,
         }
     }
+}
+
+/// The netmask of an IPv4 prefix length (0..=32).
+fn mask_v4(prefix_len: u8) -> u32 {
+    u32::MAX
+        .checked_shl(32u32.saturating_sub(u32::from(prefix_len)))
+        .unwrap_or(0)
+}
+
+/// The netmask of an IPv6 prefix length (0..=128).
+fn mask_v6(prefix_len: u8) -> u128 {
+    u128::MAX
+        .checked_shl(128u32.saturating_sub(u32::from(prefix_len)))
+        .unwrap_or(0)
 }
 
 impl FromStr for Cidr {
@@ -374,6 +391,7 @@ mod tests {
             action: Action::Allow,
             rules,
             dry_run: false,
+            not_enforced: Vec::new(),
         }
     }
 

@@ -1,6 +1,7 @@
 //! Pure policy decisions over a snapshot: the effective peer-authentication mode of a
 //! (workload, port), the authorization verdict of a connection, the outbound TLS mode of a
-//! destination. No I/O of any kind; YAML is read in `mesh::k8s::security`.
+//! destination. No I/O and no YAML of any kind: `mesh::k8s::security` reads the documents and
+//! builds a [`PolicySet`] with [`PolicySetBuilder`].
 //!
 //! The policies are held in the shape istiod sends them to ztunnel (`istio.security.Authorization`,
 //! PROTOCOL.md §3.5): PeerAuthentication becomes DENY policies exactly as in §4.1, so an xDS client
@@ -14,7 +15,7 @@ mod peer_authentication;
 #[cfg(test)]
 pub(crate) mod tests;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::ops::ControlFlow;
 use std::sync::Arc;
 
@@ -33,8 +34,7 @@ pub use peer_authentication::{
     STATIC_STRICT_POLICY, parse_creation_time,
 };
 
-use crate::mesh::k8s::security::{self, SecurityDocument};
-use crate::mesh::{DocRef, Labels, RawDocument, Workload};
+use crate::mesh::{DocRef, Labels, Workload};
 use destination_rule::HostIndex;
 use peer_authentication::{Enforcement, Levels};
 
@@ -54,40 +54,6 @@ impl Default for PolicySet {
 }
 
 impl PolicySet {
-    /// Reads the security documents (PeerAuthentication, AuthorizationPolicy, DestinationRule)
-    /// among `docs`, ignoring other kinds. Any invalid value refuses the whole set.
-    // The error is built once per refused configuration; its size does not matter.
-    #[allow(clippy::result_large_err)]
-    pub fn from_documents(
-        docs: &[RawDocument],
-        root_namespace: &str,
-    ) -> Result<PolicySet, PolicyError> {
-        let mut builder = PolicySetBuilder::new(root_namespace);
-        let mut seen = HashSet::new();
-        for raw in docs {
-            let Some(document) = security::read(raw, root_namespace)? else {
-                continue;
-            };
-            let d = &raw.doc;
-            if !seen.insert((d.kind.clone(), d.namespace.clone(), d.name.clone())) {
-                return Err(PolicyError::Invalid {
-                    doc: d.clone(),
-                    field: "metadata.name".to_string(),
-                    reason: format!("a second {} named {}/{}", d.kind, d.namespace, d.name),
-                });
-            }
-            match document {
-                SecurityDocument::PeerAuthentication(pa) => builder.add_peer_authentication(pa),
-                SecurityDocument::AuthorizationPolicy { policy, selector } => {
-                    builder.add_authorization(policy, selector)
-                }
-                SecurityDocument::DestinationRule(rule) => builder.add_destination_rule(rule),
-                SecurityDocument::Skipped => {}
-            }
-        }
-        Ok(builder.build())
-    }
-
     /// The namespace whose selector-less policies apply mesh-wide.
     pub fn root_namespace(&self) -> &str {
         &self.index.root_namespace

@@ -219,6 +219,7 @@ pub fn static_strict_policy(root_namespace: &str) -> Authorization {
             }],
         }],
         dry_run: false,
+        not_enforced: Vec::new(),
     }
 }
 
@@ -267,6 +268,7 @@ pub fn convert(pa: &PeerAuthentication, inherited: InboundMode) -> Option<Author
         action: Action::Deny,
         rules,
         dry_run: false,
+        not_enforced: Vec::new(),
     })
 }
 

@@ -12,6 +12,7 @@ use std::time::SystemTime;
 
 use rustls::client::danger::{ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::pem::{Error as PemError, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, TrustAnchor, UnixTime};
 use rustls::{CertificateError, ClientConfig, OtherError};
 use tokio::net::TcpStream;
@@ -191,7 +192,7 @@ fn read_certs(
         reason,
     };
     let bytes = read_file(field, path)?;
-    let certs = rustls_pemfile::certs(&mut bytes.as_slice())
+    let certs = CertificateDer::pem_slice_iter(&bytes)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| pem_error(format!("not PEM: {e}")))?;
     if certs.is_empty() {
@@ -207,9 +208,10 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, OriginateError> {
         reason,
     };
     let bytes = read_file("privateKey", path)?;
-    rustls_pemfile::private_key(&mut bytes.as_slice())
-        .map_err(|e| pem_error(format!("not PEM: {e}")))?
-        .ok_or_else(|| pem_error("no PRIVATE KEY block".to_string()))
+    PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| match e {
+        PemError::NoItemsFound => pem_error("no PRIVATE KEY block".to_string()),
+        e => pem_error(format!("not PEM: {e}")),
+    })
 }
 
 /// How a destination's certificate is judged.

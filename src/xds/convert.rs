@@ -421,6 +421,7 @@ pub fn authorization(resource: &RawResource) -> Result<Authorization, ConvertErr
         action,
         rules,
         dry_run: a.dry_run,
+        not_enforced: Vec::new(),
     })
 }
 

@@ -29,7 +29,7 @@ use super::{RawResource, ResourceSink};
 use crate::mesh::k8s::security::{self, SecurityDocument};
 use crate::mesh::k8s::{MeshError, MeshSettings, parse_mesh, split_documents};
 use crate::mesh::{RawDocument, Service, Snapshot, Workload, service_key};
-use crate::policy::{Authorization, DestinationRule, PolicySet, PolicySetBuilder};
+use crate::policy::{Authorization, DestinationRule, PolicySetBuilder};
 use crate::proto::type_url;
 
 /// One held resource and the version the server gave it.
@@ -343,7 +343,7 @@ impl FileMesh {
         let mesh = parse_mesh(docs, settings)?;
         // The policy module's own checks (duplicate names among them) decide validity; the
         // documents are then read once more to keep them unindexed for the merge.
-        PolicySet::from_documents(docs, &settings.root_namespace)?;
+        crate::mesh::k8s::security::policy_set(docs, &settings.root_namespace)?;
         let mut policies = Vec::new();
         for raw in docs {
             match security::read(raw, &settings.root_namespace)? {

@@ -75,6 +75,31 @@ impl<'a> Field<'a> {
         Ok(self.child(key, value))
     }
 
+    /// Checks that a mapping (or absent field) has no key outside `known`, the schema of this
+    /// field: a misspelt key read as absent would silently change what the document means.
+    pub(crate) fn only(&self, known: &[&str]) -> Result<(), MeshError> {
+        let Some(Value::Mapping(map)) = self.value else {
+            return Ok(());
+        };
+        for key in map.keys() {
+            let name = match key {
+                Value::String(s) => s.as_str(),
+                other => {
+                    return Err(
+                        self.error(format!("expected string keys, got {}", describe(other)))
+                    );
+                }
+            };
+            if !known.contains(&name) {
+                return Err(self.child(name, None).error(format!(
+                    "unknown field; expected one of {}",
+                    known.join(", ")
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// An optional string.
     pub(crate) fn opt_str(&self) -> Result<Option<&'a str>, MeshError> {
         match self.value {

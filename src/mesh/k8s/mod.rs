@@ -4,14 +4,17 @@
 //! ports); `workloads` reads Pod, WorkloadEntry, Service and ServiceEntry. The security kinds
 //! (PeerAuthentication, AuthorizationPolicy, DestinationRule) belong to `crate::policy`.
 
+mod claims;
 mod fields;
+#[cfg(test)]
+mod hostile_tests;
+mod schema;
 pub mod security;
 #[cfg(test)]
 mod tests;
 pub mod workloads;
 
-use std::collections::{BTreeMap, HashMap};
-use std::net::IpAddr;
+use std::collections::HashMap;
 
 use serde::Deserialize;
 use serde_norway::Value;
@@ -54,6 +57,14 @@ impl Default for MeshSettings {
     }
 }
 
+/// The largest mesh text read, in bytes, checked before any parsing (HARDENING Y1). The YAML
+/// parser buffers every event and a parsed document takes tens of times its text in memory (a
+/// 46 MB file of 300 000 pods held 1.6 GB): 8 MiB (some 40 000 small pods) bounds that.
+pub const MAX_MESH_BYTES: usize = 8 * 1024 * 1024;
+
+/// The most documents one mesh text may hold (empty ones included): each costs a parse.
+pub const MAX_MESH_DOCUMENTS: usize = 65_536;
+
 /// Why a mesh file was refused. Every variant names the file; most name the document and field.
 #[derive(Debug, thiserror::Error)]
 pub enum MeshError {
@@ -63,6 +74,15 @@ pub enum MeshError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{file}: {size} bytes, over the cap of {cap} bytes (MAX_MESH_BYTES); nothing was read")]
+    TooLarge {
+        file: String,
+        /// What was found (at least; reading stops past the cap).
+        size: u64,
+        cap: usize,
+    },
+    #[error("{file}: more than {cap} documents (MAX_MESH_DOCUMENTS); nothing was applied")]
+    TooManyDocuments { file: String, cap: usize },
     #[error("{file} line {line}: YAML syntax error in document {index}: {reason}")]
     Syntax {
         file: String,
@@ -141,9 +161,22 @@ const SECURITY_KINDS: [&str; 3] = [
 /// `kind` and `metadata.name` present, `metadata.namespace` defaulting to `default`. Empty
 /// documents are skipped but still counted, so indexes match what the user sees.
 pub fn split_documents(file: &str, text: &str) -> Result<Vec<RawDocument>, MeshError> {
+    if text.len() > MAX_MESH_BYTES {
+        return Err(MeshError::TooLarge {
+            file: file.to_string(),
+            size: text.len() as u64,
+            cap: MAX_MESH_BYTES,
+        });
+    }
     let mut docs = Vec::new();
     for (i, de) in serde_norway::Deserializer::from_str(text).enumerate() {
         let index = i + 1;
+        if index > MAX_MESH_DOCUMENTS {
+            return Err(MeshError::TooManyDocuments {
+                file: file.to_string(),
+                cap: MAX_MESH_DOCUMENTS,
+            });
+        }
         let body = Value::deserialize(de).map_err(|e| MeshError::Syntax {
             file: file.to_string(),
             index,
@@ -299,8 +332,9 @@ pub fn parse_mesh(
             }
         }
     }
-    let owners = check_workload_addresses(&workloads)?;
-    check_service_claims(&services, &owners)?;
+    let owners = claims::check_workload_addresses(&workloads)?;
+    claims::check_service_claims(&services, &owners)?;
+    claims::check_node_and_endpoint_claims(&workloads, &services, &owners)?;
     for service in &mut services {
         resolve_named_targets(service, &workloads)?;
     }
@@ -309,74 +343,6 @@ pub fn parse_mesh(
         services: services.into_iter().map(|s| s.service).collect(),
         ignored,
     })
-}
-
-/// Every address belongs to one workload: lookups by IP must not depend on document order.
-fn check_workload_addresses(
-    workloads: &[ParsedWorkload],
-) -> Result<HashMap<IpAddr, &DocRef>, MeshError> {
-    let mut owners: HashMap<IpAddr, &DocRef> = HashMap::new();
-    for parsed in workloads {
-        for (ip, field) in &parsed.address_fields {
-            if let Some(other) = owners.insert(*ip, &parsed.doc) {
-                return Err(MeshError::Conflict {
-                    doc: Box::new(parsed.doc.clone()),
-                    field: field.clone(),
-                    what: format!("address {ip}"),
-                    other: Box::new((*other).clone()),
-                });
-            }
-        }
-    }
-    Ok(owners)
-}
-
-/// A VIP names one service and is no workload's address; a hostname names one service per
-/// namespace. The entries a single ServiceEntry makes from its hosts may share its addresses.
-fn check_service_claims(
-    services: &[ParsedService],
-    workload_owners: &HashMap<IpAddr, &DocRef>,
-) -> Result<(), MeshError> {
-    let mut vip_owners: HashMap<IpAddr, &DocRef> = HashMap::new();
-    let mut host_owners: BTreeMap<(&str, &str), &DocRef> = BTreeMap::new();
-    for parsed in services {
-        let service = &parsed.service;
-        for (vip, field) in &parsed.vip_fields {
-            let conflict = |other: &DocRef, what: String| MeshError::Conflict {
-                doc: Box::new(parsed.doc.clone()),
-                field: field.clone(),
-                what,
-                other: Box::new((*other).clone()),
-            };
-            if let Some(owner) = workload_owners.get(vip) {
-                return Err(conflict(
-                    owner,
-                    format!("address {vip} (as a workload address)"),
-                ));
-            }
-            match vip_owners.get(vip) {
-                Some(owner) if **owner != parsed.doc => {
-                    return Err(conflict(owner, format!("VIP {vip}")));
-                }
-                _ => {
-                    vip_owners.insert(*vip, &parsed.doc);
-                }
-            }
-        }
-        let key = (service.namespace.as_str(), service.hostname.as_str());
-        if let Some(owner) = host_owners.insert(key, &parsed.doc) {
-            return Err(MeshError::Conflict {
-                doc: Box::new(parsed.doc.clone()),
-                field: parsed.host_field.clone(),
-                what: format!(
-                    "hostname {} in namespace {}",
-                    service.hostname, service.namespace
-                ),
-                other: Box::new((*owner).clone()),
-            });
-        }
-    }
-    Ok(())
 }
 
 /// Turns `targetPort: http` into a number using the selected workloads' port names. The model

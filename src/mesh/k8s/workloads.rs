@@ -5,7 +5,9 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
+use super::claims::{entry_address, usable_address};
 use super::fields::{Field, check_dns_label, check_dns_subdomain, is_port_name};
+use super::schema;
 use super::{MeshError, MeshSettings, root};
 use crate::identity::SpiffeId;
 use crate::mesh::model::{
@@ -32,6 +34,8 @@ pub(crate) struct ParsedWorkload {
     pub named_ports: BTreeMap<String, u16>,
     /// Each address with the field it came from.
     pub address_fields: Vec<(IpAddr, String)>,
+    /// The node's addresses a pod reports (`status.hostIP(s)`): no workload may claim them.
+    pub host_ip_fields: Vec<(IpAddr, String)>,
 }
 
 /// A service with what only the file-level checks need.
@@ -44,6 +48,8 @@ pub(crate) struct ParsedService {
     pub vip_fields: Vec<(IpAddr, String)>,
     /// The field the hostname came from.
     pub host_field: String,
+    /// ServiceEntry endpoint addresses with their fields: not a workload's or a node's address.
+    pub endpoint_fields: Vec<(IpAddr, String)>,
 }
 
 /// A `targetPort: <name>` waiting for resolution.
@@ -61,7 +67,9 @@ pub(crate) fn parse_pod(
 ) -> Result<Option<ParsedWorkload>, MeshError> {
     let doc = &raw.doc;
     let root = root(raw);
-    let metadata = root.get("metadata")?;
+    // A Pod's spec and status are Kubernetes' own, validated by its API server and growing
+    // with every release: only the envelope is held to a schema here.
+    let metadata = envelope(&root)?;
     let labels = metadata.get("labels")?.labels()?;
     metadata.get("uid")?.opt_str()?;
     let creation_timestamp = metadata
@@ -84,11 +92,14 @@ pub(crate) fn parse_pod(
     let mut address_fields = Vec::new();
     let primary = status.get("podIP")?;
     if !primary.is_absent() {
-        address_fields.push((primary.ip()?, primary.path().to_string()));
+        address_fields.push((
+            usable_address(&primary, primary.ip()?)?,
+            primary.path().to_string(),
+        ));
     }
     for entry in status.get("podIPs")?.list()? {
         let ip_field = entry.get("ip")?;
-        let ip = ip_field.ip()?;
+        let ip = usable_address(&ip_field, ip_field.ip()?)?;
         if !address_fields.iter().any(|(known, _)| *known == ip) {
             address_fields.push((ip, ip_field.path().to_string()));
         }
@@ -96,6 +107,15 @@ pub(crate) fn parse_pod(
     if address_fields.is_empty() {
         return Err(primary
             .error("required: a pod in the mesh needs an IP (status.podIP or status.podIPs)"));
+    }
+    let mut host_ip_fields = Vec::new();
+    let host_ip = status.get("hostIP")?;
+    if !host_ip.is_absent() {
+        host_ip_fields.push((host_ip.ip()?, host_ip.path().to_string()));
+    }
+    for entry in status.get("hostIPs")?.list()? {
+        let ip_field = entry.get("ip")?;
+        host_ip_fields.push((ip_field.ip()?, ip_field.path().to_string()));
     }
     let tunnel = tunnel_of([&labels]);
     Ok(Some(ParsedWorkload {
@@ -119,6 +139,7 @@ pub(crate) fn parse_pod(
         doc: doc.clone(),
         named_ports,
         address_fields,
+        host_ip_fields,
     }))
 }
 
@@ -129,7 +150,7 @@ pub(crate) fn parse_workload_entry(
 ) -> Result<ParsedWorkload, MeshError> {
     let doc = &raw.doc;
     let root = root(raw);
-    let metadata = root.get("metadata")?;
+    let metadata = envelope(&root)?;
     let metadata_labels = metadata.get("labels")?.labels()?;
     let creation_timestamp = metadata
         .get("creationTimestamp")?
@@ -142,6 +163,7 @@ pub(crate) fn parse_workload_entry(
         .node
         .ok_or_else(|| node_field.error("required: the node this workload runs on"))?;
     let spec = root.get("spec")?;
+    spec.only(schema::WORKLOAD_ENTRY_SPEC)?;
     let address_field = spec.get("address")?;
     let address_text = address_field.str()?;
     let address: IpAddr = address_text.parse().map_err(|_| {
@@ -149,6 +171,7 @@ pub(crate) fn parse_workload_entry(
             "expected an IP address, got {address_text:?} (hostnames and unix sockets are not supported here)"
         ))
     })?;
+    let address = usable_address(&address_field, address)?;
     let labels = spec.get("labels")?.labels()?;
     let service_account = service_account(&spec.get("serviceAccount")?)?;
     let mut named_ports = BTreeMap::new();
@@ -180,6 +203,7 @@ pub(crate) fn parse_workload_entry(
         doc: doc.clone(),
         named_ports,
         address_fields: vec![(address, address_field.path().to_string())],
+        host_ip_fields: Vec::new(),
     })
 }
 
@@ -190,7 +214,8 @@ pub(crate) fn parse_service(
 ) -> Result<ParsedService, MeshError> {
     let doc = &raw.doc;
     let root = root(raw);
-    let name_field = root.get("metadata")?.get("name")?;
+    // Like a Pod's, a Service's spec is Kubernetes' own: only the envelope has a schema here.
+    let name_field = envelope(&root)?.get("name")?;
     check_dns_1035(&doc.name).map_err(|reason| name_field.error(reason))?;
     let spec = root.get("spec")?;
 
@@ -201,7 +226,7 @@ pub(crate) fn parse_service(
         match field.opt_str()? {
             None | Some("") | Some("None") => {}
             Some(_) => {
-                let ip = field.ip()?;
+                let ip = usable_address(&field, field.ip()?)?;
                 if !vip_fields.iter().any(|(known, _)| *known == ip) {
                     vip_fields.push((ip, field.path().to_string()));
                 }
@@ -263,6 +288,7 @@ pub(crate) fn parse_service(
         named_targets,
         vip_fields,
         host_field: "metadata.name".into(),
+        endpoint_fields: Vec::new(),
     })
 }
 
@@ -270,7 +296,9 @@ pub(crate) fn parse_service(
 pub(crate) fn parse_service_entry(raw: &RawDocument) -> Result<Vec<ParsedService>, MeshError> {
     let doc = &raw.doc;
     let root = root(raw);
+    envelope(&root)?;
     let spec = root.get("spec")?;
+    spec.only(schema::SERVICE_ENTRY_SPEC)?;
 
     let hosts_field = spec.get("hosts")?;
     let hosts = hosts_field.list()?;
@@ -288,6 +316,7 @@ pub(crate) fn parse_service_entry(raw: &RawDocument) -> Result<Vec<ParsedService
 
     let mut ports = Vec::new();
     for entry in spec.get("ports")?.list()? {
+        entry.only(schema::SERVICE_ENTRY_PORT)?;
         let number_field = entry.get("number")?;
         let port = number_field.port()?;
         let name = port_name(&entry.get("name")?)?;
@@ -324,8 +353,10 @@ pub(crate) fn parse_service_entry(raw: &RawDocument) -> Result<Vec<ParsedService
 
     let selector_field = spec.get("workloadSelector")?;
     let endpoints_field = spec.get("endpoints")?;
-    let mut addresses = Vec::new();
+    selector_field.only(&["labels"])?;
+    let mut endpoint_fields: Vec<(IpAddr, String)> = Vec::new();
     for entry in endpoints_field.list()? {
+        entry.only(schema::WORKLOAD_ENTRY_SPEC)?;
         let address_field = entry.get("address")?;
         let text = address_field.str()?;
         let ip: IpAddr = text.parse().map_err(|_| {
@@ -333,10 +364,12 @@ pub(crate) fn parse_service_entry(raw: &RawDocument) -> Result<Vec<ParsedService
                 "expected an IP address, got {text:?} (DNS and unix-socket endpoints are not supported here)"
             ))
         })?;
-        if !addresses.contains(&ip) {
-            addresses.push(ip);
+        let ip = usable_address(&address_field, ip)?;
+        if !endpoint_fields.iter().any(|(known, _)| *known == ip) {
+            endpoint_fields.push((ip, address_field.path().to_string()));
         }
     }
+    let addresses: Vec<IpAddr> = endpoint_fields.iter().map(|(ip, _)| *ip).collect();
     let endpoints = if !selector_field.is_absent() {
         if !addresses.is_empty() {
             return Err(endpoints_field.error("cannot be combined with spec.workloadSelector"));
@@ -379,9 +412,18 @@ pub(crate) fn parse_service_entry(raw: &RawDocument) -> Result<Vec<ParsedService
             named_targets: Vec::new(),
             vip_fields: vip_fields.clone(),
             host_field: field.path().to_string(),
+            endpoint_fields: endpoint_fields.clone(),
         });
     }
     Ok(services)
+}
+
+/// Checks the top level and `metadata` of a document against their schemas; returns metadata.
+fn envelope<'a>(root: &Field<'a>) -> Result<Field<'a>, MeshError> {
+    root.only(schema::ENVELOPE)?;
+    let metadata = root.get("metadata")?;
+    metadata.only(schema::OBJECT_META)?;
+    Ok(metadata)
 }
 
 /// The annotations ztund reads on workloads.
@@ -522,26 +564,6 @@ fn target_port(field: &Field<'_>) -> Result<TargetPort, MeshError> {
             "expected a port number 1-65535 or a port name, got {text:?}"
         ))),
         _ => field.port().map(TargetPort::Number),
-    }
-}
-
-/// A ServiceEntry address: one IP (a `/32` or `/128` is one IP too); wider ranges are refused.
-fn entry_address(field: &Field<'_>) -> Result<IpAddr, MeshError> {
-    let text = field.str()?;
-    let (ip_text, prefix) = match text.split_once('/') {
-        Some((ip, prefix)) => (ip, Some(prefix)),
-        None => (text, None),
-    };
-    let ip: IpAddr = ip_text
-        .parse()
-        .map_err(|_| field.error(format!("expected an IP address, got {text:?}")))?;
-    let host_prefix = if ip.is_ipv4() { "32" } else { "128" };
-    match prefix {
-        None => Ok(ip),
-        Some(p) if p == host_prefix => Ok(ip),
-        Some(_) => Err(field.error(format!(
-            "CIDR range {text:?} is not supported; list single addresses"
-        ))),
     }
 }
 

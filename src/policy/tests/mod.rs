@@ -46,12 +46,12 @@ pub(crate) fn documents(yaml: &str) -> Vec<RawDocument> {
 }
 
 pub(crate) fn policies(yaml: &str) -> PolicySet {
-    PolicySet::from_documents(&documents(yaml), ROOT)
+    crate::mesh::k8s::security::policy_set(&documents(yaml), ROOT)
         .unwrap_or_else(|e| panic!("policies should load: {e}"))
 }
 
 pub(crate) fn load_error(yaml: &str) -> PolicyError {
-    match PolicySet::from_documents(&documents(yaml), ROOT) {
+    match crate::mesh::k8s::security::policy_set(&documents(yaml), ROOT) {
         Ok(_) => panic!("expected an error for:\n{yaml}"),
         Err(e) => e,
     }

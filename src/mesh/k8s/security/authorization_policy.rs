@@ -1,8 +1,12 @@
 //! AuthorizationPolicy → `Authorization`, the way istiod converts it for ztunnel (PROTOCOL.md
 //! §4.1): each rule one Rule; its `to` entries one Clause, its `from` entries another, each `when`
 //! its own. HTTP attributes cannot be seen at L4: a rule using them is dropped from an ALLOW policy
-//! and keeps only its L4 part in a DENY policy (more restrictive). Policies with `targetRef(s)`
-//! belong to waypoints and are skipped.
+//! and keeps only its L4 part in a DENY policy (more restrictive), as istiod converts them for
+//! ztunnel. One difference, on purpose: an entry made only of HTTP attributes (`to: [{operation:
+//! {methods: [GET]}}]`, a `when` on `request.headers`) becomes an empty match in istiod's
+//! conversion, which ztunnel skips, so such a DENY rule never matches there (it fails open). Here
+//! the ignored entry matches anything, so the DENY rule denies on the rest of its conditions.
+//! Policies with `targetRef(s)` belong to waypoints and are skipped.
 
 use super::node::Node;
 use super::{Meta, SecurityDocument, selector};
@@ -86,8 +90,9 @@ pub(super) fn read(
         (None, false) => Scope::Namespace,
     };
     let mut rules = Vec::new();
+    let mut not_enforced = Vec::new();
     for rule in spec.field("rules").list()? {
-        if let Some(rule) = read_rule(&rule, action, &meta.namespace)? {
+        if let Some(rule) = read_rule(&rule, action, &meta.namespace, &mut not_enforced)? {
             rules.push(rule);
         }
     }
@@ -98,15 +103,18 @@ pub(super) fn read(
         action,
         rules,
         dry_run: meta.dry_run,
+        not_enforced,
     };
     Ok(SecurityDocument::AuthorizationPolicy { policy, selector })
 }
 
-/// One rule; `None` when an ALLOW rule must be dropped for its HTTP attributes.
+/// One rule; `None` when an ALLOW rule must be dropped for its HTTP attributes. What was not
+/// enforced, and how the rule was applied instead, is added to `not_enforced`.
 fn read_rule(
     rule: &Node<'_>,
     action: Action,
     namespace: &str,
+    not_enforced: &mut Vec<String>,
 ) -> Result<Option<Rule>, PolicyError> {
     rule.mapping(&["from", "to", "when"])?;
     let mut http = Vec::new();
@@ -167,6 +175,11 @@ fn read_rule(
     if http.is_empty() {
         return Ok(Some(Rule { clauses }));
     }
+    let applied = match action {
+        Action::Allow => "ALLOW rule dropped: it allows nothing",
+        Action::Deny => "DENY rule enforced on its L4 part only: it denies more",
+    };
+    not_enforced.push(format!("{}: {} ({applied})", rule.path, http.join(", ")));
     match action {
         Action::Allow => {
             tracing::warn!(

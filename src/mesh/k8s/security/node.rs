@@ -1,6 +1,8 @@
 //! A cursor into one YAML document that remembers its field path, so every error names the
 //! document and the field (`spec.rules[0].from[1].source.ipBlocks[2]`), and unknown fields are
-//! warned about in one place. Knows nothing about what the fields mean.
+//! refused in one place: a misspelt field dropped in silence could weaken a policy (`mTLS:` for
+//! `mtls:` leaves the mode unset). Lists and strings are capped here too (HARDENING Y7). Knows
+//! nothing about what the fields mean.
 
 use serde_norway::Value;
 
@@ -9,6 +11,14 @@ use crate::policy::PolicyError;
 
 /// What an absent field reads as.
 static ABSENT: Value = Value::Null;
+
+/// The most items a list in a security document may hold (rules, principals, ipBlocks...).
+/// Generous for hand-written policy, far below what would make every connection's check slow.
+pub const MAX_LIST_ITEMS: usize = 1024;
+
+/// The longest string a security document may hold. A SPIFFE id is at most 2048 bytes (SPIFFE
+/// ID spec §2.3), and no name, CIDR or port comes near it.
+pub const MAX_STRING_BYTES: usize = 2048;
 
 /// A value in a document and the path that leads to it.
 #[derive(Debug, Clone)]
@@ -60,7 +70,8 @@ impl<'a> Node<'a> {
         }
     }
 
-    /// Checks this is a mapping (or absent) and warns about keys not in `known`.
+    /// Checks this is a mapping (or absent) whose keys are all in `known` (Istio's schema for
+    /// this field); any other key is an error naming it.
     pub fn mapping(&self, known: &[&str]) -> Result<(), PolicyError> {
         let mapping = match self.value {
             Value::Null => return Ok(()),
@@ -78,7 +89,11 @@ impl<'a> Node<'a> {
                 } else {
                     format!("{}.{name}", self.path)
                 };
-                tracing::warn!(doc = %self.doc, %field, "unknown field ignored");
+                return Err(PolicyError::Invalid {
+                    doc: self.doc.clone(),
+                    field,
+                    reason: format!("unknown field; expected one of {}", known.join(", ")),
+                });
             }
         }
         Ok(())
@@ -113,6 +128,10 @@ impl<'a> Node<'a> {
     pub fn list(&self) -> Result<Vec<Node<'a>>, PolicyError> {
         match self.value {
             Value::Null => Ok(Vec::new()),
+            Value::Sequence(items) if items.len() > MAX_LIST_ITEMS => Err(self.invalid(format!(
+                "{} items, over the cap of {MAX_LIST_ITEMS} (MAX_LIST_ITEMS)",
+                items.len()
+            ))),
             Value::Sequence(items) => Ok(items
                 .iter()
                 .enumerate()
@@ -128,6 +147,10 @@ impl<'a> Node<'a> {
 
     pub fn str(&self) -> Result<&'a str, PolicyError> {
         match self.value {
+            Value::String(s) if s.len() > MAX_STRING_BYTES => Err(self.invalid(format!(
+                "{} bytes long, over the cap of {MAX_STRING_BYTES} (MAX_STRING_BYTES)",
+                s.len()
+            ))),
             Value::String(s) => Ok(s),
             other => Err(self.invalid(format!("must be a string, found {}", kind(other)))),
         }
