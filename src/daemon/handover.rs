@@ -15,9 +15,7 @@ const INSTANCES_DIR: &str = "instances";
 /// Why this instance could not register.
 #[derive(Debug, thiserror::Error)]
 pub enum HandoverError {
-    #[error(
-        "creating the instance directory {path} (under stateDir; point stateDir at a writable directory): {source}"
-    )]
+    #[error("creating the instance directory {path} (under stateDir; point stateDir at a writable directory): {source}")]
     Directory {
         path: PathBuf,
         #[source]
