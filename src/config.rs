@@ -11,6 +11,7 @@ use serde::de::IntoDeserializer;
 use serde::{Deserialize, Serialize};
 
 pub use crate::scheduling::ThreadScheduling;
+pub use crate::tls::KeyExchange;
 
 /// What went wrong reading the daemon config.
 #[derive(Debug, thiserror::Error)]
@@ -216,6 +217,16 @@ impl Default for PoolConfig {
     }
 }
 
+/// TLS settings of HBONE (both the server on 15008 and the pooled client).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// Key-exchange groups: `pqc-preferred` (default: hybrid post-quantum X25519MLKEM768 first,
+    /// X25519 still agreed with a classic-only peer), `pqc-only` (a classic-only peer fails the
+    /// handshake) or `classic` (never ML-KEM). See [`KeyExchange`].
+    pub key_exchange: KeyExchange,
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -294,6 +305,9 @@ pub struct Config {
     /// The data plane's threads.
     #[serde(default)]
     pub data_plane: DataPlaneConfig,
+    /// TLS of HBONE: the key-exchange groups.
+    #[serde(default)]
+    pub tls: TlsConfig,
     /// Istio's root namespace: policies there apply mesh-wide.
     #[serde(default = "default_root_namespace")]
     pub root_namespace: String,
@@ -542,6 +556,9 @@ impl Config {
                     format!("{value} is out of range: must be from {least} to {most}"),
                 ));
             }
+        }
+        if let Err(err) = self.tls.key_exchange.group_names() {
+            return Err(invalid("tls.keyExchange", err.to_string()));
         }
         let counts = [
             (

@@ -113,7 +113,10 @@ async fn serve(config: Arc<Config>, log: LogControl, shards: Spawner) -> Result<
     // workloads (`identity::follow_local_identities`, started once the mesh is known).
     let counted = identity::Counted::new(identity::source(&config)?);
     let certificates = CertManager::new(counted.clone());
-    let credentials = Arc::new(Credentials::new(certificates.clone()));
+    // One crypto library for HBONE, tonic and everything else; the groups `tls.keyExchange` names.
+    crate::tls::install_process_default();
+    let credentials =
+        Arc::new(Credentials::new(certificates.clone()).with_key_exchange(config.tls.key_exchange));
     let xds_metrics = XdsMetrics::new();
     let metrics = {
         let (certificates, xds_metrics) = (certificates.clone(), xds_metrics.clone());
@@ -245,6 +248,12 @@ async fn serve(config: Arc<Config>, log: LogControl, shards: Spawner) -> Result<
     let dump_certs = certificates.clone();
     let dump_config = config.clone();
     let dump_budget = hbone_budget.clone();
+    let key_exchange = config.tls.key_exchange;
+    let tls_dump = serde_json::json!({
+        "keyExchange": key_exchange,
+        "groups": key_exchange.group_names().unwrap_or_default(),
+        "cryptoBackend": crate::tls::backend_name(),
+    });
     let sources = Arc::new(sources);
     let state = AdminState {
         config_dump: Arc::new(move || {
@@ -258,7 +267,10 @@ async fn serve(config: Arc<Config>, log: LogControl, shards: Spawner) -> Result<
                     Some((cp.address.clone(), status, sources.provenance()?))
                 }),
             };
-            dump::config_dump(&dump_mesh.load(), &dump_certs, &origin, &dump_budget.limits)
+            let mut dump =
+                dump::config_dump(&dump_mesh.load(), &dump_certs, &origin, &dump_budget.limits);
+            dump["tls"] = tls_dump.clone();
+            dump
         }),
         log,
         shutdown: quit_tx,

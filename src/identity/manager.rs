@@ -242,7 +242,7 @@ async fn first_issue(
             last,
         });
     }
-    match source.issue(id).await {
+    match issue_checked(source, id).await {
         Ok(cert) => {
             let cert = Arc::new(cert);
             slot.current.store(Some(cert.clone()));
@@ -263,6 +263,25 @@ async fn first_issue(
             Err(err)
         }
     }
+}
+
+/// Issues `id` and checks the answer before anything uses it (HARDENING X7): whatever the
+/// source, a certificate for another identity, with a broken or unverifiable chain, a key that
+/// is not ours or already expired counts as a failed issue, so the old certificate stays and
+/// the next try backs off.
+async fn issue_checked(
+    source: &dyn IdentitySource,
+    id: &SpiffeId,
+) -> Result<WorkloadCertificate, IdentityError> {
+    let cert = source.issue(id).await?;
+    let algorithms = crate::tls::backend().signature_verification_algorithms;
+    crate::tls::svid::check_issued(id, &cert, &algorithms).map_err(|source| {
+        IdentityError::Refused {
+            id: id.to_string(),
+            source,
+        }
+    })?;
+    Ok(cert)
 }
 
 /// Issues `id` if it has no valid certificate (retrying after each backoff), then renews it.
@@ -304,7 +323,7 @@ async fn renew(
 
         let mut retry = FIRST_RETRY;
         let fresh = loop {
-            match source.issue(&id).await {
+            match issue_checked(&*source, &id).await {
                 Ok(cert) => break Arc::new(cert),
                 Err(err) => {
                     // Before expiry, one retry lands just before it; after it the backoff

@@ -94,6 +94,13 @@ pub enum IdentityError {
     WrongIdentity { asked: String, issued: String },
     #[error("CA's certificate for {id} does not hold the key of the request; refused")]
     KeyMismatch { id: String },
+    /// The CA's answer broke a rule `tls::svid::check_issued` enforces (HARDENING X7).
+    #[error("certificate issued for {id} refused: {source}")]
+    Refused {
+        id: String,
+        #[source]
+        source: crate::tls::SvidError,
+    },
     #[error("no certificate for {id} yet: the last attempt failed ({last}); next in {retry_in:?}")]
     BackingOff {
         id: String,

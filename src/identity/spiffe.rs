@@ -19,7 +19,21 @@ pub enum SpiffeIdError {
     EmptyPart { value: String, part: &'static str },
     #[error("{value:?} has an invalid character in {part}")]
     InvalidCharacter { value: String, part: &'static str },
+    /// `.` or `..` as a namespace or service account: a path a normaliser would rewrite.
+    #[error("{value:?} has a dot segment as its {part}")]
+    DotSegment { value: String, part: &'static str },
+    #[error("SPIFFE id of {len} bytes is longer than {max} ({what})")]
+    TooLong {
+        what: &'static str,
+        len: usize,
+        max: usize,
+    },
 }
+
+/// SPIFFE-ID §2.3: an id is at most 2048 bytes.
+pub const MAX_ID_LEN: usize = 2048;
+/// SPIFFE-ID §2.1: a trust domain is at most 255 bytes.
+pub const MAX_TRUST_DOMAIN_LEN: usize = 255;
 
 /// A workload identity: trust domain, namespace and service account. Shared, not copied: every
 /// stream of an HBONE connection and every open connection's policy facts carry its peer's id,
@@ -88,7 +102,17 @@ impl fmt::Display for SpiffeId {
 impl FromStr for SpiffeId {
     type Err = SpiffeIdError;
 
+    /// Strict: exactly `spiffe://<td>/ns/<ns>/sa/<sa>` in the allowed characters, so no query,
+    /// fragment, port, userinfo or %-encoding can appear, and no empty or dot segment.
     fn from_str(value: &str) -> Result<Self, Self::Err> {
+        if value.len() > MAX_ID_LEN {
+            // Not echoed: the point of the cap is not to copy a hostile string around.
+            return Err(SpiffeIdError::TooLong {
+                what: "the whole id",
+                len: value.len(),
+                max: MAX_ID_LEN,
+            });
+        }
         let rest = value
             .strip_prefix("spiffe://")
             .ok_or_else(|| SpiffeIdError::MissingScheme {
@@ -103,6 +127,13 @@ impl FromStr for SpiffeId {
         if *ns_key != "ns" || *sa_key != "sa" {
             return Err(SpiffeIdError::WrongShape {
                 value: value.to_string(),
+            });
+        }
+        if td.len() > MAX_TRUST_DOMAIN_LEN {
+            return Err(SpiffeIdError::TooLong {
+                what: "the trust domain",
+                len: td.len(),
+                max: MAX_TRUST_DOMAIN_LEN,
             });
         }
         for (part, text, allowed) in [
@@ -122,6 +153,12 @@ impl FromStr for SpiffeId {
             }
             if !text.chars().all(allowed) {
                 return Err(SpiffeIdError::InvalidCharacter {
+                    value: value.to_string(),
+                    part,
+                });
+            }
+            if part != "trust domain" && matches!(text, "." | "..") {
+                return Err(SpiffeIdError::DotSegment {
                     value: value.to_string(),
                     part,
                 });
@@ -180,6 +217,19 @@ mod tests {
             ("spiffe://Cluster.Local/ns/a/sa/b", "char"),
             ("spiffe://cluster.local/ns/a b/sa/b", "char"),
             ("spiffe://cluster.local/ns/a/sa/b?x=1", "char"),
+            // HARDENING T4: the catalog's hostile ids.
+            ("spiffe://cluster.local/ns/a/sa/b/c", "shape"),
+            ("spiffe:///ns//sa/", "empty"),
+            ("spiffe://cluster.local/ns/a/sa/b#frag", "char"),
+            ("spiffe://cluster.local:8443/ns/a/sa/b", "char"),
+            ("spiffe://user@cluster.local/ns/a/sa/b", "char"),
+            ("spiffe://cluster.local/ns/a%2Fb/sa/c", "char"),
+            ("spiffe://cluster.local/ns/a/sa/%62", "char"),
+            ("spiffe://cluster.local/ns/../sa/b", "dot"),
+            ("spiffe://cluster.local/ns/a/sa/.", "dot"),
+            ("spiffe://cluster.local/ns/a/../sa/b", "shape"),
+            ("SPIFFE://cluster.local/ns/a/sa/b", "scheme"),
+            ("spiffe://cluster.local/ns/a/sa/b/", "shape"),
         ];
         for (value, kind) in bad {
             let err = value.parse::<SpiffeId>().unwrap_err();
@@ -187,10 +237,52 @@ mod tests {
                 "scheme" => matches!(err, SpiffeIdError::MissingScheme { .. }),
                 "shape" => matches!(err, SpiffeIdError::WrongShape { .. }),
                 "empty" => matches!(err, SpiffeIdError::EmptyPart { .. }),
+                "dot" => matches!(err, SpiffeIdError::DotSegment { .. }),
                 _ => matches!(err, SpiffeIdError::InvalidCharacter { .. }),
             };
             assert!(matches, "{value:?} gave {err:?}, expected {kind}");
             assert!(err.to_string().contains(value) || value.is_empty());
         }
+    }
+
+    // HARDENING T4: ids over the SPIFFE length caps are refused without echoing them.
+    #[test]
+    fn refuses_ids_and_trust_domains_over_the_length_caps() {
+        let long_sa = "a".repeat(MAX_ID_LEN);
+        let err = format!("spiffe://cluster.local/ns/a/sa/{long_sa}")
+            .parse::<SpiffeId>()
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                SpiffeIdError::TooLong {
+                    max: MAX_ID_LEN,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(err.to_string().len() < 200, "the id is not echoed: {err}");
+
+        let long_td = "a".repeat(MAX_TRUST_DOMAIN_LEN + 1);
+        let err = format!("spiffe://{long_td}/ns/a/sa/b")
+            .parse::<SpiffeId>()
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                SpiffeIdError::TooLong {
+                    what: "the trust domain",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        // At the caps exactly: accepted.
+        let td = "a".repeat(MAX_TRUST_DOMAIN_LEN);
+        let prefix = format!("spiffe://{td}/ns/a/sa/");
+        let sa = "b".repeat(MAX_ID_LEN - prefix.len());
+        let id: SpiffeId = format!("{prefix}{sa}").parse().unwrap();
+        assert_eq!(id.to_string().len(), MAX_ID_LEN);
     }
 }

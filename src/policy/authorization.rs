@@ -464,6 +464,50 @@ mod tests {
         assert!(exact("cluster.local/*").matches(&with_identity()));
     }
 
+    // HARDENING T2 (and ISTIO-SECURITY-2026-003): principals and namespaces match literally; a
+    // dot, a regex or glob character in a policy value is itself, never a pattern.
+    #[test]
+    fn principals_and_namespaces_never_match_as_regex_or_glob() {
+        let principal = |p: &str| {
+            one_clause(vec![Match {
+                principals: vec![StringMatch::from_pattern(p)],
+                ..Match::default()
+            }])
+        };
+        let namespace = |n: &str| {
+            one_clause(vec![Match {
+                namespaces: vec![StringMatch::from_pattern(n)],
+                ..Match::default()
+            }])
+        };
+        let sleep = with_identity();
+        for pattern in [
+            "cluster.local/ns/default/sa/sle.p",
+            "cluster.local/ns/default/sa/sle?p",
+            "cluster.local/ns/default/sa/[s]leep",
+            "cluster.local/ns/def*ult/sa/sleep",
+            "cluster.local/ns/default/sa/sleep$",
+            "^cluster.local/ns/default/sa/sleep",
+            "cluster.local/ns/default/sa/sleep.*",
+            "cluster.local/ns/default/sa/SLEEP",
+        ] {
+            assert!(!principal(pattern).matches(&sleep), "{pattern} matched");
+        }
+        for pattern in [
+            "d.fault",
+            "def*ult",
+            "de[f]ault",
+            "default.*",
+            "DEFAULT",
+            "^default$",
+        ] {
+            assert!(!namespace(pattern).matches(&sleep), "{pattern} matched");
+        }
+        assert!(namespace("default").matches(&sleep));
+        assert!(namespace("def*").matches(&sleep));
+        assert!(namespace("*ault").matches(&sleep));
+    }
+
     #[test]
     fn cidrs_contain_what_they_should() {
         let cases = [

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use rustls::{ClientConfig, ServerConfig};
 
-use super::{TlsError, client_config, server_config};
+use super::{KeyExchange, TlsError, client_config_with, server_config_with};
 use crate::identity::{CertManager, SpiffeId, WorkloadCertificate};
 
 /// Past this many (source, expected) pairs the client cache starts over rather than grow.
@@ -17,6 +17,7 @@ const MAX_CLIENT_CONFIGS: usize = 4096;
 #[derive(Debug)]
 pub struct Credentials {
     certs: Arc<CertManager>,
+    key_exchange: KeyExchange,
     servers: Mutex<HashMap<SpiffeId, Built<ServerConfig>>>,
     clients: Mutex<HashMap<ClientKey, Built<ClientConfig>>>,
 }
@@ -36,9 +37,16 @@ impl Credentials {
     pub fn new(certs: Arc<CertManager>) -> Credentials {
         Credentials {
             certs,
+            key_exchange: KeyExchange::default(),
             servers: Mutex::new(HashMap::new()),
             clients: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The same, offering and accepting `key_exchange`'s groups (`tls.keyExchange`).
+    pub fn with_key_exchange(mut self, key_exchange: KeyExchange) -> Credentials {
+        self.key_exchange = key_exchange;
+        self
     }
 
     /// The certificate cache underneath.
@@ -54,7 +62,7 @@ impl Credentials {
         {
             return Ok(built.config.clone());
         }
-        let config = server_config(&cert)?;
+        let config = server_config_with(&cert, self.key_exchange)?;
         let built = Built {
             cert,
             config: config.clone(),
@@ -80,7 +88,7 @@ impl Credentials {
         {
             return Ok(built.config.clone());
         }
-        let config = client_config(&cert, &key.1)?;
+        let config = client_config_with(&cert, &key.1, self.key_exchange)?;
         let built = Built {
             cert,
             config: config.clone(),

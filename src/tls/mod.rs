@@ -1,7 +1,9 @@
 //! rustls configurations built from a workload certificate, and the SPIFFE checks on both ends:
-//! TLS 1.3 only, AES-GCM suites only, ALPN `h2`, no SNI, no resumption; the peer must chain to the
-//! trust bundle and prove a SPIFFE id of our trust domain (server side) or one of the expected ids
-//! (client side). Knows nothing about the mesh or about HTTP/2 beyond its ALPN name.
+//! TLS 1.3 only, AES-GCM suites only, the key-exchange groups `tls.keyExchange` names (hybrid
+//! post-quantum X25519MLKEM768 first by default), ALPN `h2`, no SNI, no resumption; the peer must
+//! chain to the trust bundle, pass the X509-SVID rules (`svid`) and prove a SPIFFE id of our trust
+//! domain (server side) or one of the expected ids (client side). Knows nothing about the mesh or
+//! about HTTP/2 beyond its ALPN name.
 
 /// The signature half of a rustls certificate verifier, the same for every verifier here: check
 /// with the crypto provider's algorithms (a field `algorithms: WebPkiSupportedAlgorithms`).
@@ -33,19 +35,23 @@ macro_rules! signature_checks {
 pub(crate) use signature_checks;
 
 mod credentials;
+mod key_exchange;
+pub mod svid;
 pub(crate) mod verify;
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use rustls::client::Resumption;
-use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ServerConfig};
 
 use crate::identity::{IdentityError, SpiffeId, WorkloadCertificate};
 
 pub use credentials::Credentials;
+use key_exchange::provider;
+pub use key_exchange::{KeyExchange, backend, backend_name, install_process_default};
+pub use svid::SvidError;
 use verify::SpiffeVerifier;
 
 /// The one ALPN protocol HBONE speaks.
@@ -65,18 +71,32 @@ pub enum TlsError {
     },
     #[error("trust bundle of {id}: {reason}")]
     Roots { id: String, reason: String },
+    #[error("tls.keyExchange {setting}: {reason}")]
+    KeyExchange {
+        setting: KeyExchange,
+        reason: &'static str,
+    },
 }
 
 /// The server side of HBONE for `cert`'s identity: presents its chain, requires a client
 /// certificate chaining to `cert.roots` whose SPIFFE id is in `cert.id`'s trust domain.
 pub fn server_config(cert: &WorkloadCertificate) -> Result<Arc<ServerConfig>, TlsError> {
+    server_config_with(cert, KeyExchange::default())
+}
+
+/// [`server_config`] accepting only the key-exchange groups of `key_exchange`.
+pub fn server_config_with(
+    cert: &WorkloadCertificate,
+    key_exchange: KeyExchange,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let provider = provider(key_exchange)?;
     let config_error = |source| TlsError::Config {
         side: "server",
         id: cert.id.to_string(),
         source,
     };
-    let verifier = SpiffeVerifier::same_trust_domain(cert, provider())?;
-    let mut config = ServerConfig::builder_with_provider(provider().clone())
+    let verifier = SpiffeVerifier::same_trust_domain(cert, provider)?;
+    let mut config = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(config_error)?
         .with_client_cert_verifier(Arc::new(verifier))
@@ -94,13 +114,23 @@ pub fn client_config(
     cert: &WorkloadCertificate,
     expected: &[SpiffeId],
 ) -> Result<Arc<ClientConfig>, TlsError> {
+    client_config_with(cert, expected, KeyExchange::default())
+}
+
+/// [`client_config`] offering only the key-exchange groups of `key_exchange`, in its order.
+pub fn client_config_with(
+    cert: &WorkloadCertificate,
+    expected: &[SpiffeId],
+    key_exchange: KeyExchange,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let provider = provider(key_exchange)?;
     let config_error = |source| TlsError::Config {
         side: "client",
         id: cert.id.to_string(),
         source,
     };
-    let verifier = SpiffeVerifier::one_of(cert, expected, provider())?;
-    let mut config = ClientConfig::builder_with_provider(provider().clone())
+    let verifier = SpiffeVerifier::one_of(cert, expected, provider)?;
+    let mut config = ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(config_error)?
         .dangerous()
@@ -124,55 +154,22 @@ pub fn negotiated_h2(state: &rustls::CommonState) -> bool {
     state.alpn_protocol() == Some(ALPN_H2)
 }
 
-/// The SPIFFE ids in a certificate's URI SANs, in order; non-SPIFFE URIs are skipped.
-pub fn spiffe_ids(cert: &CertificateDer<'_>) -> Vec<SpiffeId> {
-    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
-        return Vec::new();
-    };
-    let Ok(Some(san)) = parsed.subject_alternative_name() else {
-        return Vec::new();
-    };
-    san.value
-        .general_names
-        .iter()
-        .filter_map(|name| match name {
-            x509_parser::extensions::GeneralName::URI(uri) => uri.parse().ok(),
-            _ => None,
-        })
-        .collect()
-}
-
-/// The peer's identity after a handshake: the first SPIFFE URI SAN of its leaf certificate.
+/// The peer's identity after a handshake: the one SPIFFE URI SAN of its leaf certificate (the
+/// verifier has refused any leaf with more, fewer or an invalid one).
 pub fn peer_identity(state: &rustls::CommonState) -> Option<SpiffeId> {
     let leaf = state.peer_certificates()?.first()?;
-    spiffe_ids(leaf).into_iter().next()
-}
-
-/// The crypto library under rustls: ring (Rust and assembly, no C toolchain) unless built with
-/// the `aws-lc` feature (AWS-LC, a C library; measured against ring in BENCHMARKS.md).
-pub fn backend() -> CryptoProvider {
-    #[cfg(feature = "aws-lc")]
-    return rustls::crypto::aws_lc_rs::default_provider();
-    #[cfg(not(feature = "aws-lc"))]
-    return rustls::crypto::ring::default_provider();
-}
-
-/// The backend with Istio's TLS 1.3 suites only (no ChaCha20), built once.
-fn provider() -> &'static Arc<CryptoProvider> {
-    #[cfg(feature = "aws-lc")]
-    use rustls::crypto::aws_lc_rs::cipher_suite::{
-        TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384,
-    };
-    #[cfg(not(feature = "aws-lc"))]
-    use rustls::crypto::ring::cipher_suite::{TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384};
-    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
-    PROVIDER.get_or_init(|| {
-        Arc::new(CryptoProvider {
-            cipher_suites: vec![TLS13_AES_256_GCM_SHA384, TLS13_AES_128_GCM_SHA256],
-            ..backend()
-        })
-    })
+    svid::leaf_identity(leaf)
 }
 
 #[cfg(test)]
+mod forge;
+#[cfg(test)]
+mod issued_tests;
+#[cfg(test)]
+mod key_exchange_tests;
+#[cfg(test)]
+mod svid_tests;
+#[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod wire_tests;

@@ -17,23 +17,23 @@ const SERVER_HELLO: &[u8] = b"server says hi";
 const CLIENT_HELLO: &[u8] = b"client says hi";
 
 /// A CA in a temporary `cacerts` directory.
-struct Mesh {
+pub(super) struct Mesh {
     dir: tempfile::TempDir,
     ca: CertificateAuthority,
 }
 
 impl Mesh {
-    fn new(trust_domain: &str) -> Mesh {
+    pub(super) fn new(trust_domain: &str) -> Mesh {
         let dir = tempfile::tempdir().unwrap();
         let ca = CertificateAuthority::init(dir.path(), trust_domain).unwrap();
         Mesh { dir, ca }
     }
 
-    fn id(&self, sa: &str) -> SpiffeId {
+    pub(super) fn id(&self, sa: &str) -> SpiffeId {
         SpiffeId::new(self.ca.trust_domain(), "default", sa).unwrap()
     }
 
-    fn cert(&self, sa: &str) -> WorkloadCertificate {
+    pub(super) fn cert(&self, sa: &str) -> WorkloadCertificate {
         self.ca.issue_now(&self.id(sa)).unwrap()
     }
 
@@ -45,12 +45,14 @@ impl Mesh {
 
 /// What one side of a finished handshake observed.
 #[derive(Debug)]
-struct Seen {
-    peer: Option<SpiffeId>,
-    h2: bool,
-    version: Option<ProtocolVersion>,
-    suite: Option<rustls::CipherSuite>,
-    sni: Option<String>,
+pub(super) struct Seen {
+    pub(super) peer: Option<SpiffeId>,
+    pub(super) h2: bool,
+    pub(super) version: Option<ProtocolVersion>,
+    pub(super) suite: Option<rustls::CipherSuite>,
+    pub(super) sni: Option<String>,
+    pub(super) group: Option<rustls::NamedGroup>,
+    pub(super) hello_retry: bool,
 }
 
 fn seen(state: &rustls::CommonState, sni: Option<&str>) -> Seen {
@@ -60,12 +62,15 @@ fn seen(state: &rustls::CommonState, sni: Option<&str>) -> Seen {
         version: state.protocol_version(),
         suite: state.negotiated_cipher_suite().map(|s| s.suite()),
         sni: sni.map(str::to_string),
+        group: state.negotiated_key_exchange_group().map(|g| g.name()),
+        hello_retry: state.handshake_kind()
+            == Some(rustls::HandshakeKind::FullWithHelloRetryRequest),
     }
 }
 
 /// Runs one handshake and exchanges a greeting each way, so a client refused after its own
 /// handshake finished (TLS 1.3 checks the client certificate last) also shows up as a failure.
-async fn handshake(
+pub(super) async fn handshake(
     server: Arc<ServerConfig>,
     client: Arc<ClientConfig>,
 ) -> (Result<Seen, String>, Result<Seen, String>) {
@@ -117,7 +122,7 @@ async fn handshake(
     (server, client)
 }
 
-fn assert_refused(result: (Result<Seen, String>, Result<Seen, String>), why: &str) {
+pub(super) fn assert_refused(result: (Result<Seen, String>, Result<Seen, String>), why: &str) {
     let (server, client) = result;
     assert!(server.is_err(), "{why}: server accepted: {server:?}");
     assert!(client.is_err(), "{why}: client exchanged data: {client:?}");
@@ -149,6 +154,7 @@ async fn workloads_of_one_ca_see_each_others_identity() {
     );
 }
 
+// HARDENING T1
 #[tokio::test]
 async fn a_client_certificate_from_another_ca_is_refused() {
     let (ours, theirs) = (Mesh::new("cluster.local"), Mesh::new("cluster.local"));
@@ -171,15 +177,16 @@ async fn a_client_without_a_certificate_is_refused() {
     let verifier = SpiffeVerifier::one_of(
         &server_cert,
         std::slice::from_ref(&server_cert.id),
-        provider(),
+        provider(KeyExchange::default()).unwrap(),
     )
     .unwrap();
-    let mut anonymous = ClientConfig::builder_with_provider(provider().clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_no_client_auth();
+    let mut anonymous =
+        ClientConfig::builder_with_provider(provider(KeyExchange::default()).unwrap().clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_no_client_auth();
     anonymous.alpn_protocols = vec![ALPN_H2.to_vec()];
     let server = server_config(&server_cert).unwrap();
     assert_refused(
@@ -188,6 +195,7 @@ async fn a_client_without_a_certificate_is_refused() {
     );
 }
 
+// HARDENING T3
 #[tokio::test]
 async fn a_client_of_another_trust_domain_is_refused_even_with_a_valid_chain() {
     let mesh = Mesh::new("cluster.local");
@@ -233,6 +241,7 @@ async fn a_server_from_another_ca_is_refused() {
     assert!(err.contains("invalid peer certificate"), "{err}");
 }
 
+// HARDENING T1
 #[tokio::test]
 async fn an_expired_client_certificate_is_refused() {
     let mesh = Mesh::new("cluster.local");
@@ -263,12 +272,17 @@ async fn a_client_offering_no_alpn_completes_but_does_not_negotiate_h2() {
     assert!(!client.h2);
 }
 
+// HARDENING T9
 #[tokio::test]
 async fn a_tls12_client_is_refused() {
     let mesh = Mesh::new("cluster.local");
     let (sleep, httpbin) = (mesh.cert("sleep"), mesh.cert("httpbin"));
-    let verifier =
-        SpiffeVerifier::one_of(&sleep, std::slice::from_ref(&httpbin.id), provider()).unwrap();
+    let verifier = SpiffeVerifier::one_of(
+        &sleep,
+        std::slice::from_ref(&httpbin.id),
+        provider(KeyExchange::default()).unwrap(),
+    )
+    .unwrap();
     let mut old = ClientConfig::builder_with_provider(Arc::new(super::backend()))
         .with_protocol_versions(&[&rustls::version::TLS12])
         .unwrap()
@@ -278,7 +292,13 @@ async fn a_tls12_client_is_refused() {
         .unwrap();
     old.alpn_protocols = vec![ALPN_H2.to_vec()];
     let server = server_config(&httpbin).unwrap();
-    assert_refused(handshake(server, Arc::new(old)).await, "TLS 1.2");
+    let (server, client) = handshake(server, Arc::new(old)).await;
+    assert!(server.is_err(), "TLS 1.2: server accepted: {server:?}");
+    let err = client.unwrap_err();
+    assert!(
+        err.contains("ProtocolVersion"),
+        "a protocol_version alert: {err}"
+    );
 }
 
 #[tokio::test]

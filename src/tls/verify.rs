@@ -1,7 +1,8 @@
 //! The SPIFFE peer verifier used on both ends of HBONE: the chain must verify (webpki) against
-//! the trust bundle that came with our own certificate, for the right key usage; then the leaf's
-//! SPIFFE URI SANs must satisfy a rule. DNS names and SNI are never looked at. Does not build
-//! configurations (`tls` does).
+//! the trust bundle that came with our own certificate, for the right key usage; then the leaf
+//! must pass the X509-SVID rules (`svid`: one URI SAN, not a CA, KeyUsage, EKU), be in our trust
+//! domain (no federation is configurable yet) and satisfy a rule. DNS names, the CN and SNI are
+//! never looked at. Does not build configurations (`tls` does).
 
 use std::sync::Arc;
 
@@ -11,7 +12,8 @@ use rustls::pki_types::{CertificateDer, ServerName, TrustAnchor, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DistinguishedName, OtherError};
 
-use super::{TlsError, spiffe_ids};
+use super::TlsError;
+use super::svid::{Purpose, SvidError, check_leaf};
 use crate::identity::{SpiffeId, WorkloadCertificate};
 
 /// Verifies a peer's chain against a trust bundle and its SPIFFE id against `rule`.
@@ -19,25 +21,39 @@ use crate::identity::{SpiffeId, WorkloadCertificate};
 pub(crate) struct SpiffeVerifier {
     anchors: Vec<TrustAnchor<'static>>,
     algorithms: WebPkiSupportedAlgorithms,
+    trust_domain: String,
     rule: PeerRule,
 }
 
-/// What the peer's SPIFFE id must satisfy.
+/// What the peer's SPIFFE id must satisfy, besides being in our trust domain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum PeerRule {
     /// Server side: any SPIFFE id of our trust domain; authorization comes later.
-    SameTrustDomain(String),
+    AnyInTrustDomain,
     /// Client side: exactly one of the identities we meant to reach.
     OneOf(Vec<SpiffeId>),
 }
 
-/// A peer whose chain verified but whose identity does not fit; carried in the rustls error so
-/// logs say who was refused and why.
-#[derive(Debug, thiserror::Error)]
-#[error("peer certificate ids {presented:?} do not satisfy {wanted}")]
-struct IdentityMismatch {
-    presented: Vec<String>,
-    wanted: String,
+/// Why a peer whose chain verified is refused; carried in the rustls error so the log line says
+/// who was refused and by which rule. rustls prints what it carries with `{:?}`, so `Debug`
+/// gives the sentence too.
+#[derive(thiserror::Error)]
+pub enum PeerRefusal {
+    #[error("peer certificate breaks an X509-SVID rule: {0}")]
+    Svid(#[from] SvidError),
+    #[error("peer {presented} is not in trust domain {trust_domain} (no federation is configured)")]
+    ForeignTrustDomain {
+        presented: String,
+        trust_domain: String,
+    },
+    #[error("peer certificate id {presented} is not {wanted}")]
+    NotExpected { presented: String, wanted: String },
+}
+
+impl std::fmt::Debug for PeerRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
 }
 
 impl SpiffeVerifier {
@@ -46,8 +62,7 @@ impl SpiffeVerifier {
         cert: &WorkloadCertificate,
         provider: &CryptoProvider,
     ) -> Result<Self, TlsError> {
-        let rule = PeerRule::SameTrustDomain(cert.id.trust_domain().to_string());
-        Self::new(cert, rule, provider)
+        Self::new(cert, PeerRule::AnyInTrustDomain, provider)
     }
 
     /// Accepts servers proving one of `expected`.
@@ -80,6 +95,7 @@ impl SpiffeVerifier {
         Ok(SpiffeVerifier {
             anchors,
             algorithms: provider.signature_verification_algorithms,
+            trust_domain: cert.id.trust_domain().to_string(),
             rule,
         })
     }
@@ -89,7 +105,7 @@ impl SpiffeVerifier {
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
-        usage: webpki::KeyUsage,
+        purpose: Purpose,
     ) -> Result<(), rustls::Error> {
         let leaf = webpki::EndEntityCert::try_from(end_entity).map_err(certificate_error)?;
         leaf.verify_for_usage(
@@ -97,21 +113,38 @@ impl SpiffeVerifier {
             &self.anchors,
             intermediates,
             now,
-            usage,
+            purpose.webpki(),
             None,
             None,
         )
         .map_err(certificate_error)?;
 
-        let presented = spiffe_ids(end_entity);
-        let (accepted, wanted) = match &self.rule {
-            PeerRule::SameTrustDomain(td) => (
-                presented.iter().any(|id| id.trust_domain() == td),
-                format!("trust domain {td}"),
-            ),
-            PeerRule::OneOf(expected) => (
-                presented.iter().any(|id| expected.contains(id)),
-                format!(
+        self.check_identity(end_entity, purpose).map_err(|refusal| {
+            rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(
+                refusal,
+            ))))
+        })
+    }
+
+    /// The SVID rules, the trust domain, then the rule of this side.
+    fn check_identity(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        purpose: Purpose,
+    ) -> Result<(), PeerRefusal> {
+        let presented = check_leaf(end_entity, &[purpose])?;
+        if presented.trust_domain() != self.trust_domain {
+            return Err(PeerRefusal::ForeignTrustDomain {
+                presented: presented.to_string(),
+                trust_domain: self.trust_domain.clone(),
+            });
+        }
+        match &self.rule {
+            PeerRule::AnyInTrustDomain => Ok(()),
+            PeerRule::OneOf(expected) if expected.contains(&presented) => Ok(()),
+            PeerRule::OneOf(expected) => Err(PeerRefusal::NotExpected {
+                presented: presented.to_string(),
+                wanted: format!(
                     "one of [{}]",
                     expected
                         .iter()
@@ -119,18 +152,8 @@ impl SpiffeVerifier {
                         .collect::<Vec<_>>()
                         .join(", ")
                 ),
-            ),
-        };
-        if accepted {
-            return Ok(());
+            }),
         }
-        let mismatch = IdentityMismatch {
-            presented: presented.iter().map(ToString::to_string).collect(),
-            wanted,
-        };
-        Err(rustls::Error::InvalidCertificate(CertificateError::Other(
-            OtherError(Arc::new(mismatch)),
-        )))
     }
 }
 
@@ -154,12 +177,7 @@ impl ClientCertVerifier for SpiffeVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.verify_peer(
-            end_entity,
-            intermediates,
-            now,
-            webpki::KeyUsage::client_auth(),
-        )?;
+        self.verify_peer(end_entity, intermediates, now, Purpose::ClientAuth)?;
         Ok(ClientCertVerified::assertion())
     }
 
@@ -176,12 +194,7 @@ impl ServerCertVerifier for SpiffeVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        self.verify_peer(
-            end_entity,
-            intermediates,
-            now,
-            webpki::KeyUsage::server_auth(),
-        )?;
+        self.verify_peer(end_entity, intermediates, now, Purpose::ServerAuth)?;
         Ok(ServerCertVerified::assertion())
     }
 
