@@ -41,7 +41,13 @@ async fn get(bed: &Testbed, port: u16, path: &str) -> Option<(u16, String)> {
 fn a_zero_watch_interval_is_refused_by_run_and_check_naming_the_key() {
     let cluster = Cluster::new();
     cluster.write("mesh.yaml", SLEEP);
-    let config = cluster.node_config("node1", "mesh.yaml", "watchInterval: 0s\n");
+    let config = cluster.node_config("node1", "mesh.yaml", "");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("watchInterval: 200ms", "watchInterval: 0s"),
+    )
+    .unwrap();
     for args in [["run", "--config"], ["check", "--config"]] {
         let out = Command::new(support::ztund_bin())
             .args(args)
