@@ -41,7 +41,13 @@ async fn get(bed: &Testbed, port: u16, path: &str) -> Option<(u16, String)> {
 fn a_zero_watch_interval_is_refused_by_run_and_check_naming_the_key() {
     let cluster = Cluster::new();
     cluster.write("mesh.yaml", SLEEP);
-    let config = cluster.node_config("node1", "mesh.yaml", "watchInterval: 0s\n");
+    let config = cluster.node_config("node1", "mesh.yaml", "");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("watchInterval: 200ms", "watchInterval: 0s"),
+    )
+    .unwrap();
     for args in [["run", "--config"], ["check", "--config"]] {
         let out = Command::new(support::ztund_bin())
             .args(args)
@@ -85,7 +91,7 @@ async fn the_mesh_watcher_killed_by_its_directory_vanishing_is_reported_and_rest
     let line = node
         .wait_log(&["background task mesh watcher failed", "is gone"])
         .await;
-    assert!(line.contains("\"level\":\"ERROR\""), "{line}");
+    assert!(line.to_lowercase().contains("error"), "{line}");
     let (code, body) = get(&bed, 15021, "/healthz/ready").await.expect("readiness");
     assert_eq!(code, 500, "{body}");
     assert!(body.contains("task failed: mesh watcher"), "{body}");

@@ -201,8 +201,7 @@ impl Supervisor {
     {
         let mut future = Some(future);
         self.spawn(task, OnFailure::StopDaemon, move || {
-            let future = future.take().expect("StopDaemon starts a task once");
-            future
+            future.take().expect("StopDaemon starts a task once")
         });
     }
 

@@ -478,7 +478,7 @@ async fn a_response_over_the_decode_cap_is_refused_and_one_under_it_applied() {
     let mut cp = FakeControlPlane::start().await;
     let sink = TestSink::default();
     let settings = ClientSettings {
-        max_message_bytes: 1 << 20,
+        max_message_bytes: 8 << 20,
         ..fast()
     };
     let mut client = Running::start(&cp.config(cp.addr), settings, sink.clone());
@@ -487,14 +487,14 @@ async fn a_response_over_the_decode_cap_is_refused_and_one_under_it_applied() {
         stream.request().await;
     }
     // Just over the cap: the stream fails, nothing applied, no ACK.
-    let over = "o".repeat((1 << 20) + 1);
+    let over = "o".repeat((8 << 20) + 1);
     stream.respond(ADDRESS, "big", &[(over.as_str(), "1")], &[]);
     let mut stream = cp.accept().await;
     assert!(sink.names(ADDRESS).is_empty());
     for _ in 0..3 {
         stream.request().await;
     }
-    // 100 000 resources well under the cap: all applied and ACKed.
+    // 100 000 resources, about 6 MB encoded, under the 8 MiB cap: all applied and ACKed.
     let names: Vec<String> = (0..100_000).map(|i| format!("w{i}")).collect();
     let many: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "1")).collect();
     stream.respond(ADDRESS, "many", &many, &[]);
