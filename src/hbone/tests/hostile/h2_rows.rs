@@ -408,12 +408,10 @@ async fn silence_after_tls_half_a_preface_and_an_idle_connection_are_closed() {
     // A whole preface, then no request: GOAWAY NO_ERROR and the close.
     let mut raw = world.raw().await;
     let answer = raw.until_goaway(WAIT).await;
-    assert_eq!(
-        answer,
-        Answer::GoAway {
-            last_stream: 0,
-            code: NO_ERROR
-        }
+    // Graceful: the first GOAWAY names the highest stream id, the second the last one.
+    assert!(
+        matches!(answer, Answer::GoAway { code: NO_ERROR, .. }),
+        "{answer:?}"
     );
     assert!(raw.until_closed(WAIT).await);
     assert!(world.all_served(3).await);
