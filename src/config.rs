@@ -623,8 +623,18 @@ impl Config {
             ("certTtl", self.cert_ttl, 60 * SECOND, 365 * DAY),
             ("pool.idleTimeout", self.pool.idle_timeout, SECOND, DAY),
             // A keepalive faster than 100 ms is PING traffic, not liveness.
-            ("pool.keepaliveInterval", self.pool.keepalive_interval, 100 * MS, HOUR),
-            ("pool.keepaliveTimeout", self.pool.keepalive_timeout, 100 * MS, HOUR),
+            (
+                "pool.keepaliveInterval",
+                self.pool.keepalive_interval,
+                100 * MS,
+                HOUR,
+            ),
+            (
+                "pool.keepaliveTimeout",
+                self.pool.keepalive_timeout,
+                100 * MS,
+                HOUR,
+            ),
             // Each poll stats the file; faster than 10 ms is a busy loop.
             ("watchInterval", self.watch_interval, 10 * MS, HOUR),
             // Kubernetes' terminationGracePeriodSeconds and systemd's TimeoutStopSec, outside
