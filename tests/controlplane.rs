@@ -489,7 +489,7 @@ fn verify(chain: &[String], root_file: &Path) -> String {
         .flat_map(|p| der(p))
         .collect();
     let end_entity = webpki::EndEntityCert::try_from(&leaf).unwrap();
-    let algorithms = rustls::crypto::ring::default_provider().signature_verification_algorithms;
+    let algorithms = ztund::tls::backend().signature_verification_algorithms;
     end_entity
         .verify_for_usage(
             algorithms.all,

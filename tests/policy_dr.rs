@@ -195,7 +195,7 @@ impl Pki {
     /// The TLS echo app on pod 10.201.2.2:9443: accepts an optional client certificate from
     /// this CA, writes its DNS name (or `-`), then echoes.
     fn serve(&self, w: &World) {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = Arc::new(ztund::tls::backend());
         let chain = CertificateDer::pem_file_iter(self.path("server.pem"))
             .expect("server.pem")
             .collect::<Result<Vec<_>, _>>()

@@ -104,7 +104,7 @@ async fn without_alpn_the_hbone_server_refuses_even_a_correct_h2_preface() {
             tcp,
             &TlsAcceptor::from(server),
             info,
-            &crate::hbone::H2Settings::server(),
+            &crate::hbone::ServerBudget::new(crate::hbone::Limits::server()),
             drain,
             move |_| flag.store(true, Ordering::SeqCst),
         )

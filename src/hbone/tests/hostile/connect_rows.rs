@@ -188,6 +188,15 @@ async fn data_sent_before_a_refusal_is_dropped_and_its_window_given_back() {
         )
         .await;
         let mut raw = world.raw().await;
+        // The windows are the RFC's 64 KiB until the server's SETTINGS (acknowledged on
+        // reading) and its WINDOW_UPDATE for the connection arrive; this client sends without
+        // looking at windows, so it waits for both first.
+        loop {
+            let frame = raw.next(WAIT).await.expect("the server's connection window");
+            if frame.kind == WINDOW_UPDATE && frame.stream == 0 {
+                break;
+            }
+        }
         // 1 MiB before the answer, a few times over: the connection window (16 MiB) only
         // holds if what a refused stream received is released.
         for n in 0..20u32 {
