@@ -119,6 +119,15 @@ impl FakeCa {
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::minutes(1);
         params.not_after = now + time::Duration::hours(1);
+        // As istiod signs a workload's CSR (ztund refuses leaves without these).
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
         let leaf = if matches!(mode, Mode::OtherKey) {
             let other = KeyPair::generate().map_err(bad)?;
             csr.params

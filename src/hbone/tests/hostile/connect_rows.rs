@@ -192,7 +192,10 @@ async fn data_sent_before_a_refusal_is_dropped_and_its_window_given_back() {
         // reading) and its WINDOW_UPDATE for the connection arrive; this client sends without
         // looking at windows, so it waits for both first.
         loop {
-            let frame = raw.next(WAIT).await.expect("the server's connection window");
+            let frame = raw
+                .next(WAIT)
+                .await
+                .expect("the server's connection window");
             if frame.kind == WINDOW_UPDATE && frame.stream == 0 {
                 break;
             }

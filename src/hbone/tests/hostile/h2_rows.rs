@@ -222,9 +222,10 @@ async fn ping_and_settings_floods_spend_the_frame_budget_and_get_goaway() {
             ),
             "{what}: {answer:?}"
         );
-        // The server answered at most the budget's worth of them.
+        // The server answered at most the budget's worth of them, plus the frames HTTP/2 had
+        // already read in the same read as the one over budget (16 KiB holds 963 PINGs).
         assert!(
-            raw.frames_read < 400,
+            raw.frames_read < 200 + 963,
             "{what}: {} frames back",
             raw.frames_read
         );
