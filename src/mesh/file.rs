@@ -57,13 +57,16 @@ pub fn load_snapshot(path: &Path, settings: &MeshSettings) -> Result<Snapshot, M
     snapshot_from_text(&path.display().to_string(), &text, settings)
 }
 
+/// The task watching a mesh file: it ends only when the watch fails.
+pub type WatchTask = JoinHandle<Result<(), WatchError>>;
+
 /// Loads the mesh file into a new store and watches it, with no gap between the two: the
 /// watcher's baseline is the very content the first snapshot was built from.
 pub fn load_and_watch(
     path: PathBuf,
     settings: MeshSettings,
     interval: Duration,
-) -> Result<(Arc<MeshStore>, JoinHandle<Result<(), WatchError>>), MeshError> {
+) -> Result<(Arc<MeshStore>, WatchTask), MeshError> {
     let (store, watch) = load_for_watching(path, settings)?;
     let handle = tokio::spawn(watch_file(watch, store.clone(), interval));
     Ok((store, handle))
