@@ -375,11 +375,13 @@ async fn refused_packets_on_the_real_socket_close_every_fd_they_carried() {
     let mount_ns = std::fs::File::open("/proc/self/ns/mnt").unwrap();
     let own_ns = std::fs::File::open("/proc/self/ns/net").unwrap();
     let socket = std::os::unix::net::UnixDatagram::unbound().unwrap();
-    let two = [ns.as_fd(); 2];
+    let six = [ns.as_fd(); 6];
 
-    // More fds than the receive buffer holds (MSG_CTRUNC) is left out here: that packet ends
-    // the session today instead of drawing an Ack (found by this test; see the report).
     let refusals = [
+        (
+            conn.send_raw(&add, &six).await,
+            "carries 6 file descriptors",
+        ),
         (
             conn.send_raw(&add, &[file.as_fd()]).await,
             "not a network namespace",
@@ -415,7 +417,7 @@ async fn refused_packets_on_the_real_socket_close_every_fd_they_carried() {
     }
     // Many more refused fds than a process could hold open if any leaked per message.
     for _ in 0..300 {
-        let ack = conn.send_raw(&add, &two).await.expect("an Ack");
+        let ack = conn.send_raw(&add, &six).await.expect("an Ack");
         assert!(ack.is_err());
     }
     assert_eq!(

@@ -14,8 +14,11 @@ use tokio::io::unix::AsyncFd;
 
 /// The largest message either side accepts (PROTOCOL.md §5.1).
 pub const MAX_PACKET: usize = 1024;
-/// Room for more fds than any valid message carries, so that "two fds" is seen, not truncated.
-const MAX_FDS: usize = 4;
+/// Room for every fd one message can carry: Linux caps SCM_RIGHTS at 253 (SCM_MAX_FD) per
+/// message. With less room the kernel cuts the list (MSG_CTRUNC) and the control data no longer
+/// parses, so the fds it did install could not be closed and the session ended; with this
+/// room every fd arrives, is counted by `zds::validate`, and is closed on refusal.
+const MAX_FDS: usize = 253;
 
 /// One received packet.
 #[derive(Debug)]
