@@ -58,7 +58,7 @@ pub(super) fn connection_expiry(
 }
 
 /// When the peer's leaf certificate expires, if it can be read.
-fn peer_not_after(state: &rustls::CommonState) -> Option<SystemTime> {
+pub(crate) fn peer_not_after(state: &rustls::CommonState) -> Option<SystemTime> {
     let leaf = state.peer_certificates()?.first()?;
     let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
     let secs = u64::try_from(cert.validity().not_after.timestamp()).ok()?;

@@ -260,6 +260,17 @@ where
         return Err(HboneError::Alpn { peer, alpn });
     }
     let peer_identity = crate::tls::peer_identity(session);
+    // The client's certificate proves its identity only until it expires: from then on the
+    // connection takes no new stream (the client dials again with its renewed certificate),
+    // while the streams already open run to their end.
+    let certificate_left = super::dialled::peer_not_after(session).map(|not_after| {
+        not_after
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO)
+    });
+    let certificate_expiry = tokio::time::sleep(certificate_left.unwrap_or(Duration::MAX));
+    tokio::pin!(certificate_expiry);
+    let mut certificate_expired = certificate_left.is_none();
     let (watched, frames_exhausted) = FrameWatch::new(
         tls,
         limits.control_frames_per_second,
@@ -329,6 +340,11 @@ where
                 }
                 Err(_) => drain_open = false,
             },
+            () = &mut certificate_expiry, if !certificate_expired => {
+                certificate_expired = true;
+                tracing::debug!(%peer, identity = ?peer_identity, "the client's certificate expired; its connection takes no new stream");
+                conn.graceful_shutdown();
+            }
             () = idle.tick(), if !idle.closed => {
                 if idle.expired(open_streams.load(Ordering::Acquire)) {
                     budget.hit(LimitHit::IdleTimeout);

@@ -117,3 +117,64 @@ async fn no_new_stream_goes_over_a_connection_whose_certificate_expired() {
         pool.stats()
     );
 }
+
+// HARDENING F4, the server's side: a client whose certificate has expired opens no new stream
+// on the connection it proved itself with, while its open stream carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_takes_no_new_stream_once_the_clients_certificate_expired() {
+    let echo = Echo::start("127.0.0.1:0").await;
+    let world = World::start(
+        H2Settings::server(),
+        forward(Arc::default(), Arc::default()),
+    )
+    .await;
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let expiry = SystemTime::UNIX_EPOCH + Duration::from_secs(now + 3);
+    let dial = dial_to(world.addr, world.pki.client_config_until(CLIENT_ID, expiry));
+    let tls = dial().await.expect("dial");
+    let (mut send, connection) = h2::client::handshake(tls).await.expect("h2 handshake");
+    tokio::spawn(connection);
+    let connect = || {
+        http::Request::builder()
+            .method("CONNECT")
+            .uri(echo.addr.to_string())
+            .body(())
+            .unwrap()
+    };
+    let (response, mut long) = send.send_request(connect(), false).expect("first CONNECT");
+    let response = response.await.expect("an answer");
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+
+    let wait = expiry.duration_since(SystemTime::now()).unwrap_or_default();
+    tokio::time::sleep(wait + Duration::from_millis(300)).await;
+    let refused = match send.clone().ready().await {
+        Err(_) => true,
+        Ok(mut ready) => match ready.send_request(connect(), false) {
+            Err(_) => true,
+            Ok((answer, _)) => answer.await.is_err(),
+        },
+    };
+    assert!(
+        refused,
+        "a new stream was taken after the client's certificate expired"
+    );
+
+    // The stream opened while the certificate was valid still carries bytes both ways.
+    long.send_data(bytes::Bytes::from_static(b"after"), false)
+        .expect("send on the open stream");
+    let mut back = Vec::new();
+    while back.len() < 5 {
+        let chunk = tokio::time::timeout(Duration::from_secs(5), body.data())
+            .await
+            .expect("echo in time")
+            .expect("the stream is open")
+            .expect("a chunk");
+        let _ = body.flow_control().release_capacity(chunk.len());
+        back.extend_from_slice(&chunk);
+    }
+    assert_eq!(back, b"after");
+}
