@@ -5,7 +5,7 @@
 pub mod ca;
 pub mod istio;
 pub mod manager;
-mod pem;
+pub(crate) mod pem;
 pub mod spiffe;
 pub mod spire;
 

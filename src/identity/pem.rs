@@ -137,7 +137,7 @@ fn private_key_info(algorithm: &[u8], key: &[u8]) -> PrivatePkcs8KeyDer<'static>
 }
 
 /// One DER element: tag, definite length, value.
-fn der(tag: u8, value: &[u8]) -> Vec<u8> {
+pub(crate) fn der(tag: u8, value: &[u8]) -> Vec<u8> {
     let mut out = vec![tag];
     let len = value.len();
     if len < 0x80 {

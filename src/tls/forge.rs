@@ -144,24 +144,8 @@ pub(super) fn uri_san(uri: &str) -> SanType {
     SanType::URI(uri.try_into().unwrap())
 }
 
-/// A DER TLV (short or long form length).
-pub(super) fn der(tag: u8, value: &[u8]) -> Vec<u8> {
-    let mut out = vec![tag];
-    let len = value.len();
-    if len < 0x80 {
-        out.push(len as u8);
-    } else {
-        let bytes: Vec<u8> = len
-            .to_be_bytes()
-            .into_iter()
-            .skip_while(|b| *b == 0)
-            .collect();
-        out.push(0x80 | bytes.len() as u8);
-        out.extend(bytes);
-    }
-    out.extend_from_slice(value);
-    out
-}
+/// A DER TLV: the one `identity::pem` writes keys with.
+pub(super) use crate::identity::pem::der;
 
 /// An extension rcgen cannot express, with `oid` and raw `content`.
 pub(super) fn raw_extension(oid: &[u64], content: Vec<u8>, critical: bool) -> CustomExtension {
