@@ -498,3 +498,81 @@ async fn a_zds_peer_that_is_neither_root_nor_ztund_is_refused() {
     assert!(err.to_string().contains("writable by anyone"), "{err}");
     assert!(recorder.log().is_empty());
 }
+
+/// How many of this process's file descriptors refer to the network namespace `ns`: only this
+/// test's testbed owns that namespace, so tests running beside it do not move the count.
+fn fds_on(ns: &Netns) -> usize {
+    let wanted = format!("net:[{}]", ns.id().ino);
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+        .filter(|target| target.to_string_lossy() == wanted)
+        .count()
+}
+
+// HARDENING Z7 (the node agent closes mid-session and reconnects; 10 000 Add/Del cycles)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_session_keeps_proxies_and_add_del_cycles_leave_no_fd_behind() {
+    const CYCLES: usize = 10_000;
+    let bed = Testbed::new(1, 2);
+    let d = daemon();
+    let (p1, p2) = (bed.netns(Place::Pod(1, 1)), bed.netns(Place::Pod(1, 2)));
+    let (a, b) = (pod("a"), pod("b"));
+
+    let first = d.accept().await;
+    first
+        .send_snapshot(&[SnapshotPod::Add(&a, &p1)])
+        .await
+        .unwrap();
+    let baseline = fds_on(&p2);
+    for _ in 0..CYCLES {
+        first.add(&b, &p2).await.unwrap();
+        first.del("b").await.unwrap();
+    }
+    assert_eq!(
+        fds_on(&p2),
+        baseline,
+        "every netns fd of {CYCLES} Add/Del cycles is closed"
+    );
+    let starts_of_b = d
+        .recorder
+        .log()
+        .iter()
+        .filter(|l| l.starts_with("start b "))
+        .count();
+    assert_eq!(starts_of_b, CYCLES, "each Add started a proxy");
+    assert_eq!(d.recorder.running(), ["a"]);
+
+    // The agent goes away in the middle of a session: pod a keeps its proxy, and its listener
+    // still answers, while ztund waits for the agent to come back.
+    first.add(&b, &p2).await.unwrap();
+    drop(first);
+    let second = d.accept().await;
+    assert_eq!(
+        d.recorder.running(),
+        ["a", "b"],
+        "proxies outlive the session"
+    );
+    bed.app_sockets(Place::Pod(1, 2))
+        .connect(SocketAddr::new(bed.pod_ip(1, 1), 15008), None)
+        .await
+        .expect("pod a's listener answers while the agent is away");
+    assert!(
+        !d.manager.is_ready(true).await,
+        "not ready until the new session's snapshot"
+    );
+
+    // The new session's snapshot names only a: b is drained and its namespace fd closed.
+    second
+        .send_snapshot(&[SnapshotPod::Keep("a")])
+        .await
+        .unwrap();
+    assert_eq!(d.recorder.running(), ["a"]);
+    assert_eq!(
+        fds_on(&p2),
+        baseline,
+        "b's netns fd is closed after the drain"
+    );
+    assert!(d.manager.is_ready(true).await);
+    assert!(!d.client.is_finished());
+}

@@ -88,6 +88,7 @@ async fn the_mesh_wide_strict_covers_every_namespace_until_a_namespace_overrides
     assert_eq!(w.echo.accepted(), 1, "only the mesh client reached echo");
 }
 
+// HARDENING C10 (plaintext to a STRICT pod is exempt only on the exact port named)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn port_level_permissive_opens_only_that_port() {
     let w = World::new(&[PA_GLOBAL_STRICT, PA_ECHO_PORT_9001]).await;
@@ -99,6 +100,28 @@ async fn port_level_permissive_opens_only_that_port() {
     assert_eq!(w.echo_9001.accepted(), 1);
     let line = log_line(&w.node2, &["connection refused", "10.200.0.2:9000"]).await;
     assert!(line.contains("default/echo-metrics"), "{line}");
+}
+
+// HARDENING C10 (istio #54146): `portLevelMtls` is keyed by the workload's own (target) port.
+// An exemption written with the service's port (80, which targets 9000) exempts nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_exemption_keyed_by_the_service_port_leaves_the_target_port_strict() {
+    let keyed_by_service_port = PA_ECHO_PORT_9001.replace("9001: {mode", "80: {mode");
+    let w = World::new(&[PA_GLOBAL_STRICT, &keyed_by_service_port]).await;
+    let mut plain = w.plaintext(SLEEP, addr(ECHO, 9000)).await;
+    assert!(
+        !echoes(&mut plain).await,
+        "the service port's exemption opened the target port"
+    );
+    assert_eq!(w.echo.accepted(), 0, "plaintext reached the app");
+
+    let keyed_by_target_port = PA_ECHO_PORT_9001.replace("9001: {mode", "9000: {mode");
+    w.apply(&[PA_GLOBAL_STRICT, &keyed_by_target_port]).await;
+    let mut plain = w.plaintext(SLEEP, addr(ECHO, 9000)).await;
+    assert!(echoes(&mut plain).await, "the target port's exemption");
+    let mut other = w.plaintext(SLEEP, addr(ECHO, 9001)).await;
+    assert!(!echoes(&mut other).await, "port 9001 stays STRICT");
+    assert_eq!(w.echo_9001.accepted(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

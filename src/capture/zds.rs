@@ -68,6 +68,10 @@ pub enum ZdsError {
     KeepAfterSnapshot { uid: String },
     #[error("a second SnapshotSent")]
     DuplicateSnapshotSent,
+    // istio-cni sends the whole snapshot before any change, so a Del inside it means the two
+    // sides disagree on the session's state; ztunnel refuses it the same way.
+    #[error("Del for pod {uid:?} before the snapshot was complete")]
+    DelBeforeSnapshot { uid: String },
     #[error("netns fd of pod {uid:?}: {source}")]
     Netns {
         uid: String,
@@ -93,7 +97,9 @@ impl ZdsError {
     pub fn ends_session(&self) -> bool {
         matches!(
             self,
-            ZdsError::KeepAfterSnapshot { .. } | ZdsError::DuplicateSnapshotSent
+            ZdsError::KeepAfterSnapshot { .. }
+                | ZdsError::DuplicateSnapshotSent
+                | ZdsError::DelBeforeSnapshot { .. }
         )
     }
 }
@@ -194,6 +200,9 @@ pub fn validate(packet: Packet, snapshot_done: bool) -> Result<PodEvent, ZdsErro
         Some(Request::Del(del)) => {
             no_fds("Del", fds.len())?;
             let uid = non_empty("Del", del.uid)?;
+            if !snapshot_done {
+                return Err(ZdsError::DelBeforeSnapshot { uid });
+            }
             Ok(PodEvent::Del { uid })
         }
         Some(Request::SnapshotSent(_)) => {
@@ -441,6 +450,7 @@ mod tests {
         }
     }
 
+    // HARDENING Z5
     #[test]
     fn snapshot_order_violations_end_the_session() {
         let keep = Request::Keep(proto::KeepWorkload { uid: "u1".into() });
@@ -457,6 +467,13 @@ mod tests {
         ));
         let err = validate(packet(sent, 0), true).unwrap_err();
         assert!(matches!(err, ZdsError::DuplicateSnapshotSent) && err.ends_session());
+        let del = Request::Del(proto::DelWorkload { uid: "u1".into() });
+        let err = validate(packet(del.clone(), 0), false).unwrap_err();
+        assert!(matches!(err, ZdsError::DelBeforeSnapshot { .. }) && err.ends_session());
+        assert!(matches!(
+            validate(packet(del, 0), true),
+            Ok(PodEvent::Del { .. })
+        ));
     }
 
     #[test]

@@ -241,6 +241,7 @@ async fn bad_resources_are_nacked_by_name_and_the_good_ones_applied() {
     client.stop().await;
 }
 
+// HARDENING X6
 #[tokio::test]
 async fn a_response_for_a_type_not_subscribed_is_ignored_without_a_reply() {
     let mut cp = FakeControlPlane::start().await;

@@ -441,6 +441,7 @@ fn an_authorization_keeps_every_field() {
     assert_eq!(m.service_accounts[0].service_account, "sa");
 }
 
+// HARDENING X2 (unknown Scope and Action values are errors, never a default ALLOW)
 #[test]
 fn bad_authorization_fields_are_named() {
     let bad = |edit: &dyn Fn(&mut pb_sec::Authorization)| {

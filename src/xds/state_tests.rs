@@ -307,6 +307,7 @@ fn a_response_with_bad_resources_applies_the_good_ones_and_names_each_bad_one() 
     assert_eq!(echo.port(80).map(|p| p.target_port), Some(8080));
 }
 
+// HARDENING X6 (a removal of a name never held changes nothing)
 #[test]
 fn removals_drop_workloads_and_services_by_their_names() {
     let mut endpoint = pb_workload("default", "echo", [10, 0, 0, 1]);
@@ -352,6 +353,7 @@ fn removals_drop_workloads_and_services_by_their_names() {
     assert!(state.provenance().services.is_empty());
 }
 
+// HARDENING X2 (a policy with an unknown action is rejected and the held one stays)
 #[test]
 fn a_rejected_update_keeps_the_last_good_version() {
     let mut state = state_with(
@@ -396,6 +398,7 @@ fn a_rejected_update_keeps_the_last_good_version() {
     assert_eq!(snapshot.policies.authorizations().count(), 1);
 }
 
+// HARDENING X6 (an unknown type_url, with additions and removals, changes nothing)
 #[test]
 fn unsubscribed_types_are_ignored_and_resends_change_nothing() {
     let resource = workload_resource(pb_workload("default", "w", [10, 0, 0, 1]), "1");

@@ -70,6 +70,7 @@ fn the_static_strict_policy_has_istiods_shape() {
     assert_eq!(**strict, expected);
 }
 
+// HARDENING C10 (several STRICT port rules under PERMISSIVE stay STRICT, each on its port)
 #[test]
 fn port_level_mtls_converts_as_istiod_does() {
     let strict_with_exemptions = "apiVersion: security.istio.io/v1
