@@ -115,6 +115,7 @@ fn ino(bed: &Testbed, place: Place) -> u64 {
     bed.netns(place).id().ino
 }
 
+// HARDENING Z6 (a second Add for a uid: same netns a no-op, a new netns replaces the proxy)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_keep_and_later_adds_and_dels_drive_the_proxies() {
     let bed = Testbed::new(1, 3);
