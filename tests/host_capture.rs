@@ -1,7 +1,7 @@
 //! A VM host (`capture: host`) keeps its network when ztund stops: a clean stop removes the nft
 //! table, ip rule and route table; after `kill -9` the rules left behind refuse only mesh
 //! destinations (fail closed) while every other destination still works, and a restarted ztund
-//! adopts them. Two nodes run the real ztund in host mode: node 1 (`vm`, 10.200.0.1) calls out,
+//! adopts them; an upgrade leaves them to the successor, whose own clean stop removes them. Two nodes run the real ztund in host mode: node 1 (`vm`, 10.200.0.1) calls out,
 //! node 2 holds the mesh workload `echo` (10.200.0.2:9000); pod 10.201.2.2 on node 2 is no mesh
 //! member.
 
@@ -276,5 +276,50 @@ async fn after_kill_9_only_mesh_destinations_fail_closed_and_a_restart_adopts_th
     vm.node1.wait_log(&["10.200.0.2:9000", "hbone"]).await;
     let rules = vm.node1(&["ip", "rule", "show", "pref", "32764"]).unwrap();
     assert_eq!(rules.lines().count(), 1, "{rules}");
+    vm.assert_echoes(vm.outside_app).await;
+}
+
+// Issue 12, item 10: an upgrade leaves the rules to the successor, which then owns them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_hands_the_host_rules_to_the_successor_and_its_clean_stop_removes_them() {
+    let mut vm = Vm::start().await;
+    vm.assert_echoes(vm.mesh_app).await;
+
+    let config = vm.cluster.path("node1.yaml");
+    let successor = vm.cluster.spawn(&vm.bed, 1, &config);
+    successor.wait_log(&["ztund ready"]).await;
+    successor
+        .wait_log(&[&format!("taking over from pid {}", vm.node1.pid())])
+        .await;
+    vm.signal_node1(libc::SIGTERM);
+    vm.node1
+        .wait_log(&[&format!("handing over to pid {}", successor.pid())])
+        .await;
+    let status = vm.wait_exit(Duration::from_secs(12)).await;
+    assert!(status.success(), "the old ztund exited with {status}");
+    assert!(
+        vm.node1.log_lines(&["host capture removed"]).is_empty(),
+        "the old ztund removed the rules its successor runs on"
+    );
+    let rules = vm.node1(&["ip", "rule", "show", "pref", "32764"]).unwrap();
+    assert_eq!(
+        rules.lines().count(),
+        1,
+        "one rule after the hand-over: {rules}"
+    );
+
+    // The successor alone: mesh traffic tunneled through it, the rest plain.
+    let old = std::mem::replace(&mut vm.node1, successor);
+    drop(old);
+    vm.assert_echoes(vm.mesh_app).await;
+    vm.node1.wait_log(&["10.200.0.2:9000", "hbone"]).await;
+    vm.assert_echoes(vm.outside_app).await;
+
+    // With no successor of its own, its clean stop removes everything.
+    vm.signal_node1(libc::SIGTERM);
+    let status = vm.wait_exit(Duration::from_secs(7)).await;
+    assert!(status.success(), "the successor exited with {status}");
+    assert_eq!(vm.leftovers(), Vec::<String>::new(), "left behind");
+    vm.assert_echoes(vm.mesh_app).await;
     vm.assert_echoes(vm.outside_app).await;
 }
