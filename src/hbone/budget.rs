@@ -26,16 +26,19 @@ pub enum LimitHit {
     PrefaceTimeout,
     /// `idleTimeout`: a connection without streams closed.
     IdleTimeout,
+    /// `streamStallTimeout`: a stream the peer granted no send window was reset.
+    StreamStall,
 }
 
 impl LimitHit {
-    pub const ALL: [LimitHit; 6] = [
+    pub const ALL: [LimitHit; 7] = [
         LimitHit::StreamsTotal,
         LimitHit::EarlyReset,
         LimitHit::EarlyResetBudget,
         LimitHit::ControlFrames,
         LimitHit::PrefaceTimeout,
         LimitHit::IdleTimeout,
+        LimitHit::StreamStall,
     ];
 
     pub fn name(self) -> &'static str {
@@ -46,6 +49,7 @@ impl LimitHit {
             LimitHit::ControlFrames => "control_frames",
             LimitHit::PrefaceTimeout => "preface_timeout",
             LimitHit::IdleTimeout => "idle_timeout",
+            LimitHit::StreamStall => "stream_stall",
         }
     }
 }

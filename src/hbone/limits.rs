@@ -56,6 +56,11 @@ pub struct Limits {
     pub early_resets_per_second: u32,
     /// ... and at once.
     pub early_reset_burst: u32,
+    /// A stream with bytes to send that the peer grants no send window for this long (it holds
+    /// its window at 0, or stops reading so HTTP/2's send buffer stays full) is reset with
+    /// CANCEL and its upstream connection closed: otherwise a peer could pin a stream, its
+    /// send buffer and the app's connection for as long as it answers PINGs (HARDENING H7).
+    pub stream_stall_timeout: Duration,
 }
 
 impl Limits {
@@ -76,6 +81,7 @@ impl Limits {
             max_streams_total: 16_384,
             early_resets_per_second: 10,
             early_reset_burst: 100,
+            stream_stall_timeout: Duration::from_secs(60),
             h2,
         }
     }
@@ -111,6 +117,7 @@ impl Limits {
             "maxSendBufferedTotal": self.max_send_buffered_total(),
             "earlyResetsPerSecond": self.early_resets_per_second,
             "earlyResetBurst": self.early_reset_burst,
+            "streamStallTimeout": format!("{:?}", self.stream_stall_timeout),
         })
     }
 
@@ -154,7 +161,7 @@ mod tests {
             "maxHeaderListSize": 65536,
             "headerTableSize": 4096,
             "maxFrameSize": 1048576,
-            "initialStreamWindow": 4194304,
+            "initialStreamWindow": 81920,
             "initialConnectionWindow": 16777216,
             "maxSendBufferPerStream": 409600,
             "pendingAcceptResets": 20,
@@ -172,8 +179,37 @@ mod tests {
             "maxSendBufferedTotal": 6710886400u64,
             "earlyResetsPerSecond": 10,
             "earlyResetBurst": 100,
+            "streamStallTimeout": "60s",
         });
         assert_eq!(Limits::server().to_json(), expected);
+    }
+
+    #[test]
+    fn stalled_streams_can_never_take_the_whole_connection_window() {
+        // HARDENING H7 (connection window): every stream of a connection at its full window
+        // fits in the connection window, server and pool side, whatever the pool's setting.
+        let server = Limits::server().h2;
+        assert!(
+            u64::from(server.stream_window) * u64::from(server.max_concurrent_streams)
+                <= u64::from(server.connection_window)
+        );
+        for streams in [1, 2, 100, 101, 1000, 10_000] {
+            let config = crate::config::PoolConfig {
+                max_streams_per_connection: streams,
+                ..Default::default()
+            };
+            let pool = crate::hbone::PoolSettings::from(&config);
+            let window = u64::from(pool.h2.stream_window);
+            assert!(
+                window * u64::from(streams) <= u64::from(pool.h2.connection_window),
+                "{streams} streams of {window} bytes"
+            );
+            assert!(window > 0);
+        }
+        assert_eq!(
+            crate::hbone::PoolSettings::default().h2.stream_window,
+            160 * 1024
+        );
     }
 
     #[test]

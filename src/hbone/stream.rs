@@ -1,7 +1,10 @@
 //! One HBONE tunnel: an HTTP/2 CONNECT stream seen as a byte stream (PROTOCOL.md §1.2 "Stream
 //! mapping"). Reading hands out each DATA chunk and releases its flow-control capacity at once;
-//! END_STREAM, or a RST_STREAM with NO_ERROR or CANCEL, reads as EOF. Writing sends only what
-//! flow control grants; shutdown sends END_STREAM. Knows nothing about who opened the stream.
+//! END_STREAM, or a RST_STREAM with NO_ERROR, reads as EOF; any other reset is a
+//! `ConnectionReset` error, which the copier turns into a TCP RST (HARDENING C8). Writing sends
+//! only what flow control grants; shutdown sends END_STREAM. A served stream whose peer grants
+//! no send window for the stall timeout is reset (HARDENING H7). Knows nothing about who opened
+//! the stream.
 
 use std::future::poll_fn;
 use std::io;
@@ -13,7 +16,7 @@ use bytes::{Buf, Bytes};
 use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::budget::StreamPermit;
+use super::budget::{LimitHit, ServerBudget, StreamPermit};
 use super::pool::StreamLease;
 use crate::identity::SpiffeId;
 
@@ -32,6 +35,38 @@ pub struct H2Send {
     finished: bool,
     /// Holds the stream's slot on a pooled connection until both halves are gone.
     lease: Option<Arc<StreamLease>>,
+    /// A served stream's stall timer; client streams have none.
+    stall: Option<StallGuard>,
+}
+
+/// Gives up on a served stream once it has waited `streamStallTimeout` for send window with
+/// bytes to send. Armed when a wait for capacity begins, disarmed by any grant, so a slow but
+/// moving peer is never cut off.
+#[derive(Debug)]
+struct StallGuard {
+    budget: Arc<ServerBudget>,
+    /// Made on the first wait and re-armed after; boxed once per stream, not per wait.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    armed: bool,
+}
+
+impl StallGuard {
+    fn progress(&mut self) {
+        self.armed = false;
+    }
+
+    /// Ready once the current wait has lasted the whole timeout.
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let deadline = tokio::time::Instant::now() + self.budget.limits.stream_stall_timeout;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if !self.armed {
+            timer.as_mut().reset(deadline);
+            self.armed = true;
+        }
+        timer.as_mut().poll(cx)
+    }
 }
 
 /// The receiving half: DATA frames from the peer.
@@ -61,11 +96,17 @@ impl H2Stream {
         lease: Option<Arc<StreamLease>>,
         permit: Option<StreamPermit>,
     ) -> Self {
+        let stall = permit.as_ref().map(|permit| StallGuard {
+            budget: Arc::clone(permit.budget()),
+            timer: None,
+            armed: false,
+        });
         H2Stream {
             send: H2Send {
                 stream: send,
                 finished: false,
                 lease: lease.clone(),
+                stall,
             },
             recv: H2Recv {
                 stream: recv,
@@ -116,6 +157,15 @@ impl H2Send {
         }
     }
 
+    /// Aborts the stream: RST_STREAM CONNECT_ERROR, how a TCP RST from the socket is passed on
+    /// (RFC 9113 §8.5). Idempotent.
+    pub fn abort(&mut self) {
+        if !self.finished {
+            self.finished = true;
+            self.stream.send_reset(Reason::CONNECT_ERROR);
+        }
+    }
+
     /// Waits until flow control grants some capacity toward `want` bytes.
     fn poll_granted(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
         if self.finished {
@@ -128,11 +178,11 @@ impl H2Send {
         loop {
             let capacity = self.stream.capacity();
             if capacity > 0 {
-                return Poll::Ready(Ok(capacity));
+                return Poll::Ready(Ok(self.progress(capacity)));
             }
             match self.stream.poll_capacity(cx) {
                 Poll::Ready(Some(Ok(0))) => continue,
-                Poll::Ready(Some(Ok(granted))) => return Poll::Ready(Ok(granted)),
+                Poll::Ready(Some(Ok(granted))) => return Poll::Ready(Ok(self.progress(granted))),
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(h2_to_io(e))),
                 Poll::Ready(None) => {
                     return Poll::Ready(Err(io::Error::new(
@@ -144,15 +194,54 @@ impl H2Send {
                     // A peer that resets the stream never grants capacity: watch for that too.
                     return match self.stream.poll_reset(cx) {
                         Poll::Ready(Ok(reason)) => Poll::Ready(Err(io::Error::new(
-                            io::ErrorKind::BrokenPipe,
+                            reset_kind(reason),
                             format!("HBONE stream reset by the peer: {reason}"),
                         ))),
                         Poll::Ready(Err(e)) => Poll::Ready(Err(h2_to_io(e))),
-                        Poll::Pending => Poll::Pending,
+                        Poll::Pending => self.poll_stalled(cx),
                     };
                 }
             }
         }
+    }
+
+    fn progress(&mut self, granted: usize) -> usize {
+        if let Some(stall) = &mut self.stall {
+            stall.progress();
+        }
+        granted
+    }
+
+    /// Pending until the stall timeout of a served stream runs out; then the stream is reset
+    /// and the error ends the copy, which closes the upstream connection.
+    fn poll_stalled(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        let Some(stall) = &mut self.stall else {
+            return Poll::Pending;
+        };
+        ready!(stall.poll_expired(cx));
+        let timeout = stall.budget.limits.stream_stall_timeout;
+        stall.budget.hit(LimitHit::StreamStall);
+        tracing::info!(
+            stream = ?self.stream.stream_id(),
+            ?timeout,
+            "HBONE stream reset: the peer granted no send window (streamStallTimeout)"
+        );
+        self.stream.send_reset(Reason::CANCEL);
+        self.finished = true;
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("HBONE stream stalled: no send window from the peer for {timeout:?}"),
+        )))
+    }
+}
+
+/// RST_STREAM NO_ERROR asks for no more data and is a clean end; any other code is an abort,
+/// which the copier passes on as a TCP RST (RFC 9113 §8.5, HARDENING C8).
+fn reset_kind(reason: Reason) -> io::ErrorKind {
+    if reason == Reason::NO_ERROR {
+        io::ErrorKind::BrokenPipe
+    } else {
+        io::ErrorKind::ConnectionReset
     }
 }
 
@@ -194,9 +283,10 @@ impl H2Recv {
     }
 }
 
-/// RST_STREAM NO_ERROR or CANCEL: the peer is done, which reads as a clean EOF.
+/// RST_STREAM NO_ERROR: the peer is done, which reads as a clean EOF. CANCEL is not: the peer
+/// abandoned the stream, and the app must see a reset, not a complete message (HARDENING C8).
 fn is_clean_reset(e: &h2::Error) -> bool {
-    e.is_reset() && matches!(e.reason(), Some(Reason::NO_ERROR | Reason::CANCEL))
+    e.is_reset() && e.reason() == Some(Reason::NO_ERROR)
 }
 
 /// HTTP/2 errors as I/O errors; other resets become `ConnectionReset` so copiers treat them as

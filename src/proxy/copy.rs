@@ -87,20 +87,49 @@ where
     })
 }
 
+/// A socket whose close can be made a TCP RST instead of a FIN: how an HTTP/2 stream reset or
+/// error reaches a TCP peer (RFC 9113 §8.5, HARDENING C8).
+pub trait Abort {
+    /// The next close resets the connection.
+    fn abort(&self);
+}
+
+impl Abort for tokio::net::TcpStream {
+    fn abort(&self) {
+        // Fails only on a socket that is already gone, which needs no reset.
+        let _ = self.set_zero_linger();
+    }
+}
+
 /// Copies between a socket and an HBONE stream until both directions have ended. `socket` is
 /// the side the connection came from on outbound (the app) and the side toward the app on
 /// inbound; `to_upstream` counts socket → HBONE. Like [`copy_bidirectional`], the future holds
-/// only the copy's own state.
+/// only the copy's own state. An abort on either side aborts the other at once: a TCP RST from
+/// the socket is sent as RST_STREAM CONNECT_ERROR, and a reset stream (any code but NO_ERROR)
+/// or a failed copy closes the socket with a TCP RST.
 pub fn copy_tcp_h2<T>(mut socket: T, h2: H2Stream) -> impl Future<Output = io::Result<Transferred>>
 where
-    T: AsyncRead + AsyncWrite + Unpin,
+    T: AsyncRead + AsyncWrite + Abort + Unpin,
 {
     let (mut send, mut recv) = h2.into_parts();
     let mut up = StreamToH2::default();
     let mut down = H2ToStream::default();
     poll_fn(move |cx| {
-        let up_done = up.poll(cx, Pin::new(&mut socket), &mut send)?;
-        let down_done = down.poll(cx, &mut recv, Pin::new(&mut socket))?;
+        let up_done = up.poll(cx, Pin::new(&mut socket), &mut send);
+        let down_done = down.poll(cx, &mut recv, Pin::new(&mut socket));
+        let failed =
+            matches!(up_done, Poll::Ready(Err(_))) || matches!(down_done, Poll::Ready(Err(_)));
+        if failed || down.aborted {
+            // The socket is dropped when this future ends; the RST goes out then.
+            socket.abort();
+        }
+        let (up_done, down_done) = (up_done?, down_done?);
+        if down.aborted || up.aborted {
+            return Poll::Ready(Ok(Transferred {
+                to_upstream: up.copied,
+                to_downstream: down.copied,
+            }));
+        }
         if up_done.is_ready() && down_done.is_ready() {
             Poll::Ready(Ok(Transferred {
                 to_upstream: up.copied,
@@ -249,6 +278,8 @@ struct StreamToH2 {
     sending: Bytes,
     copied: u64,
     phase: Phase,
+    /// The socket was reset, and the stream with it.
+    aborted: bool,
 }
 
 impl StreamToH2 {
@@ -275,6 +306,11 @@ impl StreamToH2 {
                             // `split` leaves the spare room in `buf` for the next read.
                             self.sending = self.buf.split().freeze();
                             Phase::Writing
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
+                            send.abort();
+                            self.aborted = true;
+                            Phase::Done
                         }
                         Err(e) if is_close(&e) => Phase::HalfClosing,
                         Err(e) => return Poll::Ready(Err(e)),
@@ -315,6 +351,8 @@ struct H2ToStream {
     copied: u64,
     phase: Phase,
     unflushed: bool,
+    /// The stream was reset (or its connection failed): the socket must be reset too.
+    aborted: bool,
 }
 
 impl H2ToStream {
@@ -343,6 +381,10 @@ impl H2ToStream {
                             Phase::Writing
                         }
                         Ok(None) => Phase::HalfClosing,
+                        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
+                            self.aborted = true;
+                            Phase::Done
+                        }
                         Err(e) if is_close(&e) => Phase::HalfClosing,
                         Err(e) => return Poll::Ready(Err(e)),
                     };

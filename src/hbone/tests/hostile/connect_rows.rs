@@ -182,11 +182,12 @@ async fn data_sent_before_a_refusal_is_dropped_and_its_window_given_back() {
         (Refusal::Denied("policy".into()), 401),
         (Refusal::Unavailable("no app".into()), 503),
     ] {
-        let world = World::start_with(
-            Limits::server(),
-            refuse_after(Duration::from_millis(200), refusal),
-        )
-        .await;
+        // Stream windows of 1 MiB (not the default 80 KiB), so that a few refused streams
+        // pass more than the 16 MiB connection window between them.
+        let mut limits = Limits::server();
+        limits.h2.stream_window = 1024 * 1024;
+        let world =
+            World::start_with(limits, refuse_after(Duration::from_millis(200), refusal)).await;
         let mut raw = world.raw().await;
         // The windows are the RFC's 64 KiB until the server's SETTINGS (acknowledged on
         // reading) and its WINDOW_UPDATE for the connection arrive; this client sends without
@@ -217,37 +218,118 @@ async fn data_sent_before_a_refusal_is_dropped_and_its_window_given_back() {
     }
 }
 
-// HARDENING C8
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn end_stream_half_closes_the_upstream_and_a_reset_closes_it() {
-    let app = App::start(Behaviour::ByeOnEof).await;
-    let dials = Arc::new(AtomicUsize::new(0));
-    let world =
-        World::start_with(Limits::server(), cancellable_forward(Duration::ZERO, dials)).await;
-    let mut raw = world.raw().await;
-    raw.connect(1, &app.addr.to_string(), &[]).await.unwrap();
-    assert_eq!(raw.answer(1, WAIT).await, Answer::Status(200));
-    // END_STREAM: the app reads EOF and can still answer.
-    raw.send(DATA, END_STREAM, 1, b"hello").await.unwrap();
-    let mut back = Vec::new();
-    let mut ended = false;
+/// How a stream ended for the raw client, and the bytes that came before.
+#[derive(Debug, PartialEq, Eq)]
+enum StreamEnd {
+    EndStream(Vec<u8>),
+    Reset(Vec<u8>, u32),
+    Neither(Vec<u8>),
+}
+
+async fn stream_end(raw: &mut Raw, stream: u32) -> StreamEnd {
+    let mut data = Vec::new();
     while let Ok(frame) = raw.next(WAIT).await {
-        if frame.kind == DATA && frame.stream == 1 {
-            back.extend_from_slice(&frame.payload);
-            if frame.flags & END_STREAM != 0 {
-                ended = true;
-                break;
+        if frame.stream != stream {
+            continue;
+        }
+        match frame.kind {
+            DATA => {
+                data.extend_from_slice(&frame.payload);
+                if frame.flags & END_STREAM != 0 {
+                    return StreamEnd::EndStream(data);
+                }
             }
+            RST_STREAM => {
+                let code = u32::from_be_bytes(frame.payload[..4].try_into().unwrap());
+                return StreamEnd::Reset(data, code);
+            }
+            _ => {}
         }
     }
-    assert_eq!(back, b"bye");
-    assert!(ended, "the app's close did not end the stream");
-    // RST_STREAM: the upstream connection ends.
-    raw.connect(3, &app.addr.to_string(), &[]).await.unwrap();
-    assert_eq!(raw.answer(3, WAIT).await, Answer::Status(200));
-    raw.reset(3, CANCEL).await.unwrap();
-    assert!(
-        eventually(WAIT, || app.written.load(Ordering::SeqCst) == 2).await,
-        "the upstream of a reset stream stayed open"
+    StreamEnd::Neither(data)
+}
+
+/// CONNECTs `stream` to the listener and returns the app's end of it, once answered 200.
+async fn connect_app(raw: &mut Raw, stream: u32, app: &TcpListener) -> TcpStream {
+    let target = app.local_addr().unwrap().to_string();
+    raw.connect(stream, &target, &[]).await.unwrap();
+    let (tcp, _) = tokio::time::timeout(WAIT, app.accept())
+        .await
+        .expect("dialled")
+        .unwrap();
+    assert_eq!(raw.answer(stream, WAIT).await, Answer::Status(200));
+    tcp
+}
+
+// HARDENING C8 (client → app)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn end_stream_reaches_the_app_as_eof_and_a_client_reset_as_a_tcp_reset() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let forward = cancellable_forward(Duration::ZERO, Arc::default());
+    let world = World::start_with(Limits::server(), forward).await;
+    let mut raw = world.raw().await;
+    // END_STREAM: the app reads EOF (not a reset) and its answer still flows back.
+    let mut app = connect_app(&mut raw, 1, &listener).await;
+    raw.send(DATA, END_STREAM, 1, b"hello").await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(WAIT, app.read_to_end(&mut got))
+        .await
+        .expect("EOF")
+        .expect("END_STREAM reached the app as a reset");
+    assert_eq!(got, b"hello");
+    app.write_all(b"bye").await.unwrap();
+    app.shutdown().await.unwrap();
+    assert_eq!(
+        stream_end(&mut raw, 1).await,
+        StreamEnd::EndStream(b"bye".to_vec())
+    );
+    // RST_STREAM, with the app's direction still open: the app's next read fails with a reset.
+    for (stream, code) in [(3, CANCEL), (5, PROTOCOL_ERROR)] {
+        let mut app = connect_app(&mut raw, stream, &listener).await;
+        raw.send(DATA, 0, stream, b"x").await.unwrap();
+        let mut first = [0u8; 1];
+        app.read_exact(&mut first).await.unwrap();
+        raw.reset(stream, code).await.unwrap();
+        let mut rest = [0u8; 16];
+        let read = tokio::time::timeout(WAIT, app.read(&mut rest))
+            .await
+            .expect("the app's connection stayed open after RST_STREAM");
+        assert_eq!(
+            read.map_err(|e| e.kind()),
+            Err(std::io::ErrorKind::ConnectionReset),
+            "RST_STREAM {code:#x} reached the app as"
+        );
+    }
+}
+
+// HARDENING C8 (app → client)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_fin_becomes_end_stream_and_an_app_reset_becomes_rst_stream() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let forward = cancellable_forward(Duration::ZERO, Arc::default());
+    let world = World::start_with(Limits::server(), forward).await;
+    let mut raw = world.raw().await;
+    // FIN: END_STREAM, and the client's direction keeps flowing to the app.
+    let mut app = connect_app(&mut raw, 1, &listener).await;
+    app.write_all(b"early").await.unwrap();
+    app.shutdown().await.unwrap();
+    assert_eq!(
+        stream_end(&mut raw, 1).await,
+        StreamEnd::EndStream(b"early".to_vec())
+    );
+    raw.send(DATA, END_STREAM, 1, b"late").await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(WAIT, app.read_to_end(&mut got))
+        .await
+        .expect("EOF")
+        .unwrap();
+    assert_eq!(got, b"late");
+    // RST: RST_STREAM CONNECT_ERROR (RFC 9113 §8.5), never END_STREAM.
+    let app = connect_app(&mut raw, 3, &listener).await;
+    app.set_zero_linger().unwrap();
+    drop(app);
+    assert_eq!(
+        stream_end(&mut raw, 3).await,
+        StreamEnd::Reset(Vec::new(), CONNECT_ERROR)
     );
 }

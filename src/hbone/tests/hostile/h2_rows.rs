@@ -310,6 +310,76 @@ async fn a_zero_window_reader_pushes_back_on_a_chatty_upstream() {
     );
 }
 
+// HARDENING H7 (the stall timeout)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_held_at_a_zero_window_is_reset_after_the_stall_timeout_and_its_app_closed() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = listener.local_addr().unwrap().to_string();
+    let mut limits = limits();
+    limits.stream_stall_timeout = Duration::from_millis(500);
+    let forward = cancellable_forward(Duration::ZERO, Arc::default());
+    let world = World::start_with(limits, forward).await;
+    let mut raw = world
+        .raw_as(CLIENT_ID, &[(SETTINGS_INITIAL_WINDOW_SIZE, 0)])
+        .await;
+    raw.connect(1, &target, &[]).await.unwrap();
+    let (mut app, _) = tokio::time::timeout(WAIT, listener.accept())
+        .await
+        .expect("the CONNECT was dialled")
+        .unwrap();
+    assert_eq!(raw.answer(1, WAIT).await, Answer::Status(200));
+    let started = tokio::time::Instant::now();
+    // A chatty app: it writes until its writes block, and then until they fail.
+    let writer = tokio::spawn(async move {
+        let chunk = vec![7u8; 64 * 1024];
+        let mut written = 0usize;
+        loop {
+            match app.write_all(&chunk).await {
+                Ok(()) => written += chunk.len(),
+                Err(e) => return (written, e.kind()),
+            }
+        }
+    });
+    assert_eq!(raw.answer(1, WAIT).await, Answer::Reset(CANCEL));
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(450),
+        "reset after {waited:?}, before the stall timeout"
+    );
+    let (written, ended) = tokio::time::timeout(WAIT, writer)
+        .await
+        .expect("the app's connection stayed open after the reset")
+        .unwrap();
+    assert!(
+        matches!(
+            ended,
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+        ),
+        "the app's write ended with {ended:?}"
+    );
+    // Backpressure: what left the app is what the sockets and one read buffer hold.
+    assert!(written < 16 * 1024 * 1024, "{written} bytes left the app");
+    assert_eq!(world.budget.hits(LimitHit::StreamStall), 1);
+    // A stream that moves, however slowly, is not cut off: 2 s of 1 KiB every 100 ms.
+    let app = App::start(Behaviour::Chatty).await;
+    raw.connect(3, &app.addr.to_string(), &[]).await.unwrap();
+    assert_eq!(raw.answer(3, WAIT).await, Answer::Status(200));
+    let mut received = 0;
+    for _ in 0..20 {
+        raw.window_update(3, 1024).await.unwrap();
+        raw.window_update(0, 1024).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(100);
+        while let Ok(frame) = raw.next(deadline - tokio::time::Instant::now()).await {
+            assert!(frame.kind != RST_STREAM, "a moving stream was reset");
+            if frame.kind == DATA && frame.stream == 3 {
+                received += frame.payload.len();
+            }
+        }
+    }
+    assert!(received >= 19 * 1024, "{received} bytes arrived");
+    assert_eq!(world.budget.hits(LimitHit::StreamStall), 1);
+}
+
 // HARDENING H8
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn window_overflow_and_zero_increments_are_protocol_errors() {

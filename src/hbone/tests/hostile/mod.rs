@@ -32,8 +32,8 @@ pub(super) enum Behaviour {
     Echo,
     /// Write as fast as the connection takes, counting the bytes.
     Chatty,
-    /// On EOF (or a reset), answer "bye" and close; `written` counts these ends.
-    ByeOnEof,
+    /// Hold the connection open and never read from it.
+    Deaf,
 }
 
 /// An upstream app that counts the connections that reached it.
@@ -90,13 +90,9 @@ async fn serve_app(mut tcp: TcpStream, behaviour: Behaviour, written: Arc<Atomic
                 written.fetch_add(chunk.len(), Ordering::SeqCst);
             }
         }
-        Behaviour::ByeOnEof => {
-            let mut sink = Vec::new();
-            let _ = tcp.read_to_end(&mut sink).await;
-            // Counts the connections whose downstream ended.
-            written.fetch_add(1, Ordering::SeqCst);
-            let _ = tcp.write_all(b"bye").await;
-            let _ = tcp.shutdown().await;
+        Behaviour::Deaf => {
+            tokio::time::sleep(Duration::from_secs(600)).await;
+            drop(tcp);
         }
     }
 }

@@ -1,4 +1,6 @@
-//! HARDENING.md §1, row H10: the pooled client against a hostile server written by hand.
+//! HARDENING.md §1, row H10: the pooled client against a hostile server written by hand; and
+//! row H7's connection window: streams that stall must not starve the rest of their pooled
+//! connection.
 
 use super::*;
 use crate::hbone::raw_client::*;
@@ -115,4 +117,55 @@ async fn a_goaway_on_a_stream_is_a_protocol_error_and_the_connection_is_evicted(
         .await
         .expect("a new connection");
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
+}
+
+// HARDENING H7 (connection window)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_streams_leave_window_for_the_others_on_their_pooled_connection() {
+    const STALLED: usize = 10;
+    let (deaf, chatty) = (
+        App::start(Behaviour::Deaf).await,
+        App::start(Behaviour::Chatty).await,
+    );
+    let echo = Echo::start("127.0.0.1:0").await;
+    let world = World::start(
+        H2Settings::server(),
+        forward(Arc::default(), Arc::default()),
+    )
+    .await;
+    let pool = Pool::new(PoolSettings::default());
+    let key = world.key();
+    let open =
+        |target: SocketAddr| pool.open(&key, world.dial(), ConnectRequest::new(target.to_string()));
+    // Client → server: streams into apps that never read, each written as fast as it goes.
+    let mut writers = Vec::new();
+    for _ in 0..STALLED {
+        let mut stream = open(deaf.addr).await.expect("stream to the deaf app");
+        writers.push(tokio::spawn(async move {
+            let chunk = vec![1u8; 1024 * 1024];
+            while stream.write_all(&chunk).await.is_ok() {}
+        }));
+    }
+    // Server → client: streams from apps that write as fast as they can, never read here.
+    let mut unread = Vec::new();
+    for _ in 0..STALLED {
+        unread.push(open(chatty.addr).await.expect("stream from the chatty app"));
+    }
+    // Long enough for every stalled stream to fill every window it may.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        pool.connection_count(),
+        1,
+        "the streams did not share a connection"
+    );
+    let stream = open(echo.addr).await.expect("one more stream");
+    let data = pattern(256 * 1024);
+    let back = tokio::time::timeout(Duration::from_secs(3), round_trip(stream, data.clone()))
+        .await
+        .expect("starved: the stalled streams hold the whole connection window")
+        .unwrap();
+    assert!(back == data, "echoed bytes differ");
+    for writer in writers {
+        writer.abort();
+    }
 }
