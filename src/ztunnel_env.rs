@@ -225,8 +225,7 @@ fn chart_layer(env: &ChartEnv, root: &Path) -> Result<Layer, ZtunnelEnvError> {
         Some(other) => return Err(malformed("LOG_FORMAT", other, "use json or text")),
     }
     if let Some(level) = env.get("RUST_LOG") {
-        crate::logging::check_spec(&level)
-            .map_err(|e| malformed("RUST_LOG", &level, e))?;
+        crate::logging::check_spec(&level).map_err(|e| malformed("RUST_LOG", &level, e))?;
     }
     if let Some(ttl) = env.get("SECRET_TTL") {
         let ttl = duration_text::parse(&ttl).map_err(|e| malformed("SECRET_TTL", &ttl, &e))?;
