@@ -58,34 +58,68 @@ impl Visitor<'_> for DurationVisitor {
     }
 }
 
+/// Why a text is not a duration. Each variant carries the text as written (trimmed).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DurationError {
+    /// No leading number.
+    #[error("{text:?} is not a duration like 500ms, 30s, 5m or 24h")]
+    NotADuration {
+        /// The text as written.
+        text: String,
+    },
+    /// A bare number: refused rather than guessed at.
+    #[error("{text} needs a unit, e.g. {text}s (ms, s, m, h or d)")]
+    NoUnit {
+        /// The text as written.
+        text: String,
+    },
+    /// A unit other than ms, s, m, h or d.
+    #[error("{text:?} has unknown unit {unit:?} (use ms, s, m, h or d)")]
+    UnknownUnit {
+        /// The text as written.
+        text: String,
+        /// The unit found.
+        unit: String,
+    },
+    /// More seconds than a `u64` holds.
+    #[error("{text:?} is too long")]
+    TooLong {
+        /// The text as written.
+        text: String,
+    },
+}
+
 /// Parses `500ms`, `30s`, `5m`, `24h`, `7d`.
-pub fn parse(text: &str) -> Result<Duration, String> {
+pub fn parse(text: &str) -> Result<Duration, DurationError> {
     let text = text.trim();
     let split = text
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(text.len());
     let (digits, unit) = text.split_at(split);
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 500ms, 30s, 5m or 24h"))?;
+    let n: u64 = digits.parse().map_err(|_| DurationError::NotADuration {
+        text: text.to_string(),
+    })?;
     let seconds_per = match unit {
         "ms" => return Ok(Duration::from_millis(n)),
         "" => {
-            return Err(format!(
-                "{text} needs a unit, e.g. {text}s (ms, s, m, h or d)"
-            ));
+            return Err(DurationError::NoUnit {
+                text: text.to_string(),
+            });
         }
         "s" => 1,
         "m" => 60,
         "h" => 3600,
         "d" => 86400,
         _ => {
-            return Err(format!(
-                "{text:?} has unknown unit {unit:?} (use ms, s, m, h or d)"
-            ));
+            return Err(DurationError::UnknownUnit {
+                text: text.to_string(),
+                unit: unit.to_string(),
+            });
         }
     };
     n.checked_mul(seconds_per)
         .map(Duration::from_secs)
-        .ok_or_else(|| format!("{text:?} is too long"))
+        .ok_or_else(|| DurationError::TooLong {
+            text: text.to_string(),
+        })
 }

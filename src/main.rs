@@ -130,7 +130,7 @@ enum ControlplaneCommand {
     },
 }
 
-fn parse_duration(text: &str) -> Result<Duration, String> {
+fn parse_duration(text: &str) -> Result<Duration, ztund::config::duration_text::DurationError> {
     ztund::config::duration_text::parse(text)
 }
 

@@ -145,10 +145,11 @@ impl Spawner {
     /// hash, which is fair for many short ones but can put both of a peer's two pooled HBONE
     /// connections on one shard and leave the other idle. `make` gets the socket back on the
     /// chosen shard; the returned future ends with the connection, and dropping it aborts it.
-    pub fn place<F, Fut>(&self, tcp: TcpStream, make: F) -> Placed
+    pub fn place<F, Fut, E>(&self, tcp: TcpStream, make: F) -> Placed<E>
     where
         F: FnOnce(TcpStream) -> Fut + Send + 'static,
-        Fut: Future<Output = Result<(), String>> + Send + 'static,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: From<PlacementError> + Send + 'static,
     {
         let here = current().min(self.len().saturating_sub(1));
         let load = |shard: usize| self.placed[shard].load(Ordering::Relaxed);
@@ -164,11 +165,11 @@ impl Spawner {
         }
         let tcp = match tcp.into_std() {
             Ok(tcp) => tcp,
-            Err(e) => return Placed::Failed(Some(format!("moving a connection: {e}"))),
+            Err(e) => return Placed::Failed(Some(PlacementError::Move(e))),
         };
         Placed::There(self.handles[target].spawn(async move {
             let _occupancy = occupancy;
-            let tcp = TcpStream::from_std(tcp).map_err(|e| format!("moving a connection: {e}"))?;
+            let tcp = TcpStream::from_std(tcp).map_err(|e| E::from(PlacementError::Move(e)))?;
             make(tcp).await
         }))
     }
@@ -233,28 +234,40 @@ impl Drop for Occupancy {
     }
 }
 
-/// A connection [`Spawner::place`]d: run here, or running on another shard.
-pub enum Placed {
-    Here(Pin<Box<dyn Future<Output = Result<(), String>> + Send>>),
-    There(JoinHandle<Result<(), String>>),
-    Failed(Option<String>),
+/// Why a [`Spawner::place`]d connection could not run on the shard chosen for it.
+#[derive(Debug, thiserror::Error)]
+pub enum PlacementError {
+    /// The socket could not be handed from one shard's runtime to another's.
+    #[error("moving a connection: {0}")]
+    Move(#[source] io::Error),
+    /// The connection's task on the other shard panicked or was cancelled.
+    #[error("connection task: {0}")]
+    Task(#[source] tokio::task::JoinError),
 }
 
-impl Future for Placed {
-    type Output = Result<(), String>;
+/// A connection [`Spawner::place`]d: run here, or running on another shard.
+pub enum Placed<E> {
+    Here(Pin<Box<dyn Future<Output = Result<(), E>> + Send>>),
+    There(JoinHandle<Result<(), E>>),
+    Failed(Option<PlacementError>),
+}
+
+impl<E: From<PlacementError>> Future for Placed<E> {
+    type Output = Result<(), E>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match &mut *self {
             Placed::Here(connection) => connection.as_mut().poll(cx),
             Placed::There(task) => Pin::new(task)
                 .poll(cx)
-                .map(|joined| joined.unwrap_or_else(|e| Err(format!("connection task: {e}")))),
-            Placed::Failed(reason) => Poll::Ready(Err(reason.take().unwrap_or_default())),
+                .map(|joined| joined.unwrap_or_else(|e| Err(PlacementError::Task(e).into()))),
+            // Taken at the first poll; a later one (past completion) has nothing left to say.
+            Placed::Failed(reason) => Poll::Ready(reason.take().map_or(Ok(()), |e| Err(e.into()))),
         }
     }
 }
 
-impl Drop for Placed {
+impl<E> Drop for Placed<E> {
     fn drop(&mut self) {
         if let Placed::There(task) = self {
             task.abort();
@@ -285,6 +298,15 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
+
+    /// The echo connection's errors: its socket's, or the placement's.
+    #[derive(Debug, thiserror::Error)]
+    enum EchoError {
+        #[error(transparent)]
+        Io(#[from] io::Error),
+        #[error(transparent)]
+        Placement(#[from] PlacementError),
+    }
 
     #[test]
     fn each_shard_runs_its_tasks_on_its_own_thread_and_knows_its_index() {
@@ -351,10 +373,10 @@ mod tests {
                         let _ = ran_on.send(current());
                         // Echo one message: the socket works on the shard it moved to.
                         let mut buf = [0u8; 5];
-                        tcp.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
-                        tcp.write_all(&buf).await.map_err(|e| e.to_string())?;
+                        tcp.read_exact(&mut buf).await?;
+                        tcp.write_all(&buf).await?;
                         std::future::pending::<()>().await;
-                        Ok(())
+                        Ok::<(), EchoError>(())
                     });
                     placed.push((tokio::spawn(connection), seen));
                 }

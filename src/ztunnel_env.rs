@@ -140,7 +140,7 @@ pub fn drain_deadline(env: &ChartEnv) -> Result<Duration, ZtunnelEnvError> {
         return duration_text::parse(&text).map_err(|reason| ZtunnelEnvError::Malformed {
             var: "CONNECTION_TERMINATION_DEADLINE",
             value: text,
-            reason,
+            reason: reason.to_string(),
         });
     }
     let Some(text) = env.get("TERMINATION_GRACE_PERIOD_SECONDS") else {
@@ -225,8 +225,7 @@ fn chart_layer(env: &ChartEnv, root: &Path) -> Result<Layer, ZtunnelEnvError> {
         Some(other) => return Err(malformed("LOG_FORMAT", other, "use json or text")),
     }
     if let Some(level) = env.get("RUST_LOG") {
-        crate::logging::check_spec(&level)
-            .map_err(|e| malformed("RUST_LOG", &level, &e.to_string()))?;
+        crate::logging::check_spec(&level).map_err(|e| malformed("RUST_LOG", &level, e))?;
     }
     if let Some(ttl) = env.get("SECRET_TTL") {
         let ttl = duration_text::parse(&ttl).map_err(|e| malformed("SECRET_TTL", &ttl, &e))?;
@@ -261,7 +260,7 @@ fn chart_layer(env: &ChartEnv, root: &Path) -> Result<Layer, ZtunnelEnvError> {
     Ok(Layer { config, warnings })
 }
 
-fn malformed(var: &'static str, value: &str, reason: &str) -> ZtunnelEnvError {
+fn malformed(var: &'static str, value: &str, reason: impl std::fmt::Display) -> ZtunnelEnvError {
     ZtunnelEnvError::Malformed {
         var,
         value: value.to_string(),

@@ -20,7 +20,7 @@ use tokio::net::TcpListener;
 use ztund::capture::cni::{CniConnection, CniServer, SnapshotPod};
 use ztund::capture::nft::{self, RedirectPorts};
 use ztund::capture::zds::proto;
-use ztund::capture::{PodInfo, PodManager, PodProxies, ZdsClient, ZdsError};
+use ztund::capture::{PodError, PodInfo, PodManager, PodProxies, ZdsClient, ZdsError};
 use ztund::net::{Netns, SocketFactory};
 
 /// Records starts and stops; a started pod holds a real listener on 15008 in its namespace.
@@ -43,14 +43,20 @@ impl Recorder {
 }
 
 impl PodProxies for Recorder {
-    fn start(&self, pod: PodInfo, netns: Arc<Netns>) -> BoxFuture<'_, Result<(), String>> {
+    fn start(&self, pod: PodInfo, netns: Arc<Netns>) -> BoxFuture<'_, Result<(), PodError>> {
         Box::pin(async move {
             if self.refuse.lock().unwrap().contains(&pod.uid) {
-                return Err(format!("cannot bind for {}", pod.uid));
+                return Err(PodError::Bind {
+                    port: 15008,
+                    source: std::io::Error::other(format!("cannot bind for {}", pod.uid)),
+                });
             }
             let listener = SocketFactory::in_netns(netns.clone())
                 .listener(SocketAddr::from(([0, 0, 0, 0], 15008)), true)
-                .map_err(|e| e.to_string())?;
+                .map_err(|source| PodError::Bind {
+                    port: 15008,
+                    source,
+                })?;
             self.log
                 .lock()
                 .unwrap()
@@ -241,7 +247,7 @@ async fn malformed_requests_are_refused_and_the_daemon_carries_on() {
     ];
     for (ack, text) in refusals {
         let error = ack.expect("an Ack comes back").expect_err("refused");
-        assert!(error.contains(text), "{error:?} should mention {text:?}");
+        assert!(error.0.contains(text), "{error:?} should mention {text:?}");
     }
     assert!(
         d.recorder.log().is_empty(),
@@ -319,7 +325,10 @@ async fn standalone_pods_get_proxies_and_redirection_and_lose_both_when_gone() {
     assert_eq!(report.started, ["a", "b"]);
     assert_eq!(report.failed.len(), 1);
     assert!(
-        report.failed[0].1.contains("ztund-no-such-netns"),
+        report.failed[0]
+            .1
+            .to_string()
+            .contains("ztund-no-such-netns"),
         "{:?}",
         report.failed
     );
@@ -414,7 +423,7 @@ async fn refused_packets_on_the_real_socket_close_every_fd_they_carried() {
     ];
     for (ack, text) in refusals {
         let error = ack.expect("an Ack comes back").expect_err("refused");
-        assert!(error.contains(text), "{error:?} should mention {text:?}");
+        assert!(error.0.contains(text), "{error:?} should mention {text:?}");
     }
     // Many more refused fds than a process could hold open if any leaked per message.
     for _ in 0..300 {

@@ -14,6 +14,11 @@ use super::zds::ZdsError;
 use super::zds::proto::{self, workload_request::Payload as Request};
 use crate::net::Netns;
 
+/// An error Ack from ztund: its text as it came over the wire (ZDS carries no error codes).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct AckRefusal(pub String);
+
 /// A listening ZDS socket.
 pub struct CniServer {
     listener: SeqPacketListener,
@@ -122,13 +127,13 @@ impl CniConnection {
         self.request(request, &[], "SnapshotSent").await
     }
 
-    /// Sends arbitrary bytes and fds and returns the Ack's verdict (`Err(text)` for an error Ack).
+    /// Sends arbitrary bytes and fds and returns the Ack's verdict (`Err` for an error Ack).
     /// For conformance tests of malformed requests.
     pub async fn send_raw(
         &self,
         bytes: &[u8],
         fds: &[BorrowedFd<'_>],
-    ) -> Result<Result<(), String>, ZdsError> {
+    ) -> Result<Result<(), AckRefusal>, ZdsError> {
         self.socket.send(bytes, fds).await.map_err(|e| self.io(e))?;
         self.recv_ack().await
     }
@@ -145,13 +150,13 @@ impl CniConnection {
         .encode_to_vec();
         self.send_raw(&bytes, fds)
             .await?
-            .map_err(|error| ZdsError::Refused {
+            .map_err(|AckRefusal(error)| ZdsError::Refused {
                 request: what.to_string(),
                 error,
             })
     }
 
-    async fn recv_ack(&self) -> Result<Result<(), String>, ZdsError> {
+    async fn recv_ack(&self) -> Result<Result<(), AckRefusal>, ZdsError> {
         let packet = self.recv_packet().await?;
         let response = proto::WorkloadResponse::decode(packet.as_slice()).map_err(|source| {
             ZdsError::Decode {
@@ -161,7 +166,7 @@ impl CniConnection {
         })?;
         match response.payload {
             Some(proto::workload_response::Payload::Ack(ack)) if ack.error.is_empty() => Ok(Ok(())),
-            Some(proto::workload_response::Payload::Ack(ack)) => Ok(Err(ack.error)),
+            Some(proto::workload_response::Payload::Ack(ack)) => Ok(Err(AckRefusal(ack.error))),
             None => Err(ZdsError::EmptyResponse),
         }
     }

@@ -9,7 +9,7 @@ pub(crate) mod seqpacket;
 pub mod zds;
 
 pub use nft::{HostRedirection, RedirectPorts};
-pub use pods::{PodInfo, PodManager, PodProxies, ReconcileReport};
+pub use pods::{PodError, PodInfo, PodManager, PodProxies, ReconcileReport};
 pub use zds::{PodEvent, PodEvents, ZdsClient, ZdsError};
 
 /// What went wrong setting up a pod's capture.

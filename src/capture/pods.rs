@@ -10,9 +10,32 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use tokio::sync::Mutex;
 
+use super::CaptureError;
 use super::nft::{self, RedirectPorts};
 use super::zds::{PodEvent, PodEvents};
 use crate::net::{Netns, NetnsId};
+
+/// Why a pod could not be placed: its namespace, its listeners or its redirection. The pod stays
+/// tracked and is retried; over ZDS the text becomes the Ack's error.
+#[derive(Debug, thiserror::Error)]
+pub enum PodError {
+    /// The namespace a standalone pod names could not be opened (the error names the path).
+    #[error(transparent)]
+    Netns(std::io::Error),
+    /// A listener of the pod's proxy could not be bound inside its namespace.
+    #[error("binding port {port}: {source}")]
+    Bind {
+        port: u16,
+        #[source]
+        source: std::io::Error,
+    },
+    /// ztund's redirection rules could not be installed (standalone pods).
+    #[error(transparent)]
+    Redirect(#[from] CaptureError),
+    /// The blocking task that installs the redirection died before it answered.
+    #[error("{0}")]
+    RedirectTask(#[from] tokio::task::JoinError),
+}
 
 /// What ZDS (or the mesh file) tells about a pod.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -27,7 +50,7 @@ pub struct PodInfo {
 /// The daemon's per-pod listeners (15001/15006/15008 bound inside the pod's namespace).
 pub trait PodProxies: Send + Sync {
     /// Starts the pod's listeners in `netns`; `Err` says why (for example a bind error).
-    fn start(&self, pod: PodInfo, netns: Arc<Netns>) -> BoxFuture<'_, Result<(), String>>;
+    fn start(&self, pod: PodInfo, netns: Arc<Netns>) -> BoxFuture<'_, Result<(), PodError>>;
     /// Stops the pod's listeners and drains its connections.
     fn stop<'a>(&'a self, uid: &'a str) -> BoxFuture<'a, ()>;
 }
@@ -53,12 +76,12 @@ pub struct PodStatus {
 }
 
 /// What one standalone reconcile did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub struct ReconcileReport {
     pub started: Vec<String>,
     pub stopped: Vec<String>,
     /// (uid, reason) of pods that could not be started; they are retried.
-    pub failed: Vec<(String, String)>,
+    pub failed: Vec<(String, PodError)>,
 }
 
 struct Tracked {
@@ -151,7 +174,7 @@ impl PodManager {
             let netns = match Netns::open(&path) {
                 Ok(netns) => Arc::new(netns),
                 Err(e) => {
-                    report.failed.push((uid, e.to_string()));
+                    report.failed.push((uid, PodError::Netns(e)));
                     continue;
                 }
             };
@@ -166,7 +189,7 @@ impl PodManager {
     }
 
     /// Retries pods whose proxy failed to start. Returns the uids still failing.
-    pub async fn retry_pending(&self) -> Vec<(String, String)> {
+    pub async fn retry_pending(&self) -> Vec<(String, PodError)> {
         let mut state = self.state.lock().await;
         let pending: Vec<String> = state
             .pods
@@ -214,7 +237,7 @@ impl PodManager {
         info: PodInfo,
         netns: Arc<Netns>,
         source: PodSource,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, PodError> {
         if let Some(tracked) = state.pods.get(&info.uid) {
             if tracked.netns.id() == netns.id() && tracked.running {
                 return Ok(false);
@@ -245,15 +268,15 @@ impl PodManager {
         info: &PodInfo,
         netns: &Arc<Netns>,
         source: &PodSource,
-    ) -> Result<(), String> {
+    ) -> Result<(), PodError> {
         self.proxies.start(info.clone(), netns.clone()).await?;
         if let (PodSource::Standalone { .. }, Some(ports)) = (source, self.redirect) {
             let ns = netns.clone();
             let installed =
                 tokio::task::spawn_blocking(move || nft::install_pod_redirection(&ns, &ports))
                     .await
-                    .map_err(|e| e.to_string())
-                    .and_then(|r| r.map_err(|e| e.to_string()));
+                    .map_err(PodError::from)
+                    .and_then(|r| r.map_err(PodError::from));
             if let Err(e) = installed {
                 self.proxies.stop(&info.uid).await;
                 return Err(e);
@@ -282,7 +305,7 @@ impl PodManager {
         }
     }
 
-    async fn on_event(&self, event: PodEvent) -> Result<(), String> {
+    async fn on_event(&self, event: PodEvent) -> Result<(), PodError> {
         let mut state = self.state.lock().await;
         match event {
             PodEvent::Add { pod, netns } => {
@@ -338,7 +361,7 @@ impl PodEvents for PodManager {
         })
     }
 
-    fn handle(&self, event: PodEvent) -> BoxFuture<'_, Result<(), String>> {
+    fn handle(&self, event: PodEvent) -> BoxFuture<'_, Result<(), PodError>> {
         Box::pin(self.on_event(event))
     }
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use prost::Message;
 
-use super::pods::PodInfo;
+use super::pods::{PodError, PodInfo};
 use super::seqpacket::{MAX_PACKET, Packet, SeqPacket};
 use crate::net::Netns;
 
@@ -124,7 +124,7 @@ pub trait PodEvents: Send + Sync {
         Box::pin(async {})
     }
     /// Handles one event; `Err` becomes the Ack's error text.
-    fn handle(&self, event: PodEvent) -> BoxFuture<'_, Result<(), String>>;
+    fn handle(&self, event: PodEvent) -> BoxFuture<'_, Result<(), PodError>>;
     /// The connection ended (readiness drops until the next snapshot).
     fn session_ended(&self) -> BoxFuture<'_, ()> {
         Box::pin(async {})
@@ -249,11 +249,11 @@ fn check_peer(socket: &SeqPacket, path: &Path) -> Result<(), ZdsError> {
     Ok(())
 }
 
-/// Encodes the answer to one request.
-pub fn ack(result: &Result<(), String>) -> Vec<u8> {
+/// Encodes the answer to one request: an error's text, or an empty one for success.
+pub fn ack<E: std::fmt::Display>(result: &Result<(), E>) -> Vec<u8> {
     let error = match result {
         Ok(()) => String::new(),
-        Err(e) => e.clone(),
+        Err(e) => e.to_string(),
     };
     proto::WorkloadResponse {
         payload: Some(proto::workload_response::Payload::Ack(proto::Ack { error })),
@@ -327,7 +327,7 @@ impl ZdsClient {
                 Ok(event) => event,
                 Err(e) => {
                     tracing::warn!(error = %e, "refusing ZDS request");
-                    self.send(socket, &ack(&Err(e.to_string()))).await?;
+                    self.send(socket, &ack(&Err(&e))).await?;
                     if e.ends_session() {
                         return Err(e);
                     }
@@ -608,6 +608,6 @@ mod tests {
         assert_eq!(keep, [0x2a, 3, 0x0a, 1, b'x']);
         let hello = proto::ZdsHello { version: 1 }.encode_to_vec();
         assert_eq!(hello, [0x08, 1]);
-        assert_eq!(ack(&Ok(())), [0x0a, 0]);
+        assert_eq!(ack::<PodError>(&Ok(())), [0x0a, 0]);
     }
 }

@@ -12,7 +12,7 @@ use tracing::{info, warn};
 
 use super::Served;
 use super::tokens::TokenStore;
-use crate::identity::{CertificateAuthority, IdentityError, SpiffeId};
+use crate::identity::{CertificateAuthority, IdentityError, SpiffeId, SpiffeIdError};
 use crate::proto::istio::v1::auth::istio_certificate_service_server::IstioCertificateService;
 use crate::proto::istio::v1::auth::{IstioCertificateRequest, IstioCertificateResponse};
 
@@ -39,7 +39,7 @@ impl IstioCertificateService for CaService {
         let request = request.into_inner();
         let id = impersonated(&request).map_err(|reason| {
             warn!(%node, %reason, "certificate refused");
-            Status::invalid_argument(reason)
+            Status::invalid_argument(reason.to_string())
         })?;
         let served = self.served.borrow().clone();
         let runs_here = served
@@ -81,18 +81,37 @@ impl IstioCertificateService for CaService {
     }
 }
 
+/// Why a request's `ImpersonatedIdentity` cannot be read; sent back as `InvalidArgument`.
+#[derive(Debug, thiserror::Error)]
+enum ImpersonationError {
+    #[error(
+        "metadata {} is required: a node asks for a workload's identity",
+        IMPERSONATED_IDENTITY
+    )]
+    Missing,
+    #[error("metadata {} must be a string", IMPERSONATED_IDENTITY)]
+    NotAString,
+    #[error("metadata {} {text:?}: {source}", IMPERSONATED_IDENTITY)]
+    NotSpiffe {
+        text: String,
+        #[source]
+        source: SpiffeIdError,
+    },
+}
+
 /// The identity a node asks for; a node proxy always names it.
-fn impersonated(request: &IstioCertificateRequest) -> Result<SpiffeId, String> {
+fn impersonated(request: &IstioCertificateRequest) -> Result<SpiffeId, ImpersonationError> {
     let value = request
         .metadata
         .as_ref()
         .and_then(|m| m.fields.get(IMPERSONATED_IDENTITY))
-        .ok_or_else(|| {
-            format!("metadata {IMPERSONATED_IDENTITY} is required: a node asks for a workload's identity")
-        })?;
+        .ok_or(ImpersonationError::Missing)?;
     let Some(prost_types::value::Kind::StringValue(text)) = &value.kind else {
-        return Err(format!("metadata {IMPERSONATED_IDENTITY} must be a string"));
+        return Err(ImpersonationError::NotAString);
     };
     text.parse()
-        .map_err(|e| format!("metadata {IMPERSONATED_IDENTITY} {text:?}: {e}"))
+        .map_err(|source| ImpersonationError::NotSpiffe {
+            text: text.clone(),
+            source,
+        })
 }

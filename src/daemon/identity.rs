@@ -41,11 +41,7 @@ pub fn source(config: &Config) -> Result<Arc<dyn IdentitySource>, DaemonError> {
             server_name,
         } => {
             let cp = config.control_plane.as_ref();
-            let missing = |field: &str| {
-                DaemonError::Config(format!(
-                    "ca.{field}: not set, and there is no controlPlane to take it from"
-                ))
-            };
+            let missing = |field| DaemonError::CaFieldMissing { field };
             let target = Target {
                 address: address
                     .clone()

@@ -44,9 +44,10 @@ pub enum DaemonError {
     #[error("certificate authority: {0}")]
     Ca(#[from] crate::identity::IdentityError),
     #[error("mesh file: {0}")]
-    Mesh(String),
-    #[error("config: {0}")]
-    Config(String),
+    Mesh(#[source] crate::mesh::MeshError),
+    /// A remote CA without the field it needs, and no `controlPlane` to take it from.
+    #[error("config: ca.{field}: not set, and there is no controlPlane to take it from")]
+    CaFieldMissing { field: &'static str },
     #[error("binding {what} on {addr}: {source}")]
     Bind {
         what: &'static str,
@@ -55,9 +56,9 @@ pub enum DaemonError {
         source: std::io::Error,
     },
     #[error("admin server: {0}")]
-    Admin(String),
+    Admin(#[source] crate::admin::AdminError),
     #[error("capture: {0}")]
-    Capture(String),
+    Capture(#[from] pods::CaptureStartError),
     #[error("starting the runtime: {0}")]
     Runtime(std::io::Error),
     #[error("instance registry: {0}")]
@@ -224,7 +225,7 @@ async fn serve(config: Arc<Config>, log: LogControl, shards: Spawner) -> Result<
         }
         other => pods::start(ctx.clone(), other, &readiness, &supervisor)
             .await
-            .map_err(|e| DaemonError::Capture(e.to_string()))?,
+            .map_err(DaemonError::Capture)?,
     };
     let socks5 = bind_per_shard(
         &shards,
@@ -276,9 +277,7 @@ async fn serve(config: Arc<Config>, log: LogControl, shards: Spawner) -> Result<
         shutdown: quit_tx,
         metrics: metrics.clone(),
     };
-    let admin_listeners = bind_admin(ports.admin)
-        .await
-        .map_err(|e| DaemonError::Admin(e.to_string()))?;
+    let admin_listeners = bind_admin(ports.admin).await.map_err(DaemonError::Admin)?;
     // The servers stop the daemon when they end: each owns its listening socket, which a
     // fresh copy could not bind again while connections it accepted linger; a daemon nobody
     // can probe or scrape is better restarted whole by kubelet or systemd.

@@ -14,8 +14,9 @@ use tracing::{info, warn};
 
 use super::supervise::{OnFailure, RestartBackoff, Supervisor, never_fails};
 use crate::admin::Readiness;
+use crate::capture::CaptureError;
 use crate::capture::nft::{self, HostRedirection, RedirectPorts};
-use crate::capture::pods::{PodInfo, PodManager, PodProxies};
+use crate::capture::pods::{PodError, PodInfo, PodManager, PodProxies};
 use crate::capture::zds::ZdsClient;
 use crate::config::{CaptureMode, Config};
 use crate::mesh::Snapshot;
@@ -23,6 +24,20 @@ use crate::net::{Netns, SocketFactory};
 use crate::proxy::context::{Owner, PodRef, ProxyContext, Scope};
 use crate::proxy::outbound::Entry;
 use crate::proxy::{inbound, inbound_plaintext, outbound};
+
+/// Why transparent capture could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureStartError {
+    /// `nft`/`ip` are missing, or the host's rules could not be installed.
+    #[error(transparent)]
+    Capture(#[from] CaptureError),
+    /// A listener could not be bound (host mode binds the same set a pod gets).
+    #[error(transparent)]
+    Listeners(#[from] PodError),
+    /// Host mode could not open the namespace it runs in.
+    #[error("opening this namespace: {0}")]
+    OwnNetns(#[source] std::io::Error),
+}
 
 /// Starts transparent capture in the configured mode. Host mode returns what the daemon must
 /// remove when it stops.
@@ -34,13 +49,13 @@ pub async fn start(
     mode: CaptureMode,
     readiness: &Readiness,
     supervisor: &Supervisor,
-) -> Result<Option<HostCapture>, String> {
+) -> Result<Option<HostCapture>, CaptureStartError> {
     let ports = RedirectPorts::from(&ctx.config.ports);
     match mode {
         CaptureMode::None => Ok(None),
         CaptureMode::Host => start_host(ctx, ports, supervisor).map(Some),
         CaptureMode::Standalone => {
-            nft::check_tools().map_err(|e| e.to_string())?;
+            nft::check_tools()?;
             let proxies = Arc::new(InPodProxies::new(ctx.clone()));
             let manager = Arc::new(PodManager::new(proxies).with_redirection(ports));
             readiness.mark_pending(PROXY_MANAGER_TASK);
@@ -113,8 +128,8 @@ fn start_host(
     ctx: Arc<ProxyContext>,
     ports: RedirectPorts,
     supervisor: &Supervisor,
-) -> Result<HostCapture, String> {
-    nft::check_tools().map_err(|e| e.to_string())?;
+) -> Result<HostCapture, CaptureStartError> {
+    nft::check_tools()?;
     let sockets = SocketFactory {
         netns: None,
         mark: Some(crate::net::ZTUND_MARK),
@@ -125,14 +140,14 @@ fn start_host(
     };
     let listeners = bind_sets(&ctx, &sockets, &ports)?;
     spawn_sets(&ctx, &scope, listeners);
-    let current = Netns::current().map_err(|e| format!("opening this namespace: {e}"))?;
+    let current = Netns::current().map_err(CaptureStartError::OwnNetns)?;
     let rules = HostRedirection {
         ports,
         ..HostRedirection::default()
     };
     // Replacing the table adopts whatever a crashed predecessor left.
     let destinations = mesh_destinations(&ctx.mesh.load());
-    nft::install_host_redirection(&current, &rules, &destinations).map_err(|e| e.to_string())?;
+    nft::install_host_redirection(&current, &rules, &destinations)?;
     info!(
         mesh_destinations = destinations.len(),
         "host capture installed"
@@ -270,7 +285,7 @@ struct ListenerSet {
     hbone: TcpListener,
 }
 
-fn bind_set(sockets: &SocketFactory, ports: &RedirectPorts) -> Result<ListenerSet, String> {
+fn bind_set(sockets: &SocketFactory, ports: &RedirectPorts) -> Result<ListenerSet, PodError> {
     let bind = |port: u16| {
         // Dual-stack where the namespace has IPv6, plain IPv4 where it does not.
         sockets
@@ -278,7 +293,7 @@ fn bind_set(sockets: &SocketFactory, ports: &RedirectPorts) -> Result<ListenerSe
             .or_else(|_| {
                 sockets.listener(SocketAddr::new(crate::net::unspecified(false), port), true)
             })
-            .map_err(|e| format!("binding port {port}: {e}"))
+            .map_err(|source| PodError::Bind { port, source })
     };
     Ok(ListenerSet {
         outbound: bind(ports.outbound)?,
@@ -292,7 +307,7 @@ fn bind_sets(
     ctx: &ProxyContext,
     sockets: &SocketFactory,
     ports: &RedirectPorts,
-) -> Result<Vec<ListenerSet>, String> {
+) -> Result<Vec<ListenerSet>, PodError> {
     (0..ctx.shards.len())
         .map(|_| bind_set(sockets, ports))
         .collect()
@@ -359,7 +374,7 @@ impl InPodProxies {
 }
 
 impl PodProxies for InPodProxies {
-    fn start(&self, pod: PodInfo, netns: Arc<Netns>) -> BoxFuture<'_, Result<(), String>> {
+    fn start(&self, pod: PodInfo, netns: Arc<Netns>) -> BoxFuture<'_, Result<(), PodError>> {
         Box::pin(async move {
             // Before binding: a successor's listeners on these ports take over what is queued
             // on ours when we stop (an upgrade hand-over).

@@ -70,8 +70,7 @@ pub async fn start(
         None => None,
         Some(path) => {
             let file_store = watch_mesh_file(path.clone(), settings.clone(), config, supervisor)?;
-            let mesh =
-                FileMesh::load(path, &settings).map_err(|e| DaemonError::Mesh(e.to_string()))?;
+            let mesh = FileMesh::load(path, &settings).map_err(DaemonError::Mesh)?;
             file.store(Some(Arc::new(mesh)));
             Some((path.clone(), file_store))
         }
@@ -173,8 +172,8 @@ fn watch_mesh_file(
     config: &Config,
     supervisor: &Supervisor,
 ) -> Result<Arc<MeshStore>, DaemonError> {
-    let (store, watch) = load_for_watching(path.clone(), settings.clone())
-        .map_err(|e| DaemonError::Mesh(e.to_string()))?;
+    let (store, watch) =
+        load_for_watching(path.clone(), settings.clone()).map_err(DaemonError::Mesh)?;
     // Restart: the mesh in force lives in `store`; a fresh watcher re-reads the file at its
     // first poll, so an edit made while none ran is applied then (the same content applied
     // again is harmless). It fails when the file's directory is gone, and each restart fails

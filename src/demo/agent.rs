@@ -8,10 +8,34 @@ use std::time::Duration;
 
 use super::DemoError;
 use super::scenario::{self, PODS};
-use crate::capture::PodInfo;
 use crate::capture::cni::{CniConnection, CniServer, SnapshotPod};
 use crate::capture::nft::{self, RedirectPorts};
-use crate::topology::Topology;
+use crate::capture::{CaptureError, PodInfo, ZdsError};
+use crate::topology::{Topology, TopologyError};
+
+/// Why a node's ztund did not take its pods; the demo reports it with the daemon's log, after
+/// "ztund on NODE".
+#[derive(Debug, thiserror::Error)]
+pub enum HandOverError {
+    #[error("did not connect to its ZDS socket within {}s", .0.as_secs())]
+    NoConnection(Duration),
+    #[error("failed the ZDS hello: {0}")]
+    Hello(#[source] ZdsError),
+    #[error("(pod {pod}) {source}")]
+    Netns {
+        pod: &'static str,
+        #[source]
+        source: TopologyError,
+    },
+    #[error("refused the ZDS snapshot: {0}")]
+    Snapshot(#[source] ZdsError),
+    #[error("(redirecting pod {pod}) {source}")]
+    Redirect {
+        pod: String,
+        #[source]
+        source: CaptureError,
+    },
+}
 
 /// How long ztund may take to connect to its ZDS socket.
 const CONNECT_DEADLINE: Duration = Duration::from_secs(15);
@@ -41,22 +65,20 @@ impl CniAgent {
 
     /// Accepts the node's ztund, sends it the snapshot of the node's pods and then redirects
     /// each pod's traffic to it. `Err(reason)` for the caller to report with the daemon's log.
-    pub async fn hand_over_pods(&mut self, topology: &Topology) -> Result<(), String> {
+    pub async fn hand_over_pods(&mut self, topology: &Topology) -> Result<(), HandOverError> {
         let connection = tokio::time::timeout(CONNECT_DEADLINE, self.server.accept())
             .await
-            .map_err(|_| {
-                format!(
-                    "did not connect to its ZDS socket within {}s",
-                    CONNECT_DEADLINE.as_secs()
-                )
-            })?
-            .map_err(|e| format!("failed the ZDS hello: {e}"))?;
+            .map_err(|_| HandOverError::NoConnection(CONNECT_DEADLINE))?
+            .map_err(HandOverError::Hello)?;
         let pods: Vec<_> = PODS.iter().filter(|p| p.node == self.node).collect();
         let mut handed = Vec::new();
         for pod in &pods {
             let netns = topology
                 .netns(pod.place())
-                .map_err(|e| format!("(pod {}) {e}", pod.name))?;
+                .map_err(|source| HandOverError::Netns {
+                    pod: pod.name,
+                    source,
+                })?;
             let info = PodInfo {
                 uid: scenario::pod_uid(pod),
                 name: pod.name.into(),
@@ -72,12 +94,16 @@ impl CniAgent {
         connection
             .send_snapshot(&snapshot)
             .await
-            .map_err(|e| format!("refused the ZDS snapshot: {e}"))?;
+            .map_err(HandOverError::Snapshot)?;
         // istio-cni redirects a pod's traffic once ztund has acknowledged the pod.
         let ports = RedirectPorts::default();
         for (info, netns) in &handed {
-            nft::install_pod_redirection(netns, &ports)
-                .map_err(|e| format!("(redirecting pod {}) {e}", info.name))?;
+            nft::install_pod_redirection(netns, &ports).map_err(|source| {
+                HandOverError::Redirect {
+                    pod: info.name.clone(),
+                    source,
+                }
+            })?;
         }
         self.connection = Some(connection);
         Ok(())

@@ -103,7 +103,7 @@ impl World {
             if let Err(reason) = agent.hand_over_pods(&world.topology).await {
                 return Err(DemoError::Daemon {
                     node: scenario::node_name(daemon.node),
-                    reason,
+                    reason: reason.to_string(),
                     log: daemon.log_tail(),
                 });
             }

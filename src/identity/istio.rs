@@ -232,8 +232,10 @@ pub(crate) fn certificate(
 }
 
 /// Every URI in the certificate's SubjectAltName (none if it has no such extension).
-fn leaf_uris(cert: &x509_parser::certificate::X509Certificate<'_>) -> Result<Vec<String>, String> {
-    let san = cert.subject_alternative_name().map_err(|e| e.to_string())?;
+fn leaf_uris(
+    cert: &x509_parser::certificate::X509Certificate<'_>,
+) -> Result<Vec<String>, x509_parser::error::X509Error> {
+    let san = cert.subject_alternative_name()?;
     Ok(san
         .map(|san| {
             san.value

@@ -64,14 +64,15 @@ impl LiveConnections {
 
 /// Accepts on `listener` until `ctx.drain` flips, running `handle` for each connection.
 /// `what` names the listener in logs.
-pub async fn accept_loop<F, Fut>(
+pub async fn accept_loop<F, Fut, E>(
     ctx: Arc<ProxyContext>,
     listener: TcpListener,
     what: &'static str,
     handle: F,
 ) where
     F: Fn(TcpStream, SocketAddr) -> Fut,
-    Fut: Future<Output = Result<(), String>> + Send + 'static,
+    Fut: Future<Output = Result<(), E>> + Send + 'static,
+    E: std::fmt::Display + Send + 'static,
 {
     let open = Arc::new(OpenConnections::counted_in(ctx.live.clone()));
     // Its own task: a removed pod's listeners are aborted, and its connections must still be cut.
@@ -134,8 +135,8 @@ fn unknown_peer() -> SocketAddr {
 
 /// A connection's future with its end logged. (`map`, not an `async` block: a block that awaits
 /// a future it captured holds it twice, and this future lives as long as the connection.)
-fn logged(
-    connection: impl Future<Output = Result<(), String>>,
+fn logged<E: std::fmt::Display>(
+    connection: impl Future<Output = Result<(), E>>,
     peer: SocketAddr,
     what: &'static str,
 ) -> impl Future<Output = ()> {

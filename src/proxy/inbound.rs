@@ -13,6 +13,7 @@ use tracing::{debug, info};
 use super::accept::accept_loop;
 use super::context::{Owner, ProxyContext, Scope};
 use super::copy::{Transferred, copy_tcp_h2};
+use super::error::ConnectionError;
 use super::refusals::RefusalReason;
 use super::route::is_own_port;
 use super::tracker::TrackedConnection;
@@ -49,30 +50,26 @@ async fn handle_connection(
     scope: Scope,
     tcp: TcpStream,
     peer: SocketAddr,
-) -> Result<(), String> {
+) -> Result<(), ConnectionError> {
     let port = ctx.config.ports.hbone;
     let refusals = &ctx.admission.refusals;
     let mut pending = ctx.admission.admit_handshake(peer.ip());
-    let local = crate::net::canonical(tcp.local_addr().map_err(|e| e.to_string())?);
+    let local = crate::net::canonical(tcp.local_addr().map_err(ConnectionError::Address)?);
     let snapshot = ctx.mesh.load();
     let Some(workload) = scope.local_workload(&snapshot, &ctx.config.node, local.ip()) else {
-        let reason = format!("no local workload owns {local}; closing");
+        let reason = ConnectionError::NoLocalWorkload { addr: local };
         refusals.record(port, RefusalReason::NoLocalWorkload, peer, &reason);
         return Err(reason);
     };
     drop(snapshot);
-    let server_config = ctx
-        .credentials
-        .server_config(&workload.identity())
-        .await
-        .map_err(|e| e.to_string())?;
+    let server_config = ctx.credentials.server_config(&workload.identity()).await?;
     let acceptor = TlsAcceptor::from(server_config);
     let tls = tokio::select! {
         tls = tls_accept(tcp, &acceptor, peer) => tls,
         why = pending.shed() => {
-            let reason = "shed before its TLS handshake finished";
+            let reason = ConnectionError::Shed;
             refusals.record(port, why.reason(), peer, &reason);
-            return Err(reason.to_string());
+            return Err(reason);
         }
     };
     drop(pending);
@@ -84,7 +81,7 @@ async fn handle_connection(
                 _ => RefusalReason::TlsHandshake,
             };
             refusals.record(port, reason, peer, &e);
-            return Err(e.to_string());
+            return Err(e.into());
         }
     };
     let info = ConnectionInfo {
@@ -105,9 +102,9 @@ async fn handle_connection(
     match served {
         Err(e @ HboneError::Alpn { .. }) => {
             refusals.record(port, RefusalReason::Alpn, peer, &e);
-            Err(e.to_string())
+            Err(e.into())
         }
-        other => other.map_err(|e| e.to_string()),
+        other => other.map_err(ConnectionError::from),
     }
 }
 
@@ -199,7 +196,7 @@ async fn set_up(
     );
     let tracked = match admitted {
         Ok(tracked) => tracked,
-        Err(reason) => {
+        Err(super::tracker::Denied(reason)) => {
             let refusal = Refusal::Denied(reason);
             refuse(&ctx, incoming, Some(target), RefusalReason::Denied, refusal);
             return None;

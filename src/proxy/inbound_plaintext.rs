@@ -13,6 +13,7 @@ use tracing::info;
 use super::accept::accept_loop;
 use super::context::{ProxyContext, Scope};
 use super::copy::{Transferred, copy_bidirectional};
+use super::error::ConnectionError;
 use super::refusals::RefusalReason;
 use super::route::is_own_port;
 use crate::policy::ConnectionFacts;
@@ -33,19 +34,19 @@ async fn handle(
     scope: &Scope,
     client: TcpStream,
     peer: SocketAddr,
-) -> Result<(), String> {
+) -> Result<(), ConnectionError> {
     let started = Instant::now();
     let port = ctx.config.ports.inbound_plaintext;
     let refusals = &ctx.admission.refusals;
-    let target = crate::net::original_destination(&client).map_err(|e| e.to_string())?;
+    let target = crate::net::original_destination(&client).map_err(ConnectionError::Address)?;
     let snapshot = ctx.mesh.load();
     let Some(workload) = scope.local_workload(&snapshot, &ctx.config.node, target.ip()) else {
-        let reason = format!("no local workload owns {target}; closing");
+        let reason = ConnectionError::NoLocalWorkload { addr: target };
         refusals.record(port, RefusalReason::NoLocalWorkload, peer, &reason);
         return Err(reason);
     };
     if is_own_port(target.port(), &ctx.config.ports) || target.ip().is_loopback() {
-        let reason = format!("{target} is one of ztund's own ports");
+        let reason = ConnectionError::OwnPort { addr: target };
         refusals.record(port, RefusalReason::SelfCall, peer, &reason);
         return Err(reason);
     }
@@ -78,7 +79,7 @@ async fn handle(
     let upstream = match scope.sockets.connect(target, spoof).await {
         Ok(upstream) => upstream,
         Err(e) => {
-            let reason = format!("connecting to {target}: {e}");
+            let reason = ConnectionError::Connect { target, source: e };
             refusals.record(port, RefusalReason::Unavailable, peer, &reason);
             return Err(reason);
         }

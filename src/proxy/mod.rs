@@ -6,6 +6,7 @@ pub mod accept;
 pub mod admission;
 pub mod context;
 pub mod copy;
+pub mod error;
 pub mod inbound;
 pub mod inbound_plaintext;
 pub mod labels;

@@ -13,6 +13,7 @@ use tracing::info;
 use super::accept::accept_loop;
 use super::context::{ProxyContext, Scope};
 use super::copy::{copy_bidirectional, copy_tcp_h2};
+use super::error::ConnectionError;
 use super::refusals::RefusalReason;
 use super::route::{self, Plan};
 use super::socks5;
@@ -53,7 +54,7 @@ fn handle(
     client: TcpStream,
     peer: SocketAddr,
     entry: Entry,
-) -> impl Future<Output = Result<(), String>> + Send + 'static {
+) -> impl Future<Output = Result<(), ConnectionError>> + Send + 'static {
     let set_up = Box::pin(set_up(ctx.clone(), scope, client, peer, entry));
     async move {
         let connection = set_up.await?;
@@ -68,7 +69,7 @@ async fn set_up(
     client: TcpStream,
     peer: SocketAddr,
     entry: Entry,
-) -> Result<Box<Connection>, String> {
+) -> Result<Box<Connection>, ConnectionError> {
     match entry {
         Entry::Transparent => set_up_transparent(&ctx, &scope, client, peer).await,
         Entry::Socks5 => set_up_socks5(&ctx, &scope, client, peer).await,
@@ -91,8 +92,9 @@ async fn set_up_transparent(
     scope: &Scope,
     client: TcpStream,
     peer: SocketAddr,
-) -> Result<Box<Connection>, String> {
-    let destination = crate::net::original_destination(&client).map_err(|e| e.to_string())?;
+) -> Result<Box<Connection>, ConnectionError> {
+    let destination =
+        crate::net::original_destination(&client).map_err(ConnectionError::Address)?;
     let snapshot = ctx.mesh.load();
     let source = scope.source_workload(&snapshot, &ctx.config.node, peer.ip());
     let started = Instant::now();
@@ -121,17 +123,15 @@ async fn set_up_socks5(
     scope: &Scope,
     mut client: TcpStream,
     peer: SocketAddr,
-) -> Result<Box<Connection>, String> {
-    let handshake = socks5::accept(&mut client)
-        .await
-        .map_err(|e| e.to_string())?;
+) -> Result<Box<Connection>, ConnectionError> {
+    let handshake = socks5::accept(&mut client).await?;
     let started = Instant::now();
     let snapshot = ctx.mesh.load();
     let Some(source) = scope.source_workload(&snapshot, &ctx.config.node, peer.ip()) else {
         let _ = handshake
             .reply(&mut client, socks5::Reply::NotAllowed)
             .await;
-        return Err(format!("{peer} is not a workload of this node"));
+        return Err(ConnectionError::NotAWorkload { peer });
     };
     let destination = match &handshake.target {
         socks5::Target::Addr(addr) => *addr,
@@ -142,7 +142,7 @@ async fn set_up_socks5(
                     let _ = handshake
                         .reply(&mut client, socks5::Reply::HostUnreachable)
                         .await;
-                    return Err(format!("{name} is not a mesh service"));
+                    return Err(ConnectionError::NotAService { name: name.clone() });
                 }
             }
         }
@@ -163,7 +163,7 @@ async fn set_up_socks5(
     handshake
         .reply(&mut client, code)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(ConnectionError::Socks5Reply)?;
     Ok(Box::new(Connection {
         source: Some(source),
         peer,

@@ -140,7 +140,7 @@ fn plan_service(
     };
     let endpoint = match pick_endpoint(snapshot, service, destination, port.target_port) {
         Ok(endpoint) => endpoint,
-        Err(reason) => return Plan::Refuse(reason),
+        Err(reason) => return Plan::Refuse(reason.to_string()),
     };
     let tls = policy::outbound_tls(
         &snapshot.policies,
@@ -184,6 +184,15 @@ fn plan_service(
     }
 }
 
+/// Why a service has no endpoint to send a connection to; the plan refuses with its text.
+#[derive(Debug, thiserror::Error)]
+enum NoEndpoint {
+    #[error("no healthy upstream for {service}")]
+    NoHealthyUpstream { service: String },
+    #[error("workload {workload} has no address")]
+    NoAddress { workload: String },
+}
+
 /// A healthy endpoint of the service (workloads first, then fixed addresses), the dialled
 /// address for a service without endpoints, or why there is none.
 fn pick_endpoint<'a>(
@@ -191,11 +200,13 @@ fn pick_endpoint<'a>(
     service: &'a Service,
     destination: SocketAddr,
     target_port: u16,
-) -> Result<Endpoint<'a>, String> {
+) -> Result<Endpoint<'a>, NoEndpoint> {
     if matches!(service.endpoints, Endpoints::None) {
         return Ok(Endpoint::Address(destination));
     }
-    let no_upstream = || format!("no healthy upstream for {}", service.hostname);
+    let no_upstream = || NoEndpoint::NoHealthyUpstream {
+        service: service.hostname.clone(),
+    };
     let healthy: Vec<&Arc<Workload>> = snapshot.healthy_endpoints(service).collect();
     if healthy.is_empty() {
         if let Endpoints::Addresses(ips) = &service.endpoints
@@ -207,7 +218,9 @@ fn pick_endpoint<'a>(
     }
     let workload = pick(&healthy).ok_or_else(no_upstream)?;
     let Some(ip) = preferred_address(workload, destination.ip()) else {
-        return Err(format!("workload {} has no address", workload.uid));
+        return Err(NoEndpoint::NoAddress {
+            workload: workload.uid.clone(),
+        });
     };
     let target_port = match &service.endpoints {
         Endpoints::Listed => service

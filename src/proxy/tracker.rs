@@ -19,6 +19,12 @@ use crate::admin::Metrics;
 use crate::mesh::{MeshStore, Snapshot, Workload};
 use crate::policy::{self, ConnectionFacts, Decision};
 
+/// A connection the policy denies, with the reason (which policy) for the log and the denial
+/// metric.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Denied(pub String);
+
 /// Every open inbound connection of the daemon.
 #[derive(Debug, Default)]
 pub struct ConnectionTracker {
@@ -132,12 +138,12 @@ impl ConnectionTracker {
         seen: &Snapshot,
         mesh: &MeshStore,
         metrics: &Metrics,
-    ) -> Result<TrackedConnection, String> {
+    ) -> Result<TrackedConnection, Denied> {
         let admitted = match policy::authorize(&seen.policies, workload, &facts) {
             Decision::Allow => self.register(workload, facts, client, seen, mesh),
-            Decision::Deny(reason) => Err(reason),
+            Decision::Deny(reason) => Err(Denied(reason)),
         };
-        if let Err(reason) = &admitted {
+        if let Err(Denied(reason)) = &admitted {
             metrics.policy_denial(reason);
         }
         admitted
@@ -154,7 +160,7 @@ impl ConnectionTracker {
         client: SocketAddr,
         seen: &Snapshot,
         mesh: &MeshStore,
-    ) -> Result<TrackedConnection, String> {
+    ) -> Result<TrackedConnection, Denied> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let registration = Arc::new(Registration {
             workload: workload.clone(),
@@ -177,7 +183,7 @@ impl ConnectionTracker {
             && let Decision::Deny(reason) =
                 policy::authorize(&now.policies, current, tracked.facts())
         {
-            return Err(reason);
+            return Err(Denied(reason));
         }
         Ok(tracked)
     }
@@ -333,7 +339,7 @@ spec:
         let tracker = ConnectionTracker::new();
         let sleep = conn("10.0.0.1", Some("default/sleep"), "10.0.0.2", 8080);
         let denied = tracker.register(&echo, sleep, client(), &seen, &mesh);
-        assert!(matches!(denied, Err(reason) if reason.contains("default/no-sleep")));
+        assert!(matches!(denied, Err(Denied(reason)) if reason.contains("default/no-sleep")));
         assert!(tracker.is_empty());
     }
 }

@@ -10,6 +10,40 @@ use serde_norway::Value;
 use super::MeshError;
 use crate::mesh::model::DocRef;
 
+/// A name that breaks a Kubernetes or Istio name rule. The message is the `reason` of the
+/// field error that carries it, so it names the value and the rule, not the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum NameError {
+    #[error("{name:?} is longer than {max} characters")]
+    TooLong { name: String, max: usize },
+    #[error(
+        "{0:?} is not a DNS-1123 label (lowercase letters, digits and '-', starting and ending with a letter or digit)"
+    )]
+    NotDnsLabel(String),
+    #[error(
+        "{0:?} is not a DNS-1123 subdomain (dot-separated lowercase labels of letters, digits and '-')"
+    )]
+    NotDnsSubdomain(String),
+    /// A Service name is a DNS-1035 label: a DNS-1123 label that starts with a letter.
+    #[error("{0:?} must start with a letter to name a Service")]
+    NotDns1035(String),
+    #[error("label key prefix: {0}")]
+    LabelKeyPrefix(Box<NameError>),
+    #[error(
+        "{0:?} is not a valid label key (at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit, after an optional DNS prefix and '/')"
+    )]
+    NotLabelKey(String),
+    #[error(
+        "{0:?} is not a valid label value (at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit)"
+    )]
+    NotLabelValue(String),
+    /// A ServiceEntry host: DNS labels, optionally after a `*.` wildcard.
+    #[error("{0:?} is not a host name (lowercase DNS labels, optionally after \"*.\")")]
+    NotHost(String),
+    #[error("expected a network namespace name (under {dir}) or an absolute path, got {text:?}")]
+    NotNetns { dir: &'static str, text: String },
+}
+
 /// A position inside a document: its path and the value found there, if any. YAML `null` counts
 /// as absent, as it does for Kubernetes.
 #[derive(Clone)]
@@ -50,11 +84,11 @@ impl<'a> Field<'a> {
     }
 
     /// An error about this field.
-    pub(crate) fn error(&self, reason: impl Into<String>) -> MeshError {
+    pub(crate) fn error(&self, reason: impl std::fmt::Display) -> MeshError {
         MeshError::Invalid {
             doc: Box::new(self.doc.clone()),
             field: self.path.clone(),
-            reason: reason.into(),
+            reason: reason.to_string(),
         }
     }
 
@@ -235,9 +269,12 @@ pub(crate) fn describe(value: &Value) -> String {
 }
 
 /// RFC 1123 label: what Kubernetes requires of namespaces, service names and port names.
-pub(crate) fn check_dns_label(name: &str) -> Result<(), String> {
+pub(crate) fn check_dns_label(name: &str) -> Result<(), NameError> {
     if name.len() > 63 {
-        return Err(format!("{name:?} is longer than 63 characters"));
+        return Err(NameError::TooLong {
+            name: name.to_string(),
+            max: 63,
+        });
     }
     let bytes = name.as_bytes();
     let valid = !bytes.is_empty()
@@ -249,51 +286,47 @@ pub(crate) fn check_dns_label(name: &str) -> Result<(), String> {
     if valid {
         Ok(())
     } else {
-        Err(format!(
-            "{name:?} is not a DNS-1123 label (lowercase letters, digits and '-', starting and ending with a letter or digit)"
-        ))
+        Err(NameError::NotDnsLabel(name.to_string()))
     }
 }
 
 /// RFC 1123 subdomain: what Kubernetes requires of most object names and of service accounts.
-pub(crate) fn check_dns_subdomain(name: &str) -> Result<(), String> {
+pub(crate) fn check_dns_subdomain(name: &str) -> Result<(), NameError> {
     if name.len() > 253 {
-        return Err(format!("{name:?} is longer than 253 characters"));
+        return Err(NameError::TooLong {
+            name: name.to_string(),
+            max: 253,
+        });
     }
     if name.split('.').all(|label| check_dns_label(label).is_ok()) {
         Ok(())
     } else {
-        Err(format!(
-            "{name:?} is not a DNS-1123 subdomain (dot-separated lowercase labels of letters, digits and '-')"
-        ))
+        Err(NameError::NotDnsSubdomain(name.to_string()))
     }
 }
 
 /// A Kubernetes label key: an optional DNS-subdomain prefix and `/`, then a name.
-fn check_label_key(key: &str) -> Result<(), String> {
+fn check_label_key(key: &str) -> Result<(), NameError> {
     let (prefix, name) = match key.split_once('/') {
         Some((prefix, name)) => (Some(prefix), name),
         None => (None, key),
     };
     if let Some(prefix) = prefix {
-        check_dns_subdomain(prefix).map_err(|reason| format!("label key prefix: {reason}"))?;
+        check_dns_subdomain(prefix)
+            .map_err(|reason| NameError::LabelKeyPrefix(Box::new(reason)))?;
     }
     if name.is_empty() || !is_label_text(name) {
-        return Err(format!(
-            "{key:?} is not a valid label key (at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit, after an optional DNS prefix and '/')"
-        ));
+        return Err(NameError::NotLabelKey(key.to_string()));
     }
     Ok(())
 }
 
 /// A Kubernetes label value: empty, or up to 63 characters of label text.
-fn check_label_value(value: &str) -> Result<(), String> {
+fn check_label_value(value: &str) -> Result<(), NameError> {
     if value.is_empty() || is_label_text(value) {
         Ok(())
     } else {
-        Err(format!(
-            "{value:?} is not a valid label value (at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit)"
-        ))
+        Err(NameError::NotLabelValue(value.to_string()))
     }
 }
 

@@ -235,13 +235,14 @@ fn read_header(file: &str, index: usize, body: Value) -> Result<RawDocument, Mes
         }
     };
     let name = text(kind_ref, "metadata.name", metadata.get("name"))?;
-    check_dns_subdomain(&name).map_err(|reason| header_error(kind_ref, "metadata.name", reason))?;
+    check_dns_subdomain(&name)
+        .map_err(|reason| header_error(kind_ref, "metadata.name", reason.to_string()))?;
     let namespace = match metadata.get("namespace") {
         None | Some(Value::Null) => "default".to_string(),
         value => text(kind_ref, "metadata.namespace", value)?,
     };
     check_dns_label(&namespace)
-        .map_err(|reason| header_error(kind_ref, "metadata.namespace", reason))?;
+        .map_err(|reason| header_error(kind_ref, "metadata.namespace", reason.to_string()))?;
     Ok(RawDocument {
         doc: DocRef {
             file: file.to_string(),

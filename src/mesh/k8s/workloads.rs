@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use super::claims::{entry_address, usable_address};
-use super::fields::{Field, check_dns_label, check_dns_subdomain, is_port_name};
+use super::fields::{Field, NameError, check_dns_label, check_dns_subdomain, is_port_name};
 use super::schema;
 use super::{MeshError, MeshSettings, root};
 use crate::identity::SpiffeId;
@@ -468,14 +468,15 @@ impl MeshAnnotations {
 }
 
 /// A netns annotation as a path: a bare name lives under /var/run/netns (`ip netns add NAME`).
-fn netns_path(text: &str) -> Result<String, String> {
+fn netns_path(text: &str) -> Result<String, NameError> {
     if text.starts_with('/') {
         return Ok(text.to_string());
     }
     if text.is_empty() || text.contains('/') || text == "." || text == ".." || text.contains('\0') {
-        return Err(format!(
-            "expected a network namespace name (under {NETNS_DIR}) or an absolute path, got {text:?}"
-        ));
+        return Err(NameError::NotNetns {
+            dir: NETNS_DIR,
+            text: text.to_string(),
+        });
     }
     Ok(format!("{NETNS_DIR}/{text}"))
 }
@@ -568,21 +569,17 @@ fn target_port(field: &Field<'_>) -> Result<TargetPort, MeshError> {
 }
 
 /// Kubernetes Service names are DNS-1035 labels: a DNS-1123 label that starts with a letter.
-fn check_dns_1035(name: &str) -> Result<(), String> {
+fn check_dns_1035(name: &str) -> Result<(), NameError> {
     check_dns_label(name)?;
     if name.starts_with(|c: char| c.is_ascii_lowercase()) {
         Ok(())
     } else {
-        Err(format!(
-            "{name:?} must start with a letter to name a Service"
-        ))
+        Err(NameError::NotDns1035(name.to_string()))
     }
 }
 
 /// A ServiceEntry host: a DNS name, optionally with a leading `*.` wildcard.
-fn check_host(host: &str) -> Result<(), String> {
+fn check_host(host: &str) -> Result<(), NameError> {
     let name = host.strip_prefix("*.").unwrap_or(host);
-    check_dns_subdomain(name).map_err(|_| {
-        format!("{host:?} is not a host name (lowercase DNS labels, optionally after \"*.\")")
-    })
+    check_dns_subdomain(name).map_err(|_| NameError::NotHost(host.to_string()))
 }
