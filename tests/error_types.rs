@@ -74,9 +74,10 @@ fn non_test_code(text: &str) -> String {
     let mut from = 0;
     while let Some(start) = code[from..].find(marker).map(|i| from + i) {
         let header_end = code[start..].find('\n').map_or(code.len(), |i| start + i);
-        let header_end = code[header_end + 1..]
-            .find('\n')
-            .map_or(code.len(), |i| header_end + 1 + i);
+        let header_end = match code.get(header_end + 1..) {
+            Some(rest) => rest.find('\n').map_or(code.len(), |i| header_end + 1 + i),
+            None => code.len(),
+        };
         if !code[start..header_end].trim_end().ends_with('{') {
             from = header_end;
             continue;
@@ -98,7 +99,14 @@ fn non_test_code(text: &str) -> String {
         }
         let blank: String = code[start..end]
             .chars()
-            .map(|c| if c == '\n' { '\n' } else { ' ' })
+            // Byte for byte, so that offsets after it stay where they were.
+            .map(|c| {
+                if c == '\n' {
+                    "\n".to_string()
+                } else {
+                    " ".repeat(c.len_utf8())
+                }
+            })
             .collect();
         code.replace_range(start..end, &blank);
         from = end;
