@@ -29,6 +29,8 @@
 //! `ZTUND_BENCH_RUNS` (3; 0: the burst only), `ZTUND_BENCH_SECONDS` (10), `ZTUND_BENCH_BURST` (5 000),
 //! `ZTUND_BENCH_SETTLE` (30 s), `ZTUND_BENCH_WORLDS` (inpod,host),
 //! `ZTUND_BENCH_AFTER=PATH`: measure that ztund binary instead of the one cargo built.
+//! `ZTUND_BENCH_CASES` (all): a comma list of bulk, pingpong, latency, keepalive, close, to run
+//! only those (an A/B of one change need not pay for the cases it cannot move).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -65,11 +67,19 @@ struct Settings {
     burst: usize,
     settle: Duration,
     worlds: Vec<String>,
+    cases: Vec<String>,
     quick: bool,
     ztund: PathBuf,
 }
 
+/// Every case, in the order they run.
+const CASES: [&str; 5] = ["bulk", "pingpong", "latency", "keepalive", "close"];
+
 impl Settings {
+    fn runs_case(&self, case: &str) -> bool {
+        self.cases.iter().any(|c| c == case)
+    }
+
     fn from_env() -> Settings {
         let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
         let number = |name: &str, default: usize| {
@@ -91,6 +101,18 @@ impl Settings {
                 .unwrap_or_else(|| "inpod,host".into())
                 .split(',')
                 .map(|w| w.trim().to_string())
+                .collect(),
+            cases: env("ZTUND_BENCH_CASES")
+                .unwrap_or_else(|| CASES.join(","))
+                .split(',')
+                .map(|c| {
+                    let c = c.trim();
+                    assert!(
+                        CASES.contains(&c),
+                        "ZTUND_BENCH_CASES: unknown case {c} ({CASES:?})"
+                    );
+                    c.to_string()
+                })
                 .collect(),
             quick,
             ztund: env("ZTUND_BENCH_AFTER")
@@ -141,8 +163,8 @@ fn echo(mut stream: TcpStream, _peer: SocketAddr) -> BoxFuture<'static, ()> {
     })
 }
 
-/// `ztund run` in node `n` logging at `info` (no per-connection access lines, as in
-/// production), and waits until it is ready.
+/// `ztund run` in node `n` logging at `info`, as in production: that includes one access-log
+/// line per connection and daemon (target `access`). Waits until it is ready.
 async fn start_daemon(ztund: &Path, bed: &Testbed, cluster: &Cluster, n: usize) -> Daemon {
     let log = cluster.path(&format!("node{n}-{}.log", bed.prefix()));
     let mut command = Command::new(ztund);
@@ -353,6 +375,23 @@ async fn main() {
 
 fn one_run(world: &World, s: &Settings, order: [usize; 2], results: &mut Results) {
     let time = s.seconds;
+    if s.runs_case("bulk") {
+        bulk(world, time, order, results);
+    }
+    if s.runs_case("pingpong") {
+        ping_pong(world, time, order, results);
+    }
+    if s.runs_case("latency") {
+        latency(world, time, order, results);
+    }
+    for (case, close) in [("keepalive", false), ("close", true)] {
+        if s.runs_case(case) {
+            http(world, time, order, close, results);
+        }
+    }
+}
+
+fn bulk(world: &World, time: Duration, order: [usize; 2], results: &mut Results) {
     let mut gbps = [0.0; 2];
     let mut cpu_per_gb = 0.0;
     for path in order {
@@ -366,14 +405,18 @@ fn one_run(world: &World, s: &Settings, order: [usize; 2], results: &mut Results
     }
     results.pair("throughput, 1 stream", "Gbit/s", gbps[0], gbps[1]);
     results.ztund("CPU per GB, both daemons", "core-s/GB", cpu_per_gb);
+}
 
+fn ping_pong(world: &World, time: Duration, order: [usize; 2], results: &mut Results) {
     let mut max = [0.0; 2];
     for path in order {
         let route = world.routes[path];
         max[path] = tools::sockperf(&world.bed, route.client, route.server, time, None).per_second;
     }
     results.pair("ping-pong 1 KiB, max rate", "msg/s", max[0], max[1]);
+}
 
+fn latency(world: &World, time: Duration, order: [usize; 2], results: &mut Results) {
     let mut fixed = [[0.0; 3]; 2];
     for path in order {
         let route = world.routes[path];
@@ -390,35 +433,35 @@ fn one_run(world: &World, s: &Settings, order: [usize; 2], results: &mut Results
     results.pair("p99 @1000/s", "µs", fixed[0][1], fixed[1][1]);
     results.pair("p99.9 @1000/s", "µs", fixed[0][2], fixed[1][2]);
     results.ztund("added p99 @1000/s", "µs", fixed[1][1] - fixed[0][1]);
+}
 
-    for close in [false, true] {
-        let mut rate = [0.0; 2];
-        let mut cpu_per_1000 = 0.0;
-        for path in order {
-            let route = world.routes[path];
-            let (http, cpu) =
-                world.with_cpu(|| tools::wrk(&world.bed, route.client, route.server, time, close));
-            assert!(
-                http.errors <= http.requests * 0.001,
-                "{}: wrk saw {} errors in {} requests (close: {close})",
-                world.name,
-                http.errors,
-                http.requests
-            );
-            rate[path] = http.per_second;
-            if path == 1 {
-                cpu_per_1000 = cpu * 1e3 / (http.requests / 1e3);
-            }
-            // Closed connections' last packets settle before the next measurement.
-            std::thread::sleep(Duration::from_millis(300));
+fn http(world: &World, time: Duration, order: [usize; 2], close: bool, results: &mut Results) {
+    let mut rate = [0.0; 2];
+    let mut cpu_per_1000 = 0.0;
+    for path in order {
+        let route = world.routes[path];
+        let (http, cpu) =
+            world.with_cpu(|| tools::wrk(&world.bed, route.client, route.server, time, close));
+        assert!(
+            http.errors <= http.requests * 0.001,
+            "{}: wrk saw {} errors in {} requests (close: {close})",
+            world.name,
+            http.errors,
+            http.requests
+        );
+        rate[path] = http.per_second;
+        if path == 1 {
+            cpu_per_1000 = cpu * 1e3 / (http.requests / 1e3);
         }
-        if close {
-            results.pair("HTTP Connection: close", "req/s", rate[0], rate[1]);
-            results.ztund("CPU per 1000 conns, both", "core-ms", cpu_per_1000);
-        } else {
-            results.pair("HTTP keep-alive, wrk -c4", "req/s", rate[0], rate[1]);
-            results.ztund("CPU per 1000 req keep-alive", "core-ms", cpu_per_1000);
-        }
+        // Closed connections' last packets settle before the next measurement.
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    if close {
+        results.pair("HTTP Connection: close", "req/s", rate[0], rate[1]);
+        results.ztund("CPU per 1000 conns, both", "core-ms", cpu_per_1000);
+    } else {
+        results.pair("HTTP keep-alive, wrk -c4", "req/s", rate[0], rate[1]);
+        results.ztund("CPU per 1000 req keep-alive", "core-ms", cpu_per_1000);
     }
 }
 

@@ -121,10 +121,22 @@ impl Netns {
     /// other work on this thread (no `.await` inside). Costs about 6 µs (measured: 20,000 round
     /// trips into another namespace), cheap enough for every socket.
     pub fn enter<T>(&self, f: impl FnOnce() -> T) -> io::Result<T> {
-        let home = File::open("/proc/thread-self/ns/net")?;
+        if INSIDE.get() {
+            // Nested: "home" is the namespace the outer call entered, not the thread's own.
+            let home = File::open("/proc/thread-self/ns/net")?;
+            return self.enter_from(home.as_fd(), f);
+        }
+        let home = home_namespace()?;
+        let _inside = Inside::now();
+        // SAFETY: the thread's home namespace fd stays open for the thread's whole life.
+        self.enter_from(unsafe { BorrowedFd::borrow_raw(home) }, f)
+    }
+
+    /// [`Netns::enter`], returning to `home`; a panic in `f` is passed on once back home.
+    fn enter_from<T>(&self, home: BorrowedFd<'_>, f: impl FnOnce() -> T) -> io::Result<T> {
         setns(self.fd.as_fd())?;
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
-        if let Err(e) = setns(home.as_fd()) {
+        if let Err(e) = setns(home) {
             // A thread left in a pod's namespace would silently create every later socket there;
             // nothing can recover from that safely.
             eprintln!("ztund: cannot return thread to its network namespace: {e}; aborting");
@@ -135,6 +147,42 @@ impl Netns {
             Err(panic) => std::panic::resume_unwind(panic),
         }
     }
+}
+
+thread_local! {
+    /// The namespace this thread lives in, opened on its first [`Netns::enter`]: a thread visits
+    /// another namespace only inside `enter`, so this never changes, and a socket made in a pod
+    /// costs two `setns` instead of also an `open` and a `close` of procfs (issue 16, item 3).
+    static HOME: std::cell::OnceCell<OwnedFd> = const { std::cell::OnceCell::new() };
+    /// Whether this thread is inside [`Netns::enter`] now.
+    static INSIDE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Marks the thread as inside [`Netns::enter`] until dropped (also when `f` panics).
+struct Inside;
+
+impl Inside {
+    fn now() -> Inside {
+        INSIDE.set(true);
+        Inside
+    }
+}
+
+impl Drop for Inside {
+    fn drop(&mut self) {
+        INSIDE.set(false);
+    }
+}
+
+/// The calling thread's own namespace fd (open for the thread's life), opened on first use.
+fn home_namespace() -> io::Result<std::os::fd::RawFd> {
+    HOME.with(|home| {
+        if let Some(fd) = home.get() {
+            return Ok(fd.as_raw_fd());
+        }
+        let opened: OwnedFd = File::open("/proc/thread-self/ns/net")?.into();
+        Ok(home.get_or_init(|| opened).as_raw_fd())
+    })
 }
 
 impl AsFd for Netns {
@@ -255,12 +303,12 @@ impl SocketFactory {
                 (IpAddr::V4(v4), SocketAddr::V6(_)) => IpAddr::V6(v4.to_ipv6_mapped()),
                 (source, _) => source,
             };
+            // IP_TRANSPARENT alone lets the socket bind a foreign address (the kernel's
+            // non-local bind check accepts transparent or freebind): no IP_FREEBIND call.
             if dst.is_ipv4() {
                 socket.set_ip_transparent_v4(true)?;
-                socket.set_freebind_v4(true)?;
             } else {
                 socket.set_ip_transparent_v6(true)?;
-                socket.set_freebind_v6(true)?;
             }
             // Choose the source port at connect time, per 4-tuple: an eager bind(port 0) would
             // give every connection a port of its own, and short connections (TIME_WAIT on this
@@ -396,6 +444,50 @@ mod tests {
         let home = Netns::current().unwrap();
         let result = std::panic::catch_unwind(|| home.enter(|| panic!("inside")));
         assert!(result.is_err());
+        assert_eq!(Netns::current().unwrap(), home);
+    }
+
+    /// A namespace of its own, made on a passing thread (`unshare` moves only that thread).
+    fn another_namespace() -> Netns {
+        std::thread::spawn(|| {
+            // SAFETY: unshare only changes the calling thread's namespaces.
+            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
+            Netns::current().unwrap()
+        })
+        .join()
+        .unwrap()
+    }
+
+    /// The home namespace is remembered per thread; a nested `enter` still returns to the
+    /// namespace the outer one entered, and a panic inside leaves no trace for the next call.
+    #[test]
+    fn enter_returns_home_every_time_nested_or_after_a_panic() {
+        let home = Netns::current().unwrap();
+        let other = another_namespace();
+        assert_ne!(home, other);
+        for _ in 0..3 {
+            let (inside, nested, after_nested) = other
+                .enter(|| {
+                    let inside = Netns::current().unwrap();
+                    let nested = home.enter(|| Netns::current().unwrap()).unwrap();
+                    (inside, nested, Netns::current().unwrap())
+                })
+                .unwrap();
+            assert_eq!(inside, other);
+            assert_eq!(nested, home);
+            assert_eq!(
+                after_nested, other,
+                "a nested enter went back to the wrong one"
+            );
+            assert_eq!(Netns::current().unwrap(), home);
+        }
+        let panicked = std::panic::catch_unwind(|| other.enter(|| panic!("inside")));
+        assert!(panicked.is_err());
+        assert_eq!(Netns::current().unwrap(), home);
+        let after_panic = other
+            .enter(|| home.enter(|| Netns::current().unwrap()).unwrap())
+            .unwrap();
+        assert_eq!(after_panic, home);
         assert_eq!(Netns::current().unwrap(), home);
     }
 

@@ -1,7 +1,8 @@
 //! The HBONE client: a pool of HTTP/2 connections, each carrying many CONNECT streams
 //! (PROTOCOL.md §1.7). A connection is shared only by callers with an equal [`PoolKey`], holds
 //! at most min(our limit, the peer's SETTINGS_MAX_CONCURRENT_STREAMS) streams, is dialled by one
-//! caller at a time per key, and is closed when nobody used it for the idle timeout. The caller's
+//! caller at a time per key, and is closed when nobody used it for the idle timeout; a key keeps
+//! only one idle connection that long, its spares close after a short grace. The caller's
 //! dial function makes the socket and the TLS handshake (netns, identity checks); this module
 //! knows nothing about either.
 
@@ -68,14 +69,23 @@ pub struct PoolSettings {
     pub max_streams_per_connection: u32,
     /// A connection with no streams and no checkout for this long is closed.
     pub idle_timeout: Duration,
+    /// ... and after this long if its key has another connection: a burst's extra connections
+    /// (100 streams each) hold their TLS and HTTP/2 buffers on both nodes until they close, and
+    /// one warm connection per key is all a quiet key needs (issue 16, item 5).
+    pub spare_idle_timeout: Duration,
     pub h2: H2Settings,
 }
+
+/// The default [`PoolSettings::spare_idle_timeout`]: long enough that a load which dips for a
+/// moment does not redial, short enough that the memory comes back well within 30 s.
+pub const SPARE_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Default for PoolSettings {
     fn default() -> Self {
         PoolSettings {
             max_streams_per_connection: 100,
             idle_timeout: Duration::from_secs(300),
+            spare_idle_timeout: SPARE_IDLE_TIMEOUT,
             h2: H2Settings::client(),
         }
     }
@@ -86,6 +96,7 @@ impl From<&crate::config::PoolConfig> for PoolSettings {
         PoolSettings {
             max_streams_per_connection: config.max_streams_per_connection,
             idle_timeout: config.idle_timeout,
+            spare_idle_timeout: SPARE_IDLE_TIMEOUT.min(config.idle_timeout),
             h2: H2Settings {
                 stream_window: stream_window_for(config.max_streams_per_connection),
                 keepalive_interval: config.keepalive_interval,
@@ -441,7 +452,12 @@ impl Pool {
 
 impl PoolInner {
     fn entry(&self, key: &PoolKey) -> Arc<KeyEntry> {
-        Arc::clone(lock(&self.keys).entry(key.clone()).or_default())
+        let mut keys = lock(&self.keys);
+        // Looked up first: the key is cloned (its `expected` list allocated) only for a new one.
+        if let Some(entry) = keys.get(key) {
+            return Arc::clone(entry);
+        }
+        Arc::clone(keys.entry(key.clone()).or_default())
     }
 
     /// How many streams `connection` may carry.
@@ -465,19 +481,28 @@ impl PoolInner {
         Some((Arc::clone(connection), lease))
     }
 
-    /// Drops the connection from its key if it has had no streams for the idle timeout.
-    /// Returns whether it did.
+    /// Drops the connection from its key if it has had no streams for the idle timeout, or for
+    /// the spare timeout while the key has another connection. Returns whether it did.
     fn evict_if_idle(&self, key: &PoolKey, state: &ConnectionState) -> bool {
         let Some(entry) = lock(&self.keys).get(key).cloned() else {
             return true;
         };
         let mut connections = lock(&entry.connections);
-        let idle = state.active.load(Ordering::Acquire) == 0
-            && lock(&state.last_used).elapsed() >= self.settings.idle_timeout;
-        if idle {
+        if state.active.load(Ordering::Acquire) > 0 {
+            return false;
+        }
+        let idle_for = lock(&state.last_used).elapsed();
+        // Checked under the key's lock, one connection at a time: of a key's idle connections
+        // the last to look finds no other and stays.
+        let spare = connections
+            .iter()
+            .any(|c| c.state.id != state.id && !c.state.closed.load(Ordering::Acquire));
+        let evict = idle_for >= self.settings.idle_timeout
+            || (spare && idle_for >= self.settings.spare_idle_timeout);
+        if evict {
             connections.retain(|c| c.state.id != state.id);
         }
-        idle
+        evict
     }
 
     /// Forgets a closed connection, and its key once nothing else refers to it.
@@ -552,11 +577,14 @@ async fn drive<IO>(
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let idle_timeout = match pool.upgrade() {
-        Some(inner) => inner.settings.idle_timeout,
+    let timeouts = match pool.upgrade() {
+        Some(inner) => (
+            inner.settings.idle_timeout,
+            inner.settings.spare_idle_timeout,
+        ),
         None => return,
     };
-    let idle = idle_watch(&state, &pool, &key, idle_timeout);
+    let idle = idle_watch(&state, &pool, &key, timeouts);
     tokio::pin!(conn, keepalive, idle);
     let peer = state.peer;
     let mut evicted = false;
@@ -583,16 +611,24 @@ async fn drive<IO>(
     }
 }
 
-/// Completes once the connection has been idle for `idle_timeout` and left the pool.
+/// Completes once the connection has been idle long enough to leave the pool: the spare
+/// timeout if its key has another connection by then, else the idle timeout.
 async fn idle_watch(
     state: &ConnectionState,
     pool: &Weak<PoolInner>,
     key: &PoolKey,
-    idle_timeout: Duration,
+    settings: (Duration, Duration),
 ) {
+    let (idle_timeout, spare_idle_timeout) = settings;
     loop {
         let since = *lock(&state.last_used);
-        tokio::time::sleep_until((since + idle_timeout).into()).await;
+        let (spare_at, idle_at) = (since + spare_idle_timeout, since + idle_timeout);
+        let wake = if Instant::now() < spare_at {
+            spare_at.min(idle_at)
+        } else {
+            idle_at
+        };
+        tokio::time::sleep_until(wake.into()).await;
         let Some(inner) = pool.upgrade() else {
             return;
         };
@@ -601,7 +637,7 @@ async fn idle_watch(
             return;
         }
         if state.active.load(Ordering::Acquire) > 0 {
-            // Busy: look again one timeout from now.
+            // Busy: look again one spare timeout from now.
             *lock(&state.last_used) = Instant::now();
         }
     }

@@ -331,6 +331,72 @@ async fn an_unused_connection_is_closed_after_the_idle_timeout() {
     assert_eq!(pool.stats().dials, 2);
 }
 
+/// After a burst a key keeps one warm connection; the spares close on both ends after the
+/// short spare timeout (their buffers are the memory a burst leaves behind, issue 16 item 5),
+/// not after the long idle timeout, and never while they carry a stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bursts_spare_connections_close_after_the_spare_timeout_and_one_stays() {
+    let echo = Echo::start("127.0.0.1:0").await;
+    let world = World::start(
+        H2Settings::server(),
+        forward(Arc::default(), Arc::default()),
+    )
+    .await;
+    let pool = Pool::new(PoolSettings {
+        max_streams_per_connection: 10,
+        idle_timeout: Duration::from_secs(600),
+        spare_idle_timeout: Duration::from_secs(1),
+        ..PoolSettings::default()
+    });
+
+    let during = hold_concurrently(&world, &pool, echo.addr, 30).await;
+    assert!(during >= 3, "only {during} connections for 30 streams");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        pool.connection_count(),
+        during,
+        "a spare closed before the spare timeout"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || pool.connection_count() == 1).await,
+        "{} connections left after the spare timeout",
+        pool.connection_count()
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || world
+            .served
+            .lock()
+            .unwrap()
+            .len()
+            == during - 1)
+        .await,
+        "the server still serves the spares"
+    );
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        pool.connection_count(),
+        1,
+        "the last warm connection closed"
+    );
+
+    // The one kept carries the next stream without a dial.
+    let dials = pool.stats().dials;
+    let stream = pool
+        .open(
+            &world.key(),
+            world.dial(),
+            ConnectRequest::new(echo.addr.to_string()),
+        )
+        .await
+        .expect("open on the kept connection");
+    assert_eq!(round_trip(stream, b"warm".to_vec()).await.unwrap(), b"warm");
+    assert_eq!(
+        pool.stats().dials,
+        dials,
+        "the kept connection was not used"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drained_server_finishes_open_streams_and_the_pool_moves_on() {
     let echo = Echo::start("127.0.0.1:0").await;
