@@ -1,13 +1,13 @@
 //! HARDENING.md §8 `h2_server`: fuzzed bytes sent as HTTP/2 frames after the client preface,
 //! inside a real mutual-TLS connection, to ztund's HBONE server ([`accept_and_serve`] with the
-//! port-15008 settings and ztund's own TLS server config). CONNECTs it hands over are refused,
+//! port-15008 limits and ztund's own TLS server config). CONNECTs it hands over are refused,
 //! dropped (503) or accepted and echoed, by their port. The server must end the connection by
 //! itself within its own timeouts (the runtime's clock is paused, so idle waits pass at once)
 //! and stay under libFuzzer's `-rss_limit_mb`.
 #![no_main]
 
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
 
 use libfuzzer_sys::fuzz_target;
@@ -17,7 +17,7 @@ use tokio::runtime::Runtime;
 use tokio::sync::watch;
 use ztund::hbone::server::accept_and_serve;
 use ztund::hbone::testing::TestPki;
-use ztund::hbone::{ConnectionInfo, H2Settings, Refusal};
+use ztund::hbone::{ConnectionInfo, Limits, Refusal, ServerBudget};
 use ztund::identity::{SpiffeId, WorkloadCertificate};
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -85,8 +85,9 @@ fuzz_target!(|data: &[u8]| {
         let (_drain, drain) = watch::channel(false);
         let acceptor = setup.acceptor.clone();
         let server = tokio::spawn(async move {
-            let settings = H2Settings::server();
-            accept_and_serve(server_io, &acceptor, info, &settings, drain, on_connect).await
+            // A budget per input: its reset buckets would otherwise carry one input into the next.
+            let budget = ServerBudget::new(Limits::server());
+            accept_and_serve(server_io, &acceptor, info, &budget, drain, on_connect).await
         });
         let name = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
         let tls = setup

@@ -201,6 +201,7 @@ fn policies(input: Input) -> (Vec<Policy>, Input) {
                     })
                     .collect(),
                 dry_run: p.dry_run,
+                not_enforced: Vec::new(),
             };
             Policy {
                 authorization,
@@ -257,12 +258,15 @@ fn field<T>(positive: &[T], negative: &[T], hit: impl Fn(&T) -> bool) -> bool {
 }
 
 fn reference_match(m: &FuzzMatch, conn: &Conn) -> Option<bool> {
-    let strings = |list: &[FuzzString]| list.iter().take(3).collect::<Vec<_>>();
-    let cidrs = |list: &[(FuzzIp, u8)]| {
+    fn strings(list: &[FuzzString]) -> Vec<&FuzzString> {
+        list.iter().take(3).collect()
+    }
+    // A CIDR longer than its address is left out, as `to_match` does.
+    fn cidrs(list: &[(FuzzIp, u8)]) -> Vec<&(FuzzIp, u8)> {
         (list.iter().take(3))
             .filter(|(ip, len)| *len <= if ip.ip().is_ipv4() { 32 } else { 128 })
-            .collect::<Vec<_>>()
-    };
+            .collect()
+    }
     let ports = |list: &[u8]| {
         list.iter()
             .take(3)
@@ -340,7 +344,7 @@ fn reference_policy_matches(rules: &[Vec<Vec<FuzzMatch>>], conn: &Conn) -> bool 
 fn reference_allows(policies: &[Policy], workload: &Workload, conn: &Conn) -> bool {
     let applies = |p: &Policy| {
         let a = &p.authorization;
-        match (a.scope, &p.selector) {
+        let selected = match (a.scope, &p.selector) {
             (Scope::Global, _) => true,
             (Scope::Namespace, _) => a.namespace == workload.namespace,
             (Scope::WorkloadSelector, Some(selector)) => {
@@ -350,8 +354,8 @@ fn reference_allows(policies: &[Policy], workload: &Workload, conn: &Conn) -> bo
                         .all(|(k, v)| workload.labels.get(k) == Some(v))
             }
             (Scope::WorkloadSelector, None) => false,
-        }
-        || workload.authorization_policies.contains(&a.key())
+        };
+        selected || workload.authorization_policies.contains(&a.key())
     };
     let enforced: Vec<&Policy> = (policies.iter())
         .filter(|p| applies(p) && !p.authorization.dry_run)

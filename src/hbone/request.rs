@@ -36,9 +36,12 @@ impl ConnectRequest {
         &self.headers
     }
 
-    /// `forwarded: for="<client>"` plus `;host=<service FQDN>` when the service is known.
+    /// `forwarded: for="<client>"` plus `;host=<service FQDN>` when the service is known and
+    /// its name is an RFC 7230 token (every DNS name is). Any other name is left out rather than
+    /// written raw: a `;`, `,` or `"` would add parameters or elements, and a byte past ASCII
+    /// makes the header unreadable as text, so the peer would lose the client address too.
     pub fn forwarded(self, client: SocketAddr, service_host: Option<&str>) -> Self {
-        let value = match service_host {
+        let value = match service_host.filter(|host| is_token(host)) {
             Some(host) => format!("for=\"{client}\";host={host}"),
             None => format!("for=\"{client}\""),
         };
@@ -115,6 +118,14 @@ impl ConnectRequest {
     }
 }
 
+/// RFC 7230 §3.2.6 `token`: one or more `tchar`.
+fn is_token(text: &str) -> bool {
+    !text.is_empty()
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
 /// The client address a CONNECT's `forwarded` header names (`for="10.0.0.1:40000"`, IPv6 as
 /// `for="[fd00::1]:40000"`; RFC 7239), from its first element: the original client. `None`
 /// when absent, or when it names no address with a port (`for=unknown`, an obfuscated `_id`,
@@ -178,5 +189,32 @@ mod tests {
             assert_eq!(of(unusable), None, "{unusable}");
         }
         assert_eq!(forwarded_for(&HeaderMap::new()), None);
+    }
+
+    /// Found by the `headers` fuzz target (minimised): a service host of one non-ASCII
+    /// character was written raw, and the peer could no longer read the client address.
+    #[test]
+    fn forwarded_leaves_out_a_host_that_is_not_a_token_and_still_names_the_client() {
+        let client: SocketAddr = "[aaaa:9f6:3209:c43a:909:f1a4:aaaa:9f6]:2362"
+            .parse()
+            .unwrap();
+        let minimised = std::str::from_utf8(&[0xf1, 0xa4, 0xaa, 0xaa]).unwrap();
+        for host in [
+            minimised,
+            "a;for=\"10.9.9.9:1\"",
+            "a,for=x",
+            "a\"b",
+            "a b",
+            "",
+        ] {
+            let headers =
+                headers_of(ConnectRequest::new("10.0.0.2:80").forwarded(client, Some(host)));
+            assert_eq!(
+                headers["forwarded"].to_str().unwrap(),
+                format!("for=\"{client}\""),
+                "{host:?}"
+            );
+            assert_eq!(forwarded_for(&headers), Some(client), "{host:?}");
+        }
     }
 }
