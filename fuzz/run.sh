@@ -34,12 +34,12 @@ command -v cargo-fuzz >/dev/null || {
 # No sanitizer: the code under test is Rust, and ASan would double the build and halve the
 # executions. Debug assertions on: overflow that wraps silently in a release build is a crash.
 build_flags=(--sanitizer none --debug-assertions)
-# CI's smoke run builds cold every time: 16 codegen units and opt-level 1 cut the compile of
-# ztund (one unit at opt-level 3 by default) at the cost of slower executions, which a 5 s
-# smoke run does not need. Long runs use the default build.
+# CI's smoke run builds cold every time: 16 codegen units, no optimisation and no debug info
+# cut the compile (one unit at opt-level 3 by default) at the cost of slower executions, which
+# a 5 s smoke run does not need. Long runs use the default build.
 if [ -n "${FUZZ_QUICK_BUILD:-}" ]; then
     build_flags+=(--codegen-units 16)
-    export CARGO_PROFILE_RELEASE_OPT_LEVEL=1 CARGO_INCREMENTAL=0
+    export CARGO_PROFILE_RELEASE_OPT_LEVEL=0 CARGO_PROFILE_RELEASE_DEBUG=0 CARGO_INCREMENTAL=0
 fi
 if [ -n "${FUZZ_FEATURES:-}" ]; then
     build_flags+=(--features "$FUZZ_FEATURES")

@@ -16,7 +16,7 @@ use futures::executor::block_on;
 use futures::future::BoxFuture;
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
-use ztund::capture::pods::{PodInfo, PodManager, PodProxies};
+use ztund::capture::pods::{PodError, PodInfo, PodManager, PodProxies};
 use ztund::capture::zds::{self, PodEvents, proto};
 use ztund::fuzzing::Packet;
 use ztund::net::Netns;
@@ -53,11 +53,14 @@ struct Proxies {
 }
 
 impl PodProxies for Proxies {
-    fn start(&self, pod: PodInfo, _netns: Arc<Netns>) -> BoxFuture<'_, Result<(), String>> {
+    fn start(&self, pod: PodInfo, _netns: Arc<Netns>) -> BoxFuture<'_, Result<(), PodError>> {
         Box::pin(async move {
             let index: usize = pod.uid.trim_start_matches("pod-").parse().unwrap();
             if *self.failing.lock().unwrap() & (1 << index) != 0 {
-                return Err("bind failed".into());
+                return Err(PodError::Bind {
+                    port: 15008,
+                    source: std::io::ErrorKind::AddrInUse.into(),
+                });
             }
             let fresh = self.running.lock().unwrap().insert(pod.uid.clone());
             assert!(fresh, "the proxy of {} started twice", pod.uid);
