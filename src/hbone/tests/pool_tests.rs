@@ -11,6 +11,22 @@ use tokio::sync::Barrier;
 
 use super::*;
 
+/// An echo app and an HBONE server that forwards to it, as most tests here need.
+async fn echo_and_server() -> (Echo, World) {
+    let echo = Echo::start("127.0.0.1:0").await;
+    let world = World::start(
+        H2Settings::server(),
+        forward(Arc::default(), Arc::default()),
+    )
+    .await;
+    (echo, world)
+}
+
+/// A CONNECT to `target`, the request every test here sends.
+fn connect_to(target: SocketAddr) -> ConnectRequest {
+    ConnectRequest::new(target.to_string())
+}
+
 const MIB: usize = 1024 * 1024;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -21,11 +37,7 @@ async fn sixteen_mib_round_trip_is_byte_exact_and_identified() {
     let pool = small_pool();
 
     let stream = pool
-        .open(
-            &world.key(),
-            world.dial(),
-            ConnectRequest::new(echo.addr.to_string()),
-        )
+        .open(&world.key(), world.dial(), connect_to(echo.addr))
         .await
         .expect("open");
     let data = pattern(16 * MIB);
@@ -90,11 +102,7 @@ async fn half_close_propagates_both_ways() {
     // The other order: the client half-closes first and still reads the whole reply.
     let echo = Echo::start("127.0.0.1:0").await;
     let stream = pool
-        .open(
-            &world.key(),
-            world.dial(),
-            ConnectRequest::new(echo.addr.to_string()),
-        )
+        .open(&world.key(), world.dial(), connect_to(echo.addr))
         .await
         .expect("open");
     let back = round_trip(stream, pattern(300_000)).await.unwrap();
@@ -137,12 +145,7 @@ async fn hold_concurrently(world: &World, pool: &Pool, target: SocketAddr, count
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hundred_concurrent_streams_share_one_connection() {
-    let echo = Echo::start("127.0.0.1:0").await;
-    let world = World::start(
-        H2Settings::server(),
-        forward(Arc::default(), Arc::default()),
-    )
-    .await;
+    let (echo, world) = echo_and_server().await;
     let pool = small_pool();
 
     let connections = hold_concurrently(&world, &pool, echo.addr, 100).await;
@@ -197,12 +200,7 @@ async fn the_servers_stream_limit_is_respected() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cold_pool_dials_once_for_many_callers() {
-    let echo = Echo::start("127.0.0.1:0").await;
-    let world = World::start(
-        H2Settings::server(),
-        forward(Arc::default(), Arc::default()),
-    )
-    .await;
+    let (echo, world) = echo_and_server().await;
     let pool = small_pool();
     let dials = Arc::new(AtomicUsize::new(0));
 
@@ -222,19 +220,14 @@ async fn a_cold_pool_dials_once_for_many_callers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_removed_pods_connections_close_and_other_pods_keep_theirs() {
-    let echo = Echo::start("127.0.0.1:0").await;
-    let world = World::start(
-        H2Settings::server(),
-        forward(Arc::default(), Arc::default()),
-    )
-    .await;
+    let (echo, world) = echo_and_server().await;
     let pool = Pool::new(PoolSettings::default());
     let key_of = |uid: &str| PoolKey {
         pod: Some(Arc::from(uid)),
         ..world.key()
     };
     let (gone, staying) = (key_of("pod-a"), key_of("pod-b"));
-    let request = || ConnectRequest::new(echo.addr.to_string());
+    let request = || connect_to(echo.addr);
     let mut cut = pool
         .open(&gone, world.dial(), request())
         .await
@@ -278,24 +271,13 @@ async fn a_removed_pods_connections_close_and_other_pods_keep_theirs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unused_connection_is_closed_after_the_idle_timeout() {
-    let echo = Echo::start("127.0.0.1:0").await;
-    let world = World::start(
-        H2Settings::server(),
-        forward(Arc::default(), Arc::default()),
-    )
-    .await;
+    let (echo, world) = echo_and_server().await;
     let pool = Pool::new(PoolSettings {
         idle_timeout: Duration::from_millis(300),
         ..PoolSettings::default()
     });
     let key = world.key();
-    let open = || {
-        pool.open(
-            &key,
-            world.dial(),
-            ConnectRequest::new(echo.addr.to_string()),
-        )
-    };
+    let open = || pool.open(&key, world.dial(), connect_to(echo.addr));
 
     // A stream held open past the idle timeout keeps its connection.
     let mut held = open().await.expect("open");
@@ -336,12 +318,7 @@ async fn an_unused_connection_is_closed_after_the_idle_timeout() {
 /// not after the long idle timeout, and never while they carry a stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bursts_spare_connections_close_after_the_spare_timeout_and_one_stays() {
-    let echo = Echo::start("127.0.0.1:0").await;
-    let world = World::start(
-        H2Settings::server(),
-        forward(Arc::default(), Arc::default()),
-    )
-    .await;
+    let (echo, world) = echo_and_server().await;
     let pool = Pool::new(PoolSettings {
         max_streams_per_connection: 10,
         idle_timeout: Duration::from_secs(600),
@@ -382,11 +359,7 @@ async fn a_bursts_spare_connections_close_after_the_spare_timeout_and_one_stays(
     // The one kept carries the next stream without a dial.
     let dials = pool.stats().dials;
     let stream = pool
-        .open(
-            &world.key(),
-            world.dial(),
-            ConnectRequest::new(echo.addr.to_string()),
-        )
+        .open(&world.key(), world.dial(), connect_to(echo.addr))
         .await
         .expect("open on the kept connection");
     assert_eq!(round_trip(stream, b"warm".to_vec()).await.unwrap(), b"warm");
@@ -399,19 +372,10 @@ async fn a_bursts_spare_connections_close_after_the_spare_timeout_and_one_stays(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drained_server_finishes_open_streams_and_the_pool_moves_on() {
-    let echo = Echo::start("127.0.0.1:0").await;
-    let world = World::start(
-        H2Settings::server(),
-        forward(Arc::default(), Arc::default()),
-    )
-    .await;
+    let (echo, world) = echo_and_server().await;
     let pool = small_pool();
     let mut stream = pool
-        .open(
-            &world.key(),
-            world.dial(),
-            ConnectRequest::new(echo.addr.to_string()),
-        )
+        .open(&world.key(), world.dial(), connect_to(echo.addr))
         .await
         .expect("open");
 
@@ -462,12 +426,7 @@ async fn freezable_relay(target: SocketAddr) -> (SocketAddr, Arc<tokio::sync::No
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unanswered_ping_tears_the_connection_down() {
-    let echo = Echo::start("127.0.0.1:0").await;
-    let world = World::start(
-        H2Settings::server(),
-        forward(Arc::default(), Arc::default()),
-    )
-    .await;
+    let (echo, world) = echo_and_server().await;
     let (relay, freeze) = freezable_relay(world.addr).await;
     let pool = Pool::new(PoolSettings {
         h2: H2Settings {
@@ -483,7 +442,7 @@ async fn an_unanswered_ping_tears_the_connection_down() {
     };
     let dial = dial_to(relay, world.pki.client_config(CLIENT_ID));
     let mut stream = pool
-        .open(&key, dial, ConnectRequest::new(echo.addr.to_string()))
+        .open(&key, dial, connect_to(echo.addr))
         .await
         .expect("open through the relay");
     stream.write_all(b"ping").await.unwrap();
@@ -505,12 +464,7 @@ async fn an_unanswered_ping_tears_the_connection_down() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_app_socket_copied_into_a_pooled_stream_round_trips() {
-    let echo = Echo::start("127.0.0.1:0").await;
-    let world = World::start(
-        H2Settings::server(),
-        forward(Arc::default(), Arc::default()),
-    )
-    .await;
+    let (echo, world) = echo_and_server().await;
     let pool = small_pool();
     // The outbound side of a proxy: app socket in, HBONE stream out, the copier between.
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
