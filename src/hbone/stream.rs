@@ -57,15 +57,19 @@ impl StallGuard {
 
     /// Ready once the current wait has lasted the whole timeout.
     fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let deadline = tokio::time::Instant::now() + self.budget.limits.stream_stall_timeout;
-        let timer = self
-            .timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
         if !self.armed {
-            timer.as_mut().reset(deadline);
+            // The clock is read once per wait, not on every poll while it lasts.
+            let deadline = tokio::time::Instant::now() + self.budget.limits.stream_stall_timeout;
+            match &mut self.timer {
+                Some(timer) => timer.as_mut().reset(deadline),
+                None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
             self.armed = true;
         }
-        timer.as_mut().poll(cx)
+        match &mut self.timer {
+            Some(timer) => timer.as_mut().poll(cx),
+            None => Poll::Pending,
+        }
     }
 }
 
