@@ -190,12 +190,38 @@ async fn refused(bed: &Testbed, n: usize, port: u16, reason: &str) -> u64 {
         .map_or(0, |v| v.trim().parse().expect("a counter value"))
 }
 
-/// A SOCKS5 connection from node 1 to the app round-trips bytes.
+/// `ztund_hbone_send_queued_bytes` of node `n`: bytes handed to HTTP/2 and not yet written.
+async fn send_queued(bed: &Testbed, n: usize) -> u64 {
+    let text = http_get(bed, n, 15020, "/metrics").await;
+    text.lines()
+        .find_map(|l| l.strip_prefix("ztund_hbone_send_queued_bytes "))
+        .expect("ztund_hbone_send_queued_bytes is exported")
+        .trim()
+        .parse()
+        .expect("a gauge value")
+}
+
+/// A SOCKS5 connection from node 1 to the app round-trips bytes; after it, neither node counts
+/// anything still queued toward its peer (the pool's side on node 1, the server's on node 2).
 async fn good_client_gets_through(w: &World) {
     let stream = socks5_connect(&w.bed, Place::Node(1), w.app_addr)
         .await
         .expect("a good client's SOCKS5 CONNECT through both nodes succeeds");
     Testbed::assert_echo(stream, 64 * 1024).await;
+    for n in [1, 2] {
+        let mut queued = send_queued(&w.bed, n).await;
+        for _ in 0..50 {
+            if queued == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            queued = send_queued(&w.bed, n).await;
+        }
+        assert_eq!(
+            queued, 0,
+            "node {n} still counts bytes queued after the echo"
+        );
+    }
 }
 
 // HARDENING T11 (silent sockets closed at the handshake deadline, pending handshakes capped),

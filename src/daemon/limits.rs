@@ -3,7 +3,40 @@
 //! few hundred connections; the hard limit is what the operator (systemd's `LimitNOFILE=`,
 //! Kubernetes' container runtime) granted, so ztund takes all of it, as ztunnel does.
 
+use std::sync::Arc;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
 use tracing::{info, warn};
+
+use crate::hbone::SendBudget;
+
+/// The node's budget of bytes queued toward peers, as metrics: what is queued now and how often
+/// a stream had to wait (HARDENING H7).
+#[derive(Debug)]
+pub struct SendBudgetCollector(pub Arc<SendBudget>);
+
+impl Collector for SendBudgetCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let queued = i64::try_from(self.0.queued()).unwrap_or(i64::MAX);
+        ConstGauge::new(queued).encode(encoder.encode_descriptor(
+            "ztund_hbone_send_queued_bytes",
+            "Bytes handed to HTTP/2 for peers and not yet written, over all HBONE connections",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        ConstCounter::new(self.0.waits()).encode(encoder.encode_descriptor(
+            "ztund_hbone_send_budget_waits",
+            "Times a stream waited because the node's maxSendQueuedTotal was reached",
+            None,
+            MetricType::Counter,
+        )?)?;
+        Ok(())
+    }
+}
 
 /// Raises the open-files soft limit to the hard limit, logging both.
 pub fn raise_open_files() {

@@ -119,14 +119,22 @@ async fn serve(config: Arc<Config>, log: LogControl, shards: Spawner) -> Result<
     let credentials =
         Arc::new(Credentials::new(certificates.clone()).with_key_exchange(config.tls.key_exchange));
     let xds_metrics = XdsMetrics::new();
+    let hbone_limits = crate::hbone::Limits::server();
+    // One budget of bytes queued toward peers for the node, served and pooled streams alike.
+    let send_budget = crate::hbone::SendBudget::new(
+        hbone_limits.max_send_queued_total,
+        hbone_limits.send_queued_floor,
+    );
     let metrics = {
         let (certificates, xds_metrics) = (certificates.clone(), xds_metrics.clone());
         let supervisor = supervisor.clone();
+        let send_budget = send_budget.clone();
         Metrics::new_with(move |registry| {
             supervisor.register(registry);
             counted.register(registry);
             xds_metrics.register(registry);
             registry.register_collector(Box::new(identity::ExpiryCollector(certificates)));
+            registry.register_collector(Box::new(limits::SendBudgetCollector(send_budget)));
         })
     };
 
@@ -160,14 +168,15 @@ async fn serve(config: Arc<Config>, log: LogControl, shards: Spawner) -> Result<
 
     tokio::spawn(memory::return_freed_heap(shards.clone()));
 
-    let pool = Arc::new(Pool::new(PoolSettings::from(&config.pool)));
     let hbone_budget = {
         let metrics = metrics.clone();
-        crate::hbone::ServerBudget::with_callback(
-            crate::hbone::Limits::server(),
+        crate::hbone::ServerBudget::sharing(
+            hbone_limits,
+            send_budget.clone(),
             Some(Box::new(move |hit| metrics.hbone_limit_hit(hit.name()))),
         )
     };
+    let pool = Arc::new(Pool::sharing(PoolSettings::from(&config.pool), send_budget));
     let ctx = Arc::new(ProxyContext {
         config: config.clone(),
         mesh: mesh.clone(),

@@ -1,5 +1,5 @@
-//! What the HBONE server's connections share: the node-wide stream budget and each peer
-//! identity's budget of CONNECTs cancelled before their answer (Rapid Reset spread over many
+//! What the HBONE server's connections share: the node-wide stream budget, the budget of bytes
+//! queued toward peers ([`super::send_budget`]) and each peer identity's budget of CONNECTs cancelled before their answer (Rapid Reset spread over many
 //! connections, where HTTP/2's per-connection caps never trip). Also counts every limit hit,
 //! for the metrics. Knows nothing about policy.
 
@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use super::frames::Bucket;
 use super::limits::Limits;
+use super::send_budget::SendBudget;
 use crate::identity::SpiffeId;
 
 /// A limit the server enforced, as metrics and logs name it.
@@ -61,6 +62,8 @@ pub type OnLimit = Box<dyn Fn(LimitHit) + Send + Sync>;
 pub struct ServerBudget {
     pub limits: Limits,
     open_streams: AtomicUsize,
+    /// Bytes queued toward peers, shared with the node's pool.
+    send: Arc<SendBudget>,
     early_resets: Mutex<HashMap<Option<SpiffeId>, Bucket>>,
     hits: [AtomicU64; LimitHit::ALL.len()],
     on_limit: Option<OnLimit>,
@@ -81,13 +84,31 @@ impl ServerBudget {
     }
 
     pub fn with_callback(limits: Limits, on_limit: Option<OnLimit>) -> Arc<ServerBudget> {
+        let send = SendBudget::new(limits.max_send_queued_total, limits.send_queued_floor);
+        ServerBudget::sharing(limits, send, on_limit)
+    }
+
+    /// A budget whose bytes queued toward peers count in `send`, made by the caller from
+    /// `limits` (so that metrics can watch it before the server exists).
+    pub fn sharing(
+        limits: Limits,
+        send: Arc<SendBudget>,
+        on_limit: Option<OnLimit>,
+    ) -> Arc<ServerBudget> {
         Arc::new(ServerBudget {
             limits,
             open_streams: AtomicUsize::new(0),
+            send,
             early_resets: Mutex::new(HashMap::new()),
             hits: Default::default(),
             on_limit,
         })
+    }
+
+    /// The node's budget of bytes queued toward peers; give it to the pool too
+    /// ([`super::Pool::sharing`]).
+    pub fn send(&self) -> &Arc<SendBudget> {
+        &self.send
     }
 
     /// Streams open over all connections.

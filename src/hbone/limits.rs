@@ -47,9 +47,15 @@ pub struct Limits {
     /// side normally closes first.
     pub idle_timeout: Duration,
     /// Streams open at once over all HBONE connections of the node; one more is refused with
-    /// REFUSED_STREAM before anything is checked or dialled. With the per-stream send buffer
-    /// it bounds what HTTP/2 may queue toward peers: this × `h2.max_send_buffer`.
+    /// REFUSED_STREAM before anything is checked or dialled.
     pub max_streams_total: usize,
+    /// Bytes queued toward peers (handed to HTTP/2, not yet written to a connection) over all
+    /// connections of the node, served and pooled. Over it, a stream with `send_queued_floor`
+    /// bytes of its own queued waits (HARDENING H7; [`super::send_budget`]). Enforced by ztund.
+    pub max_send_queued_total: usize,
+    /// ... what any stream may queue whatever the node's total, so one peer that fills the
+    /// budget slows the rest of the node but never stops it.
+    pub send_queued_floor: usize,
     /// CONNECTs one peer identity (over all its connections) may cancel before their answer,
     /// per second on average. A peer over budget gets 429 and GOAWAY ENHANCE_YOUR_CALM, and
     /// its CONNECTs are neither authorized nor dialled (Rapid Reset spread over connections).
@@ -79,16 +85,13 @@ impl Limits {
             preface_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(600),
             max_streams_total: 16_384,
+            max_send_queued_total: 256 << 20,
+            send_queued_floor: 64 << 10,
             early_resets_per_second: 10,
             early_reset_burst: 100,
             stream_stall_timeout: Duration::from_secs(60),
             h2,
         }
-    }
-
-    /// Worst case HTTP/2 send buffers over all streams of the node.
-    pub fn max_send_buffered_total(&self) -> usize {
-        self.max_streams_total * self.h2.max_send_buffer
     }
 
     /// As `/config_dump` shows them.
@@ -114,7 +117,8 @@ impl Limits {
             "prefaceTimeout": format!("{:?}", self.preface_timeout),
             "idleTimeout": format!("{:?}", self.idle_timeout),
             "maxStreamsTotal": self.max_streams_total,
-            "maxSendBufferedTotal": self.max_send_buffered_total(),
+            "maxSendQueuedTotal": self.max_send_queued_total,
+            "sendQueuedFloor": self.send_queued_floor,
             "earlyResetsPerSecond": self.early_resets_per_second,
             "earlyResetBurst": self.early_reset_burst,
             "streamStallTimeout": format!("{:?}", self.stream_stall_timeout),
@@ -155,7 +159,7 @@ mod tests {
     /// Every limit, pinned: loosening one must be a visible change to this test.
     #[test]
     fn every_server_limit_is_pinned() {
-        // HARDENING h2 baseline, H4, H5, H7, H9, H11
+        // HARDENING h2 baseline, H4, H5, H7, H9, H11 (the node-wide send budget: H7)
         let expected = json!({
             "maxConcurrentStreams": 200,
             "maxHeaderListSize": 65536,
@@ -176,7 +180,8 @@ mod tests {
             "prefaceTimeout": "10s",
             "idleTimeout": "600s",
             "maxStreamsTotal": 16384,
-            "maxSendBufferedTotal": 6710886400u64,
+            "maxSendQueuedTotal": 268435456,
+            "sendQueuedFloor": 65536,
             "earlyResetsPerSecond": 10,
             "earlyResetBurst": 100,
             "streamStallTimeout": "60s",

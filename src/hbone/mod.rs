@@ -9,9 +9,11 @@ mod frames;
 mod keepalive;
 pub mod limits;
 pub mod pool;
+mod pool_settings;
 #[doc(hidden)]
 pub mod raw_client;
 pub mod request;
+pub mod send_budget;
 pub mod server;
 pub mod stream;
 #[doc(hidden)]
@@ -29,6 +31,7 @@ pub use dialled::{Dialled, WithCertExpiry};
 pub use limits::Limits;
 pub use pool::{Pool, PoolKey, PoolSettings, PoolStats};
 pub use request::ConnectRequest;
+pub use send_budget::SendBudget;
 pub use server::{ConnectionInfo, IncomingConnect, Refusal, serve_connection};
 pub use stream::{H2Recv, H2Send, H2Stream};
 

@@ -7,7 +7,7 @@
 //! knows nothing about either.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll};
@@ -21,108 +21,16 @@ use http::{Request, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::oneshot;
 
+pub use super::pool_settings::{
+    PoolKey, PoolSettings, PoolStats, SPARE_IDLE_TIMEOUT, stream_window_for,
+};
+
 use super::dialled::{Dialled, connection_expiry};
+use super::frames::FrameWatch;
 use super::keepalive::keepalive;
+use super::send_budget::{ConnectionLedger, SendBudget};
 use super::{ALPN_H2, ConnectRequest, H2Settings, H2Stream, HboneError};
 use crate::identity::SpiffeId;
-
-/// Which connections a stream may share: the first four must be equal (PROTOCOL.md §1.7), and
-/// the connection runs on the caller's shard, so a stream and its connection's task share a
-/// thread ([`crate::shard`]).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct PoolKey {
-    pub source: SpiffeId,
-    /// The identities the server may prove, sorted and without duplicates.
-    pub expected: Vec<SpiffeId>,
-    /// The next hop: a peer's IP and its HBONE port.
-    pub destination: SocketAddr,
-    pub source_ip: Option<IpAddr>,
-    /// The pod whose namespace dials (in-pod capture): its tunnels leave with it
-    /// ([`Pool::release_pod`]).
-    pub pod: Option<Arc<str>>,
-    pub shard: usize,
-}
-
-impl PoolKey {
-    pub fn new(
-        source: SpiffeId,
-        mut expected: Vec<SpiffeId>,
-        destination: SocketAddr,
-        source_ip: Option<IpAddr>,
-    ) -> Self {
-        expected.sort();
-        expected.dedup();
-        PoolKey {
-            source,
-            expected,
-            destination,
-            source_ip,
-            pod: None,
-            shard: crate::shard::current(),
-        }
-    }
-}
-
-/// Pool limits and the client-side HTTP/2 settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PoolSettings {
-    pub max_streams_per_connection: u32,
-    /// A connection with no streams and no checkout for this long is closed.
-    pub idle_timeout: Duration,
-    /// ... and after this long if its key has another connection: a burst's extra connections
-    /// (100 streams each) hold their TLS and HTTP/2 buffers on both nodes until they close, and
-    /// one warm connection per key is all a quiet key needs (issue 16, item 5).
-    pub spare_idle_timeout: Duration,
-    pub h2: H2Settings,
-}
-
-/// The default [`PoolSettings::spare_idle_timeout`]: long enough that a load which dips for a
-/// moment does not redial, short enough that the memory comes back well within 30 s.
-pub const SPARE_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
-
-impl Default for PoolSettings {
-    fn default() -> Self {
-        PoolSettings {
-            max_streams_per_connection: 100,
-            idle_timeout: Duration::from_secs(300),
-            spare_idle_timeout: SPARE_IDLE_TIMEOUT,
-            h2: H2Settings::client(),
-        }
-    }
-}
-
-impl From<&crate::config::PoolConfig> for PoolSettings {
-    fn from(config: &crate::config::PoolConfig) -> Self {
-        PoolSettings {
-            max_streams_per_connection: config.max_streams_per_connection,
-            idle_timeout: config.idle_timeout,
-            spare_idle_timeout: SPARE_IDLE_TIMEOUT.min(config.idle_timeout),
-            h2: H2Settings {
-                stream_window: stream_window_for(config.max_streams_per_connection),
-                keepalive_interval: config.keepalive_interval,
-                keepalive_timeout: config.keepalive_timeout,
-                ..H2Settings::client()
-            },
-        }
-    }
-}
-
-/// The stream window that lets `streams` stalled streams hold at most the connection window.
-pub fn stream_window_for(streams: u32) -> u32 {
-    (H2Settings::client().connection_window / streams.max(1)).min(super::MAX_STREAM_WINDOW)
-}
-
-/// Counters since the pool was made, for metrics and tests.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PoolStats {
-    pub dials: u64,
-    pub dial_failures: u64,
-    pub connections_opened: u64,
-    pub connections_closed: u64,
-    pub streams_opened: u64,
-    /// CONNECTs the peer answered with a status other than 200.
-    pub streams_refused: u64,
-}
 
 /// The HBONE client pool. Cheap to clone; clones share connections.
 #[derive(Debug, Clone)]
@@ -133,6 +41,8 @@ pub struct Pool {
 #[derive(Debug)]
 struct PoolInner {
     settings: PoolSettings,
+    /// Bytes queued toward peers, shared with the node's HBONE server.
+    send_budget: Arc<SendBudget>,
     keys: Mutex<HashMap<PoolKey, Arc<KeyEntry>>>,
     next_id: AtomicU64,
     dials: AtomicU64,
@@ -154,6 +64,7 @@ struct KeyEntry {
 struct PooledConnection {
     send: SendRequest<Bytes>,
     state: Arc<ConnectionState>,
+    ledger: Arc<ConnectionLedger>,
 }
 
 /// What the pool, the connection's task and the streams' leases share.
@@ -205,10 +116,20 @@ enum Attempt {
 const MAX_ATTEMPTS: usize = 3;
 
 impl Pool {
+    /// A pool with a send budget of its own, as large as the server's default.
     pub fn new(settings: PoolSettings) -> Self {
+        let limits = super::Limits::server();
+        let budget = SendBudget::new(limits.max_send_queued_total, limits.send_queued_floor);
+        Pool::sharing(settings, budget)
+    }
+
+    /// A pool whose streams count in `send_budget`, the node's budget of bytes queued toward
+    /// peers ([`super::ServerBudget::send`]).
+    pub fn sharing(settings: PoolSettings, send_budget: Arc<SendBudget>) -> Self {
         Pool {
             inner: Arc::new(PoolInner {
                 settings,
+                send_budget,
                 keys: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(1),
                 dials: AtomicU64::new(0),
@@ -336,8 +257,9 @@ impl Pool {
         }
         let peer_identity = crate::tls::peer_identity(tls.get_ref().1).map(Arc::new);
         let not_after = connection_expiry(local_not_after, tls.get_ref().1);
+        let ledger = ConnectionLedger::new(Arc::clone(&inner.send_budget));
         let (send, mut conn) = client_builder(h2)
-            .handshake::<_, Bytes>(tls)
+            .handshake::<_, Bytes>(FrameWatch::client(tls, Arc::clone(&ledger)))
             .await
             .map_err(|source| HboneError::H2 { peer, source })?;
 
@@ -383,7 +305,11 @@ impl Pool {
             }
         }
 
-        let connection = Arc::new(PooledConnection { send, state });
+        let connection = Arc::new(PooledConnection {
+            send,
+            state,
+            ledger,
+        });
         if inner.limit(&connection) == 0 {
             return Err(HboneError::StreamLimit { peer });
         }
@@ -445,6 +371,7 @@ impl Pool {
         Ok(H2Stream::new(
             send_stream,
             response.into_body(),
+            Arc::clone(&connection.ledger),
             Some(lease),
         ))
     }
@@ -569,7 +496,7 @@ fn client_builder(settings: &H2Settings) -> h2::client::Builder {
 /// Runs one client connection: HTTP/2 I/O, the keepalive, and the idle timer. Ends when the
 /// connection closes or a PING goes unanswered.
 async fn drive<IO>(
-    conn: h2::client::Connection<tokio_rustls::client::TlsStream<IO>, Bytes>,
+    conn: h2::client::Connection<FrameWatch<tokio_rustls::client::TlsStream<IO>>, Bytes>,
     keepalive: impl std::future::Future<Output = ()>,
     state: Arc<ConnectionState>,
     pool: Weak<PoolInner>,

@@ -20,6 +20,7 @@ use tokio::sync::watch;
 use super::budget::{LimitHit, ServerBudget, StreamPermit};
 use super::frames::FrameWatch;
 use super::keepalive::keepalive;
+use super::send_budget::ConnectionLedger;
 use super::{ALPN_H2, Authority, H2Stream, HboneError};
 use crate::identity::SpiffeId;
 
@@ -105,7 +106,8 @@ impl IncomingConnect {
             .send_response(response, false)
             .map_err(|source| HboneError::H2 { peer, source })?;
         let permit = self.responder.permit.take();
-        Ok(H2Stream::with_permit(send, body, None, permit))
+        let ledger = Arc::clone(&self.responder.ledger);
+        Ok(H2Stream::with_permit(send, body, ledger, None, permit))
     }
 
     /// Whether the client has reset the stream already (it then wants no answer).
@@ -152,6 +154,7 @@ struct Responder {
     peer_identity: Option<SpiffeId>,
     /// The client's early reset has been counted already.
     reset_counted: bool,
+    ledger: Arc<ConnectionLedger>,
 }
 
 impl Responder {
@@ -271,10 +274,12 @@ where
     let certificate_expiry = tokio::time::sleep(certificate_left.unwrap_or(Duration::MAX));
     tokio::pin!(certificate_expiry);
     let mut certificate_expired = certificate_left.is_none();
-    let (watched, frames_exhausted) = FrameWatch::new(
+    let ledger = ConnectionLedger::new(Arc::clone(budget.send()));
+    let (watched, frames_exhausted) = FrameWatch::server(
         tls,
         limits.control_frames_per_second,
         limits.control_frame_burst,
+        Arc::clone(&ledger),
     );
 
     let handshake = tokio::time::timeout(
@@ -319,7 +324,7 @@ where
                 None => return Ok(()),
                 Some(Ok((request, respond))) => {
                     idle.busy();
-                    let stream = NewStream { info: &info, peer_identity: &peer_identity };
+                    let stream = NewStream { info: &info, peer_identity: &peer_identity, ledger: &ledger };
                     let verdict = stream.dispatch(request, respond, budget, &open_streams, &on_connect);
                     if verdict == Dispatched::OverBudget && !calmed {
                         calmed = true;
@@ -432,6 +437,7 @@ enum Dispatched {
 struct NewStream<'a> {
     info: &'a ConnectionInfo,
     peer_identity: &'a Option<SpiffeId>,
+    ledger: &'a Arc<ConnectionLedger>,
 }
 
 impl NewStream<'_> {
@@ -500,6 +506,7 @@ impl NewStream<'_> {
                 permit: Some(permit),
                 peer_identity: self.peer_identity.clone(),
                 reset_counted: false,
+                ledger: Arc::clone(self.ledger),
             },
         });
         Dispatched::ToCaller

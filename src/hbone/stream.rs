@@ -2,8 +2,9 @@
 //! mapping"). Reading hands out each DATA chunk and releases its flow-control capacity at once;
 //! END_STREAM, or a RST_STREAM with NO_ERROR, reads as EOF; any other reset is a
 //! `ConnectionReset` error, which the copier turns into a TCP RST (HARDENING C8). Writing sends
-//! only what flow control grants; shutdown sends END_STREAM. A served stream whose peer grants
-//! no send window for the stall timeout is reset (HARDENING H7). Knows nothing about who opened
+//! only what flow control and the node's send budget grant; shutdown sends END_STREAM. A served
+//! stream whose peer grants no send window (or reads nothing of its queue) for the stall timeout
+//! is reset (HARDENING H7). Knows nothing about who opened
 //! the stream.
 
 use std::future::poll_fn;
@@ -18,6 +19,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::budget::{LimitHit, ServerBudget, StreamPermit};
 use super::pool::StreamLease;
+use super::send_budget::ConnectionLedger;
 use crate::identity::SpiffeId;
 
 /// A bidirectional CONNECT stream. Use it as `AsyncRead + AsyncWrite`, or split it with
@@ -33,6 +35,11 @@ pub struct H2Stream {
 pub struct H2Send {
     stream: SendStream<Bytes>,
     finished: bool,
+    /// END_STREAM sent, not a reset: HTTP/2 writes out what is queued after this half is gone.
+    ended_cleanly: bool,
+    /// The connection's account of what this stream has queued, in the node's send budget.
+    ledger: Arc<ConnectionLedger>,
+    id: u32,
     /// Holds the stream's slot on a pooled connection until both halves are gone.
     lease: Option<Arc<StreamLease>>,
     /// A served stream's stall timer; client streams have none.
@@ -89,14 +96,16 @@ impl H2Stream {
     pub(crate) fn new(
         send: SendStream<Bytes>,
         recv: RecvStream,
+        ledger: Arc<ConnectionLedger>,
         lease: Option<Arc<StreamLease>>,
     ) -> Self {
-        H2Stream::with_permit(send, recv, lease, None)
+        H2Stream::with_permit(send, recv, ledger, lease, None)
     }
 
     pub(crate) fn with_permit(
         send: SendStream<Bytes>,
         recv: RecvStream,
+        ledger: Arc<ConnectionLedger>,
         lease: Option<Arc<StreamLease>>,
         permit: Option<StreamPermit>,
     ) -> Self {
@@ -105,10 +114,14 @@ impl H2Stream {
             timer: None,
             armed: false,
         });
+        let id = u32::from(send.stream_id());
         H2Stream {
             send: H2Send {
                 stream: send,
                 finished: false,
+                ended_cleanly: false,
+                ledger,
+                id,
                 lease: lease.clone(),
                 stall,
             },
@@ -146,9 +159,19 @@ impl H2Send {
         while !data.is_empty() {
             let granted = ready!(self.poll_granted(cx, data.len()))?;
             let chunk = data.split_to(granted.min(data.len()));
-            self.stream.send_data(chunk, false).map_err(h2_to_io)?;
+            self.queue(chunk)?;
         }
         Poll::Ready(Ok(()))
+    }
+
+    /// Hands `chunk` to HTTP/2, counted in the node's send budget first: the connection task
+    /// may write it out (and take it off the ledger) before `send_data` even returns.
+    fn queue(&mut self, chunk: Bytes) -> io::Result<()> {
+        self.ledger.queue(self.id, chunk.len());
+        self.stream.send_data(chunk, false).map_err(|e| {
+            self.ledger.discard(self.id);
+            h2_to_io(e)
+        })
     }
 
     /// Ends our direction: an empty DATA frame with END_STREAM. Idempotent. A peer that is
@@ -157,7 +180,7 @@ impl H2Send {
     pub fn finish(&mut self) {
         if !self.finished {
             self.finished = true;
-            let _ = self.stream.send_data(Bytes::new(), true);
+            self.ended_cleanly = self.stream.send_data(Bytes::new(), true).is_ok();
         }
     }
 
@@ -167,10 +190,12 @@ impl H2Send {
         if !self.finished {
             self.finished = true;
             self.stream.send_reset(Reason::CONNECT_ERROR);
+            self.ledger.discard(self.id);
         }
     }
 
-    /// Waits until flow control grants some capacity toward `want` bytes.
+    /// Waits until the node's send budget has room for this stream and flow control grants
+    /// some capacity toward `want` bytes.
     fn poll_granted(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
         if self.finished {
             return Poll::Ready(Err(io::Error::new(
@@ -178,15 +203,23 @@ impl H2Send {
                 "HBONE stream: write after shutdown",
             )));
         }
+        let room = match self.ledger.poll_room(self.id, cx) {
+            Poll::Ready(room) => room,
+            // Waiting on our own queue to drain is waiting on the peer to read it.
+            Poll::Pending => return self.poll_stalled(cx),
+        };
+        let want = want.min(room);
         self.stream.reserve_capacity(want);
         loop {
-            let capacity = self.stream.capacity();
+            let capacity = self.stream.capacity().min(want);
             if capacity > 0 {
                 return Poll::Ready(Ok(self.progress(capacity)));
             }
             match self.stream.poll_capacity(cx) {
                 Poll::Ready(Some(Ok(0))) => continue,
-                Poll::Ready(Some(Ok(granted))) => return Poll::Ready(Ok(self.progress(granted))),
+                Poll::Ready(Some(Ok(granted))) => {
+                    return Poll::Ready(Ok(self.progress(granted.min(want))));
+                }
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(h2_to_io(e))),
                 Poll::Ready(None) => {
                     return Poll::Ready(Err(io::Error::new(
@@ -231,11 +264,18 @@ impl H2Send {
             "HBONE stream reset: the peer granted no send window (streamStallTimeout)"
         );
         self.stream.send_reset(Reason::CANCEL);
+        self.ledger.discard(self.id);
         self.finished = true;
         Poll::Ready(Err(io::Error::new(
             io::ErrorKind::TimedOut,
             format!("HBONE stream stalled: no send window from the peer for {timeout:?}"),
         )))
+    }
+}
+
+impl Drop for H2Send {
+    fn drop(&mut self) {
+        self.ledger.handle_gone(self.id, self.ended_cleanly);
     }
 }
 
@@ -343,9 +383,7 @@ impl AsyncWrite for H2Send {
         }
         let granted = ready!(self.poll_granted(cx, buf.len()))?;
         let n = granted.min(buf.len());
-        self.stream
-            .send_data(Bytes::copy_from_slice(&buf[..n]), false)
-            .map_err(h2_to_io)?;
+        self.queue(Bytes::copy_from_slice(&buf[..n]))?;
         Poll::Ready(Ok(n))
     }
 

@@ -3,6 +3,7 @@
 //! the row's outcome, that nothing reached the app (a counting listener), and, where it means
 //! something, that the server's tasks are back to their baseline.
 
+mod budget_rows;
 mod connect_rows;
 mod h2_rows;
 mod pool_rows;
