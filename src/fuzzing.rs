@@ -14,13 +14,22 @@ use crate::tls::{TlsError, verify::SpiffeVerifier};
 pub use crate::capture::seqpacket::Packet;
 
 /// The Istio CA client's reading of a CSR response (`identity::istio::certificate`): the chain
-/// for `id`, whose leaf must carry the public half of `key`.
+/// for `id`, whose leaf must carry the public half of `key`; then the check the certificate
+/// manager makes of every issued certificate before use (`tls::svid::check_issued`, X7).
 pub fn istio_ca_response(
     id: &SpiffeId,
     key: &KeyPair,
     cert_chain: &[String],
 ) -> Result<WorkloadCertificate, IdentityError> {
-    crate::identity::istio::certificate(id, key, cert_chain)
+    let cert = crate::identity::istio::certificate(id, key, cert_chain)?;
+    let algorithms = crate::tls::backend().signature_verification_algorithms;
+    crate::tls::svid::check_issued(id, &cert, &algorithms).map_err(|source| {
+        IdentityError::Refused {
+            id: id.to_string(),
+            source,
+        }
+    })?;
+    Ok(cert)
 }
 
 /// The HBONE server's check of a client certificate (port 15008): chain to `local.roots`,

@@ -52,22 +52,21 @@ fuzz_target!(|data: &[u8]| {
                     "{text:?}: label {label:?} is not a lowercase DNS label"
                 );
             }
-            // catalog-strict, C3: `127.1`, `2130706433` and `localhost` are loopback to a
-            // resolver; a name whose last label is all digits is no DNS name (RFC 3696 §2).
-            #[cfg(feature = "catalog-strict")]
+            // C3: `127.1`, `2130706433`, `10.0.0.0x1` and `localhost` are loopback or
+            // addresses to a resolver; no top-level label starts with a digit (RFC 3696 §2).
             {
                 let last = host.rsplit('.').next().unwrap_or_default();
                 assert!(
-                    !last.bytes().all(|b| b.is_ascii_digit()),
-                    "{text:?}: an all-numeric host"
+                    !last.starts_with(|c: char| c.is_ascii_digit()),
+                    "{text:?}: a host ending in a numeric label"
                 );
+                assert!(!host.ends_with(".localhost"), "{text:?}: a .localhost host");
                 assert_ne!(host, "localhost", "{text:?}: localhost");
             }
         }
         Authority::Addr(addr) => {
             self_call_is_refused(*addr);
-            // catalog-strict, C3: port 0 is refused for a host; an address must not pass it.
-            #[cfg(feature = "catalog-strict")]
+            // C3: port 0 is refused for a host; an address must not pass it.
             assert_ne!(addr.port(), 0, "{text:?}: port 0");
         }
     }
@@ -77,10 +76,7 @@ fuzz_target!(|data: &[u8]| {
 fn self_call_is_refused(addr: SocketAddr) {
     let plan = route::plan(&Snapshot::default(), None, addr, 15008);
     let ip = addr.ip();
-    #[cfg(not(feature = "catalog-strict"))]
-    let self_call = ip.is_loopback() && route::SELF_PORTS.contains(&addr.port());
-    // catalog-strict, C1: every port ztund listens on, loopback in any spelling.
-    #[cfg(feature = "catalog-strict")]
+    // C1: every port ztund listens on, loopback in any spelling.
     let self_call = ip.to_canonical().is_loopback()
         && [15000, 15001, 15006, 15008, 15020, 15021, 15053, 15080].contains(&addr.port());
     if self_call {

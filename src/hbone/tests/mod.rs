@@ -332,6 +332,20 @@ fn authorities_parse_like_the_server_must() {
         ("[fd00::zz]:80", None),
         ("bad host:80", None),
         ("a..b:80", None),
+        // HARDENING C3: loopback in other spellings (found by the hbone_authority fuzz target).
+        ("127.1:80", None),
+        ("2130706433:80", None),
+        ("10.0.0.0x1:80", None),
+        (
+            "reviews.default.svc.cluster.local:9080",
+            Some(Authority::Host(
+                "reviews.default.svc.cluster.local".into(),
+                9080,
+            )),
+        ),
+        ("localhost:80", None),
+        ("LocalHost:80", None),
+        ("app.localhost:80", None),
         ("10.1.2.3:70000", None),
     ];
     for (text, want) in cases {
