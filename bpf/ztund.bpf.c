@@ -5,7 +5,7 @@
  * - sockops moves that entry, at TCP_CONNECT_CB (source port chosen, SYN not yet sent), to a key
  *   ztund can compute from the accepted socket: {netns cookie, the app's address and port};
  * - cgroup/getpeername4|6 show the app the original destination, as REDIRECT would;
- * - sk_lookup (attached to each pod's netns) steers inbound connections to ztund's listeners
+ * - sk_lookup (one instance per pod netns, its cookie a constant) steers inbound connections to ztund's listeners
  *   through a SOCKHASH; an empty slot drops, so while ztund is away the client's SYN retries
  *   instead of reaching the app in plaintext. */
 #include <linux/bpf.h>
@@ -26,6 +26,10 @@ volatile const __u32 ZTUND_MARK = 0x539;
 volatile const __u32 ZTUND_MARK_MASK = 0xfff;
 volatile const __u16 ZTUND_OUTBOUND_PORT = 15001;
 volatile const __u16 ZTUND_HBONE_PORT = 15008;
+/* sk_lookup only: the netns this instance is attached to. The kernel (6.18) refuses
+ * bpf_get_netns_cookie in sk_lookup programs ("program of this type cannot use helper
+ * bpf_get_netns_cookie#122"), so each pod's netns gets its own instance with its cookie here. */
+volatile const __u64 ZTUND_NETNS_COOKIE = 0;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -208,14 +212,31 @@ int ztund_getpeername6(struct bpf_sock_addr *ctx)
 	return 1;
 }
 
+/* A connection made inside the netns: the app calling itself, ztund delivering to the app.
+ * ingress_ifindex alone does not tell: for a local destination the kernel reports the device
+ * that holds the address (eth0 for the pod IP; seen on 6.18), not lo. Such a connection's
+ * source is the destination address itself (or loopback). A spoofed-source delivery
+ * (IP_TRANSPARENT) would not be recognised: ztund delivers from the pod's own address. */
+static __always_inline int is_local(struct bpf_sk_lookup *ctx)
+{
+	if (ctx->ingress_ifindex == LOOPBACK_IFINDEX)
+		return 1;
+	if (ctx->family == AF_INET)
+		return ctx->remote_ip4 == ctx->local_ip4 ||
+		       (bpf_ntohl(ctx->local_ip4) >> 24) == 127;
+	return (ctx->remote_ip6[0] == ctx->local_ip6[0] && ctx->remote_ip6[1] == ctx->local_ip6[1] &&
+		ctx->remote_ip6[2] == ctx->local_ip6[2] && ctx->remote_ip6[3] == ctx->local_ip6[3]) ||
+	       (ctx->local_ip6[0] == 0 && ctx->local_ip6[1] == 0 && ctx->local_ip6[2] == 0 &&
+		ctx->local_ip6[3] == bpf_htonl(1));
+}
+
 SEC("sk_lookup")
 int ztund_sk_lookup(struct bpf_sk_lookup *ctx)
 {
-	/* TCP only; over lo: the app calling itself and ztund delivering to the app. */
-	if (ctx->protocol != IPPROTO_TCP || ctx->ingress_ifindex == LOOPBACK_IFINDEX)
+	if (ctx->protocol != IPPROTO_TCP || is_local(ctx))
 		return SK_PASS;
 	struct ztund_slot key = {};
-	key.netns_cookie = bpf_get_netns_cookie(ctx);
+	key.netns_cookie = ZTUND_NETNS_COOKIE;
 	key.slot = ctx->local_port == ZTUND_HBONE_PORT ? ZTUND_SLOT_HBONE : ZTUND_SLOT_INBOUND;
 	struct bpf_sock *sk = bpf_map_lookup_elem(&listeners, &key);
 	/* Empty slot: ztund is not serving this pod (restarting, or gone). Fail closed. */

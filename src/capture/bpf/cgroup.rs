@@ -25,7 +25,9 @@ fn unescape(field: &str) -> String {
     let mut rest = field;
     while let Some(at) = rest.find('\\') {
         out.push_str(&rest[..at]);
-        let code = rest.get(at + 1..at + 4).and_then(|d| u8::from_str_radix(d, 8).ok());
+        let code = rest
+            .get(at + 1..at + 4)
+            .and_then(|d| u8::from_str_radix(d, 8).ok());
         match code {
             Some(byte) => {
                 out.push(byte as char);
@@ -44,9 +46,10 @@ fn unescape(field: &str) -> String {
 /// The first cgroup2 mount point (`/sys/fs/cgroup` in Kubernetes, `/sys/fs/cgroup/unified` on a
 /// hybrid host).
 pub fn mount() -> io::Result<PathBuf> {
-    mounts()?.into_iter().next().ok_or_else(|| {
-        io::Error::new(io::ErrorKind::NotFound, "no cgroup2 hierarchy is mounted")
-    })
+    mounts()?
+        .into_iter()
+        .next()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no cgroup2 hierarchy is mounted"))
 }
 
 /// Whether `dir` is the root of a cgroup2 hierarchy (a mount point, or the same directory
@@ -72,7 +75,10 @@ pub fn of_process(pid: u32, mount: &Path) -> io::Result<PathBuf> {
         .lines()
         .find_map(|line| line.strip_prefix("0::"))
         .ok_or_else(|| {
-            io::Error::new(io::ErrorKind::NotFound, format!("process {pid} is in no cgroup2 group"))
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("process {pid} is in no cgroup2 group"),
+            )
         })?;
     Ok(mount.join(relative.trim_start_matches('/')))
 }

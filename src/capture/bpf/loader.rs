@@ -63,6 +63,8 @@ pub enum Slot {
 /// start) and its maps, pinned by name under `<pin dir>/maps` and reused by the next ztund.
 pub struct BpfCapture {
     ebpf: Ebpf,
+    object: &'static [u8],
+    settings: BpfSettings,
     pin_dir: PathBuf,
     listeners: aya::maps::SockHash<aya::maps::MapData, SlotKey>,
 }
@@ -86,14 +88,7 @@ impl BpfCapture {
         check_bpffs(pin_dir)?;
         let maps_dir = pin_dir.join("maps");
         create_dir(&maps_dir)?;
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&maps_dir)
-            .override_global("ZTUND_OUTBOUND_PORT", &settings.outbound_port, true)
-            .override_global("ZTUND_HBONE_PORT", &settings.hbone_port, true)
-            .override_global("ZTUND_MARK", &settings.mark, true)
-            .override_global("ZTUND_MARK_MASK", &settings.mark_mask, true)
-            .load(object)
-            .map_err(|e| BpfError::Object(Box::new(e)))?;
+        let mut ebpf = open_object(object, &maps_dir, settings, 0)?;
         for (name, _) in CGROUP_SOCK_ADDR {
             sock_addr(&mut ebpf, name)?
                 .load()
@@ -103,16 +98,20 @@ impl BpfCapture {
         program::<SockOps>(&mut ebpf, name)?
             .load()
             .map_err(|e| BpfError::program(name, e))?;
+        // Each pod gets its own sk_lookup instance (attach_inbound); this one is only verified,
+        // so a program the kernel refuses stops ztund at start, not at its first pod.
         let (name, _) = SK_LOOKUP;
         program::<SkLookup>(&mut ebpf, name)?
             .load()
             .map_err(|e| BpfError::program(name, e))?;
         let table = OrigDstTable::take(&mut ebpf)?;
         let listeners = take_map(&mut ebpf, "listeners")?;
-        let listeners = aya::maps::SockHash::try_from(listeners)
-            .map_err(|e| BpfError::map("listeners", e))?;
+        let listeners =
+            aya::maps::SockHash::try_from(listeners).map_err(|e| BpfError::map("listeners", e))?;
         let capture = BpfCapture {
             ebpf,
+            object,
+            settings: *settings,
             pin_dir: pin_dir.to_path_buf(),
             listeners,
         };
@@ -167,19 +166,31 @@ impl BpfCapture {
     }
 
     /// Steers the inbound TCP connections of `netns` to the pod's listeners ([`Self::set_listener`]);
-    /// until a slot is filled, connections to it are dropped.
-    pub fn attach_inbound(&mut self, uid: &str, netns: &Netns) -> Result<(), BpfError> {
+    /// until a slot is filled, connections to it are dropped. Returns the netns cookie that keys
+    /// the pod's slots.
+    pub fn attach_inbound(&mut self, uid: &str, netns: &Netns) -> Result<u64, BpfError> {
         let pod_dir = self.pod_dir(uid);
         create_dir(&pod_dir)?;
+        let cookie = netns_cookie_of(netns)?;
+        // The pod's own instance, with its netns cookie as a constant; the maps are the pinned
+        // ones. Dropped once its link is pinned: the link keeps the program.
+        let mut instance = open_object(
+            self.object,
+            &self.pin_dir.join("maps"),
+            &self.settings,
+            cookie,
+        )?;
         let (name, pin) = SK_LOOKUP;
-        let program = program::<SkLookup>(&mut self.ebpf, name)?;
+        let program = program::<SkLookup>(&mut instance, name)?;
+        program.load().map_err(|e| BpfError::program(name, e))?;
         let id = program
             .attach(netns.as_fd())
             .map_err(|e| BpfError::program(name, e))?;
         let link = program
             .take_link(id)
             .map_err(|e| BpfError::program(name, e))?;
-        pin_link(FdLink::from(link), &pod_dir.join(pin))
+        pin_link(FdLink::from(link), &pod_dir.join(pin))?;
+        Ok(cookie)
     }
 
     /// Puts `listener` (a listening TCP socket in the pod's netns, bound to any port) in the
@@ -219,17 +230,54 @@ impl BpfCapture {
     }
 }
 
+/// Parses the object and creates (or reuses, by their pins) its maps; `netns_cookie` is the
+/// constant of an sk_lookup instance (0 for the node-wide programs).
+fn open_object(
+    object: &[u8],
+    maps_dir: &Path,
+    settings: &BpfSettings,
+    netns_cookie: u64,
+) -> Result<Ebpf, BpfError> {
+    EbpfLoader::new()
+        .default_map_pin_directory(maps_dir)
+        .override_global("ZTUND_OUTBOUND_PORT", &settings.outbound_port, true)
+        .override_global("ZTUND_HBONE_PORT", &settings.hbone_port, true)
+        .override_global("ZTUND_MARK", &settings.mark, true)
+        .override_global("ZTUND_MARK_MASK", &settings.mark_mask, true)
+        .override_global("ZTUND_NETNS_COOKIE", &netns_cookie, true)
+        .load(object)
+        .map_err(|e| BpfError::Object(Box::new(e)))
+}
+
+/// The cookie of `netns`, read from a socket made inside it.
+pub fn netns_cookie_of(netns: &Netns) -> Result<u64, BpfError> {
+    let io = |source| BpfError::Io {
+        what: "reading the netns cookie of",
+        path: PathBuf::from(netns.describe()),
+        source,
+    };
+    let socket = netns
+        .enter(|| socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::DGRAM, None))
+        .and_then(|s| s)
+        .map_err(io)?;
+    super::origdst::netns_cookie(&socket).map_err(io)
+}
+
 fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, BpfError>
 where
     &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
 {
-    let program = ebpf
-        .program_mut(name)
-        .ok_or(BpfError::program(name, aya::programs::ProgramError::NotLoaded))?;
+    let program = ebpf.program_mut(name).ok_or(BpfError::program(
+        name,
+        aya::programs::ProgramError::NotLoaded,
+    ))?;
     program.try_into().map_err(|e| BpfError::program(name, e))
 }
 
-fn sock_addr<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut CgroupSockAddr, BpfError> {
+fn sock_addr<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut CgroupSockAddr, BpfError> {
     program::<CgroupSockAddr>(ebpf, name)
 }
 

@@ -12,7 +12,7 @@ mod origdst;
 use std::io;
 use std::path::PathBuf;
 
-pub use loader::{BpfCapture, BpfSettings, Slot};
+pub use loader::{BpfCapture, BpfSettings, Slot, netns_cookie_of};
 pub use origdst::{OrigDstTable, netns_cookie, original_destination, register};
 
 /// The object build.rs compiled, or `None` when ztund was built without clang.

@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use aya::Ebpf;
 use aya::maps::{HashMap, MapData};
 
-use super::loader::{Slot, take_map};
 use super::BpfError;
+use super::loader::{Slot, take_map};
 
 const AF_INET: u16 = libc::AF_INET as u16;
 const AF_INET6: u16 = libc::AF_INET6 as u16;
@@ -86,7 +86,9 @@ impl Tuple {
 /// An IPv6 address as four network-order words, as the kernel's `__u32 ip6[4]`.
 fn words(v6: Ipv6Addr) -> [u32; 4] {
     let o = v6.octets();
-    std::array::from_fn(|i| u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]))
+    std::array::from_fn(|i| {
+        u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+    })
 }
 
 impl Orig {
