@@ -266,3 +266,89 @@ async fn outbound_goes_to_15001_with_the_exact_original_destination_and_marks_by
     assert_eq!(printed, "10.77.0.7 8080", "detached: no capture");
     accepted(&real).await;
 }
+
+/// Connects to `dst` from inside `netns` (a blocking connect on a blocking thread).
+async fn connect_from(netns: &Arc<Netns>, dst: &str, timeout: Duration) -> std::io::Result<()> {
+    let netns = netns.clone();
+    let dst: SocketAddr = dst.parse().unwrap();
+    tokio::task::spawn_blocking(move || {
+        netns
+            .enter(|| std::net::TcpStream::connect_timeout(&dst, timeout))
+            .unwrap()
+            .map(drop)
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_is_steered_to_15006_and_15008_and_an_empty_slot_drops() {
+    let bpffs = Bpffs::new();
+    let (mut capture, _table) = load(&bpffs);
+    let pod = Ns::new("pod");
+    let remote = Ns::new("remote");
+    pod.ip(&[
+        "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &remote.0,
+    ]);
+    pod.ip(&["addr", "add", "10.78.0.2/24", "dev", "eth0"]);
+    pod.ip(&["link", "set", "eth0", "up"]);
+    remote.ip(&["addr", "add", "10.78.0.1/24", "dev", "eth0"]);
+    remote.ip(&["link", "set", "eth0", "up"]);
+    let app = listen(&pod.1, "0.0.0.0:8080");
+    // Bound to ports of their own: sk_lookup picks the socket, whatever its address.
+    let inbound = listen(&pod.1, "[::]:25006");
+    let hbone = listen(&pod.1, "[::]:25008");
+    let cookie = capture
+        .attach_inbound("pod-b", &pod.1)
+        .unwrap_or_else(|e| panic!("attaching sk_lookup: {e}"));
+    assert_eq!(cookie, bpf::netns_cookie(&inbound).unwrap());
+    capture
+        .set_listener(cookie, Slot::Inbound, &inbound)
+        .unwrap();
+    capture.set_listener(cookie, Slot::Hbone, &hbone).unwrap();
+
+    connect_from(&remote.1, "10.78.0.2:8080", WAIT)
+        .await
+        .unwrap();
+    let (stream, peer) = accepted(&inbound).await;
+    assert_eq!(ztund::net::canonical(peer).ip().to_string(), "10.78.0.1");
+    assert_eq!(
+        original_destination(&stream).unwrap(),
+        "10.78.0.2:8080".parse().unwrap()
+    );
+    nothing_lands_on(&app).await;
+
+    connect_from(&remote.1, "10.78.0.2:15008", WAIT)
+        .await
+        .unwrap();
+    let (stream, _) = accepted(&hbone).await;
+    assert_eq!(stream.local_addr().unwrap().port(), 15008);
+
+    // Over lo (the app calling itself, ztund delivering to the app): not steered.
+    connect_from(&pod.1, "10.78.0.2:8080", WAIT).await.unwrap();
+    accepted(&app).await;
+    connect_from(&pod.1, "127.0.0.1:8080", WAIT).await.unwrap();
+    accepted(&app).await;
+
+    // No listener in the slot: fail closed, nothing reaches the app in plaintext. The kernel
+    // answers sk_lookup's SK_DROP with a RST (the lookup fails as if no socket listened), so the
+    // client is refused; BPF.md expected a silently dropped SYN.
+    capture.clear_listener(cookie, Slot::Inbound).unwrap();
+    let outcome = connect_from(&remote.1, "10.78.0.2:8080", Duration::from_millis(800)).await;
+    let error = outcome.expect_err("an empty slot must not accept");
+    assert_eq!(
+        error.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "{error}"
+    );
+    nothing_lands_on(&app).await;
+
+    // The slot filled again: served again.
+    capture
+        .set_listener(cookie, Slot::Inbound, &inbound)
+        .unwrap();
+    connect_from(&remote.1, "10.78.0.2:8080", WAIT)
+        .await
+        .unwrap();
+    accepted(&inbound).await;
+}
