@@ -219,6 +219,10 @@ async fn outbound_goes_to_15001_with_the_exact_original_destination_and_marks_by
     pod.ip(&["addr", "add", "10.77.0.7/32", "dev", "lo"]);
     pod.ip(&["addr", "add", "fd00:77::7/128", "dev", "lo"]);
     let cgroup = Cgroup::new();
+    // Never the root: that would capture the whole node, ztund included.
+    let root = bpf::cgroup::mount().unwrap();
+    let refused = capture.attach_outbound("pod-root", &root).unwrap_err();
+    assert!(matches!(refused, bpf::BpfError::RootCgroup { .. }), "{refused}");
     let outbound = listen(&pod.1, "[::]:15001");
     let real = listen(&pod.1, "[::]:8080");
     capture

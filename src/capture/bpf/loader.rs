@@ -23,8 +23,6 @@ const CGROUP_SOCK_ADDR: [(&str, &str); 4] = [
 ];
 const SOCKOPS: (&str, &str) = ("ztund_sockops", "sockops");
 const SK_LOOKUP: (&str, &str) = ("ztund_sk_lookup", "sk_lookup");
-/// bpffs's `f_type` (linux/magic.h).
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// What the programs are told at load time (their `volatile const` globals).
 #[derive(Debug, Clone, Copy)]
@@ -320,7 +318,7 @@ fn check_bpffs(dir: &Path) -> Result<(), BpfError> {
         }
     }
     match nix::sys::statfs::statfs(&probe) {
-        Ok(fs) if fs.filesystem_type().0 as i64 == BPF_FS_MAGIC => Ok(()),
+        Ok(fs) if fs.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC => Ok(()),
         _ => Err(BpfError::NotBpffs {
             dir: dir.to_path_buf(),
         }),
