@@ -222,7 +222,10 @@ async fn outbound_goes_to_15001_with_the_exact_original_destination_and_marks_by
     // Never the root: that would capture the whole node, ztund included.
     let root = bpf::cgroup::mount().unwrap();
     let refused = capture.attach_outbound("pod-root", &root).unwrap_err();
-    assert!(matches!(refused, bpf::BpfError::RootCgroup { .. }), "{refused}");
+    assert!(
+        matches!(refused, bpf::BpfError::RootCgroup { .. }),
+        "{refused}"
+    );
     let outbound = listen(&pod.1, "[::]:15001");
     let real = listen(&pod.1, "[::]:8080");
     capture
