@@ -374,9 +374,14 @@ fn set_bind_address_no_port(socket: &Socket) {
     }
 }
 
-/// Where a redirected connection was headed: SO_ORIGINAL_DST (REDIRECT), then
-/// IP6T_SO_ORIGINAL_DST, else the local address (TPROXY keeps the original destination there).
+/// Where a redirected connection was headed: the eBPF backend's table when it runs (it knows
+/// the connections its programs redirected), SO_ORIGINAL_DST (REDIRECT), then
+/// IP6T_SO_ORIGINAL_DST, else the local address (TPROXY and sk_lookup keep the original
+/// destination there).
 pub fn original_destination(stream: &TcpStream) -> io::Result<SocketAddr> {
+    if let Some(found) = crate::capture::bpf::original_destination(stream) {
+        return found.map(canonical);
+    }
     let socket = socket2::SockRef::from(stream);
     let found = socket
         .original_dst_v4()

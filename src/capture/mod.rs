@@ -2,6 +2,7 @@
 //! the per-pod lifecycle and the nftables redirection. Knows nothing about policy, and nothing
 //! about what the per-pod listeners do (the daemon supplies them through [`PodProxies`]).
 
+pub mod bpf;
 pub mod cni;
 pub mod nft;
 pub mod pods;
