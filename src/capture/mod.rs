@@ -5,6 +5,7 @@
 pub mod cni;
 pub mod nft;
 pub mod pods;
+mod routing;
 pub(crate) mod seqpacket;
 pub mod zds;
 
