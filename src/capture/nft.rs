@@ -111,7 +111,8 @@ pub fn pod_ruleset(ports: &RedirectPorts) -> String {
         is_tproxy,
         tag_connection,
     } = &m;
-    // `tproxy to :port` without a family follows the packet's family in an `inet` table.
+    // `tproxy to :port` without a family follows the packet's family in an `inet` table; after
+    // an `ip`/`ip6` match nft wants the family named.
     let [not_local4, not_local6] = NOT_LOOPBACK;
     format!(
         "{replace}
@@ -126,9 +127,9 @@ table inet {TABLE} {{
     tcp dport {hbone} {not_ztund} {set_tproxy} tproxy to :{hbone} accept
     tcp dport {hbone} {not_ztund} drop
     meta l4proto tcp ct state established,related accept
-    {not_local4} meta l4proto tcp {not_ztund} {set_tproxy} tproxy to :{inbound_plaintext} accept
+    {not_local4} meta l4proto tcp {not_ztund} {set_tproxy} tproxy ip to :{inbound_plaintext} accept
     {not_local4} meta l4proto tcp {not_ztund} drop
-    {not_local6} meta l4proto tcp {not_ztund} {set_tproxy} tproxy to :{inbound_plaintext} accept
+    {not_local6} meta l4proto tcp {not_ztund} {set_tproxy} tproxy ip6 to :{inbound_plaintext} accept
     {not_local6} meta l4proto tcp {not_ztund} drop
   }}
   chain output_mangle {{
@@ -427,8 +428,8 @@ mod tests {
             "iifname \"lo\" ip6 daddr != ::1 meta l4proto tcp accept",
             "tcp dport 15008 meta mark & 0xfff != 0x539 meta mark set meta mark & 0xfffff000 | 0x111 tproxy to :15008 accept",
             "tproxy to :15008 accept\n    tcp dport 15008 meta mark & 0xfff != 0x539 drop",
-            "ip daddr != 127.0.0.1 meta l4proto tcp meta mark & 0xfff != 0x539 meta mark set meta mark & 0xfffff000 | 0x111 tproxy to :15006 accept\n    ip daddr != 127.0.0.1 meta l4proto tcp meta mark & 0xfff != 0x539 drop",
-            "ip6 daddr != ::1 meta l4proto tcp meta mark & 0xfff != 0x539 meta mark set meta mark & 0xfffff000 | 0x111 tproxy to :15006 accept\n    ip6 daddr != ::1 meta l4proto tcp meta mark & 0xfff != 0x539 drop",
+            "ip daddr != 127.0.0.1 meta l4proto tcp meta mark & 0xfff != 0x539 meta mark set meta mark & 0xfffff000 | 0x111 tproxy ip to :15006 accept\n    ip daddr != 127.0.0.1 meta l4proto tcp meta mark & 0xfff != 0x539 drop",
+            "ip6 daddr != ::1 meta l4proto tcp meta mark & 0xfff != 0x539 meta mark set meta mark & 0xfffff000 | 0x111 tproxy ip6 to :15006 accept\n    ip6 daddr != ::1 meta l4proto tcp meta mark & 0xfff != 0x539 drop",
             "ct mark & 0xfff == 0x111 meta mark set ct mark",
             "ip daddr 169.254.7.127 meta l4proto tcp accept",
             "ip6 daddr fd16:9254:7127:1337:ffff:ffff:ffff:ffff meta l4proto tcp accept",

@@ -60,7 +60,9 @@ pub(super) fn remove(netns: &Netns) -> Result<(), CaptureError> {
             family, "route", "del", "local", default, "dev", "lo", "table", ROUTE_TABLE,
         ];
         match run_in(netns, "ip", &route, None) {
-            Err(CaptureError::Command { stderr, .. }) if stderr.contains("No such process") => {}
+            // Already gone: IPv4 says "No such process", IPv6 "No such file or directory".
+            Err(CaptureError::Command { stderr, .. })
+                if stderr.contains("No such process") || stderr.contains("No such file") => {}
             other => other.map(drop)?,
         }
     }

@@ -48,7 +48,9 @@ impl Snapshot {
         };
         for workload in &workloads {
             for ip in &workload.addresses {
-                snapshot.workload_by_ip.insert(*ip, workload.clone());
+                snapshot
+                    .workload_by_ip
+                    .insert(ip.to_canonical(), workload.clone());
             }
             snapshot
                 .workload_by_uid
@@ -61,7 +63,9 @@ impl Snapshot {
         }
         for service in &services {
             for vip in &service.vips {
-                snapshot.service_by_vip.insert(*vip, service.clone());
+                snapshot
+                    .service_by_vip
+                    .insert(vip.to_canonical(), service.clone());
             }
             snapshot
                 .services_by_hostname
@@ -111,7 +115,8 @@ impl Snapshot {
     }
 
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
-        self.workload_by_ip.get(&ip)
+        // Keys are canonical: a v4 peer seen on a dual-stack socket is found by its v4 address.
+        self.workload_by_ip.get(&ip.to_canonical())
     }
 
     pub fn workload_by_uid(&self, uid: &str) -> Option<&Arc<Workload>> {
@@ -119,7 +124,7 @@ impl Snapshot {
     }
 
     pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
-        self.service_by_vip.get(&ip)
+        self.service_by_vip.get(&ip.to_canonical())
     }
 
     /// A service by hostname; with several of the same name, the one in the client's namespace.
