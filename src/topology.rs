@@ -311,7 +311,16 @@ impl Topology {
 
     /// Pod `p` of node `n`'s IPv6 address: fd00:201:n::(p+1) (`::1` is the node's gateway).
     pub fn pod_ip6(&self, n: usize, p: usize) -> IpAddr {
-        IpAddr::V6(Ipv6Addr::new(0xfd00, 0x201, n as u16, 0, 0, 0, 0, (p + 1) as u16))
+        IpAddr::V6(Ipv6Addr::new(
+            0xfd00,
+            0x201,
+            n as u16,
+            0,
+            0,
+            0,
+            0,
+            (p + 1) as u16,
+        ))
     }
 
     /// Turns IPv6 off in pod (n, p)'s namespace (`net.ipv6.conf.{all,default}.disable_ipv6`),

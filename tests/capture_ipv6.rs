@@ -40,7 +40,10 @@ async fn accepted(listener: &TcpListener) -> (TcpStream, SocketAddr) {
 
 async fn nothing_lands_on(listener: &TcpListener) {
     let outcome = tokio::time::timeout(Duration::from_millis(300), listener.accept()).await;
-    assert!(outcome.is_err(), "no connection should have been redirected here");
+    assert!(
+        outcome.is_err(),
+        "no connection should have been redirected here"
+    );
 }
 
 fn install(netns: &Netns) {
@@ -162,7 +165,11 @@ async fn host_mode_redirects_v6_mesh_destinations_from_their_own_set() {
     let remote = SocketAddr::new(bed.pod_ip6(2, 1), 8080);
     let outside = SocketAddr::new(bed.node_ip6(2), 8081);
     for addr in [remote, outside] {
-        let place = if addr == remote { Place::Pod(2, 1) } else { Place::Node(2) };
+        let place = if addr == remote {
+            Place::Pod(2, 1)
+        } else {
+            Place::Node(2)
+        };
         bed.serve(place, addr, |mut stream, _| {
             Box::pin(async move {
                 let (mut r, mut w) = stream.split();
@@ -197,9 +204,12 @@ async fn host_mode_redirects_v6_mesh_destinations_from_their_own_set() {
     nft::remove_redirection(&host).unwrap();
     assert!(!nft::redirection_installed(&host).unwrap());
     assert!(
-        bed.run_in(Place::Node(1), &["ip", "-6", "rule", "show", "pref", "32764"])
-            .trim()
-            .is_empty()
+        bed.run_in(
+            Place::Node(1),
+            &["ip", "-6", "rule", "show", "pref", "32764"]
+        )
+        .trim()
+        .is_empty()
     );
 }
 
@@ -214,8 +224,11 @@ async fn a_namespace_with_ipv6_disabled_takes_the_rules_with_ipv4_routing_only()
     install(&ns);
     assert!(nft::redirection_installed(&ns).unwrap());
     assert!(
-        bed.run_in(Place::Pod(1, 1), &["ip", "-4", "rule", "show", "pref", "32764"])
-            .contains("lookup 100")
+        bed.run_in(
+            Place::Pod(1, 1),
+            &["ip", "-4", "rule", "show", "pref", "32764"]
+        )
+        .contains("lookup 100")
     );
     let app = bed.echo_server(2, 1, 8080);
     let outbound = ztund_sockets(ns.clone())

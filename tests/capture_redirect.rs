@@ -132,7 +132,10 @@ async fn install_is_idempotent_and_removal_restores_direct_traffic() {
     install(&ns);
     assert!(nft::redirection_installed(&ns).unwrap());
     for family in ["-4", "-6"] {
-        let rules = bed.run_in(Place::Pod(1, 1), &["ip", family, "rule", "show", "pref", "32764"]);
+        let rules = bed.run_in(
+            Place::Pod(1, 1),
+            &["ip", family, "rule", "show", "pref", "32764"],
+        );
         assert_eq!(
             rules.lines().count(),
             1,
@@ -147,7 +150,10 @@ async fn install_is_idempotent_and_removal_restores_direct_traffic() {
     assert!(!nft::redirection_installed(&ns).unwrap());
     for family in ["-4", "-6"] {
         assert_eq!(
-            bed.run_in(Place::Pod(1, 1), &["ip", family, "rule", "show", "pref", "32764"]),
+            bed.run_in(
+                Place::Pod(1, 1),
+                &["ip", family, "rule", "show", "pref", "32764"]
+            ),
             ""
         );
         let routes = bed.try_run_in(

@@ -123,7 +123,10 @@ impl Vm {
     fn leftovers(&self) -> Vec<String> {
         let mut found = Vec::new();
         for family in ["ip", "inet"] {
-            if self.node1(&["nft", "list", "table", family, "ztund"]).is_ok() {
+            if self
+                .node1(&["nft", "list", "table", family, "ztund"])
+                .is_ok()
+            {
                 found.push(format!("nft table {family} ztund"));
             }
         }

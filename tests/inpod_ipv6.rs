@@ -153,7 +153,10 @@ async fn v6_pod_to_v6_pod_is_hbone_and_the_server_logs_the_client_identity() {
         capture.frames
     );
     let outside: Vec<_> = flows.iter().filter(|f| !f.uses_port(15008)).collect();
-    assert!(outside.is_empty(), "v6 pod-to-pod TCP outside HBONE: {outside:?}");
+    assert!(
+        outside.is_empty(),
+        "v6 pod-to-pod TCP outside HBONE: {outside:?}"
+    );
 
     let client = spiffe_id("client");
     let line = w
@@ -211,8 +214,14 @@ async fn a_dual_stack_service_is_reachable_on_each_vip() {
         echo,
     );
     for (vip, endpoint) in [
-        ("10.96.0.60:80", SocketAddr::new(bed.pod_ip(2, 1), ECHO_PORT)),
-        ("[fd00:96::60]:80", SocketAddr::new(bed.pod_ip6(2, 1), ECHO_PORT)),
+        (
+            "10.96.0.60:80",
+            SocketAddr::new(bed.pod_ip(2, 1), ECHO_PORT),
+        ),
+        (
+            "[fd00:96::60]:80",
+            SocketAddr::new(bed.pod_ip6(2, 1), ECHO_PORT),
+        ),
     ] {
         let vip: SocketAddr = vip.parse().unwrap();
         let text = format!("through {vip}").into_bytes();
@@ -335,7 +344,11 @@ async fn a_pod_with_ipv6_disabled_works_ipv4_only() {
     assert_eq!(seen_by(bed, 1, 1, whoami_addr).await.ip(), bed.pod_ip(1, 1));
     let line = w
         .daemon(2)
-        .wait_log(&["connection complete", "\"inbound\"", &format!("\"{server}\"")])
+        .wait_log(&[
+            "connection complete",
+            "\"inbound\"",
+            &format!("\"{server}\""),
+        ])
         .await;
     assert!(line.contains(&spiffe_id("client")), "{line}");
     // The dual-stack server still takes plaintext v4 into its own capture, not through v6.

@@ -32,13 +32,29 @@ fn families(netns: &Netns) -> Vec<(&'static str, &'static str)> {
 pub(super) fn install(netns: &Netns) -> Result<(), CaptureError> {
     for (family, default) in families(netns) {
         let route = [
-            family, "route", "replace", "local", default, "dev", "lo", "table", ROUTE_TABLE,
+            family,
+            "route",
+            "replace",
+            "local",
+            default,
+            "dev",
+            "lo",
+            "table",
+            ROUTE_TABLE,
         ];
         run_in(netns, "ip", &route, None)?;
         if !rule_present(netns, family)? {
             let mark = rule_mark();
             let rule = [
-                family, "rule", "add", "fwmark", &mark, "pref", RULE_PREF, "lookup", ROUTE_TABLE,
+                family,
+                "rule",
+                "add",
+                "fwmark",
+                &mark,
+                "pref",
+                RULE_PREF,
+                "lookup",
+                ROUTE_TABLE,
             ];
             run_in(netns, "ip", &rule, None)?;
         }
@@ -52,12 +68,28 @@ pub(super) fn remove(netns: &Netns) -> Result<(), CaptureError> {
         while rule_present(netns, family)? {
             let mark = rule_mark();
             let rule = [
-                family, "rule", "del", "pref", RULE_PREF, "fwmark", &mark, "lookup", ROUTE_TABLE,
+                family,
+                "rule",
+                "del",
+                "pref",
+                RULE_PREF,
+                "fwmark",
+                &mark,
+                "lookup",
+                ROUTE_TABLE,
             ];
             run_in(netns, "ip", &rule, None)?;
         }
         let route = [
-            family, "route", "del", "local", default, "dev", "lo", "table", ROUTE_TABLE,
+            family,
+            "route",
+            "del",
+            "local",
+            default,
+            "dev",
+            "lo",
+            "table",
+            ROUTE_TABLE,
         ];
         match run_in(netns, "ip", &route, None) {
             // Already gone: IPv4 says "No such process", IPv6 "No such file or directory".
@@ -70,7 +102,12 @@ pub(super) fn remove(netns: &Netns) -> Result<(), CaptureError> {
 }
 
 fn rule_present(netns: &Netns, family: &str) -> Result<bool, CaptureError> {
-    let rules = run_in(netns, "ip", &[family, "rule", "show", "pref", RULE_PREF], None)?;
+    let rules = run_in(
+        netns,
+        "ip",
+        &[family, "rule", "show", "pref", RULE_PREF],
+        None,
+    )?;
     let wanted = format!("fwmark {} lookup {ROUTE_TABLE}", rule_mark());
     Ok(rules.lines().any(|line| line.contains(&wanted)))
 }

@@ -264,6 +264,28 @@ mod tests {
         );
     }
 
+    /// A v4 peer on a dual-stack socket shows as `::ffff:a.b.c.d`: found as a.b.c.d, and a
+    /// dual-stack workload or service by either of its addresses.
+    #[test]
+    fn lookups_by_address_are_dual_stack_and_canonical() {
+        let ip = |text: &str| text.parse::<IpAddr>().unwrap();
+        let mut echo = workload("default", "echo", "echo", "10.0.0.2", "app=echo");
+        echo.addresses.push(ip("fd00::2"));
+        let mut web = service("default", "web.default.svc.cluster.local", "echo");
+        web.vips = vec![ip("10.96.0.1"), ip("fd00:96::1")];
+        let snapshot = Snapshot::build(vec![echo], vec![web], policies(""));
+        for address in ["10.0.0.2", "::ffff:10.0.0.2", "fd00::2"] {
+            let found = snapshot
+                .workload_by_ip(ip(address))
+                .map(|w| w.name.as_str());
+            assert_eq!(found, Some("echo"), "{address}");
+        }
+        for vip in ["10.96.0.1", "::ffff:10.96.0.1", "fd00:96::1"] {
+            assert!(snapshot.service_by_vip(ip(vip)).is_some(), "{vip}");
+        }
+        assert!(snapshot.workload_by_ip(ip("fd00::3")).is_none());
+    }
+
     #[test]
     fn a_listed_endpoint_dials_its_own_target_port_for_its_service_only() {
         let mut echo = workload("default", "echo", "echo", "10.0.0.2", "app=echo");

@@ -219,7 +219,11 @@ fn tcp_flow(frame: &[u8]) -> Option<Flow> {
             let src: [u8; 4] = ip.get(12..16)?.try_into().ok()?;
             let dst: [u8; 4] = ip.get(16..20)?.try_into().ok()?;
             let tcp = ip.get(header_len..)?;
-            (IpAddr::from(Ipv4Addr::from(src)), IpAddr::from(Ipv4Addr::from(dst)), tcp)
+            (
+                IpAddr::from(Ipv4Addr::from(src)),
+                IpAddr::from(Ipv4Addr::from(dst)),
+                tcp,
+            )
         }
         // The kernel's TCP over IPv6 carries no extension headers here: next header is TCP.
         0x86dd => {
@@ -229,7 +233,11 @@ fn tcp_flow(frame: &[u8]) -> Option<Flow> {
             let src: [u8; 16] = ip.get(8..24)?.try_into().ok()?;
             let dst: [u8; 16] = ip.get(24..40)?.try_into().ok()?;
             let tcp = ip.get(40..)?;
-            (IpAddr::from(Ipv6Addr::from(src)), IpAddr::from(Ipv6Addr::from(dst)), tcp)
+            (
+                IpAddr::from(Ipv6Addr::from(src)),
+                IpAddr::from(Ipv6Addr::from(dst)),
+                tcp,
+            )
         }
         _ => return None,
     };
