@@ -393,16 +393,21 @@ impl Topology {
 
     /// An echo server on `pod_ip(n, p):port` inside the pod (a tokio task, stopped on drop).
     pub fn echo_server(&self, n: usize, p: usize, port: u16) -> Result<SocketAddr, TopologyError> {
-        self.serve(
-            Place::Pod(n, p),
-            SocketAddr::new(self.pod_ip(n, p), port),
-            |mut stream, _| {
-                Box::pin(async move {
-                    let (mut reader, mut writer) = stream.split();
-                    let _ = tokio::io::copy(&mut reader, &mut writer).await;
-                })
-            },
-        )
+        self.echo_server_at(Place::Pod(n, p), SocketAddr::new(self.pod_ip(n, p), port))
+    }
+
+    /// An echo server on `addr` inside `place` (a tokio task, stopped on drop).
+    pub fn echo_server_at(
+        &self,
+        place: Place,
+        addr: SocketAddr,
+    ) -> Result<SocketAddr, TopologyError> {
+        self.serve(place, addr, |mut stream, _| {
+            Box::pin(async move {
+                let (mut reader, mut writer) = stream.split();
+                let _ = tokio::io::copy(&mut reader, &mut writer).await;
+            })
+        })
     }
 
     /// A server that writes the client's address as seen by the app (`ip:port\n`), then closes.
