@@ -49,6 +49,9 @@ enum Command {
         /// Keep the topology up until Ctrl-C, to poke at it by hand.
         #[arg(long)]
         hold: bool,
+        /// Run every pod, the Service VIP and every flow on IPv6 addresses.
+        #[arg(long)]
+        ipv6: bool,
     },
     /// Serve Delta ADS and Istio's CA API over TLS from a directory of mesh YAML (for fleets
     /// without Istio); `controlplane token` makes a node's bearer token.
@@ -172,9 +175,9 @@ fn main() -> ExitCode {
             }
             Err(e) => fail(&e),
         },
-        Command::Demo { hold } => {
+        Command::Demo { hold, ipv6 } => {
             let _log = ztund::logging::init(format, "warn");
-            report(ztund::demo::run(hold))
+            report(ztund::demo::run(hold, ipv6))
         }
         Command::Controlplane {
             command:

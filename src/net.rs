@@ -359,6 +359,26 @@ pub fn request_migration_enabled(netns: Option<&Netns>) -> io::Result<bool> {
     }
 }
 
+/// Whether a namespace's loopback has IPv6. `/proc/sys/net` shows the namespace of the thread
+/// that opens it. Missing (a kernel without IPv6) or unreadable counts as no IPv6.
+const LOOPBACK_IPV6_DISABLED: &str = "/proc/sys/net/ipv6/conf/lo/disable_ipv6";
+const ALL_IPV6_DISABLED: &str = "/proc/sys/net/ipv6/conf/all/disable_ipv6";
+
+/// Whether `netns` (`None`: this thread's namespace) has IPv6: neither
+/// `net.ipv6.conf.all.disable_ipv6` nor the loopback's is set. A namespace without it gets
+/// IPv4 listeners and IPv4 reply routing only (PROTOCOL.md §5.4, `IPV6_ENABLED`).
+pub fn ipv6_enabled(netns: Option<&Netns>) -> bool {
+    let read = || {
+        [ALL_IPV6_DISABLED, LOOPBACK_IPV6_DISABLED]
+            .iter()
+            .all(|path| std::fs::read_to_string(path).is_ok_and(|v| v.trim() == "0"))
+    };
+    match netns {
+        Some(netns) => netns.enter(read).unwrap_or(false),
+        None => read(),
+    }
+}
+
 /// `IP_BIND_ADDRESS_NO_PORT`, best effort (the connect still works without it).
 fn set_bind_address_no_port(socket: &Socket) {
     let on: libc::c_int = 1;

@@ -1,13 +1,14 @@
 //! A mesh topology on one machine: nodes and pods built from network namespaces, as TESTBED.md
 //! describes (a switch namespace with a bridge; node namespaces 10.200.0.N/24 on it; pods
-//! 10.201.N.(P+1) behind their node on a veth pair). `ztund demo` and the integration tests
+//! 10.201.N.(P+1) behind their node on a veth pair; every address has an IPv6 twin, see
+//! [`Topology::node_ip6`] and [`Topology::pod_ip6`]). `ztund demo` and the integration tests
 //! share it. Names carry a prefix so several topologies coexist, and `Drop` deletes every
 //! namespace it made, also on panic. Knows nothing about ztund's daemons or policy; it only opens
 //! sockets and starts processes inside its namespaces.
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -181,24 +182,35 @@ impl Topology {
                 ("ipv4/ip_forward", "1"),
                 ("ipv4/conf/all/rp_filter", "0"),
                 ("ipv4/conf/default/rp_filter", "0"),
+                ("ipv6/conf/all/forwarding", "1"),
             ],
         )?;
         let gateway = gateway_ip(n);
+        let gateway6 = gateway_ip6(n);
+        // `nodad`: an address is usable at once, not after a second of duplicate detection.
         let mut batch = format!(
-            "link set lo up\naddr add {}/24 dev eth0\nlink set eth0 up\n",
-            self.node_ip(n)
+            "link set lo up\naddr add {}/24 dev eth0\naddr add {}/64 dev eth0 nodad\nlink set eth0 up\n",
+            self.node_ip(n),
+            self.node_ip6(n)
         );
         for other in (1..=self.nodes).filter(|&o| o != n) {
             batch += &format!(
                 "route add 10.201.{other}.0/24 via {}\n",
                 self.node_ip(other)
             );
+            batch += &format!(
+                "route add {} via {}\n",
+                pod_range6(other),
+                self.node_ip6(other)
+            );
         }
         for p in 1..=self.pods_per_node {
             let pod = self.netns_name(Place::Pod(n, p));
             batch += &format!("link add p{p} type veth peer name eth0 netns {pod}\n");
             batch += &format!("addr add {gateway}/32 dev p{p}\nlink set p{p} up\n");
+            batch += &format!("addr add {gateway6}/128 dev p{p} nodad\n");
             batch += &format!("route add {}/32 dev p{p} scope link\n", self.pod_ip(n, p));
+            batch += &format!("route add {}/128 dev p{p}\n", self.pod_ip6(n, p));
         }
         ip_batch(Some(&node), &batch)?;
         for p in 1..=self.pods_per_node {
@@ -218,11 +230,16 @@ impl Topology {
             ],
         )?;
         let ip = self.pod_ip(n, p);
+        let ip6 = self.pod_ip6(n, p);
         let gateway = gateway_ip(n);
+        let gateway6 = gateway_ip6(n);
         let batch = format!(
-            "link set lo up\naddr add {ip}/32 dev eth0\nlink set eth0 up\n\
+            "link set lo up\naddr add {ip}/32 dev eth0\naddr add {ip6}/128 dev eth0 nodad\n\
+             link set eth0 up\n\
              route add {gateway} dev eth0 scope link\n\
-             route add default via {gateway} dev eth0 src {ip}\n"
+             route add default via {gateway} dev eth0 src {ip}\n\
+             route add {gateway6}/128 dev eth0\n\
+             route add default via {gateway6} dev eth0 src {ip6}\n"
         );
         ip_batch(Some(&pod), &batch)
     }
@@ -287,6 +304,37 @@ impl Topology {
         IpAddr::V4(Ipv4Addr::new(10, 201, n as u8, (p + 1) as u8))
     }
 
+    /// Node `n`'s IPv6 address on the bridge: fd00:200::n.
+    pub fn node_ip6(&self, n: usize) -> IpAddr {
+        IpAddr::V6(Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, n as u16))
+    }
+
+    /// Pod `p` of node `n`'s IPv6 address: fd00:201:n::(p+1) (`::1` is the node's gateway).
+    pub fn pod_ip6(&self, n: usize, p: usize) -> IpAddr {
+        IpAddr::V6(Ipv6Addr::new(
+            0xfd00,
+            0x201,
+            n as u16,
+            0,
+            0,
+            0,
+            0,
+            (p + 1) as u16,
+        ))
+    }
+
+    /// Turns IPv6 off in pod (n, p)'s namespace (`net.ipv6.conf.{all,default}.disable_ipv6`),
+    /// which removes its IPv6 addresses: the pod is IPv4-only from then on.
+    pub fn disable_ipv6(&self, n: usize, p: usize) -> Result<(), TopologyError> {
+        self.sysctls(
+            Place::Pod(n, p),
+            &[
+                ("ipv6/conf/all/disable_ipv6", "1"),
+                ("ipv6/conf/default/disable_ipv6", "1"),
+            ],
+        )
+    }
+
     /// Runs a command inside a place and returns its stdout; the error carries its stderr.
     pub fn run_in(&self, place: Place, args: &[&str]) -> Result<String, TopologyError> {
         let Some((program, rest)) = args.split_first() else {
@@ -345,16 +393,21 @@ impl Topology {
 
     /// An echo server on `pod_ip(n, p):port` inside the pod (a tokio task, stopped on drop).
     pub fn echo_server(&self, n: usize, p: usize, port: u16) -> Result<SocketAddr, TopologyError> {
-        self.serve(
-            Place::Pod(n, p),
-            SocketAddr::new(self.pod_ip(n, p), port),
-            |mut stream, _| {
-                Box::pin(async move {
-                    let (mut reader, mut writer) = stream.split();
-                    let _ = tokio::io::copy(&mut reader, &mut writer).await;
-                })
-            },
-        )
+        self.echo_server_at(Place::Pod(n, p), SocketAddr::new(self.pod_ip(n, p), port))
+    }
+
+    /// An echo server on `addr` inside `place` (a tokio task, stopped on drop).
+    pub fn echo_server_at(
+        &self,
+        place: Place,
+        addr: SocketAddr,
+    ) -> Result<SocketAddr, TopologyError> {
+        self.serve(place, addr, |mut stream, _| {
+            Box::pin(async move {
+                let (mut reader, mut writer) = stream.split();
+                let _ = tokio::io::copy(&mut reader, &mut writer).await;
+            })
+        })
     }
 
     /// A server that writes the client's address as seen by the app (`ip:port\n`), then closes.
@@ -467,6 +520,15 @@ impl Drop for ChildGuard {
 
 fn gateway_ip(n: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 201, n as u8, 1)
+}
+
+fn gateway_ip6(n: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x201, n as u16, 0, 0, 0, 0, 1)
+}
+
+/// Node `n`'s IPv6 pod range.
+fn pod_range6(n: usize) -> String {
+    format!("fd00:201:{n:x}::/64")
 }
 
 /// Runs `ip [-n netns] -batch -` with `commands`. Like every `ip` the topology runs, in its own

@@ -131,24 +131,37 @@ async fn install_is_idempotent_and_removal_restores_direct_traffic() {
     install(&ns);
     install(&ns);
     assert!(nft::redirection_installed(&ns).unwrap());
-    let rules = bed.run_in(Place::Pod(1, 1), &["ip", "rule", "show", "pref", "32764"]);
-    assert_eq!(
-        rules.lines().count(),
-        1,
-        "one reply rule after two installs:\n{rules}"
-    );
+    for family in ["-4", "-6"] {
+        let rules = bed.run_in(
+            Place::Pod(1, 1),
+            &["ip", family, "rule", "show", "pref", "32764"],
+        );
+        assert_eq!(
+            rules.lines().count(),
+            1,
+            "one {family} reply rule after two installs:\n{rules}"
+        );
+    }
     let tables = bed.run_in(Place::Pod(1, 1), &["nft", "list", "tables"]);
     assert_eq!(tables.matches("ztund").count(), 1, "{tables}");
 
     nft::remove_redirection(&ns).unwrap();
     nft::remove_redirection(&ns).expect("removing twice is fine");
     assert!(!nft::redirection_installed(&ns).unwrap());
-    assert_eq!(
-        bed.run_in(Place::Pod(1, 1), &["ip", "rule", "show", "pref", "32764"]),
-        ""
-    );
-    let routes = bed.try_run_in(Place::Pod(1, 1), &["ip", "route", "show", "table", "100"]);
-    assert!(routes.unwrap_or_default().trim().is_empty());
+    for family in ["-4", "-6"] {
+        assert_eq!(
+            bed.run_in(
+                Place::Pod(1, 1),
+                &["ip", family, "rule", "show", "pref", "32764"]
+            ),
+            ""
+        );
+        let routes = bed.try_run_in(
+            Place::Pod(1, 1),
+            &["ip", family, "route", "show", "table", "100"],
+        );
+        assert!(routes.unwrap_or_default().trim().is_empty());
+    }
 
     let outbound = listen(&ns, 15001);
     let direct = bed.connect_from(1, 1, app).await.unwrap();
@@ -162,11 +175,7 @@ async fn host_mode_captures_the_hosts_own_traffic_and_leaves_forwarded_traffic_a
     let host = bed.netns(Place::Node(1));
     let remote = bed.echo_server(2, 1, 8080);
     // Only mesh destinations are redirected: `remote` is one, node 2's own address is not.
-    let mesh_destination = match remote.ip() {
-        std::net::IpAddr::V4(v4) => v4,
-        std::net::IpAddr::V6(_) => unreachable!("the testbed is IPv4"),
-    };
-    nft::install_host_redirection(&host, &HostRedirection::default(), &[mesh_destination]).unwrap();
+    nft::install_host_redirection(&host, &HostRedirection::default(), &[remote.ip()]).unwrap();
     let outside = bed.serve(
         Place::Node(2),
         SocketAddr::new(bed.node_ip(2), 8081),

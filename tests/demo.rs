@@ -139,6 +139,45 @@ fn the_demo_shows_identities_and_policies_then_leaves_nothing() {
     assert_nothing_left(&stdout);
 }
 
+/// `ztund demo --ipv6`: the same mesh on the pods' IPv6 addresses and an IPv6 VIP, through the
+/// control plane, with the same identities and the same policy outcomes.
+#[test]
+fn the_demo_runs_on_ipv6_addresses() {
+    let _one = ONE_DEMO.lock().unwrap_or_else(|e| e.into_inner());
+    let out = Command::new(ztund())
+        .args(["demo", "--ipv6"])
+        .output()
+        .expect("running ztund demo --ipv6");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "ztund demo --ipv6 failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    assert!(stdout.contains("sleep fd00:201:1::2"), "{stdout}");
+    let hbone = row(&stdout, "sleep → echo:8080");
+    assert!(hbone.contains("HBONE node1→node2"), "{hbone}");
+    assert!(
+        hbone.contains("spiffe://cluster.local/ns/default/sa/sleep"),
+        "{hbone}"
+    );
+    let via_service = row(&stdout, "httpbin → echo VIP [fd00:96::10]:80");
+    assert!(via_service.trim_end().ends_with("| ok"), "{via_service}");
+    let denied = row(&stdout, "httpbin → db:5432");
+    assert!(
+        denied.contains("denied by AuthorizationPolicy default/db-deny-httpbin"),
+        "{denied}"
+    );
+    let refused = row(&stdout, "node1 (no mesh) → db:5432");
+    assert!(refused.contains("refused: STRICT mTLS"), "{refused}");
+    assert!(
+        !stdout.lines().any(|l| l.starts_with('!')),
+        "a flow ended unlike the policies say:\n{stdout}"
+    );
+    assert_nothing_left(&stdout);
+}
+
 #[test]
 fn ctrl_c_while_holding_tears_everything_down() {
     let _one = ONE_DEMO.lock().unwrap_or_else(|e| e.into_inner());

@@ -122,26 +122,34 @@ impl Vm {
     /// Whether any of ztund's table, ip rule or route table is in node 1.
     fn leftovers(&self) -> Vec<String> {
         let mut found = Vec::new();
-        if self.node1(&["nft", "list", "table", "ip", "ztund"]).is_ok() {
-            found.push("nft table ip ztund".to_string());
+        for family in ["ip", "inet"] {
+            if self
+                .node1(&["nft", "list", "table", family, "ztund"])
+                .is_ok()
+            {
+                found.push(format!("nft table {family} ztund"));
+            }
         }
-        let rules = self
-            .node1(&["ip", "rule", "show", "pref", "32764"])
-            .unwrap();
-        if !rules.trim().is_empty() {
-            found.push(format!("ip rule: {rules}"));
-        }
-        let routes = self
-            .node1(&["ip", "route", "show", "table", "100"])
-            .unwrap_or_default();
-        if !routes.trim().is_empty() {
-            found.push(format!("route table 100: {routes}"));
+        // The testbed's nodes have IPv6: its rule and route must go too.
+        for family in ["-4", "-6"] {
+            let rules = self
+                .node1(&["ip", family, "rule", "show", "pref", "32764"])
+                .unwrap();
+            if !rules.trim().is_empty() {
+                found.push(format!("ip {family} rule: {rules}"));
+            }
+            let routes = self
+                .node1(&["ip", family, "route", "show", "table", "100"])
+                .unwrap_or_default();
+            if !routes.trim().is_empty() {
+                found.push(format!("ip {family} route table 100: {routes}"));
+            }
         }
         found
     }
 
     fn mesh_set(&self) -> String {
-        self.node1(&["nft", "list", "set", "ip", "ztund", "mesh_destinations"])
+        self.node1(&["nft", "list", "set", "inet", "ztund", "mesh_destinations"])
             .unwrap_or_else(|e| e)
     }
 

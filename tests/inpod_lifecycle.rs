@@ -115,7 +115,7 @@ async fn a_restarted_ztund_adopts_its_pods_again() {
     let killed = w.kill(2).expect("node2's ztund was running");
     // Its rules outlive it: the pod's traffic has nowhere to go until ztund is back.
     assert!(
-        w.nft_tables(Place::Pod(2, 1)).contains("table ip ztund"),
+        w.nft_tables(Place::Pod(2, 1)).contains("table inet ztund"),
         "the rules went away with the process"
     );
     w.start(2).await;

@@ -345,7 +345,7 @@ async fn a_crash_loses_open_connections_and_fails_closed_until_the_restart() {
         );
     }
     assert!(
-        w.nft_tables(Place::Pod(2, 1)).contains("table ip ztund"),
+        w.nft_tables(Place::Pod(2, 1)).contains("table inet ztund"),
         "the crash took the pod's redirection away"
     );
     assert_eq!(

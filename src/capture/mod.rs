@@ -6,6 +6,7 @@ pub mod bpf;
 pub mod cni;
 pub mod nft;
 pub mod pods;
+mod routing;
 pub(crate) mod seqpacket;
 pub mod zds;
 

@@ -3,25 +3,30 @@
 //! in the host namespace on a VM host. Runs `nft` and `ip` inside a given namespace; knows nothing
 //! about pods or listeners.
 //!
-//! IPv4 only for now: the verified rule set is an `ip` table.
+//! Both families in one `inet` table: `tproxy` and `redirect` work for IPv6 there on the
+//! kernels ztund runs on (checked by hand, TESTBED.md, and by the v6 tests on the testbed). The
+//! IPv6 rules are harmless in a namespace with IPv6 disabled (no v6 packet ever matches); only
+//! the reply routing (`super::routing`) has to know whether the namespace has IPv6.
+//! Other tables (the DNS rules, anyone else's) are never touched: only `ztund` is replaced.
 
 use std::io::Write;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::process::{Command, Stdio};
 
 use super::CaptureError;
+use super::routing;
 use crate::net::{Netns, TPROXY_CONNMARK, ZTUND_MARK};
 
 /// nftables table holding every ztund rule of a namespace.
 const TABLE: &str = "ztund";
-/// The nftables set (in [`TABLE`]) of the addresses a VM host's outbound traffic is redirected
-/// for: every mesh workload address and service VIP.
+/// The nftables sets (in [`TABLE`]) of the addresses a VM host's outbound traffic is redirected
+/// for: every mesh workload address and service VIP, one set per family (a set holds one type).
 pub const MESH_SET: &str = "mesh_destinations";
-/// Routing table that delivers connmarked replies locally (to ztund's transparent sockets).
-const ROUTE_TABLE: &str = "100";
-const RULE_PREF: &str = "32764";
-/// kubelet probes arrive SNATed to this address and must reach the app directly.
+pub const MESH_SET_V6: &str = "mesh_destinations6";
+/// kubelet probes arrive SNATed to this address and must reach the app directly; the second is
+/// Istio's IPv6 probe source (PROTOCOL.md §5.5).
 const PROBE_SOURCE: &str = "169.254.7.127";
+const PROBE_SOURCE_V6: &str = "fd16:9254:7127:1337:ffff:ffff:ffff:ffff";
 
 /// The ports traffic is redirected to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,7 +92,8 @@ pub fn check_tools() -> Result<(), CaptureError> {
     Ok(())
 }
 
-/// The nftables script for a pod namespace. Applying it replaces any earlier ztund table.
+/// The nftables script for a pod namespace, both families. Applying it replaces any earlier
+/// ztund table (also the `ip` table older ztund versions installed).
 /// Each `tproxy` rule is followed by a `drop` of the same packets: `tproxy` finds no socket when
 /// ztund is down (a crash, between a stop and a restart) and then falls through, which would
 /// hand the app plaintext past a STRICT policy; dropped, the pod fails closed.
@@ -105,19 +111,26 @@ pub fn pod_ruleset(ports: &RedirectPorts) -> String {
         is_tproxy,
         tag_connection,
     } = &m;
+    // `tproxy to :port` without a family follows the packet's family in an `inet` table; after
+    // an `ip`/`ip6` match nft wants the family named.
+    let [not_local4, not_local6] = NOT_LOOPBACK;
     format!(
         "{replace}
-table ip {TABLE} {{
+table inet {TABLE} {{
   chain prerouting_mangle {{
     type filter hook prerouting priority mangle; policy accept;
     {is_ztund} {tag_connection}
     ip saddr {PROBE_SOURCE} meta l4proto tcp accept
-    iifname \"lo\" ip daddr != 127.0.0.1 meta l4proto tcp accept
+    ip6 saddr {PROBE_SOURCE_V6} meta l4proto tcp accept
+    iifname \"lo\" {not_local4} meta l4proto tcp accept
+    iifname \"lo\" {not_local6} meta l4proto tcp accept
     tcp dport {hbone} {not_ztund} {set_tproxy} tproxy to :{hbone} accept
     tcp dport {hbone} {not_ztund} drop
     meta l4proto tcp ct state established,related accept
-    ip daddr != 127.0.0.1 meta l4proto tcp {not_ztund} {set_tproxy} tproxy to :{inbound_plaintext} accept
-    ip daddr != 127.0.0.1 meta l4proto tcp {not_ztund} drop
+    {not_local4} meta l4proto tcp {not_ztund} {set_tproxy} tproxy ip to :{inbound_plaintext} accept
+    {not_local4} meta l4proto tcp {not_ztund} drop
+    {not_local6} meta l4proto tcp {not_ztund} {set_tproxy} tproxy ip6 to :{inbound_plaintext} accept
+    {not_local6} meta l4proto tcp {not_ztund} drop
   }}
   chain output_mangle {{
     type route hook output priority mangle; policy accept;
@@ -126,9 +139,12 @@ table ip {TABLE} {{
   chain output_nat {{
     type nat hook output priority -100; policy accept;
     ip daddr {PROBE_SOURCE} meta l4proto tcp accept
+    ip6 daddr {PROBE_SOURCE_V6} meta l4proto tcp accept
     meta l4proto tcp {is_tproxy} accept
-    oifname \"lo\" ip daddr != 127.0.0.1 accept
-    ip daddr != 127.0.0.1 meta l4proto tcp {not_ztund} redirect to :{outbound}
+    oifname \"lo\" {not_local4} accept
+    oifname \"lo\" {not_local6} accept
+    {not_local4} meta l4proto tcp {not_ztund} redirect to :{outbound}
+    {not_local6} meta l4proto tcp {not_ztund} redirect to :{outbound}
   }}
 }}
 ",
@@ -137,11 +153,14 @@ table ip {TABLE} {{
     )
 }
 
+/// The loopback address of each family, excluded from capture.
+const NOT_LOOPBACK: [&str; 2] = ["ip daddr != 127.0.0.1", "ip6 daddr != ::1"];
+
 /// The nftables script for a VM host's own namespace: outbound TCP of the host's processes to a
-/// mesh destination (an address in the `mesh_destinations` set, [`MESH_SET`]) goes to the
-/// outbound listener, except ztund's marked sockets and local/loopback traffic; new TCP
-/// connections to the host's own addresses go to the inbound plaintext listener (except HBONE
-/// and the exempt ports); forwarded traffic is left alone.
+/// mesh destination (an address in the `mesh_destinations` sets, [`MESH_SET`] and
+/// [`MESH_SET_V6`]) goes to the outbound listener, except ztund's marked sockets and
+/// local/loopback traffic; new TCP connections to the host's own addresses go to the inbound
+/// plaintext listener (except HBONE and the exempt ports); forwarded traffic is left alone.
 ///
 /// Only mesh destinations are redirected because for any other address the outbound proxy's
 /// plan is a plain passthrough anyway (`proxy::route::plan`); redirecting it gains nothing and,
@@ -155,7 +174,7 @@ table ip {TABLE} {{
 /// arrives (ztund's own xDS stream among them) are picked up by conntrack mid-stream, their
 /// first packet not yet `established`; `tproxy` does not match a non-transparent socket, so the
 /// drop would cut them.
-pub fn host_ruleset(host: &HostRedirection, mesh_destinations: &[Ipv4Addr]) -> String {
+pub fn host_ruleset(host: &HostRedirection, mesh_destinations: &[IpAddr]) -> String {
     let RedirectPorts {
         outbound,
         inbound_plaintext,
@@ -172,11 +191,18 @@ pub fn host_ruleset(host: &HostRedirection, mesh_destinations: &[Ipv4Addr]) -> S
     let mut exempt: Vec<String> = vec![hbone.to_string()];
     exempt.extend(host.exempt_inbound_ports.iter().map(u16::to_string));
     let exempt = exempt.join(", ");
+    let elements = |v6: bool| match element_list(mesh_destinations, v6) {
+        Some(list) => format!("\n    elements = {{ {list} }}"),
+        None => String::new(),
+    };
     format!(
         "{replace}
-table ip {TABLE} {{
+table inet {TABLE} {{
   set {MESH_SET} {{
-    type ipv4_addr;{elements}
+    type ipv4_addr;{elements4}
+  }}
+  set {MESH_SET_V6} {{
+    type ipv6_addr;{elements6}
   }}
   chain prerouting_mangle {{
     type filter hook prerouting priority mangle; policy accept;
@@ -198,34 +224,42 @@ table ip {TABLE} {{
     {is_ztund} accept
     oifname \"lo\" accept
     ip daddr 127.0.0.0/8 accept
+    ip6 daddr ::1 accept
     ip daddr @{MESH_SET} meta l4proto tcp redirect to :{outbound}
+    ip6 daddr @{MESH_SET_V6} meta l4proto tcp redirect to :{outbound}
   }}
 }}
 ",
         replace = replace_table(),
         is_tproxy_ct = m.is_tproxy_ct(),
         new_connection = "tcp flags & (fin | syn | rst | ack) == syn",
-        elements = match element_list(mesh_destinations) {
-            Some(list) => format!("\n    elements = {{ {list} }}"),
-            None => String::new(),
-        },
+        elements4 = elements(false),
+        elements6 = elements(true),
     )
 }
 
-/// The script that replaces the host's set of mesh destinations in one transaction (a
+/// The script that replaces the host's sets of mesh destinations in one transaction (a
 /// connection never sees a half-updated set).
-pub fn mesh_destinations_update(mesh_destinations: &[Ipv4Addr]) -> String {
-    let mut script = format!("flush set ip {TABLE} {MESH_SET}\n");
-    if let Some(list) = element_list(mesh_destinations) {
-        script.push_str(&format!("add element ip {TABLE} {MESH_SET} {{ {list} }}\n"));
+pub fn mesh_destinations_update(mesh_destinations: &[IpAddr]) -> String {
+    let mut script = String::new();
+    for (set, v6) in [(MESH_SET, false), (MESH_SET_V6, true)] {
+        script.push_str(&format!("flush set inet {TABLE} {set}\n"));
+        if let Some(list) = element_list(mesh_destinations, v6) {
+            script.push_str(&format!("add element inet {TABLE} {set} {{ {list} }}\n"));
+        }
     }
     script
 }
 
-/// `a, b, c` (sorted, without duplicates, which nft refuses), or `None` for no address (an
-/// empty `elements = { }` is a syntax error).
-fn element_list(addresses: &[Ipv4Addr]) -> Option<String> {
-    let unique: std::collections::BTreeSet<&Ipv4Addr> = addresses.iter().collect();
+/// `a, b, c` of one family (sorted, without duplicates, which nft refuses; v4-mapped IPv6
+/// addresses count as IPv4), or `None` for no address (an empty `elements = { }` is a syntax
+/// error).
+fn element_list(addresses: &[IpAddr], v6: bool) -> Option<String> {
+    let unique: std::collections::BTreeSet<IpAddr> = addresses
+        .iter()
+        .map(|a| a.to_canonical())
+        .filter(|a| a.is_ipv6() == v6)
+        .collect();
     if unique.is_empty() {
         return None;
     }
@@ -260,15 +294,19 @@ impl Marks {
     }
 }
 
-/// Creating then deleting the table first makes one atomic `nft -f` replace whatever was there.
+/// Creating then deleting the table first makes one atomic `nft -f` replace whatever was there:
+/// the `inet` table, and the IPv4-only `ip` table of ztund versions before IPv6 (adopted on an
+/// upgrade, never left behind next to the new one).
 fn replace_table() -> String {
-    format!("table ip {TABLE} {{}}\ndelete table ip {TABLE}")
+    format!(
+        "table ip {TABLE} {{}}\ndelete table ip {TABLE}\ntable inet {TABLE} {{}}\ndelete table inet {TABLE}"
+    )
 }
 
 /// Installs (or replaces) the pod redirection in `netns`.
 pub fn install_pod_redirection(netns: &Netns, ports: &RedirectPorts) -> Result<(), CaptureError> {
     apply_nft(netns, &pod_ruleset(ports))?;
-    install_reply_routing(netns)
+    routing::install(netns)
 }
 
 /// Installs (or replaces, adopting what an earlier ztund left) the host-mode redirection in
@@ -276,123 +314,47 @@ pub fn install_pod_redirection(netns: &Netns, ports: &RedirectPorts) -> Result<(
 pub fn install_host_redirection(
     netns: &Netns,
     host: &HostRedirection,
-    mesh_destinations: &[Ipv4Addr],
+    mesh_destinations: &[IpAddr],
 ) -> Result<(), CaptureError> {
     apply_nft(netns, &host_ruleset(host, mesh_destinations))?;
-    install_reply_routing(netns)
+    routing::install(netns)
 }
 
-/// Replaces the set of mesh destinations the host redirects (after a mesh change).
+/// Replaces the sets of mesh destinations the host redirects (after a mesh change).
 pub fn update_mesh_destinations(
     netns: &Netns,
-    mesh_destinations: &[Ipv4Addr],
+    mesh_destinations: &[IpAddr],
 ) -> Result<(), CaptureError> {
     apply_nft(netns, &mesh_destinations_update(mesh_destinations))
 }
 
-/// Removes everything host mode installed (nft table, ip rule, route table) so that a stopped
+/// Removes everything host mode installed (nft table, ip rules, route tables) so that a stopped
 /// ztund leaves the host's network as it found it. Succeeds when it is already gone.
 pub fn remove_host_redirection(netns: &Netns) -> Result<(), CaptureError> {
     remove_redirection(netns)
 }
 
-/// Removes ztund's table, rule and route from `netns`; succeeds when they are already gone.
+/// Removes ztund's table, rules and routes from `netns`; succeeds when they are already gone.
 pub fn remove_redirection(netns: &Netns) -> Result<(), CaptureError> {
     apply_nft(netns, &replace_table())?;
-    while reply_rule_present(netns)? {
-        run_in(
-            netns,
-            "ip",
-            &[
-                "rule",
-                "del",
-                "pref",
-                RULE_PREF,
-                "fwmark",
-                &rule_mark(),
-                "lookup",
-                ROUTE_TABLE,
-            ],
-            None,
-        )?;
-    }
-    let route = [
-        "route",
-        "del",
-        "local",
-        "0.0.0.0/0",
-        "dev",
-        "lo",
-        "table",
-        ROUTE_TABLE,
-    ];
-    match run_in(netns, "ip", &route, None) {
-        Err(CaptureError::Command { stderr, .. }) if stderr.contains("No such process") => Ok(()),
-        other => other.map(drop),
-    }
+    routing::remove(netns)
 }
 
 /// Whether `netns` has ztund's nftables table.
 pub fn redirection_installed(netns: &Netns) -> Result<bool, CaptureError> {
-    match run_in(netns, "nft", &["list", "table", "ip", TABLE], None) {
+    match run_in(netns, "nft", &["list", "table", "inet", TABLE], None) {
         Ok(_) => Ok(true),
         Err(CaptureError::Command { stderr, .. }) if stderr.contains("No such file") => Ok(false),
         Err(e) => Err(e),
     }
 }
 
-fn rule_mark() -> String {
-    format!("{TPROXY_CONNMARK:#x}/0xfff")
-}
-
-fn install_reply_routing(netns: &Netns) -> Result<(), CaptureError> {
-    run_in(
-        netns,
-        "ip",
-        &[
-            "route",
-            "replace",
-            "local",
-            "0.0.0.0/0",
-            "dev",
-            "lo",
-            "table",
-            ROUTE_TABLE,
-        ],
-        None,
-    )?;
-    if !reply_rule_present(netns)? {
-        run_in(
-            netns,
-            "ip",
-            &[
-                "rule",
-                "add",
-                "fwmark",
-                &rule_mark(),
-                "pref",
-                RULE_PREF,
-                "lookup",
-                ROUTE_TABLE,
-            ],
-            None,
-        )?;
-    }
-    Ok(())
-}
-
-fn reply_rule_present(netns: &Netns) -> Result<bool, CaptureError> {
-    let rules = run_in(netns, "ip", &["rule", "show", "pref", RULE_PREF], None)?;
-    let wanted = format!("fwmark {} lookup {ROUTE_TABLE}", rule_mark());
-    Ok(rules.lines().any(|line| line.contains(&wanted)))
-}
-
-fn apply_nft(netns: &Netns, script: &str) -> Result<(), CaptureError> {
+pub(super) fn apply_nft(netns: &Netns, script: &str) -> Result<(), CaptureError> {
     run_in(netns, "nft", &["-f", "-"], Some(script)).map(drop)
 }
 
 /// Runs a tool inside `netns` (the child `setns`es before exec) and returns its stdout.
-fn run_in(
+pub(super) fn run_in(
     netns: &Netns,
     binary: &'static str,
     args: &[&str],
@@ -444,8 +406,6 @@ fn run_in(
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
-/// Makes the child `setns` into `fd` between fork and exec.
-///
 fn package_of(binary: &str) -> &'static str {
     match binary {
         "nft" => "nftables",
@@ -458,19 +418,32 @@ mod tests {
     use super::*;
 
     #[test]
-    fn pod_ruleset_matches_the_verified_shape() {
+    fn pod_ruleset_matches_the_verified_shape_in_both_families() {
         let text = pod_ruleset(&RedirectPorts::default());
         for line in [
             "meta mark & 0xfff == 0x539 ct mark set ct mark & 0xfffff000 | 0x111",
+            "ip saddr 169.254.7.127 meta l4proto tcp accept",
+            "ip6 saddr fd16:9254:7127:1337:ffff:ffff:ffff:ffff meta l4proto tcp accept",
+            "iifname \"lo\" ip daddr != 127.0.0.1 meta l4proto tcp accept",
+            "iifname \"lo\" ip6 daddr != ::1 meta l4proto tcp accept",
             "tcp dport 15008 meta mark & 0xfff != 0x539 meta mark set meta mark & 0xfffff000 | 0x111 tproxy to :15008 accept",
-            "ip daddr != 127.0.0.1 meta l4proto tcp meta mark & 0xfff != 0x539 meta mark set meta mark & 0xfffff000 | 0x111 tproxy to :15006 accept\n    ip daddr != 127.0.0.1 meta l4proto tcp meta mark & 0xfff != 0x539 drop",
             "tproxy to :15008 accept\n    tcp dport 15008 meta mark & 0xfff != 0x539 drop",
+            "ip daddr != 127.0.0.1 meta l4proto tcp meta mark & 0xfff != 0x539 meta mark set meta mark & 0xfffff000 | 0x111 tproxy ip to :15006 accept\n    ip daddr != 127.0.0.1 meta l4proto tcp meta mark & 0xfff != 0x539 drop",
+            "ip6 daddr != ::1 meta l4proto tcp meta mark & 0xfff != 0x539 meta mark set meta mark & 0xfffff000 | 0x111 tproxy ip6 to :15006 accept\n    ip6 daddr != ::1 meta l4proto tcp meta mark & 0xfff != 0x539 drop",
             "ct mark & 0xfff == 0x111 meta mark set ct mark",
+            "ip daddr 169.254.7.127 meta l4proto tcp accept",
+            "ip6 daddr fd16:9254:7127:1337:ffff:ffff:ffff:ffff meta l4proto tcp accept",
+            "oifname \"lo\" ip6 daddr != ::1 accept",
             "ip daddr != 127.0.0.1 meta l4proto tcp meta mark & 0xfff != 0x539 redirect to :15001",
+            "ip6 daddr != ::1 meta l4proto tcp meta mark & 0xfff != 0x539 redirect to :15001",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }
-        assert!(text.starts_with("table ip ztund {}\ndelete table ip ztund\n"));
+        // Replaces the table of either family, and only ztund's (the DNS rules live elsewhere).
+        assert!(text.starts_with(
+            "table ip ztund {}\ndelete table ip ztund\ntable inet ztund {}\ndelete table inet ztund\ntable inet ztund {"
+        ));
+        assert!(!text.contains("flush ruleset"), "{text}");
     }
 
     #[test]
@@ -486,10 +459,13 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("meta mark & 0xfff == 0x539 accept"), "{text}");
-        assert!(
-            text.contains("ip daddr @mesh_destinations meta l4proto tcp redirect to :15001"),
-            "{text}"
-        );
+        for line in [
+            "ip daddr @mesh_destinations meta l4proto tcp redirect to :15001",
+            "ip6 daddr @mesh_destinations6 meta l4proto tcp redirect to :15001",
+            "ip daddr 127.0.0.0/8 accept\n    ip6 daddr ::1 accept",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
         // With ztund down, inbound fails closed instead of falling through to the apps.
         assert!(
             text.contains(
@@ -500,18 +476,27 @@ mod tests {
     }
 
     #[test]
-    fn mesh_destinations_are_listed_once_and_replaced_atomically() {
-        let a: Ipv4Addr = "10.0.0.2".parse().unwrap();
-        let b: Ipv4Addr = "10.0.0.1".parse().unwrap();
-        let text = host_ruleset(&HostRedirection::default(), &[a, b, a]);
-        assert!(text.contains("elements = { 10.0.0.1, 10.0.0.2 }"), "{text}");
-        assert_eq!(
-            mesh_destinations_update(&[a]),
-            "flush set ip ztund mesh_destinations\nadd element ip ztund mesh_destinations { 10.0.0.2 }\n"
+    fn mesh_destinations_are_split_by_family_listed_once_and_replaced_atomically() {
+        let a: IpAddr = "10.0.0.2".parse().unwrap();
+        let b: IpAddr = "10.0.0.1".parse().unwrap();
+        let c: IpAddr = "fd00::3".parse().unwrap();
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
+        let text = host_ruleset(&HostRedirection::default(), &[a, b, c, a, mapped]);
+        assert!(
+            text.contains("type ipv4_addr;\n    elements = { 10.0.0.1, 10.0.0.2 }"),
+            "{text}"
+        );
+        assert!(
+            text.contains("type ipv6_addr;\n    elements = { fd00::3 }"),
+            "{text}"
         );
         assert_eq!(
-            mesh_destinations_update(&[]),
-            "flush set ip ztund mesh_destinations\n"
+            mesh_destinations_update(&[a]),
+            "flush set inet ztund mesh_destinations\nadd element inet ztund mesh_destinations { 10.0.0.2 }\nflush set inet ztund mesh_destinations6\n"
+        );
+        assert_eq!(
+            mesh_destinations_update(&[c]),
+            "flush set inet ztund mesh_destinations\nflush set inet ztund mesh_destinations6\nadd element inet ztund mesh_destinations6 { fd00::3 }\n"
         );
     }
 

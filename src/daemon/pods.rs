@@ -2,7 +2,7 @@
 //! that istio-cni (ZDS) or the mesh file (standalone) hand over, and host mode for a VM.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -180,24 +180,18 @@ impl HostCapture {
         match nft::remove_host_redirection(&self.netns) {
             Ok(()) => info!("host capture removed"),
             Err(e) => {
-                warn!(error = %e, "cannot remove the host capture; remove table ip ztund by hand")
+                warn!(error = %e, "cannot remove the host capture; remove table inet ztund by hand")
             }
         }
     }
 }
 
 /// Every address whose outbound plan is not a passthrough (`proxy::route::plan`): mesh
-/// workloads and service VIPs. IPv4 only, as the host rules are.
-fn mesh_destinations(snapshot: &Snapshot) -> Vec<Ipv4Addr> {
+/// workloads and service VIPs, both families (the host rules keep one set per family).
+fn mesh_destinations(snapshot: &Snapshot) -> Vec<IpAddr> {
     let workloads = snapshot.workloads().iter().flat_map(|w| w.addresses.iter());
     let vips = snapshot.services().iter().flat_map(|s| s.vips.iter());
-    let mut addresses: Vec<Ipv4Addr> = workloads
-        .chain(vips)
-        .filter_map(|ip| match ip {
-            IpAddr::V4(v4) => Some(*v4),
-            IpAddr::V6(_) => None,
-        })
-        .collect();
+    let mut addresses: Vec<IpAddr> = workloads.chain(vips).map(|ip| ip.to_canonical()).collect();
     addresses.sort_unstable();
     addresses.dedup();
     addresses
@@ -210,7 +204,7 @@ fn mesh_destinations(snapshot: &Snapshot) -> Vec<Ipv4Addr> {
 async fn follow_mesh_destinations(
     ctx: Arc<ProxyContext>,
     netns: Arc<Netns>,
-    mut installed: Option<Vec<Ipv4Addr>>,
+    mut installed: Option<Vec<IpAddr>>,
 ) {
     let mut changes = ctx.mesh.subscribe();
     let mut drain = ctx.drain.clone();
@@ -285,14 +279,17 @@ struct ListenerSet {
     hbone: TcpListener,
 }
 
-fn bind_set(sockets: &SocketFactory, ports: &RedirectPorts) -> Result<ListenerSet, PodError> {
+fn bind_set(
+    sockets: &SocketFactory,
+    ports: &RedirectPorts,
+    ipv6: bool,
+) -> Result<ListenerSet, PodError> {
+    // Dual-stack where the namespace has IPv6 (v4 clients arrive v4-mapped and are made plain
+    // v4 again at accept, `net::canonical`), plain IPv4 where it does not.
+    let wildcard = crate::net::unspecified(ipv6);
     let bind = |port: u16| {
-        // Dual-stack where the namespace has IPv6, plain IPv4 where it does not.
         sockets
-            .listener(SocketAddr::new(crate::net::unspecified(true), port), true)
-            .or_else(|_| {
-                sockets.listener(SocketAddr::new(crate::net::unspecified(false), port), true)
-            })
+            .listener(SocketAddr::new(wildcard, port), true)
             .map_err(|source| PodError::Bind { port, source })
     };
     Ok(ListenerSet {
@@ -308,8 +305,9 @@ fn bind_sets(
     sockets: &SocketFactory,
     ports: &RedirectPorts,
 ) -> Result<Vec<ListenerSet>, PodError> {
+    let ipv6 = crate::net::ipv6_enabled(sockets.netns.as_deref());
     (0..ctx.shards.len())
-        .map(|_| bind_set(sockets, ports))
+        .map(|_| bind_set(sockets, ports, ipv6))
         .collect()
 }
 

@@ -36,7 +36,7 @@ pub struct Outcome {
 /// Runs the act and says it in two lines.
 pub async fn run(world: &World) -> Result<(Outcome, String), DemoError> {
     let target = ECHO
-        .addr(&world.topology)
+        .addr(&world.topology, world.ipv6)
         .ok_or_else(|| DemoError::Setup("the echo pod has no port to stream to".into()))?;
     let sockets = world.topology.app_sockets(SLEEP.place())?;
     let mut stream = tokio::time::timeout(Duration::from_secs(3), sockets.connect(target, None))

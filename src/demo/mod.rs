@@ -64,8 +64,9 @@ pub enum DemoError {
     Runtime(std::io::Error),
 }
 
-/// Runs the demo; with `hold`, keeps the topology up until Ctrl-C.
-pub fn run(hold: bool) -> Result<(), DemoError> {
+/// Runs the demo; with `hold`, keeps the topology up until Ctrl-C; with `ipv6`, on the pods'
+/// IPv6 addresses.
+pub fn run(hold: bool, ipv6: bool) -> Result<(), DemoError> {
     preflight()?;
     let _lock = DemoLock::acquire()?;
     // One thread: daemons are forked from it and die with it (PR_SET_PDEATHSIG).
@@ -73,7 +74,7 @@ pub fn run(hold: bool) -> Result<(), DemoError> {
         .enable_all()
         .build()
         .map_err(DemoError::Runtime)?;
-    runtime.block_on(demo(hold))
+    runtime.block_on(demo(hold, ipv6))
 }
 
 /// Root, `ip` and `nft`, checked before anything is made.
@@ -101,7 +102,7 @@ fn is_executable(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
-async fn demo(hold: bool) -> Result<(), DemoError> {
+async fn demo(hold: bool, ipv6: bool) -> Result<(), DemoError> {
     let started = Instant::now();
     let mut stop = Stop::install()?;
     println!(
@@ -111,7 +112,7 @@ async fn demo(hold: bool) -> Result<(), DemoError> {
         world::PREFIX
     );
     let world = tokio::select! {
-        world = World::start() => world?,
+        world = World::start(ipv6) => world?,
         signal = stop.wait() => return Err(DemoError::Interrupted(signal)),
     };
     print!("{}", describe(&world));
@@ -162,7 +163,7 @@ async fn demo(hold: bool) -> Result<(), DemoError> {
 fn describe(world: &World) -> String {
     let mut out = String::new();
     for n in 1..=scenario::NODES {
-        let pods: Vec<String> = scenario::placements(&world.topology)
+        let pods: Vec<String> = scenario::placements(&world.topology, world.ipv6)
             .into_iter()
             .filter(|p| p.pod.node == n)
             .map(|p| format!("{} {}", p.pod.name, p.ip))
@@ -177,7 +178,7 @@ fn describe(world: &World) -> String {
     out += &format!(
         "  Service echo {vip}; PeerAuthentication db-strict (STRICT on db); \
          AuthorizationPolicy db-deny-httpbin (DENY httpbin → db)\n",
-        vip = scenario::ECHO_VIP
+        vip = scenario::echo_vip(world.ipv6)
     );
     if let Some(cp) = &world.control_plane {
         out += &format!(

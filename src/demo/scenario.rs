@@ -2,7 +2,7 @@
 //! the Kubernetes and Istio YAML a user would write; the policy the second act adds; and each
 //! node's ztund config. Pure text; knows nothing about namespaces being built or daemons running.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use crate::topology::{Place, Topology};
@@ -12,6 +12,26 @@ pub const TRUST_DOMAIN: &str = "cluster.local";
 
 /// The `echo` Service's virtual IP and port (targetPort 8080).
 pub const ECHO_VIP: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10)), 80);
+/// Its IPv6 twin, for `ztund demo --ipv6`.
+pub const ECHO_VIP6: SocketAddr = SocketAddr::new(
+    IpAddr::V6(Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x10)),
+    80,
+);
+
+/// The `echo` VIP of the demo's address family.
+pub fn echo_vip(ipv6: bool) -> SocketAddr {
+    if ipv6 { ECHO_VIP6 } else { ECHO_VIP }
+}
+
+/// Pod `index` of `node`'s address in the demo's family (`--ipv6`: the pod's IPv6 address;
+/// the mesh then knows each pod by that address alone, an IPv6-only cluster).
+pub fn pod_ip(topology: &Topology, node: usize, index: usize, ipv6: bool) -> IpAddr {
+    if ipv6 {
+        topology.pod_ip6(node, index)
+    } else {
+        topology.pod_ip(node, index)
+    }
+}
 
 /// One pod of the demo: where it runs, who it is, and the port its app serves (if any).
 #[derive(Debug, Clone, Copy)]
@@ -29,8 +49,8 @@ impl Pod {
     }
 
     /// The app's address, for pods that serve.
-    pub fn addr(&self, topology: &Topology) -> Option<SocketAddr> {
-        let ip = topology.pod_ip(self.node, self.index);
+    pub fn addr(&self, topology: &Topology, ipv6: bool) -> Option<SocketAddr> {
+        let ip = pod_ip(topology, self.node, self.index, ipv6);
         self.port.map(|port| SocketAddr::new(ip, port))
     }
 }
@@ -95,11 +115,11 @@ pub struct Placement {
 }
 
 /// Every pod placed in `topology`.
-pub fn placements(topology: &Topology) -> Vec<Placement> {
+pub fn placements(topology: &Topology, ipv6: bool) -> Vec<Placement> {
     PODS.iter()
         .map(|pod| Placement {
             pod: *pod,
-            ip: topology.pod_ip(pod.node, pod.index),
+            ip: pod_ip(topology, pod.node, pod.index, ipv6),
         })
         .collect()
 }
@@ -107,7 +127,7 @@ pub fn placements(topology: &Topology) -> Vec<Placement> {
 /// The mesh both nodes are given. The Pods carry what the kubelet would fill in (`nodeName`,
 /// `podIP`) and no network namespace: the demo hands each pod's namespace to its node's ztund
 /// over ZDS, as istio-cni does; the Service and the Istio policies are exactly what a user writes.
-pub fn mesh_yaml(placements: &[Placement]) -> String {
+pub fn mesh_yaml(placements: &[Placement], vip: SocketAddr) -> String {
     let mut yaml = String::from("# ztund demo: two nodes, four pods, one Service, two policies.\n");
     for Placement { pod, ip } in placements {
         yaml += &format!(
@@ -121,7 +141,7 @@ spec:
   serviceAccountName: {name}
   nodeName: {node}
 status:
-  podIP: {ip}
+  podIP: \"{ip}\"
 ---
 ",
             name = pod.name,
@@ -135,7 +155,7 @@ metadata:
   name: echo
   namespace: default
 spec:
-  clusterIP: {vip}
+  clusterIP: \"{vip}\"
   selector: {{app: echo}}
   ports:
   - name: tcp-echo
@@ -167,8 +187,8 @@ spec:
     - source:
         principals: [\"{td}/ns/default/sa/httpbin\"]
 ",
-        vip = ECHO_VIP.ip(),
-        port = ECHO_VIP.port(),
+        vip = vip.ip(),
+        port = vip.port(),
         target = ECHO.port.unwrap_or(8080),
         td = TRUST_DOMAIN,
         strict = DB_STRICT,
@@ -255,7 +275,7 @@ mod tests {
 
     #[test]
     fn the_mesh_places_pods_and_the_policies_guard_db() {
-        let yaml = mesh_yaml(&placed());
+        let yaml = mesh_yaml(&placed(), ECHO_VIP);
         let snapshot = snapshot_from_text("mesh.yaml", &yaml, &MeshSettings::default())
             .unwrap_or_else(|e| panic!("demo mesh must parse: {e}\n{yaml}"));
         assert_eq!(snapshot.local_workloads("node1").count(), 2);
@@ -283,9 +303,45 @@ mod tests {
         assert!(matches!(verdict(None), Decision::Deny(r) if r.contains("db-strict")));
     }
 
+    /// `--ipv6`: the same mesh on the pods' IPv6 addresses and the v6 VIP.
+    #[test]
+    fn the_ipv6_mesh_places_pods_and_the_vip_on_v6_addresses() {
+        let placed: Vec<Placement> = PODS
+            .iter()
+            .map(|pod| Placement {
+                pod: *pod,
+                ip: IpAddr::V6(Ipv6Addr::new(
+                    0xfd00,
+                    0x201,
+                    pod.node as u16,
+                    0,
+                    0,
+                    0,
+                    0,
+                    pod.index as u16 + 1,
+                )),
+            })
+            .collect();
+        let yaml = mesh_yaml(&placed, ECHO_VIP6);
+        let snapshot = snapshot_from_text("mesh.yaml", &yaml, &MeshSettings::default())
+            .unwrap_or_else(|e| panic!("demo v6 mesh must parse: {e}\n{yaml}"));
+        let vip = snapshot
+            .service_by_vip(ECHO_VIP6.ip())
+            .expect("echo v6 VIP");
+        assert_eq!(snapshot.endpoints(vip).len(), 1);
+        let db = snapshot
+            .workload_by_ip("fd00:201:2::3".parse().unwrap())
+            .expect("db by its v6 address");
+        assert_eq!(db.name, "db");
+    }
+
     #[test]
     fn the_second_act_policy_denies_sleep_to_echo_only() {
-        let yaml = format!("{}---\n{}", mesh_yaml(&placed()), echo_deny_yaml());
+        let yaml = format!(
+            "{}---\n{}",
+            mesh_yaml(&placed(), ECHO_VIP),
+            echo_deny_yaml()
+        );
         let snapshot = snapshot_from_text("mesh.yaml", &yaml, &MeshSettings::default())
             .unwrap_or_else(|e| panic!("demo mesh with the act 2 policy must parse: {e}"));
         let echo = snapshot

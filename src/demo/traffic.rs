@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::scenario::{self, DB, ECHO, ECHO_VIP, HTTPBIN, Pod, SLEEP};
+use super::scenario::{self, DB, ECHO, HTTPBIN, Pod, SLEEP};
 use super::world::World;
 use crate::topology::Place;
 
@@ -48,10 +48,12 @@ pub struct Flow {
 /// The demo's flows, in the order the table shows them.
 pub fn flows(world: &World) -> Vec<Flow> {
     let t = &world.topology;
+    let ipv6 = world.ipv6;
+    let vip = scenario::echo_vip(ipv6);
     let direct = |client, server: Pod, expect| {
-        let target = server
-            .addr(t)
-            .unwrap_or_else(|| SocketAddr::new(t.pod_ip(server.node, server.index), 0));
+        let target = server.addr(t, ipv6).unwrap_or_else(|| {
+            SocketAddr::new(scenario::pod_ip(t, server.node, server.index, ipv6), 0)
+        });
         Flow {
             client,
             server,
@@ -66,8 +68,8 @@ pub fn flows(world: &World) -> Vec<Flow> {
         Flow {
             client: Client::Pod(HTTPBIN),
             server: ECHO,
-            target: ECHO_VIP,
-            target_label: format!("echo VIP {ECHO_VIP}"),
+            target: vip,
+            target_label: format!("echo VIP {vip}"),
             expect: Expect::Echoed,
         },
         direct(Client::Pod(SLEEP), DB, Expect::Echoed),

@@ -57,6 +57,8 @@ pub struct World {
     pub control_plane: Option<ControlPlane>,
     pub topology: Topology,
     pub dir: WorkDir,
+    /// `--ipv6`: pods, the VIP and every flow on IPv6 addresses.
+    pub ipv6: bool,
     /// The mesh as first written.
     mesh: String,
 }
@@ -66,16 +68,20 @@ impl World {
     /// it, starts the apps and the daemons, hands each daemon its
     /// node's pods, and waits until every daemon is ready. Anything made before a failure is
     /// removed again.
-    pub async fn start() -> Result<World, DemoError> {
+    pub async fn start(ipv6: bool) -> Result<World, DemoError> {
         let dir = WorkDir::create()?;
         let topology = Topology::with_prefix(PREFIX, NODES, PODS_PER_NODE)?;
-        let mesh = scenario::mesh_yaml(&scenario::placements(&topology));
+        let mesh = scenario::mesh_yaml(
+            &scenario::placements(&topology, ipv6),
+            scenario::echo_vip(ipv6),
+        );
         let mut world = World {
             daemons: Vec::new(),
             agents: Vec::new(),
             control_plane: None,
             topology,
             dir,
+            ipv6,
             mesh,
         };
         let cp_dir = world.dir.path().join("cp");
@@ -89,8 +95,8 @@ impl World {
         controlplane::replace_file(&cp_dir.join("mesh.yaml"), &world.mesh)?;
         world.control_plane = Some(ControlPlane::start(&world.topology, world.dir.path()).await?);
         for pod in PODS {
-            if let Some(port) = pod.port {
-                world.topology.echo_server(pod.node, pod.index, port)?;
+            if let Some(addr) = pod.addr(&world.topology, ipv6) {
+                world.topology.echo_server_at(pod.place(), addr)?;
             }
         }
         for n in 1..=NODES {

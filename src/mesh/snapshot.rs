@@ -48,7 +48,9 @@ impl Snapshot {
         };
         for workload in &workloads {
             for ip in &workload.addresses {
-                snapshot.workload_by_ip.insert(*ip, workload.clone());
+                snapshot
+                    .workload_by_ip
+                    .insert(ip.to_canonical(), workload.clone());
             }
             snapshot
                 .workload_by_uid
@@ -61,7 +63,9 @@ impl Snapshot {
         }
         for service in &services {
             for vip in &service.vips {
-                snapshot.service_by_vip.insert(*vip, service.clone());
+                snapshot
+                    .service_by_vip
+                    .insert(vip.to_canonical(), service.clone());
             }
             snapshot
                 .services_by_hostname
@@ -111,7 +115,8 @@ impl Snapshot {
     }
 
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
-        self.workload_by_ip.get(&ip)
+        // Keys are canonical: a v4 peer seen on a dual-stack socket is found by its v4 address.
+        self.workload_by_ip.get(&ip.to_canonical())
     }
 
     pub fn workload_by_uid(&self, uid: &str) -> Option<&Arc<Workload>> {
@@ -119,7 +124,7 @@ impl Snapshot {
     }
 
     pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
-        self.service_by_vip.get(&ip)
+        self.service_by_vip.get(&ip.to_canonical())
     }
 
     /// A service by hostname; with several of the same name, the one in the client's namespace.
@@ -257,6 +262,28 @@ mod tests {
             moved.identity().to_string(),
             "spiffe://cluster.local/ns/default/sa/other-sa"
         );
+    }
+
+    /// A v4 peer on a dual-stack socket shows as `::ffff:a.b.c.d`: found as a.b.c.d, and a
+    /// dual-stack workload or service by either of its addresses.
+    #[test]
+    fn lookups_by_address_are_dual_stack_and_canonical() {
+        let ip = |text: &str| text.parse::<IpAddr>().unwrap();
+        let mut echo = workload("default", "echo", "echo", "10.0.0.2", "app=echo");
+        echo.addresses.push(ip("fd00::2"));
+        let mut web = service("default", "web.default.svc.cluster.local", "echo");
+        web.vips = vec![ip("10.96.0.1"), ip("fd00:96::1")];
+        let snapshot = Snapshot::build(vec![echo], vec![web], policies(""));
+        for address in ["10.0.0.2", "::ffff:10.0.0.2", "fd00::2"] {
+            let found = snapshot
+                .workload_by_ip(ip(address))
+                .map(|w| w.name.as_str());
+            assert_eq!(found, Some("echo"), "{address}");
+        }
+        for vip in ["10.96.0.1", "::ffff:10.96.0.1", "fd00:96::1"] {
+            assert!(snapshot.service_by_vip(ip(vip)).is_some(), "{vip}");
+        }
+        assert!(snapshot.workload_by_ip(ip("fd00::3")).is_none());
     }
 
     #[test]

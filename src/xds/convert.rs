@@ -233,7 +233,11 @@ fn workload(ctx: &Ctx, w: pb::Workload) -> Result<Workload, ConvertError> {
         .addresses
         .iter()
         .enumerate()
-        .map(|(i, bytes)| ctx.ip(format_args!("addresses[{i}]"), bytes))
+        .map(|(i, bytes)| {
+            // A v4 workload sent as `::ffff:a.b.c.d` is held (and looked up) as a.b.c.d.
+            ctx.ip(format_args!("addresses[{i}]"), bytes)
+                .map(|ip| ip.to_canonical())
+        })
         .collect::<Result<Vec<_>, _>>()?;
     if addresses.is_empty() && !w.hostname.is_empty() {
         tracing::debug!(workload = %w.uid, hostname = %w.hostname, "DNS-named workload without addresses; not reachable by IP");
@@ -326,7 +330,9 @@ fn service(ctx: &Ctx, s: pb::Service) -> Result<Service, ConvertError> {
     )?;
     let mut vips = Vec::new();
     for (i, address) in s.addresses.iter().enumerate() {
-        let ip = ctx.ip(format_args!("addresses[{i}].address"), &address.address)?;
+        let ip = ctx
+            .ip(format_args!("addresses[{i}].address"), &address.address)?
+            .to_canonical();
         let full = if ip.is_ipv4() { 32 } else { 128 };
         match address.length {
             None => vips.push(ip),

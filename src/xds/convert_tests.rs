@@ -356,6 +356,38 @@ fn a_service_becomes_the_model() {
 }
 
 #[test]
+fn a_dual_stack_service_keeps_both_vips_and_mapped_addresses_become_v4() {
+    let v6 = |text: &str| {
+        text.parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .octets()
+            .to_vec()
+    };
+    let mut s = pb_service("default", "echo", [10, 96, 0, 10], 80, 8080);
+    s.addresses.push(pb::NetworkAddress {
+        network: String::new(),
+        address: v6("fd00:96::10"),
+        length: Some(128),
+    });
+    let Ok(Address::Service(service)) = address(&service_resource(s, "1")) else {
+        panic!("a service")
+    };
+    let want: Vec<IpAddr> = vec![
+        "10.96.0.10".parse().unwrap(),
+        "fd00:96::10".parse().unwrap(),
+    ];
+    assert_eq!(service.vips, want);
+
+    let mut w = pb_workload("default", "echo", [10, 0, 0, 2]);
+    w.addresses = vec![v6("::ffff:10.0.0.3"), v6("fd00::3")];
+    let Ok(Address::Workload(workload)) = address(&workload_resource(w, "1")) else {
+        panic!("a workload")
+    };
+    let want: Vec<IpAddr> = vec!["10.0.0.3".parse().unwrap(), "fd00::3".parse().unwrap()];
+    assert_eq!(workload.addresses, want);
+}
+
+#[test]
 fn bad_service_fields_are_named() {
     let name = "default/echo.default.svc.cluster.local";
     let bad = |edit: &dyn Fn(&mut pb::Service)| {

@@ -23,6 +23,8 @@ pub struct MeshPod {
     /// Whether it carries the `ztund.io/netns` annotation (standalone capture).
     pub netns_annotation: bool,
     pub labels: Vec<(String, String)>,
+    /// Whether the mesh file lists its IPv6 address too (`status.podIPs`, dual-stack).
+    pub dual_stack: bool,
 }
 
 impl MeshPod {
@@ -34,6 +36,7 @@ impl MeshPod {
             service_account: service_account.into(),
             netns_annotation: true,
             labels: Vec::new(),
+            dual_stack: false,
         }
     }
 
@@ -48,6 +51,12 @@ impl MeshPod {
     /// Adds a label.
     pub fn label(mut self, key: &str, value: &str) -> MeshPod {
         self.labels.push((key.into(), value.into()));
+        self
+    }
+
+    /// Lists the pod's IPv6 address besides its IPv4 one (a dual-stack pod).
+    pub fn dual_stack(mut self) -> MeshPod {
+        self.dual_stack = true;
         self
     }
 
@@ -86,13 +95,19 @@ pub fn mesh_yaml(bed: &Testbed, pods: &[MeshPod]) -> String {
         } else {
             String::new()
         };
+        let ip = bed.pod_ip(pod.node, pod.pod);
+        let status = if pod.dual_stack {
+            let ip6 = bed.pod_ip6(pod.node, pod.pod);
+            format!("{{podIP: \"{ip}\", podIPs: [{{ip: \"{ip}\"}}, {{ip: \"{ip6}\"}}]}}")
+        } else {
+            format!("{{podIP: \"{ip}\"}}")
+        };
         docs.push(format!(
-            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  labels: {{{labels}}}{annotations}\nspec: {{serviceAccountName: {sa}, nodeName: node{node}}}\nstatus: {{podIP: \"{ip}\"}}\n",
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  labels: {{{labels}}}{annotations}\nspec: {{serviceAccountName: {sa}, nodeName: node{node}}}\nstatus: {status}\n",
             name = pod.name(),
             labels = labels.join(", "),
             sa = pod.service_account,
             node = pod.node,
-            ip = bed.pod_ip(pod.node, pod.pod),
         ));
     }
     docs.join("---\n")
@@ -227,7 +242,7 @@ impl PodWorld {
         eventually(&what, Duration::from_secs(10), || {
             let ports = self.inpod_listeners(n, p);
             let tables = self.nft_tables(Place::Pod(n, p));
-            let has_table = tables.contains("table ip ztund");
+            let has_table = tables.contains("table inet ztund");
             let done = if captured {
                 ports == INPOD_PORTS && has_table
             } else {

@@ -1,12 +1,12 @@
 //! A packet sniffer for tests, so a test can prove what really crossed the wire without tcpdump:
 //! an `AF_PACKET` raw socket opened inside one namespace (the switch, where every frame between
 //! nodes passes), read on its own thread until stopped (or a time limit), recording the IPv4 TCP
-//! flows it saw and whether any frame contained one of a few marker strings. Knows nothing about
+//! flows it saw (IPv4 and IPv6) and whether any frame contained one of a few marker strings. Knows nothing about
 //! ztund.
 #![allow(dead_code)]
 
 use std::collections::HashSet;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -201,7 +201,7 @@ fn read_frames(socket: OwnedFd, markers: &[Vec<u8>], stop: &AtomicBool) -> Captu
     capture
 }
 
-/// The TCP flow of an Ethernet frame carrying IPv4, if it is one.
+/// The TCP flow of an Ethernet frame carrying IPv4 or IPv6, if it is one.
 fn tcp_flow(frame: &[u8]) -> Option<Flow> {
     let mut offset = 12;
     let mut ethertype = u16::from_be_bytes([*frame.get(offset)?, *frame.get(offset + 1)?]);
@@ -209,22 +209,43 @@ fn tcp_flow(frame: &[u8]) -> Option<Flow> {
         offset += 4;
         ethertype = u16::from_be_bytes([*frame.get(offset)?, *frame.get(offset + 1)?]);
     }
-    if ethertype != 0x0800 {
-        return None;
-    }
     let ip = frame.get(offset + 2..)?;
-    let header_len = usize::from(ip.first()? & 0x0f) * 4;
-    if *ip.get(9)? != libc::IPPROTO_TCP as u8 {
-        return None;
-    }
-    let src = Ipv4Addr::new(*ip.get(12)?, *ip.get(13)?, *ip.get(14)?, *ip.get(15)?);
-    let dst = Ipv4Addr::new(*ip.get(16)?, *ip.get(17)?, *ip.get(18)?, *ip.get(19)?);
-    let tcp = ip.get(header_len..)?;
+    let (src, dst, tcp) = match ethertype {
+        0x0800 => {
+            let header_len = usize::from(ip.first()? & 0x0f) * 4;
+            if *ip.get(9)? != libc::IPPROTO_TCP as u8 {
+                return None;
+            }
+            let src: [u8; 4] = ip.get(12..16)?.try_into().ok()?;
+            let dst: [u8; 4] = ip.get(16..20)?.try_into().ok()?;
+            let tcp = ip.get(header_len..)?;
+            (
+                IpAddr::from(Ipv4Addr::from(src)),
+                IpAddr::from(Ipv4Addr::from(dst)),
+                tcp,
+            )
+        }
+        // The kernel's TCP over IPv6 carries no extension headers here: next header is TCP.
+        0x86dd => {
+            if *ip.get(6)? != libc::IPPROTO_TCP as u8 {
+                return None;
+            }
+            let src: [u8; 16] = ip.get(8..24)?.try_into().ok()?;
+            let dst: [u8; 16] = ip.get(24..40)?.try_into().ok()?;
+            let tcp = ip.get(40..)?;
+            (
+                IpAddr::from(Ipv6Addr::from(src)),
+                IpAddr::from(Ipv6Addr::from(dst)),
+                tcp,
+            )
+        }
+        _ => return None,
+    };
     let sport = u16::from_be_bytes([*tcp.first()?, *tcp.get(1)?]);
     let dport = u16::from_be_bytes([*tcp.get(2)?, *tcp.get(3)?]);
     Some(Flow {
-        src: SocketAddr::new(IpAddr::V4(src), sport),
-        dst: SocketAddr::new(IpAddr::V4(dst), dport),
+        src: SocketAddr::new(src, sport),
+        dst: SocketAddr::new(dst, dport),
     })
 }
 

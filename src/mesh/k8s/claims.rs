@@ -24,7 +24,8 @@ pub(crate) fn usable_address(field: &Field<'_>, ip: IpAddr) -> Result<IpAddr, Me
     } else if canonical == IpAddr::from([255, 255, 255, 255]) {
         "the broadcast address is no single endpoint"
     } else {
-        return Ok(ip);
+        // Held in canonical form: `::ffff:10.1.2.3` is 10.1.2.3 everywhere it is looked up.
+        return Ok(canonical);
     };
     Err(field.error(format!("{ip} cannot be claimed: {reason}")))
 }

@@ -427,3 +427,20 @@ fn unknown_config_keys_are_refused_by_name() {
         );
     }
 }
+
+/// `::ffff:10.1.0.6` is 10.1.0.6 (a peer on a dual-stack socket shows that way): held as such,
+/// so it names one address, not two, and cannot sneak past the address-conflict check.
+#[test]
+fn v4_mapped_addresses_are_held_as_ipv4() {
+    let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: shop}\n\
+spec: {nodeName: node-a}\n\
+status: {podIP: \"::ffff:10.1.0.6\", podIPs: [{ip: 10.1.0.6}, {ip: \"fd00::6\"}]}\n";
+    let snapshot = load(pod).unwrap();
+    let ip = |text: &str| text.parse::<std::net::IpAddr>().unwrap();
+    assert_eq!(
+        snapshot.workloads()[0].addresses,
+        vec![ip("10.1.0.6"), ip("fd00::6")]
+    );
+    let error = refused(&format!("{POD}---\n{}", workload_entry("::ffff:10.1.0.5")));
+    assert_names(&error, &["10.1.0.5"]);
+}

@@ -156,6 +156,16 @@ fn cases() -> Vec<Case> {
             vec![(("::ffff:10.0.0.7", None, 8080), Allow), (("fd00::1", None, 8080), Deny(NONE_ALLOWED))],
         ),
         (
+            "ipBlocks with an IPv6 CIDR (dual-stack pods)",
+            ap("default/lan6", "  rules: [{from: [{source: {ipBlocks: ['fd00:201:1::/64', 'fd00:201:2::9']}}]}]"),
+            vec![
+                (("fd00:201:1::2", None, 8080), Allow),
+                (("fd00:201:2::9", None, 8080), Allow),
+                (("fd00:201:2::2", None, 8080), Deny(NONE_ALLOWED)),
+                (("10.0.0.7", None, 8080), Deny(NONE_ALLOWED)),
+            ],
+        ),
+        (
             // Found with the rbac_diff fuzz target: the mask of such a block overflowed, so a
             // release build allowed every IPv4 source (and a debug build panicked).
             "ipBlocks written as IPv4-mapped IPv6 are the IPv4 blocks they spell",
