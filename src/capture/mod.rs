@@ -4,6 +4,7 @@
 
 pub mod cni;
 pub mod nft;
+pub mod nft_dns;
 pub mod pods;
 pub(crate) mod seqpacket;
 pub mod zds;

@@ -119,13 +119,16 @@ async fn serve(config: Arc<Config>, log: LogControl, shards: Spawner) -> Result<
     let credentials =
         Arc::new(Credentials::new(certificates.clone()).with_key_exchange(config.tls.key_exchange));
     let xds_metrics = XdsMetrics::new();
+    let dns_metrics = crate::dns::DnsMetrics::default();
     let metrics = {
         let (certificates, xds_metrics) = (certificates.clone(), xds_metrics.clone());
         let supervisor = supervisor.clone();
+        let dns_metrics = dns_metrics.clone();
         Metrics::new_with(move |registry| {
             supervisor.register(registry);
             counted.register(registry);
             xds_metrics.register(registry);
+            dns_metrics.register(registry);
             registry.register_collector(Box::new(identity::ExpiryCollector(certificates)));
         })
     };
@@ -223,9 +226,21 @@ async fn serve(config: Arc<Config>, log: LogControl, shards: Spawner) -> Result<
             });
             None
         }
-        other => pods::start(ctx.clone(), other, &readiness, &supervisor)
-            .await
-            .map_err(DaemonError::Capture)?,
+        other => {
+            // The DNS proxy runs where capture puts listeners: in each pod, or on the VM host.
+            let dns = config.dns.enabled.then(|| {
+                let domain = crate::mesh::MeshSettings::from_config(&config).cluster_domain;
+                Arc::new(crate::dns::DnsService::new(
+                    &config.dns,
+                    &domain,
+                    mesh.clone(),
+                    dns_metrics.clone(),
+                ))
+            });
+            pods::start(ctx.clone(), other, dns, &readiness, &supervisor)
+                .await
+                .map_err(DaemonError::Capture)?
+        }
     };
     let socks5 = bind_per_shard(
         &shards,
