@@ -427,9 +427,7 @@ impl Config {
                 )
             })?;
         }
-        self.dns
-            .apply_env(&env)
-            .map_err(|(field, reason)| invalid(field, reason))?;
+        self.dns.apply_env(&env)?;
         self.validate("environment")
     }
 

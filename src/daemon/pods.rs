@@ -462,6 +462,7 @@ impl PodProxies for InPodProxies {
             if let Err(e) = crate::net::enable_request_migration(Some(&netns)) {
                 warn!(uid = %pod.uid, error = %e, "connections queued at a restart will be reset");
             }
+            let netns_id = netns.id();
             let sockets = SocketFactory::in_netns(netns);
             let ports = RedirectPorts::from(&self.ctx.config.ports);
             let sets = bind_sets(&self.ctx, &sockets, &ports)?;
@@ -496,7 +497,11 @@ impl PodProxies for InPodProxies {
                     dns_redirected,
                 },
             );
-            if let Some(previous) = previous {
+            if let Some(mut previous) = previous {
+                // Restarted in the same namespace: the table just installed is the one to keep.
+                if previous.dns_redirected.as_ref().map(|n| n.id()) == Some(netns_id) {
+                    previous.dns_redirected = None;
+                }
                 stop_pod(previous);
             }
             self.ctx.metrics.proxy_started();

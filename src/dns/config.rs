@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::duration_text;
+use crate::config::{ConfigError, duration_text};
 
 /// The DNS proxy's settings (README, "Configuration reference", `dns.*`).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -88,19 +88,17 @@ impl DnsConfig {
     }
 
     /// Applies `ZTUND_DNS_ENABLED` and `ZTUND_DNS_UPSTREAMS`; the error names the variable.
-    pub fn apply_env(
-        &mut self,
-        env: impl Fn(&str) -> Option<String>,
-    ) -> Result<(), (&'static str, String)> {
+    pub fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         if let Some(enabled) = env("ZTUND_DNS_ENABLED") {
             self.enabled = match enabled.trim() {
                 "true" | "1" => true,
                 "false" | "0" => false,
                 other => {
-                    return Err((
-                        "dns.enabled",
-                        format!("ZTUND_DNS_ENABLED={other:?} is not true or false"),
-                    ));
+                    return Err(ConfigError::Invalid {
+                        path: "environment".into(),
+                        field: "dns.enabled",
+                        reason: format!("ZTUND_DNS_ENABLED={other:?} is not true or false"),
+                    });
                 }
             };
         }
@@ -170,6 +168,26 @@ mod tests {
                     nameserver 10.96.0.10\n# nameserver 1.1.1.1\nnameserver fd00::a\noptions ndots:5\n";
         let found: Vec<String> = nameservers(text).iter().map(ToString::to_string).collect();
         assert_eq!(found, ["10.96.0.10:53", "[fd00::a]:53"]);
+    }
+
+    #[test]
+    fn the_environment_turns_dns_on_and_names_the_upstreams() {
+        let mut config = DnsConfig::default();
+        let env = |key: &str| match key {
+            "ZTUND_DNS_ENABLED" => Some("true".to_string()),
+            "ZTUND_DNS_UPSTREAMS" => Some("10.0.0.1, 10.0.0.2:5353".to_string()),
+            _ => None,
+        };
+        config.apply_env(env).unwrap();
+        assert!(config.enabled);
+        assert_eq!(config.upstreams, ["10.0.0.1", "10.0.0.2:5353"]);
+        let bad = DnsConfig::default()
+            .apply_env(|key| (key == "ZTUND_DNS_ENABLED").then(|| "yes".to_string()));
+        let message = bad.unwrap_err().to_string();
+        assert!(
+            message.contains("dns.enabled") && message.contains("\"yes\""),
+            "{message}"
+        );
     }
 
     #[test]
