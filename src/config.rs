@@ -322,6 +322,9 @@ pub struct Config {
     /// exceed it.
     #[serde(default = "default_drain_deadline", with = "duration_text")]
     pub drain_deadline: Duration,
+    /// The DNS proxy (15053): mesh names answered locally, the rest forwarded.
+    #[serde(default)]
+    pub dns: crate::dns::DnsConfig,
 }
 
 fn default_trust_domain() -> String {
@@ -424,6 +427,7 @@ impl Config {
                 )
             })?;
         }
+        self.dns.apply_env(&env)?;
         self.validate("environment")
     }
 
@@ -502,6 +506,7 @@ impl Config {
         }
         fix(&mut self.state_dir);
         fix(&mut self.zds_socket);
+        self.dns.resolve_relative_paths(base);
         if let Some(cp) = &mut self.control_plane {
             fix(&mut cp.root_cert);
             if let Some(token) = &mut cp.token_file {
@@ -557,6 +562,9 @@ impl Config {
                 ));
             }
         }
+        if let Some((field, reason)) = self.dns.invalid() {
+            return Err(invalid(field, reason));
+        }
         if let Err(err) = self.tls.key_exchange.group_names() {
             return Err(invalid("tls.keyExchange", err.to_string()));
         }
@@ -589,6 +597,7 @@ impl Config {
             ("ports.admin", p.admin),
             ("ports.metrics", p.metrics),
             ("ports.readiness", p.readiness),
+            ("dns.port", self.dns.port),
         ];
         for (i, (field, port)) in all.iter().enumerate() {
             if *port == 0 {

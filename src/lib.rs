@@ -8,6 +8,7 @@ pub mod config;
 pub mod controlplane;
 pub mod daemon;
 pub mod demo;
+pub mod dns;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod grpc;

@@ -5,6 +5,7 @@
 pub mod bpf;
 pub mod cni;
 pub mod nft;
+pub mod nft_dns;
 pub mod pods;
 mod routing;
 pub(crate) mod seqpacket;

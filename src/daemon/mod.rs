@@ -125,14 +125,16 @@ async fn serve(config: Arc<Config>, log: LogControl, shards: Spawner) -> Result<
         hbone_limits.max_send_queued_total,
         hbone_limits.send_queued_floor,
     );
+    let dns_metrics = crate::dns::DnsMetrics::default();
     let metrics = {
         let (certificates, xds_metrics) = (certificates.clone(), xds_metrics.clone());
         let supervisor = supervisor.clone();
-        let send_budget = send_budget.clone();
+        let (send_budget, dns_metrics) = (send_budget.clone(), dns_metrics.clone());
         Metrics::new_with(move |registry| {
             supervisor.register(registry);
             counted.register(registry);
             xds_metrics.register(registry);
+            dns_metrics.register(registry);
             registry.register_collector(Box::new(identity::ExpiryCollector(certificates)));
             registry.register_collector(Box::new(limits::SendBudgetCollector(send_budget)));
         })
@@ -232,9 +234,21 @@ async fn serve(config: Arc<Config>, log: LogControl, shards: Spawner) -> Result<
             });
             None
         }
-        other => pods::start(ctx.clone(), other, &readiness, &supervisor)
-            .await
-            .map_err(DaemonError::Capture)?,
+        other => {
+            // The DNS proxy runs where capture puts listeners: in each pod, or on the VM host.
+            let dns = config.dns.enabled.then(|| {
+                let domain = crate::mesh::MeshSettings::from_config(&config).cluster_domain;
+                Arc::new(crate::dns::DnsService::new(
+                    &config.dns,
+                    &domain,
+                    mesh.clone(),
+                    dns_metrics.clone(),
+                ))
+            });
+            pods::start(ctx.clone(), other, dns, &readiness, &supervisor)
+                .await
+                .map_err(DaemonError::Capture)?
+        }
     };
     let socks5 = bind_per_shard(
         &shards,

@@ -16,9 +16,11 @@ use super::supervise::{OnFailure, RestartBackoff, Supervisor, never_fails};
 use crate::admin::Readiness;
 use crate::capture::CaptureError;
 use crate::capture::nft::{self, HostRedirection, RedirectPorts};
+use crate::capture::nft_dns;
 use crate::capture::pods::{PodError, PodInfo, PodManager, PodProxies};
 use crate::capture::zds::ZdsClient;
 use crate::config::{CaptureMode, Config};
+use crate::dns::{DnsListeners, DnsScope, DnsService};
 use crate::mesh::Snapshot;
 use crate::net::{Netns, SocketFactory};
 use crate::proxy::context::{Owner, PodRef, ProxyContext, Scope};
@@ -47,16 +49,19 @@ pub enum CaptureStartError {
 pub async fn start(
     ctx: Arc<ProxyContext>,
     mode: CaptureMode,
+    dns: Option<Arc<DnsService>>,
     readiness: &Readiness,
     supervisor: &Supervisor,
 ) -> Result<Option<HostCapture>, CaptureStartError> {
     let ports = RedirectPorts::from(&ctx.config.ports);
     match mode {
         CaptureMode::None => Ok(None),
-        CaptureMode::Host => start_host(ctx, ports, supervisor).map(Some),
+        CaptureMode::Host => start_host(ctx, ports, dns, supervisor).map(Some),
         CaptureMode::Standalone => {
             nft::check_tools()?;
-            let proxies = Arc::new(InPodProxies::new(ctx.clone()));
+            // Standalone pods get ztund's own port-53 redirection; under istio-cni, istio-cni
+            // installs it (its DNS capture setting).
+            let proxies = Arc::new(InPodProxies::new(ctx.clone()).with_dns(dns, true));
             let manager = Arc::new(PodManager::new(proxies).with_redirection(ports));
             readiness.mark_pending(PROXY_MANAGER_TASK);
             reconcile(&manager, &ctx.mesh.load(), &ctx.config).await;
@@ -69,7 +74,7 @@ pub async fn start(
             Ok(None)
         }
         CaptureMode::IstioCni => {
-            let proxies = Arc::new(InPodProxies::new(ctx.clone()));
+            let proxies = Arc::new(InPodProxies::new(ctx.clone()).with_dns(dns, false));
             let manager = Arc::new(PodManager::new(proxies));
             // Not ready until istio-cni's snapshot arrived (PROTOCOL.md §5.1, §5.3).
             readiness.mark_pending(PROXY_MANAGER_TASK);
@@ -127,6 +132,7 @@ async fn track_readiness(manager: Arc<PodManager>, readiness: Readiness, uses_zd
 fn start_host(
     ctx: Arc<ProxyContext>,
     ports: RedirectPorts,
+    dns: Option<Arc<DnsService>>,
     supervisor: &Supervisor,
 ) -> Result<HostCapture, CaptureStartError> {
     nft::check_tools()?;
@@ -141,6 +147,21 @@ fn start_host(
     let listeners = bind_sets(&ctx, &sockets, &ports)?;
     spawn_sets(&ctx, &scope, listeners);
     let current = Netns::current().map_err(CaptureStartError::OwnNetns)?;
+    let dns_on = dns.is_some();
+    if let Some(dns) = dns {
+        let port = ctx.config.dns.port;
+        let listeners =
+            DnsListeners::bind(&sockets, port).map_err(|source| PodError::Bind { port, source })?;
+        let scope = DnsScope {
+            namespace: None,
+            uid: None,
+            sockets: sockets.clone(),
+        };
+        // The host's DNS servers live as long as the daemon: they stop with its drain.
+        drop(listeners.serve(dns, scope, ctx.drain.clone()));
+        nft_dns::install_dns_redirection(&current, port)?;
+        info!(port, "host DNS capture installed");
+    }
     let rules = HostRedirection {
         ports,
         ..HostRedirection::default()
@@ -154,6 +175,7 @@ fn start_host(
     );
     let host = HostCapture {
         netns: Arc::new(current),
+        dns: dns_on,
     };
     // A fresh copy does not know what the set holds, so its first look rewrites it to the
     // mesh's: whatever changed while none ran is caught up.
@@ -171,12 +193,19 @@ fn start_host(
 /// What host mode installed in the host's namespace.
 pub struct HostCapture {
     netns: Arc<Netns>,
+    /// Whether the DNS redirection table was installed too.
+    dns: bool,
 }
 
 impl HostCapture {
     /// Removes the host's redirection (nft table, ip rule, route table), leaving its network as
     /// it was before ztund: called once, after the drain.
     pub fn remove(self) {
+        if self.dns
+            && let Err(e) = nft_dns::remove_dns_redirection(&self.netns)
+        {
+            warn!(error = %e, "cannot remove the host DNS capture; remove table inet ztund_dns by hand");
+        }
         match nft::remove_host_redirection(&self.netns) {
             Ok(()) => info!("host capture removed"),
             Err(e) => {
@@ -346,6 +375,8 @@ fn spawn_sets(
 struct RunningPod {
     drain: Arc<watch::Sender<bool>>,
     listeners: Vec<JoinHandle<()>>,
+    /// The namespace ztund installed the port-53 redirection in, to remove it at the stop.
+    dns_redirected: Option<Arc<Netns>>,
 }
 
 /// A pod drains when the whole daemon does (a stop or an upgrade hand-over), not only when
@@ -360,6 +391,10 @@ async fn follow_daemon_drain(mut daemon: watch::Receiver<bool>, pod: Arc<watch::
 pub struct InPodProxies {
     ctx: Arc<ProxyContext>,
     running: Mutex<HashMap<String, RunningPod>>,
+    /// The DNS proxy every pod gets on `dns.port`, when `dns.enabled`.
+    dns: Option<Arc<DnsService>>,
+    /// Whether ztund redirects the pods' port 53 itself (standalone) or istio-cni does.
+    redirect_dns: bool,
 }
 
 impl InPodProxies {
@@ -367,7 +402,53 @@ impl InPodProxies {
         InPodProxies {
             ctx,
             running: Mutex::new(HashMap::new()),
+            dns: None,
+            redirect_dns: false,
         }
+    }
+
+    /// Pods also get a DNS server; with `redirect`, ztund installs their port-53 redirection.
+    pub fn with_dns(mut self, dns: Option<Arc<DnsService>>, redirect: bool) -> InPodProxies {
+        self.dns = dns;
+        self.redirect_dns = redirect;
+        self
+    }
+
+    /// Binds the pod's DNS server and, in standalone mode, redirects its port 53 to it.
+    async fn start_dns(
+        &self,
+        pod: &PodInfo,
+        sockets: &SocketFactory,
+        drain: watch::Receiver<bool>,
+    ) -> Result<(Vec<JoinHandle<()>>, Option<Arc<Netns>>), PodError> {
+        let Some(dns) = &self.dns else {
+            return Ok((Vec::new(), None));
+        };
+        let port = self.ctx.config.dns.port;
+        let listeners =
+            DnsListeners::bind(sockets, port).map_err(|source| PodError::Bind { port, source })?;
+        let scope = DnsScope {
+            namespace: Some(pod.namespace.clone()),
+            uid: Some(Arc::from(pod.uid.as_str())),
+            sockets: sockets.clone(),
+        };
+        let tasks = listeners.serve(dns.clone(), scope, drain);
+        let netns = match (&sockets.netns, self.redirect_dns) {
+            (Some(netns), true) => netns.clone(),
+            _ => return Ok((tasks, None)),
+        };
+        let ns = netns.clone();
+        let installed =
+            tokio::task::spawn_blocking(move || nft_dns::install_dns_redirection(&ns, port)).await;
+        let failed = match installed {
+            Ok(Ok(())) => return Ok((tasks, Some(netns))),
+            Ok(Err(e)) => PodError::Redirect(e),
+            Err(e) => PodError::RedirectTask(e),
+        };
+        for task in tasks {
+            task.abort();
+        }
+        Err(failed)
     }
 }
 
@@ -379,6 +460,7 @@ impl PodProxies for InPodProxies {
             if let Err(e) = crate::net::enable_request_migration(Some(&netns)) {
                 warn!(uid = %pod.uid, error = %e, "connections queued at a restart will be reset");
             }
+            let netns_id = netns.id();
             let sockets = SocketFactory::in_netns(netns);
             let ports = RedirectPorts::from(&self.ctx.config.ports);
             let sets = bind_sets(&self.ctx, &sockets, &ports)?;
@@ -396,17 +478,28 @@ impl PodProxies for InPodProxies {
                 }),
                 sockets,
             };
+            let (dns_tasks, dns_redirected) = self
+                .start_dns(&pod, &scope.sockets, pod_ctx.drain.clone())
+                .await?;
             let mut listeners = spawn_sets(&pod_ctx, &scope, sets);
+            listeners.extend(dns_tasks);
             listeners.push(tokio::spawn(follow_daemon_drain(
                 self.ctx.drain.clone(),
                 drain.clone(),
             )));
-            let previous = self
-                .running
-                .lock()
-                .await
-                .insert(pod.uid.clone(), RunningPod { drain, listeners });
-            if let Some(previous) = previous {
+            let previous = self.running.lock().await.insert(
+                pod.uid.clone(),
+                RunningPod {
+                    drain,
+                    listeners,
+                    dns_redirected,
+                },
+            );
+            if let Some(mut previous) = previous {
+                // Restarted in the same namespace: the table just installed is the one to keep.
+                if previous.dns_redirected.as_ref().map(|n| n.id()) == Some(netns_id) {
+                    previous.dns_redirected = None;
+                }
                 stop_pod(previous);
             }
             self.ctx.metrics.proxy_started();
@@ -428,10 +521,18 @@ impl PodProxies for InPodProxies {
 }
 
 /// Closes the listeners now and signals the pod's drain: HBONE connections answer it with a
-/// GOAWAY, and connections still open `drainDeadline` later are cut.
+/// GOAWAY, and connections still open `drainDeadline` later are cut. The pod's port 53 goes
+/// back to its own resolver (a namespace already gone has nothing to remove).
 fn stop_pod(pod: RunningPod) {
     pod.drain.send_replace(true);
     for task in pod.listeners {
         task.abort();
+    }
+    if let Some(netns) = pod.dns_redirected {
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = nft_dns::remove_dns_redirection(&netns) {
+                tracing::debug!(error = %e, "removing a pod's DNS redirection");
+            }
+        });
     }
 }

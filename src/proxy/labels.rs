@@ -158,7 +158,7 @@ fn version(w: &Workload) -> String {
     label(w, &["version", "app.kubernetes.io/version"])
 }
 
-fn canonical_service(w: &Workload) -> String {
+pub(crate) fn canonical_service(w: &Workload) -> String {
     let found = label(
         w,
         &[
@@ -174,7 +174,7 @@ fn canonical_service(w: &Workload) -> String {
     }
 }
 
-fn canonical_revision(w: &Workload) -> String {
+pub(crate) fn canonical_revision(w: &Workload) -> String {
     let found = label(
         w,
         &[

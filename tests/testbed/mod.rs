@@ -31,6 +31,15 @@ impl Testbed {
         Testbed(Topology::new(nodes, pods_per_node).unwrap_or_else(|e| panic!("testbed: {e}")))
     }
 
+    /// [`Testbed::new`] with namespaces named `<prefix>-…` (a test file's own prefix, so
+    /// sessions running tests side by side never collide).
+    pub fn with_prefix(prefix: &str, nodes: usize, pods_per_node: usize) -> Testbed {
+        Testbed(
+            Topology::with_prefix(prefix, nodes, pods_per_node)
+                .unwrap_or_else(|e| panic!("testbed: {e}")),
+        )
+    }
+
     /// The topology underneath, for code shared with `ztund demo`.
     pub fn topology(&self) -> &Topology {
         &self.0

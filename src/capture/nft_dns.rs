@@ -1,0 +1,115 @@
+//! The port-53 redirection to the DNS proxy, in its own nftables table (`inet ztund_dns`)
+//! beside ztund's main table (`capture::nft`), installed and removed on its own: DNS capture can
+//! be turned on and off without touching the traffic rules, and one `inet` table covers both
+//! families.
+//!
+//! What it does (PROTOCOL.md §5.5, istio-cni's DNS rules): UDP and TCP to port 53 leaving
+//! through any interface but `lo` go to the DNS proxy's port (the kernel's `redirect` picks
+//! `127.0.0.1` or `::1`), except ztund's own sockets (mark 0x539): the proxy's upstream queries
+//! go out as they are. Its NAT chain runs at priority -110, before the main table's (-100), so a
+//! TCP query is redirected to the DNS proxy, never to the outbound listener: the first NAT
+//! chain that maps a connection decides it.
+//!
+//! Queries to a resolver on loopback (a VM's `127.0.0.53` stub) are not captured.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use super::CaptureError;
+use crate::net::{Netns, ZTUND_MARK};
+
+/// The table's name (family `inet`).
+pub const DNS_TABLE: &str = "ztund_dns";
+/// Runs before the main table's `output_nat` (priority -100).
+const NAT_PRIORITY: i32 = -110;
+
+/// The nftables script redirecting port 53 to `dns_port`; replaces any earlier copy.
+pub fn dns_ruleset(dns_port: u16) -> String {
+    format!(
+        "{replace}
+table inet {DNS_TABLE} {{
+  chain output_nat {{
+    type nat hook output priority {NAT_PRIORITY}; policy accept;
+    meta mark & 0xfff == {ZTUND_MARK:#x} accept
+    oifname != \"lo\" meta l4proto {{ tcp, udp }} th dport 53 redirect to :{dns_port}
+  }}
+}}
+",
+        replace = replace_table(),
+    )
+}
+
+/// Creating then deleting the table first makes one atomic `nft -f` replace whatever was there.
+fn replace_table() -> String {
+    format!("table inet {DNS_TABLE} {{}}\ndelete table inet {DNS_TABLE}")
+}
+
+/// Installs (or replaces) the DNS redirection in `netns`.
+pub fn install_dns_redirection(netns: &Netns, dns_port: u16) -> Result<(), CaptureError> {
+    nft_in(netns, &dns_ruleset(dns_port))
+}
+
+/// Removes the DNS redirection from `netns`; succeeds when it is already gone.
+pub fn remove_dns_redirection(netns: &Netns) -> Result<(), CaptureError> {
+    nft_in(netns, &replace_table())
+}
+
+/// Runs `nft -f -` with `script` inside `netns` (the child enters it before exec; no setns
+/// when `netns` is this thread's own, as for a VM host).
+fn nft_in(netns: &Netns, script: &str) -> Result<(), CaptureError> {
+    let command_text = "nft -f -".to_string();
+    let spawn_error = |source: std::io::Error| {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            CaptureError::MissingTool {
+                binary: "nft",
+                package: "nftables",
+            }
+        } else {
+            CaptureError::Spawn {
+                command: command_text.clone(),
+                netns: netns.describe(),
+                source,
+            }
+        }
+    };
+    let mut command = Command::new("nft");
+    command
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if !Netns::current().is_ok_and(|here| here == *netns) {
+        crate::net::enter_before_exec(&mut command, netns);
+    }
+    let mut child = command.spawn().map_err(spawn_error)?;
+    if let Some(mut pipe) = child.stdin.take() {
+        pipe.write_all(script.as_bytes()).map_err(spawn_error)?;
+    }
+    let output = child.wait_with_output().map_err(spawn_error)?;
+    if !output.status.success() {
+        return Err(CaptureError::Command {
+            command: command_text,
+            netns: netns.describe(),
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ruleset_exempts_ztund_and_runs_before_the_main_table() {
+        let rules = dns_ruleset(15053);
+        assert!(rules.starts_with("table inet ztund_dns {}\ndelete table inet ztund_dns\n"));
+        assert!(rules.contains("priority -110;"));
+        let exempt = rules.find("== 0x539 accept").unwrap();
+        let redirect = rules.find("redirect to :15053").unwrap();
+        assert!(
+            exempt < redirect,
+            "ztund's own queries must be exempt first"
+        );
+    }
+}

@@ -1,0 +1,77 @@
+//! The DNS proxy (PROTOCOL.md §0, §5.4): on 15053 in each captured pod's namespace (and on a VM
+//! host), it answers A/AAAA queries for mesh names from the current snapshot and forwards
+//! everything else to the upstream resolvers. Pods reach it through the port-53 redirection
+//! (`capture::nft_dns`).
+//!
+//! - `resolve`: which names the mesh owns (Service hostnames and their search-list short forms,
+//!   ServiceEntry hosts, wildcard hosts) and their addresses: pure.
+//! - `vip`: deterministic VIPs for ServiceEntry hosts without addresses.
+//! - `forward`: UDP then TCP to the upstreams, timeouts, the node-wide cap on forwards.
+//! - `server`: the UDP and TCP servers and the per-query decision.
+//! - `metrics`: Istio's `istio_dns_*` counters.
+//!
+//! DNS messages are read and written with `hickory-proto`; nothing here parses the wire format
+//! by hand beyond a forwarded answer's id and TC bit.
+
+pub mod config;
+pub mod forward;
+pub mod metrics;
+pub mod resolve;
+pub mod server;
+pub mod vip;
+
+use std::sync::Arc;
+
+pub use config::DnsConfig;
+pub use forward::{ForwardError, Forwarder};
+pub use metrics::DnsMetrics;
+pub use resolve::{Lookup, MeshResolver};
+pub use server::{DnsListeners, DnsScope};
+
+use crate::mesh::MeshStore;
+
+/// Everything the node's DNS servers share: the mesh, the resolver's per-snapshot cache, the
+/// forwarder (and its cap), the metrics. One per daemon; each pod's server holds an `Arc`.
+#[derive(Debug)]
+pub struct DnsService {
+    mesh: Arc<MeshStore>,
+    resolver: MeshResolver,
+    forwarder: Forwarder,
+    metrics: DnsMetrics,
+}
+
+impl DnsService {
+    /// The service for `config` (its upstreams read now: `dns.upstreams`, or `dns.resolvConf`),
+    /// Service hostnames under `cluster_domain` (the mesh's, `MeshSettings::cluster_domain`).
+    pub fn new(
+        config: &DnsConfig,
+        cluster_domain: &str,
+        mesh: Arc<MeshStore>,
+        metrics: DnsMetrics,
+    ) -> DnsService {
+        let forwarder = Forwarder::new(
+            config.upstream_addrs(),
+            config.timeout,
+            config.max_concurrent_forwards as usize,
+        );
+        DnsService {
+            mesh,
+            resolver: MeshResolver::new(cluster_domain),
+            forwarder,
+            metrics,
+        }
+    }
+
+    /// The upstream resolvers queries are forwarded to.
+    pub fn forwarder(&self) -> &Forwarder {
+        &self.forwarder
+    }
+
+    /// The metrics it records into.
+    pub fn metrics(&self) -> &DnsMetrics {
+        &self.metrics
+    }
+}
+
+#[cfg(test)]
+mod resolve_tests;

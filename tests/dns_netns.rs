@@ -1,0 +1,167 @@
+//! The DNS proxy in a pod's network namespace, end to end: the real `ztund` binary in standalone
+//! capture with `dns.enabled`; an app in the pod sends ordinary queries to a resolver on port 53
+//! (a tiny DNS server this test runs in the node's namespace). ztund's `inet ztund_dns` table
+//! redirects them to its 15053 inside the pod: a ServiceEntry host is answered with its
+//! auto-allocated VIP (UDP and TCP, the TCP query not taken by the outbound capture), an unknown
+//! name reaches the upstream through ztund's own (marked, so exempt) query and comes back.
+
+mod support;
+mod testbed;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hickory_proto::op::{Message, OpCode, Query};
+use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::{Name, RData, Record, RecordType};
+use support::Cluster;
+use support::pods::{MESH_FILE, MeshPod, mesh_yaml};
+use testbed::{Place, Testbed};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use ztund::dns::forward::udp_socket;
+
+const SERVICE_ENTRY: &str = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: partner, namespace: default}
+spec:
+  hosts: [api.partner.example]
+  ports: [{number: 443, name: https}]
+  resolution: DNS
+";
+
+/// A UDP resolver on `addr` inside the node namespace: every name is `192.0.2.77`; the names
+/// asked are recorded.
+fn start_upstream(bed: &Testbed, addr: SocketAddr) -> Arc<Mutex<Vec<String>>> {
+    let asked = Arc::new(Mutex::new(Vec::new()));
+    let socket = udp_socket(&bed.app_sockets(Place::Node(1)), addr).expect("binding the upstream");
+    let record = asked.clone();
+    bed.keep_task(tokio::spawn(async move {
+        let mut buf = vec![0u8; 65535];
+        while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+            let Ok(query) = Message::from_vec(&buf[..n]) else {
+                continue;
+            };
+            let Some(q) = query.queries.first().cloned() else {
+                continue;
+            };
+            record.lock().unwrap().push(q.name().to_ascii());
+            let mut reply = Message::response(query.metadata.id, OpCode::Query);
+            reply.add_query(q.clone());
+            let data = RData::A(A("192.0.2.77".parse().unwrap()));
+            reply.add_answer(Record::from_rdata(q.name().clone(), 60, data));
+            let _ = socket.send_to(&reply.to_vec().unwrap(), from).await;
+        }
+    }));
+    asked
+}
+
+fn query(name: &str) -> Message {
+    let mut message = Message::query();
+    message.metadata.recursion_desired = true;
+    message.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+    message
+}
+
+fn addresses(reply: &Message) -> Vec<IpAddr> {
+    reply
+        .answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::A(a) => Some(IpAddr::V4(a.0)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Asks `resolver` over UDP from inside pod (1, 1), as an app would (no mark).
+async fn ask_udp_from_pod(bed: &Testbed, resolver: SocketAddr, name: &str) -> Message {
+    let socket = udp_socket(
+        &bed.app_sockets(Place::Pod(1, 1)),
+        "0.0.0.0:0".parse().unwrap(),
+    )
+    .expect("a UDP socket in the pod");
+    let q = query(name);
+    socket
+        .send_to(&q.to_vec().unwrap(), resolver)
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 65535];
+    let (n, from) = tokio::time::timeout(Duration::from_secs(10), socket.recv_from(&mut buf))
+        .await
+        .unwrap_or_else(|_| panic!("no answer for {name}"))
+        .unwrap();
+    assert_eq!(
+        from, resolver,
+        "the answer seems to come from the resolver asked"
+    );
+    let reply = Message::from_vec(&buf[..n]).unwrap();
+    assert_eq!(reply.metadata.id, q.metadata.id);
+    reply
+}
+
+async fn ask_tcp_from_pod(bed: &Testbed, resolver: SocketAddr, name: &str) -> Message {
+    let mut stream = bed
+        .app_sockets(Place::Pod(1, 1))
+        .connect(resolver, None)
+        .await
+        .expect("TCP to port 53 from the pod");
+    let bytes = query(name).to_vec().unwrap();
+    let mut framed = (bytes.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(&bytes);
+    stream.write_all(&framed).await.unwrap();
+    let len = tokio::time::timeout(Duration::from_secs(10), stream.read_u16())
+        .await
+        .expect("a TCP answer in time")
+        .unwrap();
+    let mut buf = vec![0u8; usize::from(len)];
+    stream.read_exact(&mut buf).await.unwrap();
+    Message::from_vec(&buf).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_resolves_mesh_hosts_through_port_53_and_other_names_through_its_upstream() {
+    let prefix = format!("dns{}x", std::process::id() % 100_000);
+    let bed = Testbed::with_prefix(&prefix, 1, 1);
+    let cluster = Cluster::new();
+    let resolver = SocketAddr::new(bed.node_ip(1), 53);
+    let asked = start_upstream(&bed, resolver);
+    let mesh = format!(
+        "{}---\n{SERVICE_ENTRY}",
+        mesh_yaml(&bed, &[MeshPod::captured(1, 1, "client")])
+    );
+    cluster.write(MESH_FILE, &mesh);
+    let config = cluster.node_config(
+        "node1",
+        MESH_FILE,
+        &format!("capture: standalone\ndns: {{enabled: true, upstreams: [\"{resolver}\"], timeout: 2s}}\n"),
+    );
+    let daemon = cluster.start(&bed, 1, &config).await;
+    let tables = support::eventually("the pod's DNS table", Duration::from_secs(10), || {
+        let tables = bed.run_in(Place::Pod(1, 1), &["nft", "list", "tables"]);
+        if tables.contains("inet ztund_dns") {
+            Ok(tables)
+        } else {
+            Err(tables)
+        }
+    })
+    .await;
+    assert!(tables.contains("ip ztund"), "{tables}");
+
+    // A ServiceEntry host: answered inside the pod with its auto-allocated VIP.
+    let reply = ask_udp_from_pod(&bed, resolver, "api.partner.example.").await;
+    let [IpAddr::V4(vip)] = addresses(&reply)[..] else {
+        panic!("{reply:?}\n{}", daemon.log_text())
+    };
+    assert_eq!(vip.octets()[..2], [240, 240]);
+    let over_tcp = ask_tcp_from_pod(&bed, resolver, "api.partner.example.").await;
+    assert_eq!(addresses(&over_tcp), [IpAddr::V4(vip)]);
+    // An unknown name: forwarded by ztund from the pod to the upstream, answered from there.
+    let reply = ask_udp_from_pod(&bed, resolver, "www.example.org.").await;
+    assert_eq!(addresses(&reply), ["192.0.2.77".parse::<IpAddr>().unwrap()]);
+    assert_eq!(
+        asked.lock().unwrap().as_slice(),
+        ["www.example.org."],
+        "only the unknown name went upstream"
+    );
+}
