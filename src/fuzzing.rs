@@ -22,13 +22,7 @@ pub fn istio_ca_response(
     cert_chain: &[String],
 ) -> Result<WorkloadCertificate, IdentityError> {
     let cert = crate::identity::istio::certificate(id, key, cert_chain)?;
-    let algorithms = crate::tls::backend().signature_verification_algorithms;
-    crate::tls::svid::check_issued(id, &cert, &algorithms).map_err(|source| {
-        IdentityError::Refused {
-            id: id.to_string(),
-            source,
-        }
-    })?;
+    crate::identity::manager::check_issued(id, &cert)?;
     Ok(cert)
 }
 

@@ -418,13 +418,16 @@ async fn self_calls_and_foreign_authorities_get_400_before_any_dial() {
         refused(&w.bed, 2, 15008, "not_local_destination").await,
         elsewhere.len() as u64
     );
+    // HARDENING C3: addresses in other spellings, and port 0 of the very workload.
     let not_addresses = [
-        "127.1:9000",
-        "2130706433:9000",
-        "localhost:9000",
-        "a.localhost:9000",
+        "127.1:9000".to_string(),
+        "2130706433:9000".to_string(),
+        "localhost:9000".to_string(),
+        "a.localhost:9000".to_string(),
+        "10.0.0.0x1:9000".to_string(),
+        format!("{}:0", w.app_addr.ip()),
     ];
-    for authority in not_addresses {
+    for authority in &not_addresses {
         assert_eq!(status_of(&w, authority).await, 400, "{authority}");
     }
     assert_eq!(

@@ -12,9 +12,6 @@
 //!
 //! Queries to a resolver on loopback (a VM's `127.0.0.53` stub) are not captured.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
-
 use super::CaptureError;
 use crate::net::{Netns, ZTUND_MARK};
 
@@ -46,54 +43,12 @@ fn replace_table() -> String {
 
 /// Installs (or replaces) the DNS redirection in `netns`.
 pub fn install_dns_redirection(netns: &Netns, dns_port: u16) -> Result<(), CaptureError> {
-    nft_in(netns, &dns_ruleset(dns_port))
+    super::nft::apply_nft(netns, &dns_ruleset(dns_port))
 }
 
 /// Removes the DNS redirection from `netns`; succeeds when it is already gone.
 pub fn remove_dns_redirection(netns: &Netns) -> Result<(), CaptureError> {
-    nft_in(netns, &replace_table())
-}
-
-/// Runs `nft -f -` with `script` inside `netns` (the child enters it before exec; no setns
-/// when `netns` is this thread's own, as for a VM host).
-fn nft_in(netns: &Netns, script: &str) -> Result<(), CaptureError> {
-    let command_text = "nft -f -".to_string();
-    let spawn_error = |source: std::io::Error| {
-        if source.kind() == std::io::ErrorKind::NotFound {
-            CaptureError::MissingTool {
-                binary: "nft",
-                package: "nftables",
-            }
-        } else {
-            CaptureError::Spawn {
-                command: command_text.clone(),
-                netns: netns.describe(),
-                source,
-            }
-        }
-    };
-    let mut command = Command::new("nft");
-    command
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    if !Netns::current().is_ok_and(|here| here == *netns) {
-        crate::net::enter_before_exec(&mut command, netns);
-    }
-    let mut child = command.spawn().map_err(spawn_error)?;
-    if let Some(mut pipe) = child.stdin.take() {
-        pipe.write_all(script.as_bytes()).map_err(spawn_error)?;
-    }
-    let output = child.wait_with_output().map_err(spawn_error)?;
-    if !output.status.success() {
-        return Err(CaptureError::Command {
-            command: command_text,
-            netns: netns.describe(),
-            stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
-        });
-    }
-    Ok(())
+    super::nft::apply_nft(netns, &replace_table())
 }
 
 #[cfg(test)]

@@ -97,6 +97,18 @@ impl H2Settings {
     }
 }
 
+/// Whether a host that parsed as a name is an address to a resolver: `127.1`, `2130706433` and
+/// `10.0.0.0x1` (inet_aton's decimal, octal and hex forms; no top-level domain starts with a
+/// digit, RFC 3696 §2) or localhost. Such a host never names a service: the inbound refuses it
+/// as `bad_authority` and never resolves it (HARDENING C3).
+pub fn is_address_in_disguise(host: &str) -> bool {
+    let last = host.rsplit('.').next().unwrap_or(host);
+    let lower = host.to_ascii_lowercase();
+    last.starts_with(|c: char| c.is_ascii_digit())
+        || lower == "localhost"
+        || lower.ends_with(".localhost")
+}
+
 /// Where a CONNECT asks to go: its `:authority`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Authority {
@@ -136,20 +148,6 @@ impl Authority {
         };
         if host.len() > 253 || !host.split('.').all(label_ok) {
             return Err(bad("the host is not a DNS name"));
-        }
-        // `127.1`, `2130706433` and `10.0.0.0x1` are addresses to a resolver (inet_aton's
-        // decimal, octal and hex parts). No top-level domain starts with a digit (RFC 3696 §2),
-        // so such a last label is an address in another spelling (HARDENING C3; found by the
-        // hbone_authority fuzz target).
-        let last = host.rsplit('.').next().unwrap_or_default();
-        if last.starts_with(|c: char| c.is_ascii_digit()) {
-            return Err(bad(
-                "a host ending in a numeric label is an IP address in another spelling",
-            ));
-        }
-        let lower = host.to_ascii_lowercase();
-        if lower == "localhost" || lower.ends_with(".localhost") {
-            return Err(bad("localhost"));
         }
         Ok(Authority::Host(host.to_ascii_lowercase(), port))
     }

@@ -274,14 +274,17 @@ async fn issue_checked(
     id: &SpiffeId,
 ) -> Result<WorkloadCertificate, IdentityError> {
     let cert = source.issue(id).await?;
-    let algorithms = crate::tls::backend().signature_verification_algorithms;
-    crate::tls::svid::check_issued(id, &cert, &algorithms).map_err(|source| {
-        IdentityError::Refused {
-            id: id.to_string(),
-            source,
-        }
-    })?;
+    check_issued(id, &cert)?;
     Ok(cert)
+}
+
+/// The check every issued certificate passes before use (`tls::svid::check_issued`).
+pub(crate) fn check_issued(id: &SpiffeId, cert: &WorkloadCertificate) -> Result<(), IdentityError> {
+    let algorithms = crate::tls::backend().signature_verification_algorithms;
+    crate::tls::svid::check_issued(id, cert, &algorithms).map_err(|source| IdentityError::Refused {
+        id: id.to_string(),
+        source,
+    })
 }
 
 /// Issues `id` if it has no valid certificate (retrying after each backoff), then renews it.

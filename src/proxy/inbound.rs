@@ -441,9 +441,7 @@ fn is_host_itself(ip: IpAddr) -> bool {
 /// A name that can only be a service hostname: not `localhost`, and no all-digit last label
 /// (`127.1`, `2130706433`: what `inet_aton` would read as an address). Never resolved by DNS.
 fn is_service_hostname(host: &str) -> bool {
-    let last = host.rsplit('.').next().unwrap_or(host);
-    let numeric = !last.is_empty() && last.bytes().all(|b| b.is_ascii_digit());
-    !numeric && host != "localhost" && !host.ends_with(".localhost")
+    !crate::hbone::is_address_in_disguise(host)
 }
 
 fn access_refused(
