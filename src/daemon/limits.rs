@@ -34,6 +34,13 @@ impl Collector for SendBudgetCollector {
             None,
             MetricType::Counter,
         )?)?;
+        let held = i64::try_from(self.0.held_windows().granted()).unwrap_or(i64::MAX);
+        ConstGauge::new(held).encode(encoder.encode_descriptor(
+            "ztund_hbone_recv_held_window_bytes",
+            "Connection window granted beyond the base for streams whose app is not reading, over all HBONE connections (limit maxRecvHeldTotal)",
+            None,
+            MetricType::Gauge,
+        )?)?;
         Ok(())
     }
 }

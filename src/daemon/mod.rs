@@ -121,10 +121,7 @@ async fn serve(config: Arc<Config>, log: LogControl, shards: Spawner) -> Result<
     let xds_metrics = XdsMetrics::new();
     let hbone_limits = crate::hbone::Limits::server();
     // One budget of bytes queued toward peers for the node, served and pooled streams alike.
-    let send_budget = crate::hbone::SendBudget::new(
-        hbone_limits.max_send_queued_total,
-        hbone_limits.send_queued_floor,
-    );
+    let send_budget = crate::hbone::SendBudget::for_limits(&hbone_limits);
     let dns_metrics = crate::dns::DnsMetrics::default();
     let metrics = {
         let (certificates, xds_metrics) = (certificates.clone(), xds_metrics.clone());

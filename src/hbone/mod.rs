@@ -12,6 +12,7 @@ pub mod pool;
 mod pool_settings;
 #[doc(hidden)]
 pub mod raw_client;
+pub mod recv_window;
 pub mod request;
 pub mod send_budget;
 pub mod server;
@@ -42,18 +43,18 @@ pub const ALPN_H2: &[u8] = b"h2";
 
 const KIB: u32 = 1024;
 const MIB: u32 = 1024 * 1024;
-/// The largest stream window either side uses, however few streams a connection carries.
-const MAX_STREAM_WINDOW: u32 = 4 * MIB;
+/// Each stream's receive window, either side: 4 MiB in flight keeps one stream near the
+/// link's speed (80 KiB cost a single stream 2.1–2.4x its throughput, BENCHMARKS.md change 17).
+const STREAM_WINDOW: u32 = 4 * MIB;
 
 /// HTTP/2 settings for one side of an HBONE connection (PROTOCOL.md §1.2).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct H2Settings {
-    /// Receive window of each stream. Times the streams one connection may carry, it stays
-    /// within `connection_window`: a stream whose app stops reading holds its whole window
-    /// unreleased, and with 4 MiB windows four such streams took a 16 MiB connection window
-    /// and starved every other stream of the connection (HARDENING H7).
+    /// Receive window of each stream.
     pub stream_window: u32,
-    /// Receive window of the connection: what one connection may make us buffer.
+    /// Receive window of the connection while none of its streams is holding data its app has
+    /// not taken; it grows by `stream_window` for each that is, out of the node's budget, so
+    /// such streams never starve the others (HARDENING H7, [`recv_window`]).
     pub connection_window: u32,
     pub max_frame_size: u32,
     pub max_header_list_size: u32,
@@ -72,8 +73,7 @@ impl H2Settings {
     /// The pool (client) side.
     pub fn client() -> Self {
         H2Settings {
-            // 100 pooled streams per connection × 160 KiB ≤ 16 MiB.
-            stream_window: 160 * KIB,
+            stream_window: STREAM_WINDOW,
             connection_window: 16 * MIB,
             max_frame_size: MIB,
             max_header_list_size: 16 * KIB,
@@ -87,8 +87,6 @@ impl H2Settings {
     /// The port-15008 (server) side.
     pub fn server() -> Self {
         H2Settings {
-            // 200 streams per connection × 80 KiB ≤ 16 MiB.
-            stream_window: 80 * KIB,
             max_header_list_size: 64 * KIB,
             max_send_buffer: 400 * KIB as usize,
             max_concurrent_streams: 200,

@@ -7,6 +7,7 @@
 //! knows nothing about either.
 
 use std::collections::HashMap;
+use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -14,6 +15,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
+use futures::FutureExt;
 use futures::future::BoxFuture;
 use h2::Reason;
 use h2::client::SendRequest;
@@ -21,13 +23,12 @@ use http::{Request, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::oneshot;
 
-pub use super::pool_settings::{
-    PoolKey, PoolSettings, PoolStats, SPARE_IDLE_TIMEOUT, stream_window_for,
-};
+pub use super::pool_settings::{PoolKey, PoolSettings, PoolStats, SPARE_IDLE_TIMEOUT};
 
 use super::dialled::{Dialled, connection_expiry};
 use super::frames::FrameWatch;
 use super::keepalive::keepalive;
+use super::recv_window::ConnectionWindow;
 use super::send_budget::{ConnectionLedger, SendBudget};
 use super::{ALPN_H2, ConnectRequest, H2Settings, H2Stream, HboneError};
 use crate::identity::SpiffeId;
@@ -118,9 +119,7 @@ const MAX_ATTEMPTS: usize = 3;
 impl Pool {
     /// A pool with a send budget of its own, as large as the server's default.
     pub fn new(settings: PoolSettings) -> Self {
-        let limits = super::Limits::server();
-        let budget = SendBudget::new(limits.max_send_queued_total, limits.send_queued_floor);
-        Pool::sharing(settings, budget)
+        Pool::sharing(settings, SendBudget::for_limits(&super::Limits::server()))
     }
 
     /// A pool whose streams count in `send_budget`, the node's budget of bytes queued toward
@@ -281,8 +280,11 @@ impl Pool {
             Some(settled_tx),
         );
         inner.connections_opened.fetch_add(1, Ordering::Relaxed);
+        let window =
+            ConnectionWindow::new(h2.connection_window, h2.stream_window, Arc::clone(&ledger));
         tokio::spawn(drive(
             conn,
+            window,
             keepalive,
             Arc::clone(&state),
             Arc::downgrade(inner),
@@ -496,7 +498,8 @@ fn client_builder(settings: &H2Settings) -> h2::client::Builder {
 /// Runs one client connection: HTTP/2 I/O, the keepalive, and the idle timer. Ends when the
 /// connection closes or a PING goes unanswered.
 async fn drive<IO>(
-    conn: h2::client::Connection<FrameWatch<tokio_rustls::client::TlsStream<IO>>, Bytes>,
+    mut conn: h2::client::Connection<FrameWatch<tokio_rustls::client::TlsStream<IO>>, Bytes>,
+    mut window: ConnectionWindow,
     keepalive: impl std::future::Future<Output = ()>,
     state: Arc<ConnectionState>,
     pool: Weak<PoolInner>,
@@ -512,12 +515,17 @@ async fn drive<IO>(
         None => return,
     };
     let idle = idle_watch(&state, &pool, &key, timeouts);
-    tokio::pin!(conn, keepalive, idle);
+    tokio::pin!(keepalive, idle);
     let peer = state.peer;
     let mut evicted = false;
     loop {
         tokio::select! {
-            result = &mut conn => {
+            result = poll_fn(|cx| {
+                if let Some(target) = window.adjust() {
+                    conn.set_target_window_size(target);
+                }
+                conn.poll_unpin(cx)
+            }) => {
                 if let Err(e) = result {
                     tracing::debug!(%peer, "HBONE connection ended: {e}");
                 }

@@ -80,18 +80,12 @@ impl From<&crate::config::PoolConfig> for PoolSettings {
             idle_timeout: config.idle_timeout,
             spare_idle_timeout: SPARE_IDLE_TIMEOUT.min(config.idle_timeout),
             h2: H2Settings {
-                stream_window: stream_window_for(config.max_streams_per_connection),
                 keepalive_interval: config.keepalive_interval,
                 keepalive_timeout: config.keepalive_timeout,
                 ..H2Settings::client()
             },
         }
     }
-}
-
-/// The stream window that lets `streams` stalled streams hold at most the connection window.
-pub fn stream_window_for(streams: u32) -> u32 {
-    (H2Settings::client().connection_window / streams.max(1)).min(super::MAX_STREAM_WINDOW)
 }
 
 /// Counters since the pool was made, for metrics and tests.

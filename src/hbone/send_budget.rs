@@ -18,6 +18,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
+use super::recv_window::{HeldWindowBudget, Holders};
+
 /// Shared by every HBONE connection of a node, served and pooled.
 #[derive(Debug)]
 pub struct SendBudget {
@@ -30,11 +32,29 @@ pub struct SendBudget {
     /// When the last "budget spent" line was logged, in seconds since `started`.
     logged_at: AtomicU64,
     started: Instant,
+    /// The other way: connection window granted for streams whose app is not reading
+    /// ([`super::recv_window`]).
+    held: HeldWindowBudget,
 }
 
 impl SendBudget {
+    /// A budget whose held-window budget is as large as the send budget.
     pub fn new(limit: usize, floor: usize) -> Arc<SendBudget> {
+        SendBudget::with_held_limit(limit, floor, limit)
+    }
+
+    /// The node's budgets as `limits` set them.
+    pub fn for_limits(limits: &super::Limits) -> Arc<SendBudget> {
+        SendBudget::with_held_limit(
+            limits.max_send_queued_total,
+            limits.send_queued_floor,
+            limits.max_recv_held_total,
+        )
+    }
+
+    pub fn with_held_limit(limit: usize, floor: usize, held: usize) -> Arc<SendBudget> {
         Arc::new(SendBudget {
+            held: HeldWindowBudget::new(held),
             limit,
             floor,
             queued: AtomicUsize::new(0),
@@ -43,6 +63,11 @@ impl SendBudget {
             logged_at: AtomicU64::new(u64::MAX),
             started: Instant::now(),
         })
+    }
+
+    /// The node's budget of connection window for streams whose app is not reading.
+    pub fn held_windows(&self) -> &HeldWindowBudget {
+        &self.held
     }
 
     /// Times a stream had to wait for the budget.
@@ -128,6 +153,8 @@ impl SendBudget {
 pub struct ConnectionLedger {
     budget: Arc<SendBudget>,
     streams: Mutex<Streams>,
+    /// Its streams whose consumer is not waiting for data ([`super::recv_window`]).
+    holders: Holders,
 }
 
 #[derive(Debug, Default)]
@@ -149,7 +176,17 @@ impl ConnectionLedger {
         Arc::new(ConnectionLedger {
             budget,
             streams: Mutex::new(Streams::default()),
+            holders: Holders::default(),
         })
+    }
+
+    pub fn holders(&self) -> &Holders {
+        &self.holders
+    }
+
+    /// The node's budgets this connection counts in.
+    pub fn budget(&self) -> &Arc<SendBudget> {
+        &self.budget
     }
 
     /// Ready with how many more bytes `stream` may hand HTTP/2 now.

@@ -20,6 +20,7 @@ use tokio::sync::watch;
 use super::budget::{LimitHit, ServerBudget, StreamPermit};
 use super::frames::FrameWatch;
 use super::keepalive::keepalive;
+use super::recv_window::ConnectionWindow;
 use super::send_budget::ConnectionLedger;
 use super::{ALPN_H2, Authority, H2Stream, HboneError};
 use crate::identity::SpiffeId;
@@ -311,6 +312,11 @@ where
     tokio::pin!(exhausted);
     let open_streams = Arc::new(AtomicUsize::new(0));
     let mut idle = Idle::new(limits.idle_timeout);
+    let mut window = ConnectionWindow::new(
+        limits.h2.connection_window,
+        limits.h2.stream_window,
+        Arc::clone(&ledger),
+    );
 
     let mut draining = *drain.borrow_and_update();
     if draining {
@@ -320,7 +326,12 @@ where
     let mut calmed = false;
     loop {
         tokio::select! {
-            next = conn.accept() => match next {
+            next = poll_fn(|cx| {
+                if let Some(target) = window.adjust() {
+                    conn.set_target_window_size(target);
+                }
+                conn.poll_accept(cx)
+            }) => match next {
                 None => return Ok(()),
                 Some(Ok((request, respond))) => {
                     idle.busy();

@@ -87,6 +87,10 @@ pub struct H2Recv {
     /// What an `AsyncRead` caller has not taken yet of the last chunk.
     leftover: Bytes,
     eof: bool,
+    /// Counted among its connection's holders: its consumer is not waiting for data, so what
+    /// arrives stays unreleased ([`super::recv_window`]). From the start until the first wait.
+    holding: bool,
+    ledger: Arc<ConnectionLedger>,
     _lease: Option<Arc<StreamLease>>,
     /// A served stream's place in the server's stream budget, given back when it ends.
     _permit: Option<StreamPermit>,
@@ -115,12 +119,13 @@ impl H2Stream {
             armed: false,
         });
         let id = u32::from(send.stream_id());
+        ledger.holders().hold();
         H2Stream {
             send: H2Send {
                 stream: send,
                 finished: false,
                 ended_cleanly: false,
-                ledger,
+                ledger: Arc::clone(&ledger),
                 id,
                 lease: lease.clone(),
                 stall,
@@ -129,6 +134,8 @@ impl H2Stream {
                 stream: recv,
                 leftover: Bytes::new(),
                 eof: false,
+                holding: true,
+                ledger,
                 _lease: lease,
                 _permit: permit,
             },
@@ -304,26 +311,52 @@ impl H2Recv {
             return Poll::Ready(Ok(None));
         }
         loop {
-            match ready!(self.stream.poll_data(cx)) {
+            let Poll::Ready(next) = self.stream.poll_data(cx) else {
+                self.set_holding(false);
+                return Poll::Pending;
+            };
+            match next {
                 Some(Ok(chunk)) => {
                     // A failure here means the stream is gone; the next poll reports that.
                     let _ = self.stream.flow_control().release_capacity(chunk.len());
                     if chunk.is_empty() {
                         continue;
                     }
+                    self.set_holding(true);
                     return Poll::Ready(Ok(Some(chunk)));
                 }
-                Some(Err(e)) if is_clean_reset(&e) => {
-                    self.eof = true;
-                    return Poll::Ready(Ok(None));
-                }
-                Some(Err(e)) => return Poll::Ready(Err(h2_to_io(e))),
-                None => {
-                    self.eof = true;
-                    return Poll::Ready(Ok(None));
-                }
+                Some(Err(e)) if is_clean_reset(&e) => return self.ended(Ok(None)),
+                Some(Err(e)) => return self.ended(Err(h2_to_io(e))),
+                None => return self.ended(Ok(None)),
             }
         }
+    }
+
+    /// Nothing more will arrive: HTTP/2 holds nothing for this stream any longer.
+    fn ended(&mut self, result: io::Result<Option<Bytes>>) -> Poll<io::Result<Option<Bytes>>> {
+        if result.is_ok() {
+            self.eof = true;
+        }
+        self.set_holding(false);
+        Poll::Ready(result)
+    }
+
+    fn set_holding(&mut self, holding: bool) {
+        if self.holding == holding {
+            return;
+        }
+        self.holding = holding;
+        if holding {
+            self.ledger.holders().hold();
+        } else {
+            self.ledger.holders().release();
+        }
+    }
+}
+
+impl Drop for H2Recv {
+    fn drop(&mut self) {
+        self.set_holding(false);
     }
 }
 
