@@ -12,6 +12,7 @@ pub mod pool;
 mod pool_settings;
 #[doc(hidden)]
 pub mod raw_client;
+pub mod read_ahead;
 pub mod recv_window;
 pub mod request;
 pub mod send_budget;

@@ -18,6 +18,7 @@ use super::refusals::RefusalReason;
 use super::route::is_own_port;
 use super::tracker::TrackedConnection;
 use crate::admin::TrafficSeries;
+use crate::hbone::read_ahead::ReadAhead;
 use crate::hbone::request::forwarded_for;
 use crate::hbone::server::{
     ConnectionInfo, IncomingConnect, Refusal, serve_connection, tls_accept,
@@ -65,7 +66,7 @@ async fn handle_connection(
     let server_config = ctx.credentials.server_config(&workload.identity()).await?;
     let acceptor = TlsAcceptor::from(server_config);
     let tls = tokio::select! {
-        tls = tls_accept(tcp, &acceptor, peer) => tls,
+        tls = tls_accept(ReadAhead::new(tcp), &acceptor, peer) => tls,
         why = pending.shed() => {
             let reason = ConnectionError::Shed;
             refusals.record(port, why.reason(), peer, &reason);

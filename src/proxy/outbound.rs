@@ -19,6 +19,7 @@ use super::route::{self, Plan};
 use super::socks5;
 use crate::hbone::WithCertExpiry;
 use crate::hbone::pool::PoolKey;
+use crate::hbone::read_ahead::ReadAhead;
 use crate::hbone::{ConnectRequest, H2Stream, HboneError};
 use crate::logging::Optional;
 use crate::mesh::Workload;
@@ -320,7 +321,7 @@ async fn open_tunnel(
                 .await
                 .map_err(tls_error)?;
             let tls = TlsConnector::from(config)
-                .connect(crate::tls::dummy_server_name(), tcp)
+                .connect(crate::tls::dummy_server_name(), ReadAhead::new(tcp))
                 .await
                 .map_err(|source| HboneError::Tls {
                     peer: next_hop,
