@@ -598,7 +598,10 @@ impl Config {
             }
         }
         if self.capture_backend == CaptureBackend::Ebpf
-            && !matches!(self.capture, CaptureMode::Standalone | CaptureMode::IstioCni)
+            && !matches!(
+                self.capture,
+                CaptureMode::Standalone | CaptureMode::IstioCni
+            )
         {
             return Err(invalid(
                 "captureBackend",

@@ -257,7 +257,10 @@ fn the_capture_backend_from_file_and_environment() {
     c.apply_env(env("nftables")).unwrap();
     assert_eq!(c.capture_backend, CaptureBackend::Nftables);
     let err = c.clone().apply_env(env("bpf")).unwrap_err().to_string();
-    assert!(err.contains("captureBackend") && err.contains("environment"), "{err}");
+    assert!(
+        err.contains("captureBackend") && err.contains("environment"),
+        "{err}"
+    );
 
     // eBPF captures pods: not a mode without pods.
     for mode in ["none", "host"] {
