@@ -7,7 +7,7 @@
 
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -78,10 +78,10 @@ pub const SK_LOOKUP: u32 = 36;
 
 /// How many programs of `attach_type` are attached right at `target` (a cgroup directory or a
 /// netns fd): `BPF_PROG_QUERY` with no id buffer returns the count.
-pub fn attached(target: &impl AsRawFd, attach_type: u32) -> u32 {
+pub fn attached(target: &impl AsFd, attach_type: u32) -> u32 {
     const BPF_PROG_QUERY: libc::c_long = 16;
     let mut attr = [0u8; 64];
-    attr[0..4].copy_from_slice(&(target.as_raw_fd() as u32).to_ne_bytes());
+    attr[0..4].copy_from_slice(&(target.as_fd().as_raw_fd() as u32).to_ne_bytes());
     attr[4..8].copy_from_slice(&attach_type.to_ne_bytes());
     // SAFETY: `attr` is a zeroed bpf_attr prefix of the size passed, alive for the call.
     let rc = unsafe {

@@ -107,6 +107,7 @@ impl PodCapture {
         let mut uids: Vec<String> = entries
             .flatten()
             .filter_map(|e| e.file_name().into_string().ok())
+            .map(|name| super::loader::uid_of_pin(&name))
             .collect();
         uids.sort();
         uids
