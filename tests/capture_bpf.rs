@@ -4,7 +4,8 @@
 //! the app shows that destination, a socket with ztund's mark and a process outside the cgroup
 //! bypass. Inbound: sk_lookup steers plaintext to 15006 and HBONE to 15008 with the original
 //! destination as local address, connections made inside the pod pass, and an empty slot fails
-//! closed (refused: sk_lookup's SK_DROP makes the kernel answer with a RST).
+//! closed (refused: sk_lookup's SK_DROP makes the kernel answer with a RST); kubelet's probe
+//! source (169.254.7.127) reaches the app directly.
 //!
 //! These tests need clang at build time and bpffs/cgroup2 in the kernel; CI installs clang, and
 //! a missing piece fails the test with its reason instead of skipping.
@@ -332,6 +333,29 @@ async fn inbound_is_steered_to_15006_and_15008_and_an_empty_slot_drops() {
         .unwrap();
     let (stream, _) = accepted(&hbone).await;
     assert_eq!(stream.local_addr().unwrap().port(), 15008);
+
+    // kubelet's probe source (Istio's SNAT address) reaches the app directly.
+    remote.ip(&["addr", "add", "169.254.7.127/32", "dev", "eth0"]);
+    pod.ip(&["route", "add", "169.254.7.127/32", "dev", "eth0"]);
+    let probe = remote.1.clone();
+    tokio::task::spawn_blocking(move || {
+        probe.enter(|| {
+            let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            socket.bind(&"169.254.7.127:0".parse::<SocketAddr>().unwrap().into())?;
+            let dst: SocketAddr = "10.78.0.2:8080".parse().unwrap();
+            socket.connect_timeout(&dst.into(), WAIT)
+        })
+    })
+    .await
+    .unwrap()
+    .unwrap()
+    .expect("the probe connects");
+    let (_, peer) = accepted(&app).await;
+    assert_eq!(
+        ztund::net::canonical(peer).ip().to_string(),
+        "169.254.7.127"
+    );
+    nothing_lands_on(&inbound).await;
 
     // Over lo (the app calling itself, ztund delivering to the app): not steered.
     connect_from(&pod.1, "10.78.0.2:8080", WAIT).await.unwrap();
