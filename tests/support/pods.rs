@@ -19,6 +19,7 @@ pub enum Backend {
 
 /// Two `#[tokio::test]`s per case, `<case>::nftables` and `<case>::ebpf`: each case is an
 /// `async fn case(backend: Backend)` in the test file, run against both capture backends.
+#[allow(unused_macros)] // Not every user of this module (benches) has cases.
 macro_rules! on_both_backends {
     ($($case:ident),* $(,)?) => {$(
         mod $case {
@@ -33,6 +34,7 @@ macro_rules! on_both_backends {
         }
     )*};
 }
+#[allow(unused_imports)]
 pub(crate) use on_both_backends;
 
 /// The mesh file's name inside the cluster directory (all nodes read the same file).
