@@ -259,3 +259,26 @@ async fn ebpf_unavailable_stops_ztund_at_start_with_the_reason() {
         "the reason is not named: {said}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ebpf_a_pod_whose_cgroup_cannot_be_found_is_not_served_and_named() {
+    let mut w = PodWorld::on(Backend::Ebpf, 2, 1, &pods(), |_| {
+        "capture: standalone\n".to_string()
+    });
+    // No process in the pod's netns: nothing tells which cgroup is the pod's.
+    w.bed.remove_sandbox(2, 1);
+    w.spawn(2);
+    let line = w
+        .daemon(2)
+        .wait_log(&["pod capture failed", "pod-n2p1", "no cgroup found"])
+        .await;
+    let netns = w.bed.netns_name(Place::Pod(2, 1));
+    assert!(
+        line.contains(&netns),
+        "the error does not name the netns: {line}"
+    );
+    assert!(
+        w.inpod_listeners(2, 1).is_empty(),
+        "a pod ztund cannot capture must not be served"
+    );
+}

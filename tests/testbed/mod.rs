@@ -70,6 +70,13 @@ impl Testbed {
         }
     }
 
+    /// Ends pod (n, p)'s sandbox: the pod then has no process in its netns (its cgroup
+    /// cannot be found from it).
+    pub fn remove_sandbox(&self, n: usize, p: usize) {
+        let mut sandboxes = self.1.lock().unwrap_or_else(|e| e.into_inner());
+        sandboxes.remove(&(n, p));
+    }
+
     /// Pod (n, p)'s sandbox, if it has one.
     pub fn sandbox(&self, n: usize, p: usize) -> Option<Arc<bpf::Sandbox>> {
         let sandboxes = self.1.lock().unwrap_or_else(|e| e.into_inner());
