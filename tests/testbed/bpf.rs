@@ -180,13 +180,11 @@ impl Sandbox {
         let mut byte = [0u8; 1];
         let mut iov = [io::IoSliceMut::new(&mut byte)];
         let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
-        let msg = recvmsg::<()>(
-            ctl.as_raw_fd(),
-            &mut iov,
-            Some(&mut space),
-            MsgFlags::empty(),
-        )
-        .map_err(io::Error::from)?;
+        // Close-on-exec, as every socket Rust makes: processes the test starts later (a
+        // successor ztund) must not hold the app's connections open.
+        let flags = MsgFlags::MSG_CMSG_CLOEXEC;
+        let msg = recvmsg::<()>(ctl.as_raw_fd(), &mut iov, Some(&mut space), flags)
+            .map_err(io::Error::from)?;
         for cmsg in msg.cmsgs().map_err(io::Error::from)? {
             if let ControlMessageOwned::ScmRights(fds) = cmsg
                 && let Some(&fd) = fds.first()
