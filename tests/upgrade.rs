@@ -238,6 +238,12 @@ async fn replace_under_traffic(
     short_exchange(bed, target, MAX_SHORT)
         .await
         .expect("the successor serves alone");
+    // The old ztund's exit left the pod captured (its rules, or the links the successor pinned).
+    let tables = w.nft_tables(Place::Pod(node, 1));
+    assert!(
+        w.capture_installed(node, 1, &tables),
+        "node{node}'s pod lost its capture in the hand-over:\n{tables}"
+    );
     for place in [Place::Node(node), Place::Pod(node, 1)] {
         let migrate = bed.run_in(place, &["sysctl", "-n", "net.ipv4.tcp_migrate_req"]);
         assert_eq!(migrate.trim(), "1", "request migration is off in {place:?}");
