@@ -10,6 +10,7 @@
 //! - a crash (`kill -9`) under STRICT mTLS: the open connections are lost, nothing reaches the
 //!   app while ztund is down (the pod's redirection stays and fails closed), and a restart
 //!   serves again.
+//!
 //! The hand-over and the crash run against both capture backends (`<case>::nftables`,
 //! `<case>::ebpf`: there the successor's listeners replace the old ones in the pod's sk_lookup
 //! slots, and the pinned programs keep failing closed while no ztund runs).
