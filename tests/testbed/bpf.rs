@@ -67,7 +67,15 @@ impl Drop for Cgroup {
                 }
             }
         }
-        let _ = std::fs::remove_dir(&self.0);
+        // A process just reaped may still count for a moment (EBUSY): retry briefly.
+        for _ in 0..50 {
+            match std::fs::remove_dir(&self.0) {
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                _ => return,
+            }
+        }
     }
 }
 
