@@ -20,6 +20,7 @@
 #define AF_INET6 10
 #define SOCK_STREAM 1
 #define LOOPBACK_IFINDEX 1 /* lo is ifindex 1 in every netns */
+#define PROBE_SOURCE_V4 0xa9fe077f /* 169.254.7.127; IPv6: fd16:9254:7127:1337:ffff:ffff:ffff:ffff */
 
 /* Overridden by the loader (aya `override_global`); these are ztund's defaults. */
 volatile const __u32 ZTUND_MARK = 0x539;
@@ -230,10 +231,21 @@ static __always_inline int is_local(struct bpf_sk_lookup *ctx)
 		ctx->local_ip6[3] == bpf_htonl(1));
 }
 
+/* kubelet's probes arrive SNATed to Istio's probe source (PROTOCOL.md §5.5, as the nftables
+ * backend's rules): they reach the app directly. */
+static __always_inline int is_probe(struct bpf_sk_lookup *ctx)
+{
+	if (ctx->family == AF_INET)
+		return ctx->remote_ip4 == bpf_htonl(PROBE_SOURCE_V4);
+	return ctx->remote_ip6[0] == bpf_htonl(0xfd169254) &&
+	       ctx->remote_ip6[1] == bpf_htonl(0x71271337) && ctx->remote_ip6[2] == 0xffffffff &&
+	       ctx->remote_ip6[3] == 0xffffffff;
+}
+
 SEC("sk_lookup")
 int ztund_sk_lookup(struct bpf_sk_lookup *ctx)
 {
-	if (ctx->protocol != IPPROTO_TCP || is_local(ctx))
+	if (ctx->protocol != IPPROTO_TCP || is_local(ctx) || is_probe(ctx))
 		return SK_PASS;
 	struct ztund_slot key = {};
 	key.netns_cookie = ZTUND_NETNS_COOKIE;

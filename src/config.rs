@@ -71,6 +71,19 @@ pub enum CaptureMode {
     Host,
 }
 
+/// How a pod's traffic is captured once ztund has its network namespace (capture modes
+/// `standalone` and `istio-cni`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum CaptureBackend {
+    /// nftables rules in the pod (standalone: ztund installs them; istio-cni: istio-cni does).
+    #[default]
+    Nftables,
+    /// ztund's eBPF programs (bpf/): cgroup hooks on the pod's cgroup for outbound, sk_lookup on
+    /// its netns for inbound; no netfilter rules in the pod.
+    Ebpf,
+}
+
 /// Where workload certificates come from.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(tag = "mode", rename_all = "kebab-case", deny_unknown_fields)]
@@ -296,6 +309,14 @@ pub struct Config {
     /// How pods are handed to ztund and their traffic captured.
     #[serde(default)]
     pub capture: CaptureMode,
+    /// How pods' traffic is captured in modes `standalone` and `istio-cni`; `ZTUND_CAPTURE_BACKEND`
+    /// overrides it. A sibling of `capture` (not `capture.backend`) so that every existing
+    /// `capture: <mode>` stays valid as it is.
+    #[serde(default)]
+    pub capture_backend: CaptureBackend,
+    /// The bpffs directory the eBPF backend pins its maps and each pod's links under.
+    #[serde(default = "default_bpf_dir")]
+    pub bpf_dir: PathBuf,
     /// istio-cni's ZDS socket ztund connects to in capture mode `istio-cni`.
     #[serde(default = "default_zds_socket")]
     pub zds_socket: PathBuf,
@@ -344,6 +365,9 @@ fn default_hbone_bind() -> IpAddr {
 }
 fn default_zds_socket() -> PathBuf {
     "/var/run/ztunnel/ztunnel.sock".into()
+}
+fn default_bpf_dir() -> PathBuf {
+    "/sys/fs/bpf/ztund/v1".into()
 }
 fn default_root_namespace() -> String {
     "istio-system".into()
@@ -427,6 +451,16 @@ impl Config {
                 )
             })?;
         }
+        if let Some(backend) = env("ZTUND_CAPTURE_BACKEND") {
+            let text: serde::de::value::StrDeserializer<'_, serde::de::value::Error> =
+                backend.as_str().into_deserializer();
+            self.capture_backend = CaptureBackend::deserialize(text).map_err(|e| {
+                invalid(
+                    "captureBackend",
+                    format!("ZTUND_CAPTURE_BACKEND={backend:?}: {e}"),
+                )
+            })?;
+        }
         self.dns.apply_env(&env)?;
         self.validate("environment")
     }
@@ -506,6 +540,7 @@ impl Config {
         }
         fix(&mut self.state_dir);
         fix(&mut self.zds_socket);
+        fix(&mut self.bpf_dir);
         self.dns.resolve_relative_paths(base);
         if let Some(cp) = &mut self.control_plane {
             fix(&mut cp.root_cert);
@@ -561,6 +596,17 @@ impl Config {
                     format!("{value} is out of range: must be from {least} to {most}"),
                 ));
             }
+        }
+        if self.capture_backend == CaptureBackend::Ebpf
+            && !matches!(
+                self.capture,
+                CaptureMode::Standalone | CaptureMode::IstioCni
+            )
+        {
+            return Err(invalid(
+                "captureBackend",
+                "ebpf captures pods: it needs capture standalone or istio-cni".into(),
+            ));
         }
         if let Some((field, reason)) = self.dns.invalid() {
             return Err(invalid(field, reason));

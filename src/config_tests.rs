@@ -240,3 +240,32 @@ fn every_duration_and_count_out_of_range_is_refused_naming_the_key() {
         "{err}"
     );
 }
+
+#[test]
+fn the_capture_backend_from_file_and_environment() {
+    let c = Config::parse(MINIMAL, "t.yaml").unwrap();
+    assert_eq!(c.capture_backend, CaptureBackend::Nftables);
+    assert_eq!(c.bpf_dir, PathBuf::from("/sys/fs/bpf/ztund/v1"));
+
+    let text = format!("{MINIMAL}capture: standalone\ncaptureBackend: ebpf\nbpfDir: /b/z\n");
+    let mut c = Config::parse(&text, "t.yaml").unwrap();
+    assert_eq!(c.capture_backend, CaptureBackend::Ebpf);
+    assert_eq!(c.bpf_dir, PathBuf::from("/b/z"));
+    let env = |value: &'static str| {
+        move |key: &str| (key == "ZTUND_CAPTURE_BACKEND").then(|| value.to_string())
+    };
+    c.apply_env(env("nftables")).unwrap();
+    assert_eq!(c.capture_backend, CaptureBackend::Nftables);
+    let err = c.clone().apply_env(env("bpf")).unwrap_err().to_string();
+    assert!(
+        err.contains("captureBackend") && err.contains("environment"),
+        "{err}"
+    );
+
+    // eBPF captures pods: not a mode without pods.
+    for mode in ["none", "host"] {
+        let text = format!("{MINIMAL}capture: {mode}\ncaptureBackend: ebpf\n");
+        let err = Config::parse(&text, "t.yaml").unwrap_err().to_string();
+        assert!(err.contains("captureBackend"), "{err}");
+    }
+}

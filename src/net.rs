@@ -298,6 +298,8 @@ impl SocketFactory {
     ) -> io::Result<TcpStream> {
         let socket = self.inside(|| self.create(Domain::for_address(dst)))?;
         socket.set_tcp_nodelay(true)?;
+        // The eBPF backend delivers from the pod's own address (capture::bpf::delivers_from_pod).
+        let spoof_source = spoof_source.filter(|_| !crate::capture::bpf::delivers_from_pod());
         if let Some(source) = spoof_source {
             let source = match (source, dst) {
                 (IpAddr::V4(v4), SocketAddr::V6(_)) => IpAddr::V6(v4.to_ipv6_mapped()),

@@ -4,10 +4,13 @@
 //! the app shows that destination, a socket with ztund's mark and a process outside the cgroup
 //! bypass. Inbound: sk_lookup steers plaintext to 15006 and HBONE to 15008 with the original
 //! destination as local address, connections made inside the pod pass, and an empty slot fails
-//! closed (refused: sk_lookup's SK_DROP makes the kernel answer with a RST).
+//! closed (refused: sk_lookup's SK_DROP makes the kernel answer with a RST); kubelet's probe
+//! source (169.254.7.127) reaches the app directly.
 //!
 //! These tests need clang at build time and bpffs/cgroup2 in the kernel; CI installs clang, and
 //! a missing piece fails the test with its reason instead of skipping.
+
+mod testbed;
 
 use std::fs::File;
 use std::net::SocketAddr;
@@ -28,7 +31,7 @@ static NEXT: AtomicUsize = AtomicUsize::new(0);
 /// A name unique to this test process and call, prefixed with this task's name.
 fn unique(kind: &str) -> String {
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    format!("ebpf-{kind}-{}-{n}", std::process::id())
+    format!("bpf2-{kind}-{}-{n}", std::process::id())
 }
 
 fn run(args: &[&str]) {
@@ -331,6 +334,29 @@ async fn inbound_is_steered_to_15006_and_15008_and_an_empty_slot_drops() {
     let (stream, _) = accepted(&hbone).await;
     assert_eq!(stream.local_addr().unwrap().port(), 15008);
 
+    // kubelet's probe source (Istio's SNAT address) reaches the app directly.
+    remote.ip(&["addr", "add", "169.254.7.127/32", "dev", "eth0"]);
+    pod.ip(&["route", "add", "169.254.7.127/32", "dev", "eth0"]);
+    let probe = remote.1.clone();
+    tokio::task::spawn_blocking(move || {
+        probe.enter(|| {
+            let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            socket.bind(&"169.254.7.127:0".parse::<SocketAddr>().unwrap().into())?;
+            let dst: SocketAddr = "10.78.0.2:8080".parse().unwrap();
+            socket.connect_timeout(&dst.into(), WAIT)
+        })
+    })
+    .await
+    .unwrap()
+    .unwrap()
+    .expect("the probe connects");
+    let (_, peer) = accepted(&app).await;
+    assert_eq!(
+        ztund::net::canonical(peer).ip().to_string(),
+        "169.254.7.127"
+    );
+    nothing_lands_on(&inbound).await;
+
     // Over lo (the app calling itself, ztund delivering to the app): not steered.
     connect_from(&pod.1, "10.78.0.2:8080", WAIT).await.unwrap();
     accepted(&app).await;
@@ -358,4 +384,72 @@ async fn inbound_is_steered_to_15006_and_15008_and_an_empty_slot_drops() {
         .await
         .unwrap();
     accepted(&inbound).await;
+}
+
+#[test]
+fn the_pod_cgroup_is_found_from_the_processes_in_its_netns() {
+    let mount = bpf::cgroup::mount().unwrap();
+    let pod = Ns::new("cgpod");
+    let uid = format!("1234-{}", std::process::id());
+    let err = bpf::cgroup::of_netns(&pod.1, &uid, &mount).expect_err("no process in it yet");
+    assert_eq!(err.kind(), std::io::ErrorKind::NotFound, "{err}");
+
+    // As kubelet lays it out: a pod directory named after the uid, the sandbox's process in a
+    // container directory below it (the app's containers start after CNI ADD).
+    let pod_dir = testbed::bpf::Cgroup::new(&format!("bpf2-kubepods-pod{uid}"));
+    let container = pod_dir.0.join("sandbox");
+    std::fs::create_dir(&container).unwrap();
+    let mut command = Command::new("sleep");
+    command.arg("30");
+    ztund::net::enter_before_exec(&mut command, &pod.1);
+    let procs = testbed::bpf::in_cgroup(&mut command, &container);
+    let mut sleeper = command.spawn().unwrap();
+    drop(procs);
+    let found = bpf::cgroup::of_netns(&pod.1, &uid, &mount);
+    let unnamed = bpf::cgroup::of_netns(&pod.1, "other-uid", &mount);
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    assert_eq!(
+        found.unwrap(),
+        pod_dir.0,
+        "the directory named after the pod"
+    );
+    assert_eq!(
+        unnamed.unwrap(),
+        container,
+        "else the processes' own cgroup"
+    );
+}
+
+#[test]
+fn a_second_loader_adopts_the_pins_and_never_duplicates_attachments() {
+    let bpffs = Bpffs::new();
+    let pod = Ns::new("adopt");
+    let cgroup = Cgroup::new();
+    let dir = File::open(&cgroup.0).unwrap();
+    let netns = File::open(format!("/var/run/netns/{}", pod.0)).unwrap();
+    let counts = || {
+        (
+            testbed::bpf::attached(&dir, testbed::bpf::INET4_CONNECT),
+            testbed::bpf::attached(&dir, testbed::bpf::SOCK_OPS),
+            testbed::bpf::attached(&netns, testbed::bpf::SK_LOOKUP),
+        )
+    };
+    {
+        let (mut first, _table) = load(&bpffs);
+        first.attach_outbound("pod-c", &cgroup.0).unwrap();
+        first.attach_inbound("pod-c", &pod.1).unwrap();
+        assert_eq!(counts(), (1, 1, 1));
+    }
+    // The first loader is gone (as a killed ztund): its pinned links stay attached.
+    assert_eq!(counts(), (1, 1, 1), "pins keep capture in place");
+    let (mut second, _table) = load(&bpffs);
+    second.attach_outbound("pod-c", &cgroup.0).unwrap();
+    second.attach_inbound("pod-c", &pod.1).unwrap();
+    assert_eq!(counts(), (1, 1, 1), "adopted, not duplicated");
+    drop(second);
+    assert_eq!(counts(), (1, 1, 1));
+    let (third, _table) = load(&bpffs);
+    third.detach("pod-c").unwrap();
+    assert_eq!(counts(), (0, 0, 0), "the pins were the last reference");
 }

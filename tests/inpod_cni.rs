@@ -2,7 +2,10 @@
 //! handing over the pod's namespace fd, and the pod's redirection rules installed as istio-cni
 //! would), node 1's ztund adopts the pod from the snapshot and carries its traffic as HBONE both
 //! ways (node 2 runs standalone capture); readiness waits for the snapshot and is lost with the
-//! ZDS connection; a ZDS Del takes the pod's listeners away.
+//! ZDS connection; a ZDS Del takes the pod's listeners away. Runs against both capture
+//! backends: with nftables the test installs the pod's rules as istio-cni would; with eBPF
+//! ztund itself captures the pod it was handed (its cgroup found from the netns) and releases
+//! it on Del.
 
 mod support;
 mod testbed;
@@ -11,7 +14,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use support::eventually;
-use support::pods::{MeshPod, PodWorld, spiffe_id};
+use support::pods::{Backend, MeshPod, PodWorld, on_both_backends, spiffe_id};
 use testbed::{Place, Testbed};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use ztund::capture::PodInfo;
@@ -39,8 +42,9 @@ async fn exchange(bed: &Testbed, n: usize, p: usize, target: SocketAddr) {
     assert_eq!(&back, b"ping");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pod_handed_over_by_istio_cni_is_carried_over_hbone_until_deleted() {
+on_both_backends!(a_pod_handed_over_by_istio_cni_is_carried_over_hbone_until_deleted);
+
+async fn a_pod_handed_over_by_istio_cni_is_carried_over_hbone_until_deleted(backend: Backend) {
     // The client pod is in the mesh file without a netns: only ZDS hands its namespace over.
     let pods = [
         MeshPod::uncaptured(1, 1, "client"),
@@ -48,7 +52,7 @@ async fn a_pod_handed_over_by_istio_cni_is_carried_over_hbone_until_deleted() {
     ];
     let agent_dir = tempfile::tempdir().expect("a directory for the ZDS socket");
     let zds_socket = agent_dir.path().join("ztunnel.sock");
-    let mut w = PodWorld::new(2, 1, &pods, |n| match n {
+    let mut w = PodWorld::on(backend, 2, 1, &pods, |n| match n {
         1 => format!("capture: istio-cni\nzdsSocket: {}\n", zds_socket.display()),
         _ => "capture: standalone\n".to_string(),
     });
@@ -83,9 +87,12 @@ async fn a_pod_handed_over_by_istio_cni_is_carried_over_hbone_until_deleted() {
         .await
         .expect("the snapshot is acknowledged");
     w.daemon(1).wait_ready(&w.bed).await;
-    // istio-cni redirects the pod's traffic once ztund acknowledged the pod.
-    let ports = RedirectPorts::default();
-    nft::install_pod_redirection(&pod_ns, &ports).expect("installing the pod's redirection");
+    // istio-cni redirects the pod's traffic once ztund acknowledged the pod (nftables); with
+    // eBPF ztund enrolled it before acknowledging.
+    if backend == Backend::Nftables {
+        let ports = RedirectPorts::default();
+        nft::install_pod_redirection(&pod_ns, &ports).expect("installing the pod's redirection");
+    }
     w.wait_captured(1, 1, true).await;
 
     // Out of the pod: HBONE, the server sees the client pod's address and identity.
@@ -106,9 +113,10 @@ async fn a_pod_handed_over_by_istio_cni_is_carried_over_hbone_until_deleted() {
         .expect("connect");
     let mut seen = String::new();
     stream.read_to_string(&mut seen).await.expect("whoami");
+    let expected = w.app_sees(w.bed.pod_ip(1, 1), w.bed.pod_ip(2, 1));
     assert!(
-        seen.starts_with(&format!("{}:", w.bed.pod_ip(1, 1))),
-        "the server app saw {seen:?}"
+        seen.starts_with(&format!("{expected}:")),
+        "the server app saw {seen:?}, not {expected}"
     );
     // Into the pod: node 1's ztund terminates HBONE inside it and names the caller.
     exchange(&w.bed, 2, 1, client).await;
@@ -139,7 +147,10 @@ async fn a_pod_handed_over_by_istio_cni_is_carried_over_hbone_until_deleted() {
     w.daemon(1)
         .wait_log(&["pod proxy stopped", CLIENT_UID])
         .await;
-    nft::remove_redirection(&pod_ns).expect("removing the pod's redirection");
+    if backend == Backend::Nftables {
+        nft::remove_redirection(&pod_ns).expect("removing the pod's redirection");
+    }
+    w.wait_captured(1, 1, false).await;
 
     // Without its CNI agent, ztund is not ready.
     drop(connection);

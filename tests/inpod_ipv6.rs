@@ -3,7 +3,8 @@
 //! 15008 crosses the bridge) and the server's access log names the client's identity; a
 //! dual-stack Service is reachable on each of its VIPs; an AuthorizationPolicy with a v6 CIDR
 //! lets one source through and keeps another from the app; a pod whose namespace has IPv6
-//! disabled gets IPv4 listeners and rules and works as before.
+//! disabled gets IPv4 listeners and rules and works as before. All but the policy case (its
+//! app counts in statics) run against both capture backends (`<case>::nftables`, `::ebpf`).
 
 mod support;
 mod testbed;
@@ -13,7 +14,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use support::pods::{MESH_FILE, MeshPod, PodWorld, mesh_yaml, spiffe_id};
+use support::pods::{
+    Backend, MESH_FILE, MeshPod, PodWorld, mesh_yaml, on_both_backends, spiffe_id,
+};
 use support::sniffer::Sniffer;
 use testbed::{Place, Testbed};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -62,18 +65,19 @@ fn guarded_echo(mut stream: TcpStream, _peer: SocketAddr) -> BoxFuture<'static, 
 
 /// Starts the world with `extra` documents (Services, policies) after the pods.
 async fn world(nodes: usize, pods_per_node: usize, pods: &[MeshPod], extra: &str) -> PodWorld {
-    world_with(nodes, pods_per_node, pods, extra, |_| {}).await
+    world_with(Backend::Nftables, nodes, pods_per_node, pods, extra, |_| {}).await
 }
 
 /// [`world`], with `prepare` run on the testbed before any daemon starts.
 async fn world_with(
+    backend: Backend,
     nodes: usize,
     pods_per_node: usize,
     pods: &[MeshPod],
     extra: &str,
     prepare: impl FnOnce(&Testbed),
 ) -> PodWorld {
-    let mut w = PodWorld::new(nodes, pods_per_node, pods, |_| {
+    let mut w = PodWorld::on(backend, nodes, pods_per_node, pods, |_| {
         "capture: standalone\n".to_string()
     });
     prepare(&w.bed);
@@ -117,13 +121,18 @@ async fn seen_by(bed: &Testbed, n: usize, p: usize, target: SocketAddr) -> Socke
         .unwrap_or_else(|e| panic!("whoami at {target} answered {answer:?}: {e}"))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn v6_pod_to_v6_pod_is_hbone_and_the_server_logs_the_client_identity() {
+on_both_backends!(
+    v6_pod_to_v6_pod_is_hbone_and_the_server_logs_the_client_identity,
+    a_dual_stack_service_is_reachable_on_each_vip,
+    a_pod_with_ipv6_disabled_works_ipv4_only,
+);
+
+async fn v6_pod_to_v6_pod_is_hbone_and_the_server_logs_the_client_identity(backend: Backend) {
     let pods = [
         MeshPod::captured(1, 1, "client").dual_stack(),
         MeshPod::captured(2, 1, "server").dual_stack(),
     ];
-    let w = world(2, 1, &pods, "").await;
+    let w = world_with(backend, 2, 1, &pods, "", |_| {}).await;
     let bed = &w.bed;
     let (client6, server6) = (bed.pod_ip6(1, 1), bed.pod_ip6(2, 1));
     let echo_addr = bed.serve(Place::Pod(2, 1), SocketAddr::new(server6, ECHO_PORT), echo);
@@ -136,7 +145,10 @@ async fn v6_pod_to_v6_pod_is_hbone_and_the_server_logs_the_client_identity() {
     let sniffer = Sniffer::start(&bed.netns(Place::Switch), vec![secret.clone()]);
 
     // The app keeps seeing the client pod's own IPv6 address (IPV6_TRANSPARENT upstream).
-    assert_eq!(seen_by(bed, 1, 1, whoami_addr).await.ip(), client6);
+    assert_eq!(
+        seen_by(bed, 1, 1, whoami_addr).await.ip(),
+        w.app_sees(client6, server6)
+    );
     assert_eq!(exchange(bed, 1, 1, echo_addr, &secret).await, secret);
     let stream = bed.connect_from(1, 1, echo_addr).await.expect("connect");
     Testbed::assert_echo(stream, 16 * MIB).await;
@@ -194,13 +206,12 @@ spec:
   ports: [{name: tcp, port: 80, targetPort: 9000}]
 ";
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dual_stack_service_is_reachable_on_each_vip() {
+async fn a_dual_stack_service_is_reachable_on_each_vip(backend: Backend) {
     let pods = [
         MeshPod::captured(1, 1, "client").dual_stack(),
         MeshPod::captured(2, 1, "server").dual_stack(),
     ];
-    let w = world(2, 1, &pods, DUAL_STACK_SERVICE).await;
+    let w = world_with(backend, 2, 1, &pods, DUAL_STACK_SERVICE, |_| {}).await;
     let bed = &w.bed;
     // The app listens on both of its addresses.
     bed.serve(
@@ -297,13 +308,12 @@ spec:
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pod_with_ipv6_disabled_works_ipv4_only() {
+async fn a_pod_with_ipv6_disabled_works_ipv4_only(backend: Backend) {
     let pods = [
         MeshPod::captured(1, 1, "client"),
         MeshPod::captured(2, 1, "server").dual_stack(),
     ];
-    let w = world_with(2, 1, &pods, "", |bed| {
+    let w = world_with(backend, 2, 1, &pods, "", |bed| {
         bed.disable_ipv6(1, 1)
             .unwrap_or_else(|e| panic!("disabling IPv6 in pod (1,1): {e}"));
     })
@@ -319,9 +329,11 @@ async fn a_pod_with_ipv6_disabled_works_ipv4_only() {
         );
     }
     assert!(!listening.contains("[::]"), "{listening}");
-    assert!(
+    // The reply routing is the nftables backend's (eBPF delivers from the pod's address).
+    assert_eq!(
         bed.run_in(pod, &["ip", "-4", "rule", "show", "pref", "32764"])
-            .contains("lookup 100")
+            .contains("lookup 100"),
+        backend == Backend::Nftables
     );
     assert!(
         bed.run_in(pod, &["ip", "-6", "rule", "show", "pref", "32764"])
@@ -341,7 +353,10 @@ async fn a_pod_with_ipv6_disabled_works_ipv4_only() {
     bed.serve(Place::Pod(2, 1), server, echo);
     let text = b"v4 only".to_vec();
     assert_eq!(exchange(bed, 1, 1, server, &text).await, text);
-    assert_eq!(seen_by(bed, 1, 1, whoami_addr).await.ip(), bed.pod_ip(1, 1));
+    assert_eq!(
+        seen_by(bed, 1, 1, whoami_addr).await.ip(),
+        w.app_sees(bed.pod_ip(1, 1), bed.pod_ip(2, 1))
+    );
     let line = w
         .daemon(2)
         .wait_log(&[

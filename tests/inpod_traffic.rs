@@ -4,7 +4,8 @@
 //! server app still sees the client pod's address and the server's access log names the client's
 //! SPIFFE id. Traffic to addresses outside the mesh, and to a mesh workload without a ztund in
 //! front of it, goes as plain TCP (and plain TCP from outside into a captured pod is taken by its
-//! plaintext listener); short connections reuse pooled tunnels.
+//! plaintext listener); short connections reuse pooled tunnels. Every case runs against both
+//! capture backends (`<case>::nftables`, `<case>::ebpf`).
 
 mod support;
 mod testbed;
@@ -13,7 +14,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use support::pods::{MeshPod, PodWorld, spiffe_id};
+use support::pods::{Backend, MeshPod, PodWorld, on_both_backends, spiffe_id};
 use support::sniffer::Sniffer;
 use testbed::{Place, Testbed};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -70,9 +71,15 @@ async fn echo_text(bed: &Testbed, n: usize, p: usize, target: SocketAddr, text: 
     assert_eq!(back, text);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pod_to_pod_is_hbone_on_the_wire_and_the_app_sees_the_client_pod() {
-    let w = PodWorld::standalone(2, 2, &pods()).await;
+on_both_backends!(
+    pod_to_pod_is_hbone_on_the_wire_and_the_app_sees_the_client_pod,
+    outside_the_mesh_and_to_workloads_without_ztund_traffic_is_plain_tcp,
+    two_hundred_short_connections_reuse_pooled_tunnels,
+    short_connections_into_a_pod_do_not_exhaust_its_source_ports,
+);
+
+async fn pod_to_pod_is_hbone_on_the_wire_and_the_app_sees_the_client_pod(backend: Backend) {
+    let w = PodWorld::standalone_on(backend, 2, 2, &pods()).await;
     let bed = &w.bed;
     let client_ip = bed.pod_ip(1, 1);
     let secret = format!("ztund-app-secret-{}", bed.prefix()).into_bytes();
@@ -99,7 +106,7 @@ async fn pod_to_pod_is_hbone_on_the_wire_and_the_app_sees_the_client_pod() {
         let seen = whoami(bed, 1, 1, *whoami_addr).await;
         assert_eq!(
             seen.ip(),
-            client_ip,
+            w.app_sees(client_ip, whoami_addr.ip()),
             "the app at {whoami_addr} saw {seen}, not the client pod"
         );
         echo_text(bed, 1, 1, *echo_addr, &secret).await;
@@ -159,9 +166,8 @@ async fn pod_to_pod_is_hbone_on_the_wire_and_the_app_sees_the_client_pod() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn outside_the_mesh_and_to_workloads_without_ztund_traffic_is_plain_tcp() {
-    let w = PodWorld::standalone(2, 2, &pods()).await;
+async fn outside_the_mesh_and_to_workloads_without_ztund_traffic_is_plain_tcp(backend: Backend) {
+    let w = PodWorld::standalone_on(backend, 2, 2, &pods()).await;
     let bed = &w.bed;
     let client_ip = bed.pod_ip(1, 1);
 
@@ -219,9 +225,10 @@ async fn outside_the_mesh_and_to_workloads_without_ztund_traffic_is_plain_tcp() 
         .expect("connect from node 1");
     let mut seen = String::new();
     stream.read_to_string(&mut seen).await.expect("whoami");
+    let expected = w.app_sees(bed.node_ip(1), bed.pod_ip(2, 1));
     assert!(
-        seen.starts_with(&format!("{}:", bed.node_ip(1))),
-        "the app saw {seen:?}, not node 1"
+        seen.starts_with(&format!("{expected}:")),
+        "the app saw {seen:?}, not {expected}"
     );
     drop(stream);
     w.daemon(2)
@@ -233,9 +240,8 @@ async fn outside_the_mesh_and_to_workloads_without_ztund_traffic_is_plain_tcp() 
         .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_hundred_short_connections_reuse_pooled_tunnels() {
-    let w = PodWorld::standalone(2, 2, &pods()).await;
+async fn two_hundred_short_connections_reuse_pooled_tunnels(backend: Backend) {
+    let w = PodWorld::standalone_on(backend, 2, 2, &pods()).await;
     let bed = &w.bed;
     let target = bed.echo_server(2, 1, ECHO_PORT);
     // Warm up: the first connection dials; certificates and the pool are ready after it.
@@ -277,12 +283,11 @@ async fn two_hundred_short_connections_reuse_pooled_tunnels() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn short_connections_into_a_pod_do_not_exhaust_its_source_ports() {
+async fn short_connections_into_a_pod_do_not_exhaust_its_source_ports(backend: Backend) {
     // ztund's connection to the app keeps the client's address and closes first, leaving
     // TIME_WAIT in the server pod. With 16 ephemeral ports there, a port reserved per
     // connection runs out after 16; ports chosen per 4-tuple serve 4 app ports × 15.
-    let w = PodWorld::standalone(2, 2, &pods()).await;
+    let w = PodWorld::standalone_on(backend, 2, 2, &pods()).await;
     let bed = &w.bed;
     bed.run_in(
         Place::Pod(2, 1),

@@ -10,6 +10,10 @@
 //! - a crash (`kill -9`) under STRICT mTLS: the open connections are lost, nothing reaches the
 //!   app while ztund is down (the pod's redirection stays and fails closed), and a restart
 //!   serves again.
+//!
+//! The hand-over and the crash run against both capture backends (`<case>::nftables`,
+//! `<case>::ebpf`: there the successor's listeners replace the old ones in the pod's sk_lookup
+//! slots, and the pinned programs keep failing closed while no ztund runs).
 
 mod support;
 mod testbed;
@@ -21,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use support::Daemon;
-use support::pods::{MESH_FILE, MeshPod, PodWorld, mesh_yaml};
+use support::pods::{Backend, MESH_FILE, MeshPod, PodWorld, mesh_yaml, on_both_backends};
 use testbed::{Place, Testbed};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -43,8 +47,10 @@ fn pods() -> Vec<MeshPod> {
 }
 
 /// Both nodes in standalone capture with `extra` appended to their configs; no daemon started.
-fn world(extra: &str) -> PodWorld {
-    PodWorld::new(2, 1, &pods(), |_| format!("capture: standalone\n{extra}"))
+fn world(backend: Backend, extra: &str) -> PodWorld {
+    PodWorld::on(backend, 2, 1, &pods(), |_| {
+        format!("capture: standalone\n{extra}")
+    })
 }
 
 fn signal(daemon: &Daemon, signal: nix::sys::signal::Signal) {
@@ -233,6 +239,12 @@ async fn replace_under_traffic(
     short_exchange(bed, target, MAX_SHORT)
         .await
         .expect("the successor serves alone");
+    // The old ztund's exit left the pod captured (its rules, or the links the successor pinned).
+    let tables = w.nft_tables(Place::Pod(node, 1));
+    assert!(
+        w.capture_installed(node, 1, &tables),
+        "node{node}'s pod lost its capture in the hand-over:\n{tables}"
+    );
     for place in [Place::Node(node), Place::Pod(node, 1)] {
         let migrate = bed.run_in(place, &["sysctl", "-n", "net.ipv4.tcp_migrate_req"]);
         assert_eq!(migrate.trim(), "1", "request migration is off in {place:?}");
@@ -240,9 +252,13 @@ async fn replace_under_traffic(
     successor
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replacing_ztund_under_traffic_refuses_resets_and_loses_nothing() {
-    let mut w = world("drainDeadline: 10s\n");
+on_both_backends!(
+    replacing_ztund_under_traffic_refuses_resets_and_loses_nothing,
+    a_crash_loses_open_connections_and_fails_closed_until_the_restart,
+);
+
+async fn replacing_ztund_under_traffic_refuses_resets_and_loses_nothing(backend: Backend) {
+    let mut w = world(backend, "drainDeadline: 10s\n");
     w.start(1).await;
     w.start(2).await;
     let target = w.bed.echo_server(2, 1, ECHO_PORT);
@@ -258,11 +274,15 @@ async fn replacing_ztund_under_traffic_refuses_resets_and_loses_nothing() {
     let _node2 = replace_under_traffic(&w, 2, old, target).await;
 }
 
-/// Echo, and a count of the connections the app accepted (only the crash test uses it).
-static CRASH_APP_ACCEPTED: AtomicUsize = AtomicUsize::new(0);
+/// Echo, and a count of the connections the app accepted (only the crash test uses it), one
+/// count per backend: both variants run at the same time.
+static CRASH_APP_ACCEPTED: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
 
-fn counted_echo(mut stream: TcpStream, _peer: SocketAddr) -> BoxFuture<'static, ()> {
-    CRASH_APP_ACCEPTED.fetch_add(1, Ordering::SeqCst);
+fn counted_echo<const B: usize>(
+    mut stream: TcpStream,
+    _peer: SocketAddr,
+) -> BoxFuture<'static, ()> {
+    CRASH_APP_ACCEPTED[B].fetch_add(1, Ordering::SeqCst);
     Box::pin(async move {
         let (mut reader, mut writer) = stream.split();
         let _ = tokio::io::copy(&mut reader, &mut writer).await;
@@ -290,9 +310,9 @@ async fn echoes(stream: std::io::Result<TcpStream>) -> bool {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_crash_loses_open_connections_and_fails_closed_until_the_restart() {
-    let mut w = world("");
+async fn a_crash_loses_open_connections_and_fails_closed_until_the_restart(backend: Backend) {
+    let mut w = world(backend, "");
+    let b = backend as usize;
     let mesh = format!("{}---\n{MESH_WIDE_STRICT}", mesh_yaml(&w.bed, &pods()));
     w.cluster.write(MESH_FILE, &mesh);
     w.start(1).await;
@@ -301,7 +321,11 @@ async fn a_crash_loses_open_connections_and_fails_closed_until_the_restart() {
     let target = bed.serve(
         Place::Pod(2, 1),
         SocketAddr::new(bed.pod_ip(2, 1), ECHO_PORT),
-        counted_echo,
+        if b == 0 {
+            counted_echo::<0>
+        } else {
+            counted_echo::<1>
+        },
     );
     let mut open = bed.connect_from(1, 1, target).await.expect("connect");
     open.write_all(b"probe\n").await.expect("write");
@@ -314,7 +338,7 @@ async fn a_crash_loses_open_connections_and_fails_closed_until_the_restart() {
 
     let crashed = w.kill(2).expect("node2's ztund");
     let bed = &w.bed;
-    let accepted_at_crash = CRASH_APP_ACCEPTED.load(Ordering::SeqCst);
+    let accepted_at_crash = CRASH_APP_ACCEPTED[b].load(Ordering::SeqCst);
     // The open connection is lost: its tunnel ended with the process.
     let lost = tokio::time::timeout(Duration::from_secs(5), async {
         let _ = open.write_all(b"after the crash\n").await;
@@ -344,12 +368,13 @@ async fn a_crash_loses_open_connections_and_fails_closed_until_the_restart() {
             "plaintext connect accepted while ztund is down"
         );
     }
+    let tables = w.nft_tables(Place::Pod(2, 1));
     assert!(
-        w.nft_tables(Place::Pod(2, 1)).contains("table inet ztund"),
-        "the crash took the pod's redirection away"
+        w.capture_installed(2, 1, &tables),
+        "the crash took the pod's capture away"
     );
     assert_eq!(
-        CRASH_APP_ACCEPTED.load(Ordering::SeqCst),
+        CRASH_APP_ACCEPTED[b].load(Ordering::SeqCst),
         accepted_at_crash,
         "a connection reached the app while its ztund was down"
     );
@@ -385,7 +410,7 @@ async fn a_crash_loses_open_connections_and_fails_closed_until_the_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drain_finishes_short_transfers_and_cuts_the_rest_at_the_deadline() {
     const DEADLINE: Duration = Duration::from_secs(2);
-    let mut w = world("drainDeadline: 2s\n");
+    let mut w = world(Backend::Nftables, "drainDeadline: 2s\n");
     w.start(1).await;
     w.start(2).await;
     let target = w.bed.echo_server(2, 1, ECHO_PORT);

@@ -35,6 +35,14 @@ pub enum PodError {
     /// The blocking task that installs the redirection died before it answered.
     #[error("{0}")]
     RedirectTask(#[from] tokio::task::JoinError),
+    /// The eBPF backend could not capture the pod (its cgroup not found, an attach refused);
+    /// the pod is not served.
+    #[error("eBPF capture of pod {uid}: {source}")]
+    Bpf {
+        uid: String,
+        #[source]
+        source: super::bpf::BpfError,
+    },
 }
 
 /// What ZDS (or the mesh file) tells about a pod.
@@ -53,6 +61,9 @@ pub trait PodProxies: Send + Sync {
     fn start(&self, pod: PodInfo, netns: Arc<Netns>) -> BoxFuture<'_, Result<(), PodError>>;
     /// Stops the pod's listeners and drains its connections.
     fn stop<'a>(&'a self, uid: &'a str) -> BoxFuture<'a, ()>;
+    /// The complete set of pods is known (a ZDS snapshot arrived, the mesh file was
+    /// reconciled): state kept for pods outside `pods` (an earlier ztund's) can go.
+    fn settled(&self, _pods: &HashSet<String>) {}
 }
 
 /// Where a pod came from; each source only removes its own pods.
@@ -185,6 +196,7 @@ impl PodManager {
                 Err(e) => report.failed.push((uid, e)),
             }
         }
+        self.proxies.settled(&state.pods.keys().cloned().collect());
         report
     }
 
@@ -345,6 +357,7 @@ impl PodManager {
                     }
                 }
                 state.snapshot_received = true;
+                self.proxies.settled(&state.pods.keys().cloned().collect());
                 Ok(())
             }
         }

@@ -275,6 +275,11 @@ async fn serve(config: Arc<Config>, log: LogControl, shards: Spawner) -> Result<
         "groups": key_exchange.group_names().unwrap_or_default(),
         "cryptoBackend": crate::tls::backend_name(),
     });
+    let capture_dump = serde_json::json!({
+        "mode": config.capture,
+        "backend": config.capture_backend,
+        "bpfDir": config.bpf_dir,
+    });
     let sources = Arc::new(sources);
     let state = AdminState {
         config_dump: Arc::new(move || {
@@ -291,6 +296,7 @@ async fn serve(config: Arc<Config>, log: LogControl, shards: Spawner) -> Result<
             let mut dump =
                 dump::config_dump(&dump_mesh.load(), &dump_certs, &origin, &dump_budget.limits);
             dump["tls"] = tls_dump.clone();
+            dump["capture"] = capture_dump.clone();
             dump
         }),
         log,

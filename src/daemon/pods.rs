@@ -1,7 +1,7 @@
 //! Capture wiring: per-pod listeners (15001/15006/15008 inside each pod's namespace) for the pods
 //! that istio-cni (ZDS) or the mesh file (standalone) hand over, and host mode for a VM.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,11 +15,12 @@ use tracing::{info, warn};
 use super::supervise::{OnFailure, RestartBackoff, Supervisor, never_fails};
 use crate::admin::Readiness;
 use crate::capture::CaptureError;
+use crate::capture::bpf::{BpfSettings, PodCapture};
 use crate::capture::nft::{self, HostRedirection, RedirectPorts};
 use crate::capture::nft_dns;
 use crate::capture::pods::{PodError, PodInfo, PodManager, PodProxies};
 use crate::capture::zds::ZdsClient;
-use crate::config::{CaptureMode, Config};
+use crate::config::{CaptureBackend, CaptureMode, Config};
 use crate::dns::{DnsListeners, DnsScope, DnsService};
 use crate::mesh::Snapshot;
 use crate::net::{Netns, SocketFactory};
@@ -36,6 +37,10 @@ pub enum CaptureStartError {
     /// A listener could not be bound (host mode binds the same set a pod gets).
     #[error(transparent)]
     Listeners(#[from] PodError),
+    /// The eBPF backend was chosen but cannot run here (the reason names what is missing:
+    /// clang at build time, a capability, the bpffs, or the verifier's message).
+    #[error("capture backend ebpf: {0}")]
+    Bpf(#[from] crate::capture::bpf::BpfError),
     /// Host mode could not open the namespace it runs in.
     #[error("opening this namespace: {0}")]
     OwnNetns(#[source] std::io::Error),
@@ -58,11 +63,18 @@ pub async fn start(
         CaptureMode::None => Ok(None),
         CaptureMode::Host => start_host(ctx, ports, dns, supervisor).map(Some),
         CaptureMode::Standalone => {
-            nft::check_tools()?;
+            let bpf = start_bpf(&ctx.config)?;
+            if bpf.is_none() || dns.is_some() {
+                nft::check_tools()?;
+            }
             // Standalone pods get ztund's own port-53 redirection; under istio-cni, istio-cni
             // installs it (its DNS capture setting).
-            let proxies = Arc::new(InPodProxies::new(ctx.clone()).with_dns(dns, true));
-            let manager = Arc::new(PodManager::new(proxies).with_redirection(ports));
+            let proxies = InPodProxies::new(ctx.clone()).with_dns(dns, true);
+            let manager = match bpf {
+                Some(bpf) => PodManager::new(Arc::new(proxies.with_bpf(bpf))),
+                None => PodManager::new(Arc::new(proxies)).with_redirection(ports),
+            };
+            let manager = Arc::new(manager);
             readiness.mark_pending(PROXY_MANAGER_TASK);
             reconcile(&manager, &ctx.mesh.load(), &ctx.config).await;
             spawn_manager_tasks(&manager, readiness, supervisor, false);
@@ -74,7 +86,11 @@ pub async fn start(
             Ok(None)
         }
         CaptureMode::IstioCni => {
-            let proxies = Arc::new(InPodProxies::new(ctx.clone()).with_dns(dns, false));
+            let mut proxies = InPodProxies::new(ctx.clone()).with_dns(dns, false);
+            if let Some(bpf) = start_bpf(&ctx.config)? {
+                proxies = proxies.with_bpf(bpf);
+            }
+            let proxies = Arc::new(proxies);
             let manager = Arc::new(PodManager::new(proxies));
             // Not ready until istio-cni's snapshot arrived (PROTOCOL.md §5.1, §5.3).
             readiness.mark_pending(PROXY_MANAGER_TASK);
@@ -89,6 +105,22 @@ pub async fn start(
             Ok(None)
         }
     }
+}
+
+/// Loads the eBPF capture when `captureBackend: ebpf`; its failure stops ztund's start (never
+/// a silent fall-back to no capture).
+fn start_bpf(config: &Config) -> Result<Option<Arc<PodCapture>>, CaptureStartError> {
+    if config.capture_backend != CaptureBackend::Ebpf {
+        return Ok(None);
+    }
+    let settings = BpfSettings {
+        outbound_port: config.ports.outbound,
+        hbone_port: config.ports.hbone,
+        ..BpfSettings::default()
+    };
+    let bpf = PodCapture::start(&config.bpf_dir, &settings)?;
+    info!(pins = %config.bpf_dir.display(), pinned_pods = bpf.pinned().len(), "eBPF capture loaded");
+    Ok(Some(bpf))
 }
 
 fn restart() -> OnFailure {
@@ -395,6 +427,8 @@ pub struct InPodProxies {
     dns: Option<Arc<DnsService>>,
     /// Whether ztund redirects the pods' port 53 itself (standalone) or istio-cni does.
     redirect_dns: bool,
+    /// The eBPF backend: pods are enrolled in it instead of getting nftables rules.
+    bpf: Option<Arc<PodCapture>>,
 }
 
 impl InPodProxies {
@@ -404,7 +438,14 @@ impl InPodProxies {
             running: Mutex::new(HashMap::new()),
             dns: None,
             redirect_dns: false,
+            bpf: None,
         }
+    }
+
+    /// Pods are captured by the eBPF programs: enrolled at start, released at stop.
+    pub fn with_bpf(mut self, bpf: Arc<PodCapture>) -> InPodProxies {
+        self.bpf = Some(bpf);
+        self
     }
 
     /// Pods also get a DNS server; with `redirect`, ztund installs their port-53 redirection.
@@ -461,9 +502,18 @@ impl PodProxies for InPodProxies {
                 warn!(uid = %pod.uid, error = %e, "connections queued at a restart will be reset");
             }
             let netns_id = netns.id();
-            let sockets = SocketFactory::in_netns(netns);
+            let sockets = SocketFactory::in_netns(netns.clone());
             let ports = RedirectPorts::from(&self.ctx.config.ports);
             let sets = bind_sets(&self.ctx, &sockets, &ports)?;
+            if let (Some(bpf), Some(first)) = (&self.bpf, sets.first()) {
+                // One listener per slot: the kernel spreads over the shards' SO_REUSEPORT
+                // group after sk_lookup picked one of them.
+                bpf.enrol(&pod.uid, &netns, &first.inbound_plaintext, &first.hbone)
+                    .map_err(|source| PodError::Bpf {
+                        uid: pod.uid.clone(),
+                        source,
+                    })?;
+            }
             let (drain, drain_rx) = watch::channel(false);
             let drain = Arc::new(drain);
             let pod_ctx = Arc::new(ProxyContext {
@@ -508,8 +558,17 @@ impl PodProxies for InPodProxies {
         })
     }
 
+    fn settled(&self, pods: &HashSet<String>) {
+        if let Some(bpf) = &self.bpf {
+            bpf.collect(pods);
+        }
+    }
+
     fn stop<'a>(&'a self, uid: &'a str) -> BoxFuture<'a, ()> {
         Box::pin(async move {
+            if let Some(bpf) = &self.bpf {
+                bpf.release(uid);
+            }
             if let Some(pod) = self.running.lock().await.remove(uid) {
                 stop_pod(pod);
                 let tunnels = self.ctx.pool.release_pod(uid);

@@ -7,7 +7,35 @@
 use std::time::Duration;
 
 use super::{Cluster, Daemon, eventually};
+use crate::testbed::bpf::{self, Bpffs};
 use crate::testbed::{Place, Testbed};
+
+/// The capture backend a world's daemons run (`captureBackend`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Nftables,
+    Ebpf,
+}
+
+/// Two `#[tokio::test]`s per case, `<case>::nftables` and `<case>::ebpf`: each case is an
+/// `async fn case(backend: Backend)` in the test file, run against both capture backends.
+#[allow(unused_macros)] // Not every user of this module (benches) has cases.
+macro_rules! on_both_backends {
+    ($($case:ident),* $(,)?) => {$(
+        mod $case {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn nftables() {
+                super::$case(crate::support::pods::Backend::Nftables).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn ebpf() {
+                super::$case(crate::support::pods::Backend::Ebpf).await
+            }
+        }
+    )*};
+}
+#[allow(unused_imports)]
+pub(crate) use on_both_backends;
 
 /// The mesh file's name inside the cluster directory (all nodes read the same file).
 pub const MESH_FILE: &str = "mesh.yaml";
@@ -117,6 +145,9 @@ pub fn mesh_yaml(bed: &Testbed, pods: &[MeshPod]) -> String {
 /// killed) first, then the working directory, then the namespaces.
 pub struct PodWorld {
     daemons: Vec<Option<Daemon>>,
+    /// After the daemons (killed first), so their pins go once they are gone.
+    bpffs: Option<Bpffs>,
+    pub backend: Backend,
     configs: Vec<std::path::PathBuf>,
     pub cluster: Cluster,
     pub bed: Testbed,
@@ -131,14 +162,42 @@ impl PodWorld {
         pods: &[MeshPod],
         node_extra: impl Fn(usize) -> String,
     ) -> PodWorld {
+        PodWorld::on(Backend::Nftables, nodes, pods_per_node, pods, node_extra)
+    }
+
+    /// [`PodWorld::new`] with the daemons capturing through `backend`. For eBPF every pod
+    /// gets a sandbox (a process in its netns and own cgroup, through which its apps make
+    /// their sockets) and each node a pin directory on a private bpffs.
+    pub fn on(
+        backend: Backend,
+        nodes: usize,
+        pods_per_node: usize,
+        pods: &[MeshPod],
+        node_extra: impl Fn(usize) -> String,
+    ) -> PodWorld {
         let bed = Testbed::new(nodes, pods_per_node);
+        let bpffs = (backend == Backend::Ebpf).then(|| {
+            bed.sandbox_pods();
+            Bpffs::new()
+        });
         let cluster = Cluster::new();
         cluster.write(MESH_FILE, &mesh_yaml(&bed, pods));
         let configs = (1..=nodes)
-            .map(|n| cluster.node_config(&format!("node{n}"), MESH_FILE, &node_extra(n)))
+            .map(|n| {
+                let mut extra = node_extra(n);
+                if let Some(bpffs) = &bpffs {
+                    extra.push_str(&format!(
+                        "captureBackend: ebpf\nbpfDir: {}/node{n}\n",
+                        bpffs.path().display()
+                    ));
+                }
+                cluster.node_config(&format!("node{n}"), MESH_FILE, &extra)
+            })
             .collect();
         PodWorld {
             daemons: (0..nodes).map(|_| None).collect(),
+            bpffs,
+            backend,
             configs,
             cluster,
             bed,
@@ -147,7 +206,17 @@ impl PodWorld {
 
     /// Every node in standalone capture mode, all daemons started and ready.
     pub async fn standalone(nodes: usize, pods_per_node: usize, pods: &[MeshPod]) -> PodWorld {
-        let mut world = PodWorld::new(nodes, pods_per_node, pods, |_| {
+        PodWorld::standalone_on(Backend::Nftables, nodes, pods_per_node, pods).await
+    }
+
+    /// [`PodWorld::standalone`] capturing through `backend`.
+    pub async fn standalone_on(
+        backend: Backend,
+        nodes: usize,
+        pods_per_node: usize,
+        pods: &[MeshPod],
+    ) -> PodWorld {
+        let mut world = PodWorld::on(backend, nodes, pods_per_node, pods, |_| {
             "capture: standalone\n".to_string()
         });
         for n in 1..=nodes {
@@ -233,20 +302,59 @@ impl PodWorld {
         self.bed.run_in(place, &["nft", "list", "tables"])
     }
 
-    /// Waits (bounded) until pod (n, p) has all or none of ztund's listeners and table.
+    /// Where node n's ztund pins its eBPF state (eBPF worlds).
+    pub fn bpf_dir(&self, n: usize) -> Option<std::path::PathBuf> {
+        Some(self.bpffs.as_ref()?.path().join(format!("node{n}")))
+    }
+
+    /// Whether pod (n, p) is captured: nftables, ztund's table in it; eBPF, ztund's programs
+    /// attached to its cgroup and netns (and no table: eBPF adds no netfilter rules).
+    pub fn capture_installed(&self, n: usize, p: usize, tables: &str) -> bool {
+        let has_table = tables.contains("table inet ztund");
+        match self.backend {
+            Backend::Nftables => has_table,
+            Backend::Ebpf => {
+                let sandbox = self
+                    .bed
+                    .sandbox(n, p)
+                    .expect("eBPF worlds sandbox every pod");
+                let cgroup = std::fs::File::open(&sandbox.cgroup.0).expect("the pod's cgroup");
+                let netns = self.bed.netns(Place::Pod(n, p));
+                assert!(
+                    !has_table,
+                    "eBPF capture installed nftables rules:\n{tables}"
+                );
+                bpf::attached(&cgroup, bpf::INET4_CONNECT) == 1
+                    && bpf::attached(&*netns, bpf::SK_LOOKUP) == 1
+            }
+        }
+    }
+
+    /// The address the app in pod `server` sees a client at `client` connect from: the client's
+    /// own with nftables (ztund delivers with it as source); the server pod's with eBPF, which
+    /// delivers from the pod's address (`capture::bpf::delivers_from_pod`).
+    pub fn app_sees(&self, client: std::net::IpAddr, server: std::net::IpAddr) -> std::net::IpAddr {
+        match self.backend {
+            Backend::Nftables => client,
+            Backend::Ebpf => server,
+        }
+    }
+
+    /// Waits (bounded) until pod (n, p) has all or none of ztund's listeners and capture.
     pub async fn wait_captured(&self, n: usize, p: usize, captured: bool) {
         let what = format!(
-            "pod ({n},{p}) {} ztund's listeners and nft table",
-            if captured { "has" } else { "lost" }
+            "pod ({n},{p}) {} ztund's listeners and capture ({:?})",
+            if captured { "has" } else { "lost" },
+            self.backend
         );
         eventually(&what, Duration::from_secs(10), || {
             let ports = self.inpod_listeners(n, p);
             let tables = self.nft_tables(Place::Pod(n, p));
-            let has_table = tables.contains("table inet ztund");
+            let installed = self.capture_installed(n, p, &tables);
             let done = if captured {
-                ports == INPOD_PORTS && has_table
+                ports == INPOD_PORTS && installed
             } else {
-                ports.is_empty() && !has_table
+                ports.is_empty() && !installed
             };
             if done {
                 Ok(())

@@ -3,18 +3,30 @@
 //! returning errors, plus test-only assertions. Use it from a test file with `mod testbed;`.
 #![allow(dead_code)]
 
+pub mod bpf;
+
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::ops::Deref;
 use std::process::Command;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use ztund::net::{Netns, SocketFactory};
 pub use ztund::topology::*;
 
-/// A [`Topology`] for one test; everything is removed when it drops, also on panic.
-pub struct Testbed(Topology);
+/// A [`Topology`] for one test; everything is removed when it drops, also on panic. Pods may
+/// get sandboxes ([`Testbed::sandbox_pods`]): then their apps' sockets belong to the pod's
+/// cgroup, as the eBPF capture backend needs.
+pub struct Testbed(Topology, Mutex<HashMap<(usize, usize), Arc<bpf::Sandbox>>>);
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        // The sandboxes' processes before the namespaces they run in.
+        self.1.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+}
 
 impl Deref for Testbed {
     type Target = Topology;
@@ -28,7 +40,10 @@ impl Testbed {
     /// Builds `nodes` nodes with `pods_per_node` pods each, with a name prefix unique to this
     /// test. Panics (failing the test) when the namespaces cannot be made.
     pub fn new(nodes: usize, pods_per_node: usize) -> Testbed {
-        Testbed(Topology::new(nodes, pods_per_node).unwrap_or_else(|e| panic!("testbed: {e}")))
+        Testbed(
+            Topology::new(nodes, pods_per_node).unwrap_or_else(|e| panic!("testbed: {e}")),
+            Mutex::default(),
+        )
     }
 
     /// [`Testbed::new`] with namespaces named `<prefix>-…` (a test file's own prefix, so
@@ -37,7 +52,52 @@ impl Testbed {
         Testbed(
             Topology::with_prefix(prefix, nodes, pods_per_node)
                 .unwrap_or_else(|e| panic!("testbed: {e}")),
+            Mutex::default(),
         )
+    }
+
+    /// Gives every pod a sandbox process in its netns and a cgroup of its own (`bpf2-<netns>`),
+    /// as kubelet does: the eBPF backend finds the pod's cgroup from it, and the pod's apps
+    /// ([`Testbed::connect_from`]) make their sockets through it.
+    pub fn sandbox_pods(&self) {
+        let mut sandboxes = self.1.lock().unwrap_or_else(|e| e.into_inner());
+        for n in 1..=self.nodes() {
+            for p in 1..=self.pods_per_node() {
+                let place = Place::Pod(n, p);
+                let sandbox = bpf::Sandbox::start(&self.netns(place), &self.netns_name(place));
+                sandboxes.insert((n, p), Arc::new(sandbox));
+            }
+        }
+    }
+
+    /// Ends pod (n, p)'s sandbox: the pod then has no process in its netns (its cgroup
+    /// cannot be found from it).
+    pub fn remove_sandbox(&self, n: usize, p: usize) {
+        let mut sandboxes = self.1.lock().unwrap_or_else(|e| e.into_inner());
+        sandboxes.remove(&(n, p));
+    }
+
+    /// Pod (n, p)'s sandbox, if it has one.
+    pub fn sandbox(&self, n: usize, p: usize) -> Option<Arc<bpf::Sandbox>> {
+        let sandboxes = self.1.lock().unwrap_or_else(|e| e.into_inner());
+        sandboxes.get(&(n, p)).cloned()
+    }
+
+    /// Connects from inside pod `(n, p)` as an application would (no mark); with a sandbox,
+    /// from a socket of the pod's cgroup.
+    pub async fn connect_from(
+        &self,
+        n: usize,
+        p: usize,
+        dst: SocketAddr,
+    ) -> std::io::Result<TcpStream> {
+        let Some(sandbox) = self.sandbox(n, p) else {
+            return self.0.connect_from(n, p, dst).await;
+        };
+        let socket = sandbox.socket(dst.is_ipv6())?;
+        socket.set_nonblocking(true)?;
+        let socket = tokio::net::TcpSocket::from_std_stream(socket.into());
+        socket.connect(dst).await
     }
 
     /// The topology underneath, for code shared with `ztund demo`.

@@ -116,9 +116,9 @@ impl BpfCapture {
         Ok((capture, table))
     }
 
-    /// Where a pod's links are pinned.
+    /// Where a pod's links are pinned: one directory per pod, its uid made one path component.
     pub fn pod_dir(&self, uid: &str) -> PathBuf {
-        self.pin_dir.join("pods").join(uid)
+        self.pin_dir.join("pods").join(pin_name(uid))
     }
 
     /// Captures the outbound connections of every process in `cgroup` (a cgroup2 directory,
@@ -228,6 +228,17 @@ impl BpfCapture {
     }
 }
 
+/// A uid as one file name: ztund's uids hold slashes (`Kubernetes//Pod/ns/name` for mesh-file
+/// pods), so `%` and `/` are percent-encoded. [`uid_of_pin`] undoes it.
+pub fn pin_name(uid: &str) -> String {
+    uid.replace('%', "%25").replace('/', "%2F")
+}
+
+/// The uid a pod's pin directory was named after.
+pub fn uid_of_pin(name: &str) -> String {
+    name.replace("%2F", "/").replace("%25", "%")
+}
+
 /// Parses the object and creates (or reuses, by their pins) its maps; `netns_cookie` is the
 /// constant of an sk_lookup instance (0 for the node-wide programs).
 fn open_object(
@@ -322,5 +333,16 @@ fn check_bpffs(dir: &Path) -> Result<(), BpfError> {
         _ => Err(BpfError::NotBpffs {
             dir: dir.to_path_buf(),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_uid_with_slashes_is_one_pin_name() {
+        let uid = "Kubernetes//Pod/default/pod%1";
+        let name = super::pin_name(uid);
+        assert!(!name.contains('/'), "{name}");
+        assert_eq!(super::uid_of_pin(&name), uid);
     }
 }

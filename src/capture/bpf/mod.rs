@@ -8,12 +8,14 @@
 pub mod cgroup;
 mod loader;
 mod origdst;
+mod pods;
 
 use std::io;
 use std::path::PathBuf;
 
 pub use loader::{BpfCapture, BpfSettings, Slot, netns_cookie_of};
 pub use origdst::{OrigDstTable, netns_cookie, original_destination, register};
+pub use pods::{PodCapture, delivers_from_pod};
 
 /// The object build.rs compiled, or `None` when ztund was built without clang.
 #[cfg(ztund_bpf)]
@@ -70,6 +72,13 @@ pub enum BpfError {
         path: PathBuf,
         #[source]
         source: Box<aya::pin::PinError>,
+    },
+    /// istio-cni hands over a netns; the pod's cgroup is found from its processes.
+    #[error("no cgroup found for the pod in netns {netns}: {source}")]
+    PodCgroup {
+        netns: String,
+        #[source]
+        source: io::Error,
     },
     #[error("refusing to attach to {path}: it is the root of a cgroup2 hierarchy")]
     RootCgroup { path: PathBuf },
