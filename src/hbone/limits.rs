@@ -92,7 +92,7 @@ impl Limits {
             max_streams_total: 16_384,
             max_send_queued_total: 256 << 20,
             send_queued_floor: 64 << 10,
-            max_recv_held_total: 256 << 20,
+            max_recv_held_total: 64 << 20,
             early_resets_per_second: 10,
             early_reset_burst: 100,
             stream_stall_timeout: Duration::from_secs(60),
@@ -189,7 +189,7 @@ mod tests {
             "maxStreamsTotal": 16384,
             "maxSendQueuedTotal": 268435456,
             "sendQueuedFloor": 65536,
-            "maxRecvHeldTotal": 268435456,
+            "maxRecvHeldTotal": 67108864,
             "earlyResetsPerSecond": 10,
             "earlyResetBurst": 100,
             "streamStallTimeout": "60s",
@@ -208,7 +208,8 @@ mod tests {
             assert!(h2.stream_window > 0);
             assert!(h2.stream_window <= h2.connection_window, "{h2:?}");
         }
-        assert!(Limits::server().max_recv_held_total >= 64 * 4 << 20);
+        // Sixteen streams at full window may hold at once before the growth stops.
+        assert!(Limits::server().max_recv_held_total >= 16 * 4 << 20);
     }
 
     #[test]

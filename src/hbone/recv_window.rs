@@ -14,8 +14,8 @@
 //! unreleased, the connection's base window stays free for the rest. The growth comes out of a
 //! node-wide budget, so what a node buffers for apps that do not read stays bounded: the base
 //! window per connection plus the budget. Past the budget a connection stops growing, and its
-//! holding streams may again take its base window: the budget is sized so that takes many
-//! more deaf apps than any one peer reaches by accident.
+//! holding streams may again take its base window (as with fixed 4 MiB windows): the budget,
+//! sixteen streams at full window, trades that protection against memory (HARDENING F7).
 //!
 //! A stream counts itself in and out as its consumer takes chunks and waits for more (two
 //! atomic operations at most per chunk); the connection's task reads the count each time it is
