@@ -4,6 +4,8 @@
 //! redirects them to its 15053 inside the pod: a ServiceEntry host is answered with its
 //! auto-allocated VIP (UDP and TCP, the TCP query not taken by the outbound capture), an unknown
 //! name reaches the upstream through ztund's own (marked, so exempt) query and comes back.
+//! A pod that resolves a host without addresses and connects to the answer reaches the
+//! ServiceEntry's workload on another node through HBONE, both sides proving their identities.
 
 mod support;
 mod testbed;
@@ -16,7 +18,7 @@ use hickory_proto::op::{Message, OpCode, Query};
 use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use support::Cluster;
-use support::pods::{MESH_FILE, MeshPod, mesh_yaml};
+use support::pods::{MESH_FILE, MeshPod, mesh_yaml, spiffe_id};
 use testbed::{Place, Testbed};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use ztund::dns::forward::udp_socket;
@@ -167,5 +169,110 @@ async fn a_pod_resolves_mesh_hosts_through_port_53_and_other_names_through_its_u
         asked.lock().unwrap().as_slice(),
         ["www.example.org."],
         "only the unknown name went upstream"
+    );
+}
+
+/// A host without addresses whose endpoints are a mesh workload (pod (2, 1), `app: pod-n2p1`).
+const ORDERS_ENTRY: &str = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: orders, namespace: default}
+spec:
+  hosts: [orders.partner.example]
+  ports: [{number: 80, name: tcp, targetPort: 9000}]
+  resolution: STATIC
+  workloadSelector: {labels: {app: pod-n2p1}}
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resolved_auto_vip_reaches_the_service_entry_workload_through_hbone() {
+    let prefix = format!("dns2v{}", std::process::id() % 100_000);
+    let bed = Testbed::with_prefix(&prefix, 2, 1);
+    let cluster = Cluster::new();
+    let resolver = SocketAddr::new(bed.node_ip(1), 53);
+    let asked = start_upstream(&bed, resolver);
+    let pods = [
+        MeshPod::captured(1, 1, "client"),
+        MeshPod::captured(2, 1, "orders"),
+    ];
+    let mesh = format!("{}---\n{ORDERS_ENTRY}", mesh_yaml(&bed, &pods));
+    cluster.write(MESH_FILE, &mesh);
+    let dns = format!("dns: {{enabled: true, upstreams: [\"{resolver}\"], timeout: 2s}}\n");
+    let mut daemons = Vec::new();
+    for n in 1..=2 {
+        let config = cluster.node_config(
+            &format!("node{n}"),
+            MESH_FILE,
+            &format!("capture: standalone\n{dns}"),
+        );
+        daemons.push(cluster.start(&bed, n, &config).await);
+    }
+    for n in 1..=2 {
+        support::eventually("the pods' DNS tables", Duration::from_secs(10), || {
+            let tables = bed.run_in(Place::Pod(n, 1), &["nft", "list", "tables"]);
+            if tables.contains("inet ztund_dns") && tables.contains("table inet ztund\n") {
+                Ok(())
+            } else {
+                Err(tables)
+            }
+        })
+        .await;
+    }
+    let server = bed.whoami_server(2, 1, 9000);
+
+    let reply = ask_udp_from_pod(&bed, resolver, "orders.partner.example.").await;
+    let [IpAddr::V4(vip)] = addresses(&reply)[..] else {
+        panic!("{reply:?}\n{}", daemons[0].log_text())
+    };
+    assert_eq!(vip.octets()[..2], [240, 240]);
+    assert!(
+        asked.lock().unwrap().is_empty(),
+        "a mesh host went upstream"
+    );
+
+    // The app dials the answer; the server app sees the client pod's own address.
+    let target = SocketAddr::new(IpAddr::V4(vip), 80);
+    let attempt = async {
+        let mut stream = bed.connect_from(1, 1, target).await?;
+        let mut seen = String::new();
+        stream.read_to_string(&mut seen).await?;
+        Ok::<_, std::io::Error>(seen)
+    };
+    let seen = tokio::time::timeout(Duration::from_secs(10), attempt)
+        .await
+        .expect("the connection to the VIP answered in time")
+        .unwrap_or_else(|e| panic!("connecting to {target}: {e}\n{}", daemons[0].log_text()));
+    let seen: SocketAddr = seen.trim().parse().unwrap_or_else(|e| {
+        panic!(
+            "whoami at {server} answered {seen:?}: {e}\n{}",
+            daemons[0].log_text()
+        )
+    });
+    assert_eq!(seen.ip(), bed.pod_ip(1, 1));
+
+    // Node 1 carried it through HBONE to the workload's 15008 and verified its identity.
+    let outbound = daemons[0]
+        .wait_log(&[
+            "connection complete",
+            "\"outbound\"",
+            &format!("\"{target}\""),
+        ])
+        .await;
+    let hbone = format!("\"{}:15008\"", bed.pod_ip(2, 1));
+    assert!(
+        outbound.contains(&spiffe_id("orders")) && outbound.contains(&hbone),
+        "node1's access log: {outbound}"
+    );
+    assert!(outbound.contains("\"path\":\"hbone\""), "{outbound}");
+    // Node 2 took it in through HBONE from the client's identity, to the app's port.
+    let inbound = daemons[1]
+        .wait_log(&[
+            "connection complete",
+            "\"inbound\"",
+            &format!("\"{server}\""),
+        ])
+        .await;
+    assert!(
+        inbound.contains(&spiffe_id("client")) && inbound.contains(&bed.pod_ip(1, 1).to_string()),
+        "node2's access log: {inbound}"
     );
 }

@@ -5,7 +5,8 @@
 //!
 //! - `resolve`: which names the mesh owns (Service hostnames and their search-list short forms,
 //!   ServiceEntry hosts, wildcard hosts) and their addresses: pure.
-//! - `vip`: deterministic VIPs for ServiceEntry hosts without addresses.
+//! - `vip`: deterministic VIPs for ServiceEntry hosts without addresses (`mesh::vip`: the
+//!   snapshot allocates them, so the outbound path routes what DNS answers).
 //! - `forward`: UDP then TCP to the upstreams, timeouts, the node-wide cap on forwards.
 //! - `server`: the UDP and TCP servers and the per-query decision.
 //! - `metrics`: Istio's `istio_dns_*` counters.
@@ -18,7 +19,8 @@ pub mod forward;
 pub mod metrics;
 pub mod resolve;
 pub mod server;
-pub mod vip;
+
+pub use crate::mesh::vip;
 
 use std::sync::Arc;
 
