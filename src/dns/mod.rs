@@ -22,7 +22,7 @@ pub mod server;
 
 pub use crate::mesh::vip;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 pub use config::DnsConfig;
 pub use forward::{ForwardError, Forwarder};
@@ -30,7 +30,14 @@ pub use metrics::DnsMetrics;
 pub use resolve::{Lookup, MeshResolver};
 pub use server::{DnsListeners, DnsScope};
 
+use crate::admin::ReadyGuard;
 use crate::mesh::MeshStore;
+
+/// The readiness task (`/healthz/ready` lists it while pending, as ztunnel names it): pending
+/// from the daemon's start until the DNS proxy serves, on the host (VM mode) its listeners,
+/// in-pod once pods are being started (each pod's own DNS server belongs to its proxy, which the
+/// `workload proxy manager` task covers).
+pub const READINESS_TASK: &str = "dns proxy";
 
 /// Everything the node's DNS servers share: the mesh, the resolver's per-snapshot cache, the
 /// forwarder (and its cap), the metrics. One per daemon; each pod's server holds an `Arc`.
@@ -40,6 +47,8 @@ pub struct DnsService {
     resolver: MeshResolver,
     forwarder: Forwarder,
     metrics: DnsMetrics,
+    /// The [`READINESS_TASK`] until a server serves.
+    ready: Mutex<Option<ReadyGuard>>,
 }
 
 impl DnsService {
@@ -61,6 +70,22 @@ impl DnsService {
             resolver: MeshResolver::new(cluster_domain),
             forwarder,
             metrics,
+            ready: Mutex::new(None),
+        }
+    }
+
+    /// Holds `task` pending until [`DnsService::mark_serving`].
+    pub fn with_readiness(self, task: ReadyGuard) -> DnsService {
+        *self.ready.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
+        self
+    }
+
+    /// A server of this service is listening and served: completes the readiness task (once;
+    /// later calls do nothing).
+    pub fn mark_serving(&self) {
+        let task = self.ready.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(task) = task {
+            task.ready();
         }
     }
 

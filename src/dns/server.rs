@@ -307,6 +307,8 @@ impl DnsListeners {
                 serve_tcp(service, scope, listener),
             )));
         }
+        // Bound before this call, so every query from now on is queued for a serving task.
+        service.mark_serving();
         tasks
     }
 }
