@@ -58,10 +58,10 @@ fn start_upstream(bed: &Testbed, addr: SocketAddr) -> Arc<Mutex<Vec<String>>> {
     asked
 }
 
-fn query(name: &str) -> Message {
+fn query(name: &str, kind: RecordType) -> Message {
     let mut message = Message::query();
     message.metadata.recursion_desired = true;
-    message.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+    message.add_query(Query::query(Name::from_ascii(name).unwrap(), kind));
     message
 }
 
@@ -71,6 +71,7 @@ fn addresses(reply: &Message) -> Vec<IpAddr> {
         .iter()
         .filter_map(|r| match &r.data {
             RData::A(a) => Some(IpAddr::V4(a.0)),
+            RData::AAAA(aaaa) => Some(IpAddr::V6(aaaa.0)),
             _ => None,
         })
         .collect()
@@ -78,12 +79,24 @@ fn addresses(reply: &Message) -> Vec<IpAddr> {
 
 /// Asks `resolver` over UDP from inside pod (1, 1), as an app would (no mark).
 async fn ask_udp_from_pod(bed: &Testbed, resolver: SocketAddr, name: &str) -> Message {
-    let socket = udp_socket(
-        &bed.app_sockets(Place::Pod(1, 1)),
-        "0.0.0.0:0".parse().unwrap(),
-    )
-    .expect("a UDP socket in the pod");
-    let q = query(name);
+    ask_udp(bed, Place::Pod(1, 1), resolver, name, RecordType::A).await
+}
+
+/// Asks `resolver` over UDP from inside `place`, as an app would (no mark).
+async fn ask_udp(
+    bed: &Testbed,
+    place: Place,
+    resolver: SocketAddr,
+    name: &str,
+    kind: RecordType,
+) -> Message {
+    let any: SocketAddr = if resolver.is_ipv4() {
+        "0.0.0.0:0".parse().unwrap()
+    } else {
+        "[::]:0".parse().unwrap()
+    };
+    let socket = udp_socket(&bed.app_sockets(place), any).expect("an app's UDP socket");
+    let q = query(name, kind);
     socket
         .send_to(&q.to_vec().unwrap(), resolver)
         .await
@@ -103,12 +116,22 @@ async fn ask_udp_from_pod(bed: &Testbed, resolver: SocketAddr, name: &str) -> Me
 }
 
 async fn ask_tcp_from_pod(bed: &Testbed, resolver: SocketAddr, name: &str) -> Message {
+    ask_tcp(bed, Place::Pod(1, 1), resolver, name, RecordType::A).await
+}
+
+async fn ask_tcp(
+    bed: &Testbed,
+    place: Place,
+    resolver: SocketAddr,
+    name: &str,
+    kind: RecordType,
+) -> Message {
     let mut stream = bed
-        .app_sockets(Place::Pod(1, 1))
+        .app_sockets(place)
         .connect(resolver, None)
         .await
-        .expect("TCP to port 53 from the pod");
-    let bytes = query(name).to_vec().unwrap();
+        .expect("TCP to port 53 from an app");
+    let bytes = query(name, kind).to_vec().unwrap();
     let mut framed = (bytes.len() as u16).to_be_bytes().to_vec();
     framed.extend_from_slice(&bytes);
     stream.write_all(&framed).await.unwrap();
@@ -274,5 +297,110 @@ async fn a_resolved_auto_vip_reaches_the_service_entry_workload_through_hbone() 
     assert!(
         inbound.contains(&spiffe_id("client")) && inbound.contains(&bed.pod_ip(1, 1).to_string()),
         "node2's access log: {inbound}"
+    );
+}
+
+/// An app in a pod whose resolver has an IPv6 address: its queries are redirected to ztund's
+/// `::1` server (UDP and TCP), mesh hosts answered there with their v6 VIP, and an unknown name
+/// reaches the v6 upstream through ztund's own exempt query.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_query_to_an_ipv6_resolver_is_answered_by_ztund() {
+    let prefix = format!("dns26{}", std::process::id() % 100_000);
+    let bed = Testbed::with_prefix(&prefix, 1, 1);
+    let cluster = Cluster::new();
+    let resolver = SocketAddr::new(bed.node_ip6(1), 53);
+    let asked = start_upstream(&bed, resolver);
+    let pods = [MeshPod::captured(1, 1, "client").dual_stack()];
+    cluster.write(
+        MESH_FILE,
+        &format!("{}---\n{SERVICE_ENTRY}", mesh_yaml(&bed, &pods)),
+    );
+    let config = cluster.node_config(
+        "node1",
+        MESH_FILE,
+        &format!("capture: standalone\ndns: {{enabled: true, upstreams: [\"{resolver}\"], timeout: 2s}}\n"),
+    );
+    let daemon = cluster.start(&bed, 1, &config).await;
+    support::eventually("the pod's DNS table", Duration::from_secs(10), || {
+        let tables = bed.run_in(Place::Pod(1, 1), &["nft", "list", "tables"]);
+        if tables.contains("inet ztund_dns") {
+            Ok(())
+        } else {
+            Err(tables)
+        }
+    })
+    .await;
+
+    let pod = Place::Pod(1, 1);
+    let host = "api.partner.example.";
+    let reply = ask_udp(&bed, pod, resolver, host, RecordType::AAAA).await;
+    let [IpAddr::V6(vip6)] = addresses(&reply)[..] else {
+        panic!("{reply:?}\n{}", daemon.log_text())
+    };
+    assert_eq!(vip6.segments()[..2], [0x2001, 0x2]);
+    let reply = ask_tcp(&bed, pod, resolver, host, RecordType::AAAA).await;
+    assert_eq!(addresses(&reply), [IpAddr::V6(vip6)]);
+    let reply = ask_udp(&bed, pod, resolver, host, RecordType::A).await;
+    assert!(
+        matches!(addresses(&reply)[..], [IpAddr::V4(v4)] if v4.octets()[..2] == [240, 240]),
+        "{reply:?}"
+    );
+    let reply = ask_udp(&bed, pod, resolver, "www.example.org.", RecordType::A).await;
+    assert_eq!(addresses(&reply), ["192.0.2.77".parse::<IpAddr>().unwrap()]);
+    assert_eq!(
+        asked.lock().unwrap().as_slice(),
+        ["www.example.org."],
+        "only the unknown name went upstream"
+    );
+}
+
+/// A VM host (`capture: host`) whose resolv.conf names a stub resolver on loopback
+/// (`127.0.0.53`, `::1`): the host's queries to it are captured and answered by ztund (UDP and
+/// TCP, both families), while ztund's own forwards reach the stub (they carry its mark). The
+/// daemon was ready only with the host's DNS listener serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_hosts_loopback_stub_resolver_is_captured_and_ztund_still_reaches_it() {
+    let prefix = format!("dns2h{}", std::process::id() % 100_000);
+    let bed = Testbed::with_prefix(&prefix, 1, 1);
+    let cluster = Cluster::new();
+    let stub: SocketAddr = "127.0.0.53:53".parse().unwrap();
+    let asked = start_upstream(&bed, stub);
+    let vm = format!(
+        "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: vm, namespace: default, annotations: {{ztund.io/node: node1}}}}\nspec: {{address: \"{}\", serviceAccount: vm}}\n",
+        bed.node_ip(1)
+    );
+    cluster.write(MESH_FILE, &format!("{vm}---\n{SERVICE_ENTRY}"));
+    let config = cluster.node_config(
+        "node1",
+        MESH_FILE,
+        &format!("capture: host\ndns: {{enabled: true, upstreams: [\"{stub}\"], timeout: 2s}}\n"),
+    );
+    let daemon = cluster.start(&bed, 1, &config).await;
+    let host = Place::Node(1);
+    let rules = bed.run_in(host, &["nft", "list", "table", "inet", "ztund_dns"]);
+    assert!(!rules.contains("oifname"), "{rules}");
+
+    // Ready, so the host's DNS server answers at once: over UDP and TCP, at both stubs.
+    let name = "api.partner.example.";
+    let reply = ask_udp(&bed, host, stub, name, RecordType::A).await;
+    let [IpAddr::V4(vip)] = addresses(&reply)[..] else {
+        panic!("{reply:?}\n{}", daemon.log_text())
+    };
+    assert_eq!(vip.octets()[..2], [240, 240]);
+    let reply = ask_tcp(&bed, host, stub, name, RecordType::A).await;
+    assert_eq!(addresses(&reply), [IpAddr::V4(vip)]);
+    let stub6: SocketAddr = "[::1]:53".parse().unwrap();
+    let reply = ask_udp(&bed, host, stub6, name, RecordType::AAAA).await;
+    assert!(
+        matches!(addresses(&reply)[..], [IpAddr::V6(v6)] if v6.segments()[..2] == [0x2001, 0x2]),
+        "{reply:?}"
+    );
+    // An unknown name: ztund forwards it to the stub, its own marked query not captured again.
+    let reply = ask_udp(&bed, host, stub, "www.example.org.", RecordType::A).await;
+    assert_eq!(addresses(&reply), ["192.0.2.77".parse::<IpAddr>().unwrap()]);
+    assert_eq!(
+        asked.lock().unwrap().as_slice(),
+        ["www.example.org."],
+        "only the unknown name reached the stub"
     );
 }

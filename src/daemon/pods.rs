@@ -159,7 +159,7 @@ fn start_host(
         };
         // The host's DNS servers live as long as the daemon: they stop with its drain.
         drop(listeners.serve(dns, scope, ctx.drain.clone()));
-        nft_dns::install_dns_redirection(&current, port)?;
+        nft_dns::install_host_dns_redirection(&current, port)?;
         info!(port, "host DNS capture installed");
     }
     let rules = HostRedirection {
