@@ -354,7 +354,7 @@ async fn unknown_names_are_forwarded_upstream_and_counted() {
     prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
     assert!(
         text.contains(
-            "istio_dns_upstream_requests_total{request_query_type=\"A\",request_protocol=\"udp\""
+            "istio_dns_upstream_requests_total{request_query_type=\"a\",request_protocol=\"udp\""
         ) && text.contains("istio_dns_requests_total{"),
         "{text}"
     );

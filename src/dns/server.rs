@@ -181,7 +181,8 @@ impl DnsService {
             None => ("unknown".into(), "unknown".into()),
         };
         DnsLabels {
-            request_query_type: query_type.to_string(),
+            // ztunnel's values are lowercase: `a`, `aaaa`, `srv`.
+            request_query_type: query_type.to_string().to_ascii_lowercase(),
             request_protocol: protocol,
             source_canonical_service: service,
             source_canonical_revision: revision,
