@@ -357,7 +357,8 @@ async fn a_pod_query_to_an_ipv6_resolver_is_answered_by_ztund() {
 /// A VM host (`capture: host`) whose resolv.conf names a stub resolver on loopback
 /// (`127.0.0.53`, `::1`): the host's queries to it are captured and answered by ztund (UDP and
 /// TCP, both families), while ztund's own forwards reach the stub (they carry its mark). The
-/// daemon was ready only with the host's DNS listener serving.
+/// daemon was ready only with the host's DNS listener serving; the answered auto-allocated VIP
+/// is among the host's captured mesh destinations.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vm_hosts_loopback_stub_resolver_is_captured_and_ztund_still_reaches_it() {
     let prefix = format!("dns2h{}", std::process::id() % 100_000);
@@ -387,6 +388,12 @@ async fn a_vm_hosts_loopback_stub_resolver_is_captured_and_ztund_still_reaches_i
         panic!("{reply:?}\n{}", daemon.log_text())
     };
     assert_eq!(vip.octets()[..2], [240, 240]);
+    // The host's outbound capture takes the answered VIP like a declared one.
+    let set = bed.run_in(
+        host,
+        &["nft", "list", "set", "inet", "ztund", "mesh_destinations"],
+    );
+    assert!(set.contains(&vip.to_string()), "{vip} not captured:\n{set}");
     let reply = ask_tcp(&bed, host, stub, name, RecordType::A).await;
     assert_eq!(addresses(&reply), [IpAddr::V4(vip)]);
     let stub6: SocketAddr = "[::1]:53".parse().unwrap();

@@ -159,6 +159,11 @@ impl Snapshot {
         self.service_by_vip.get(&ip.to_canonical())
     }
 
+    /// Every service VIP, declared and auto-allocated (canonical: v4-mapped ones as IPv4).
+    pub fn service_vips(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.service_by_vip.keys().copied()
+    }
+
     /// The auto-allocated VIPs of a ServiceEntry host without addresses (any case; a wildcard
     /// host as written, `*.example.com`).
     pub fn auto_vip(&self, hostname: &str) -> Option<AutoVip> {
