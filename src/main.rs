@@ -49,7 +49,7 @@ enum Command {
         /// Keep the topology up until Ctrl-C, to poke at it by hand.
         #[arg(long)]
         hold: bool,
-        /// Run every pod, the Service VIP and every flow on IPv6 addresses.
+        /// Run every pod, the Service VIP, the control plane and every flow on IPv6 addresses.
         #[arg(long)]
         ipv6: bool,
     },

@@ -140,7 +140,7 @@ fn the_demo_shows_identities_and_policies_then_leaves_nothing() {
 }
 
 /// `ztund demo --ipv6`: the same mesh on the pods' IPv6 addresses and an IPv6 VIP, through the
-/// control plane, with the same identities and the same policy outcomes.
+/// control plane on node 1's IPv6 address, with the same identities and the same policy outcomes.
 #[test]
 fn the_demo_runs_on_ipv6_addresses() {
     let _one = ONE_DEMO.lock().unwrap_or_else(|e| e.into_inner());
@@ -156,6 +156,13 @@ fn the_demo_runs_on_ipv6_addresses() {
         out.status
     );
     assert!(stdout.contains("sleep fd00:201:1::2"), "{stdout}");
+    // The nodes and the control plane are on IPv6 too: the nodes fetched the mesh and their
+    // certificates from https://[node1's v6 address]:15012.
+    assert!(stdout.contains("node1 (fd00:200::1):"), "{stdout}");
+    assert!(
+        stdout.contains("controlplane on node1 at https://[fd00:200::1]:15012"),
+        "{stdout}"
+    );
     let hbone = row(&stdout, "sleep → echo:8080");
     assert!(hbone.contains("HBONE node1→node2"), "{hbone}");
     assert!(

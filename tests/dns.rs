@@ -354,7 +354,7 @@ async fn unknown_names_are_forwarded_upstream_and_counted() {
     prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
     assert!(
         text.contains(
-            "istio_dns_upstream_requests_total{request_query_type=\"A\",request_protocol=\"udp\""
+            "istio_dns_upstream_requests_total{request_query_type=\"a\",request_protocol=\"udp\""
         ) && text.contains("istio_dns_requests_total{"),
         "{text}"
     );
@@ -456,4 +456,40 @@ async fn a_flood_of_forwards_is_held_to_the_cap_and_local_answers_go_on() {
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let (fwd, _) = ask_udp(proxy.addr, &query("www.example.org.", RecordType::A, None)).await;
     assert_eq!(addresses(&fwd), [ip("192.0.2.1")]);
+}
+
+/// The daemon's `dns proxy` readiness task stays pending until a server of the service is
+/// listening and serving; from then on a query is answered at once.
+#[tokio::test]
+async fn the_dns_proxy_readiness_task_completes_when_a_server_serves() {
+    use ztund::admin::Readiness;
+
+    let upstream = start_upstream().await;
+    let readiness = Readiness::new();
+    let config = DnsConfig {
+        enabled: true,
+        upstreams: vec![upstream.addr.to_string()],
+        ..DnsConfig::default()
+    };
+    let service = Arc::new(
+        DnsService::new(&config, "cluster.local", mesh(), DnsMetrics::default())
+            .with_readiness(readiness.register(ztund::dns::READINESS_TASK)),
+    );
+    assert_eq!(readiness.pending(), ["dns proxy"]);
+    let listeners = DnsListeners::bind(&SocketFactory::default(), 0).unwrap();
+    let addr = listeners.local_addrs()[0];
+    assert!(!readiness.is_ready(), "bound is not serving yet");
+    let scope = DnsScope {
+        namespace: Some("shop".into()),
+        uid: None,
+        sockets: SocketFactory::default(),
+    };
+    let (_drain, drain_rx) = watch::channel(false);
+    listeners.serve(service.clone(), scope, drain_rx);
+    assert!(readiness.is_ready(), "{:?}", readiness.pending());
+    let (reply, _) = ask_udp(addr, &query("reviews.shop.", RecordType::A, None)).await;
+    assert_eq!(addresses(&reply), [ip("10.96.0.20")]);
+    // A second pod's server, or a restart of one, changes nothing.
+    service.mark_serving();
+    assert!(readiness.is_ready());
 }

@@ -10,7 +10,11 @@
 //! TCP query is redirected to the DNS proxy, never to the outbound listener: the first NAT
 //! chain that maps a connection decides it.
 //!
-//! Queries to a resolver on loopback (a VM's `127.0.0.53` stub) are not captured.
+//! In a pod, queries to a resolver on loopback stay where they go (a sidecar's own resolver). On
+//! a VM host ([`install_host_dns_redirection`]) they are captured too: the host's resolv.conf
+//! usually names a stub on loopback (systemd-resolved's `127.0.0.53`, or `::1`), so every query
+//! of the host's processes goes there; ztund's own forwards to that stub carry the mark and
+//! still reach it.
 
 use super::CaptureError;
 use crate::net::{Netns, ZTUND_MARK};
@@ -20,15 +24,24 @@ pub const DNS_TABLE: &str = "ztund_dns";
 /// Runs before the main table's `output_nat` (priority -100).
 const NAT_PRIORITY: i32 = -110;
 
-/// The nftables script redirecting port 53 to `dns_port`; replaces any earlier copy.
+/// The nftables script redirecting a pod's port 53 to `dns_port`; replaces any earlier copy.
 pub fn dns_ruleset(dns_port: u16) -> String {
+    ruleset(dns_port, "oifname != \"lo\" ")
+}
+
+/// [`dns_ruleset`] for a VM host: loopback-destined queries (the stub resolver) too.
+pub fn host_dns_ruleset(dns_port: u16) -> String {
+    ruleset(dns_port, "")
+}
+
+fn ruleset(dns_port: u16, interfaces: &str) -> String {
     format!(
         "{replace}
 table inet {DNS_TABLE} {{
   chain output_nat {{
     type nat hook output priority {NAT_PRIORITY}; policy accept;
     meta mark & 0xfff == {ZTUND_MARK:#x} accept
-    oifname != \"lo\" meta l4proto {{ tcp, udp }} th dport 53 redirect to :{dns_port}
+    {interfaces}meta l4proto {{ tcp, udp }} th dport 53 redirect to :{dns_port}
   }}
 }}
 ",
@@ -44,6 +57,11 @@ fn replace_table() -> String {
 /// Installs (or replaces) the DNS redirection in `netns`.
 pub fn install_dns_redirection(netns: &Netns, dns_port: u16) -> Result<(), CaptureError> {
     super::nft::apply_nft(netns, &dns_ruleset(dns_port))
+}
+
+/// Installs (or replaces) a VM host's DNS redirection in `netns`, loopback stubs included.
+pub fn install_host_dns_redirection(netns: &Netns, dns_port: u16) -> Result<(), CaptureError> {
+    super::nft::apply_nft(netns, &host_dns_ruleset(dns_port))
 }
 
 /// Removes the DNS redirection from `netns`; succeeds when it is already gone.
@@ -66,5 +84,17 @@ mod tests {
             exempt < redirect,
             "ztund's own queries must be exempt first"
         );
+        assert!(rules.contains("oifname != \"lo\" meta l4proto"), "{rules}");
+    }
+
+    #[test]
+    fn the_host_ruleset_also_captures_loopback_and_still_exempts_ztund() {
+        let rules = host_dns_ruleset(15053);
+        assert!(!rules.contains("oifname"), "{rules}");
+        let exempt = rules.find("== 0x539 accept").unwrap();
+        let redirect = rules
+            .find("meta l4proto { tcp, udp } th dport 53 redirect to :15053")
+            .unwrap();
+        assert!(exempt < redirect, "{rules}");
     }
 }

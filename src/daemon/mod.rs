@@ -235,16 +235,26 @@ async fn serve(config: Arc<Config>, log: LogControl, shards: Spawner) -> Result<
             // The DNS proxy runs where capture puts listeners: in each pod, or on the VM host.
             let dns = config.dns.enabled.then(|| {
                 let domain = crate::mesh::MeshSettings::from_config(&config).cluster_domain;
-                Arc::new(crate::dns::DnsService::new(
-                    &config.dns,
-                    &domain,
-                    mesh.clone(),
-                    dns_metrics.clone(),
-                ))
+                let task = readiness.register(crate::dns::READINESS_TASK);
+                Arc::new(
+                    crate::dns::DnsService::new(
+                        &config.dns,
+                        &domain,
+                        mesh.clone(),
+                        dns_metrics.clone(),
+                    )
+                    .with_readiness(task),
+                )
             });
-            pods::start(ctx.clone(), other, dns, &readiness, &supervisor)
+            let started = pods::start(ctx.clone(), other, dns.clone(), &readiness, &supervisor)
                 .await
-                .map_err(DaemonError::Capture)?
+                .map_err(DaemonError::Capture)?;
+            // In-pod, the pods' DNS servers are part of their proxies (the proxy manager's
+            // task); the host's served already, in `start` (DnsListeners::serve).
+            if let Some(dns) = dns.filter(|_| other != CaptureMode::Host) {
+                dns.mark_serving();
+            }
+            started
         }
     };
     let socks5 = bind_per_shard(

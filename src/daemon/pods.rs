@@ -191,7 +191,7 @@ fn start_host(
         };
         // The host's DNS servers live as long as the daemon: they stop with its drain.
         drop(listeners.serve(dns, scope, ctx.drain.clone()));
-        nft_dns::install_dns_redirection(&current, port)?;
+        nft_dns::install_host_dns_redirection(&current, port)?;
         info!(port, "host DNS capture installed");
     }
     let rules = HostRedirection {
@@ -251,8 +251,9 @@ impl HostCapture {
 /// workloads and service VIPs, both families (the host rules keep one set per family).
 fn mesh_destinations(snapshot: &Snapshot) -> Vec<IpAddr> {
     let workloads = snapshot.workloads().iter().flat_map(|w| w.addresses.iter());
-    let vips = snapshot.services().iter().flat_map(|s| s.vips.iter());
-    let mut addresses: Vec<IpAddr> = workloads.chain(vips).map(|ip| ip.to_canonical()).collect();
+    let workloads = workloads.map(|ip| ip.to_canonical());
+    // Auto-allocated VIPs too: a host process dials what the DNS proxy answered.
+    let mut addresses: Vec<IpAddr> = workloads.chain(snapshot.service_vips()).collect();
     addresses.sort_unstable();
     addresses.dedup();
     addresses

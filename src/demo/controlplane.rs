@@ -1,5 +1,5 @@
 //! The demo's `ztund controlplane`: this same binary, started in node 1's namespace on node 1's
-//! address, serving the mesh YAML from a directory in the demo's working directory; node tokens
+//! address (its IPv6 one with `--ipv6`, the nodes dialling `https://[addr]:15012`), serving the mesh YAML from a directory in the demo's working directory; node tokens
 //! made with `ztund controlplane token`; files written into its directory in one rename.
 
 use std::net::SocketAddr;
@@ -29,13 +29,17 @@ pub struct ControlPlane {
 
 impl ControlPlane {
     /// Starts it in node 1's namespace serving `work/cp` (which must hold the YAML already) and
-    /// waits until it accepts connections.
-    pub async fn start(topology: &Topology, work: &Path) -> Result<ControlPlane, DemoError> {
+    /// waits until it accepts connections; on node 1's address of the demo's family.
+    pub async fn start(
+        topology: &Topology,
+        work: &Path,
+        ipv6: bool,
+    ) -> Result<ControlPlane, DemoError> {
         let dir = work.join("cp");
         let state = work.join("cp-state");
         let log = work.join("controlplane.log");
         let place = Place::Node(1);
-        let listen = SocketAddr::new(topology.node_ip(1), PORT);
+        let listen = SocketAddr::new(super::scenario::node_ip(topology, 1, ipv6), PORT);
         let log_file = std::fs::File::create(&log).map_err(|source| DemoError::File {
             path: log.clone(),
             source,

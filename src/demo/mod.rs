@@ -64,8 +64,8 @@ pub enum DemoError {
     Runtime(std::io::Error),
 }
 
-/// Runs the demo; with `hold`, keeps the topology up until Ctrl-C; with `ipv6`, on the pods'
-/// IPv6 addresses.
+/// Runs the demo; with `hold`, keeps the topology up until Ctrl-C; with `ipv6`, on the pods',
+/// the nodes' and the control plane's IPv6 addresses.
 pub fn run(hold: bool, ipv6: bool) -> Result<(), DemoError> {
     preflight()?;
     let _lock = DemoLock::acquire()?;
@@ -171,7 +171,7 @@ fn describe(world: &World) -> String {
         out += &format!(
             "  {} ({}): {}\n",
             scenario::node_name(n),
-            world.topology.node_ip(n),
+            scenario::node_ip(&world.topology, n, world.ipv6),
             pods.join(", ")
         );
     }

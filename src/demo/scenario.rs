@@ -33,6 +33,16 @@ pub fn pod_ip(topology: &Topology, node: usize, index: usize, ipv6: bool) -> IpA
     }
 }
 
+/// Node `n`'s address in the demo's family (`--ipv6`: the control plane listens, and the node
+/// is shown, on its IPv6 address).
+pub fn node_ip(topology: &Topology, n: usize, ipv6: bool) -> IpAddr {
+    if ipv6 {
+        topology.node_ip6(n)
+    } else {
+        topology.node_ip(n)
+    }
+}
+
 /// One pod of the demo: where it runs, who it is, and the port its app serves (if any).
 #[derive(Debug, Clone, Copy)]
 pub struct Pod {

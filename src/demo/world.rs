@@ -57,7 +57,7 @@ pub struct World {
     pub control_plane: Option<ControlPlane>,
     pub topology: Topology,
     pub dir: WorkDir,
-    /// `--ipv6`: pods, the VIP and every flow on IPv6 addresses.
+    /// `--ipv6`: pods, the VIP, the control plane and every flow on IPv6 addresses.
     pub ipv6: bool,
     /// The mesh as first written.
     mesh: String,
@@ -93,7 +93,8 @@ impl World {
                 source,
             })?;
         controlplane::replace_file(&cp_dir.join("mesh.yaml"), &world.mesh)?;
-        world.control_plane = Some(ControlPlane::start(&world.topology, world.dir.path()).await?);
+        world.control_plane =
+            Some(ControlPlane::start(&world.topology, world.dir.path(), ipv6).await?);
         for pod in PODS {
             if let Some(addr) = pod.addr(&world.topology, ipv6) {
                 world.topology.echo_server_at(pod.place(), addr)?;

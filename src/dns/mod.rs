@@ -5,7 +5,8 @@
 //!
 //! - `resolve`: which names the mesh owns (Service hostnames and their search-list short forms,
 //!   ServiceEntry hosts, wildcard hosts) and their addresses: pure.
-//! - `vip`: deterministic VIPs for ServiceEntry hosts without addresses.
+//! - `vip`: deterministic VIPs for ServiceEntry hosts without addresses (`mesh::vip`: the
+//!   snapshot allocates them, so the outbound path routes what DNS answers).
 //! - `forward`: UDP then TCP to the upstreams, timeouts, the node-wide cap on forwards.
 //! - `server`: the UDP and TCP servers and the per-query decision.
 //! - `metrics`: Istio's `istio_dns_*` counters.
@@ -18,9 +19,10 @@ pub mod forward;
 pub mod metrics;
 pub mod resolve;
 pub mod server;
-pub mod vip;
 
-use std::sync::Arc;
+pub use crate::mesh::vip;
+
+use std::sync::{Arc, Mutex};
 
 pub use config::DnsConfig;
 pub use forward::{ForwardError, Forwarder};
@@ -28,7 +30,14 @@ pub use metrics::DnsMetrics;
 pub use resolve::{Lookup, MeshResolver};
 pub use server::{DnsListeners, DnsScope};
 
+use crate::admin::ReadyGuard;
 use crate::mesh::MeshStore;
+
+/// The readiness task (`/healthz/ready` lists it while pending, as ztunnel names it): pending
+/// from the daemon's start until the DNS proxy serves, on the host (VM mode) its listeners,
+/// in-pod once pods are being started (each pod's own DNS server belongs to its proxy, which the
+/// `workload proxy manager` task covers).
+pub const READINESS_TASK: &str = "dns proxy";
 
 /// Everything the node's DNS servers share: the mesh, the resolver's per-snapshot cache, the
 /// forwarder (and its cap), the metrics. One per daemon; each pod's server holds an `Arc`.
@@ -38,6 +47,8 @@ pub struct DnsService {
     resolver: MeshResolver,
     forwarder: Forwarder,
     metrics: DnsMetrics,
+    /// The [`READINESS_TASK`] until a server serves.
+    ready: Mutex<Option<ReadyGuard>>,
 }
 
 impl DnsService {
@@ -59,6 +70,22 @@ impl DnsService {
             resolver: MeshResolver::new(cluster_domain),
             forwarder,
             metrics,
+            ready: Mutex::new(None),
+        }
+    }
+
+    /// Holds `task` pending until [`DnsService::mark_serving`].
+    pub fn with_readiness(self, task: ReadyGuard) -> DnsService {
+        *self.ready.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
+        self
+    }
+
+    /// A server of this service is listening and served: completes the readiness task (once;
+    /// later calls do nothing).
+    pub fn mark_serving(&self) {
+        let task = self.ready.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(task) = task {
+            task.ready();
         }
     }
 

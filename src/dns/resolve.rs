@@ -3,11 +3,10 @@
 //! hosts, wildcard hosts. Pure: (snapshot, name, asking pod's namespace) → addresses or "not
 //! ours". A name that is not ours is forwarded by the server, never answered NXDOMAIN here.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
-use super::vip::{self, AutoVip};
+use super::vip::AutoVip;
 use crate::mesh::{Service, Snapshot};
 
 /// What the mesh says about one name.
@@ -19,17 +18,17 @@ pub enum Lookup {
     NotMesh,
 }
 
-/// What is derived once per snapshot: the wildcard hosts (most specific first) and the
-/// auto-allocated VIPs.
+/// What is derived once per snapshot: the wildcard hosts (most specific first). The
+/// auto-allocated VIPs come with the snapshot itself ([`Snapshot::auto_vip`]), so the outbound
+/// path routes exactly what is answered here.
 #[derive(Debug, Default)]
 struct Derived {
     /// `(suffix after "*", service)`, longest suffix first: `.pay.example.com`.
     wildcards: Vec<(String, Arc<Service>)>,
-    auto_vips: HashMap<String, AutoVip>,
 }
 
 impl Derived {
-    fn build(snapshot: &Snapshot, domain: &str) -> Derived {
+    fn build(snapshot: &Snapshot) -> Derived {
         let mut wildcards: Vec<(String, Arc<Service>)> = snapshot
             .services()
             .iter()
@@ -39,28 +38,8 @@ impl Derived {
             })
             .collect();
         wildcards.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
-        let declared = snapshot
-            .services()
-            .iter()
-            .flat_map(|s| s.vips.iter().copied());
-        let wanting: Vec<String> = snapshot
-            .services()
-            .iter()
-            .filter(|s| needs_auto_vip(s, domain))
-            .map(|s| s.hostname.to_ascii_lowercase())
-            .collect();
-        let auto_vips = vip::allocate(wanting.iter().map(String::as_str), declared);
-        Derived {
-            wildcards,
-            auto_vips,
-        }
+        Derived { wildcards }
     }
-}
-
-/// A ServiceEntry host without addresses gets an auto-allocated VIP; a Kubernetes Service
-/// without a VIP is headless (its endpoints' addresses are the answer).
-fn needs_auto_vip(service: &Service, domain: &str) -> bool {
-    service.vips.is_empty() && !is_cluster_service(&service.hostname, domain)
 }
 
 fn is_cluster_service(hostname: &str, domain: &str) -> bool {
@@ -94,14 +73,14 @@ impl MeshResolver {
         {
             return derived.clone();
         }
-        let derived = Arc::new(Derived::build(snapshot, &self.domain));
+        let derived = Arc::new(Derived::build(snapshot));
         *cache = Some((snapshot.clone(), derived.clone()));
         derived
     }
 
     /// The auto-allocated VIPs of `snapshot`'s ServiceEntry hosts without addresses.
     pub fn auto_vip(&self, snapshot: &Arc<Snapshot>, host: &str) -> Option<AutoVip> {
-        self.derived(snapshot).auto_vips.get(host).copied()
+        snapshot.auto_vip(host)
     }
 
     /// Looks `name` up (any case, with or without the final dot) for a pod in `namespace`.
@@ -114,14 +93,14 @@ impl MeshResolver {
         let ns = namespace.unwrap_or("default");
         for candidate in self.candidates(&name, namespace) {
             if let Some(service) = snapshot.service_by_hostname(&candidate, ns) {
-                return Lookup::Mesh(self.addresses(snapshot, &derived, service));
+                return Lookup::Mesh(self.addresses(snapshot, service));
             }
             let wildcard = derived
                 .wildcards
                 .iter()
                 .find(|(suffix, _)| candidate.len() > suffix.len() && candidate.ends_with(suffix));
             if let Some((_, service)) = wildcard {
-                return Lookup::Mesh(self.addresses(snapshot, &derived, service));
+                return Lookup::Mesh(self.addresses(snapshot, service));
             }
         }
         Lookup::NotMesh
@@ -163,10 +142,13 @@ impl MeshResolver {
         }
     }
 
-    /// Declared VIPs; else a headless Service's endpoints; else the auto-allocated VIPs.
-    fn addresses(&self, snapshot: &Snapshot, derived: &Derived, service: &Service) -> Vec<IpAddr> {
+    /// Declared VIPs; else the auto-allocated VIPs; else a headless Service's endpoints.
+    fn addresses(&self, snapshot: &Snapshot, service: &Service) -> Vec<IpAddr> {
         if !service.vips.is_empty() {
             return service.vips.clone();
+        }
+        if let Some(vip) = snapshot.auto_vip(&service.hostname) {
+            return vip.addresses().to_vec();
         }
         if is_cluster_service(&service.hostname, &self.domain) {
             let mut ips: Vec<IpAddr> = snapshot
@@ -177,10 +159,6 @@ impl MeshResolver {
             ips.dedup();
             return ips;
         }
-        derived
-            .auto_vips
-            .get(&service.hostname.to_ascii_lowercase())
-            .map(|v| v.addresses().to_vec())
-            .unwrap_or_default()
+        Vec::new()
     }
 }

@@ -154,3 +154,64 @@ fn hosts_without_addresses_get_stable_auto_allocated_vips() {
     );
     assert_ne!(wild, vip);
 }
+
+/// The address answered for a host without addresses is the one the outbound path routes: a
+/// connection to either VIP goes to the ServiceEntry's workload through HBONE, with the
+/// workload's identity expected; a headless Kubernetes Service gets no VIP.
+#[test]
+fn an_answered_auto_vip_is_routed_like_the_service_entrys_own_address() {
+    use std::net::SocketAddr;
+
+    use crate::proxy::route::{Plan, plan};
+
+    let mesh = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: partner-0, namespace: shop, labels: {app: partner}}
+spec: {nodeName: node-2, serviceAccountName: partner-sa}
+status: {podIP: 10.0.0.9}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: partner, namespace: shop}
+spec:
+  hosts: [api.partner.example]
+  ports: [{number: 443, name: https, targetPort: 8443}]
+  resolution: STATIC
+  workloadSelector: {labels: {app: partner}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: shop}
+spec: {clusterIP: None, selector: {app: db}, ports: [{port: 5432}]}
+"#;
+    let settings = MeshSettings {
+        trust_domain: "cluster.local".into(),
+        cluster_domain: "cluster.local".into(),
+        root_namespace: "istio-system".into(),
+    };
+    let snapshot = Arc::new(snapshot_from_text("mesh.yaml", mesh, &settings).unwrap());
+    let resolver = MeshResolver::new("cluster.local");
+    let Lookup::Mesh(answer) = resolver.lookup(&snapshot, "api.partner.example", Some("shop"))
+    else {
+        panic!("api.partner.example is a mesh host");
+    };
+    assert_eq!(answer.len(), 2, "{answer:?}");
+    for ip in answer {
+        match plan(&snapshot, Some("shop"), SocketAddr::new(ip, 443), 15008) {
+            Plan::Hbone {
+                authority,
+                expected,
+                service,
+                ..
+            } => {
+                assert_eq!(authority, "10.0.0.9:8443".parse().unwrap(), "{ip}");
+                let expected: Vec<String> = expected.iter().map(|id| id.to_string()).collect();
+                assert_eq!(expected, ["spiffe://cluster.local/ns/shop/sa/partner-sa"]);
+                assert_eq!(service.unwrap().hostname, "api.partner.example");
+            }
+            other => panic!("{ip}: {other:?}"),
+        }
+    }
+    assert_eq!(snapshot.auto_vip("db.shop.svc.cluster.local"), None);
+}

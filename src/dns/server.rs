@@ -181,7 +181,8 @@ impl DnsService {
             None => ("unknown".into(), "unknown".into()),
         };
         DnsLabels {
-            request_query_type: query_type.to_string(),
+            // ztunnel's values are lowercase: `a`, `aaaa`, `srv`.
+            request_query_type: query_type.to_string().to_ascii_lowercase(),
             request_protocol: protocol,
             source_canonical_service: service,
             source_canonical_revision: revision,
@@ -307,6 +308,8 @@ impl DnsListeners {
                 serve_tcp(service, scope, listener),
             )));
         }
+        // Bound before this call, so every query from now on is queued for a serving task.
+        service.mark_serving();
         tasks
     }
 }

@@ -5,6 +5,7 @@ pub mod file;
 pub mod k8s;
 pub mod model;
 pub mod snapshot;
+pub mod vip;
 
 pub use file::{
     MeshFileWatch, WatchError, load_and_watch, load_for_watching, load_snapshot,

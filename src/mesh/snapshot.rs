@@ -9,6 +9,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
 use super::model::{Endpoints, HealthStatus, Service, Workload};
+use super::vip::{self, AutoVip};
 use crate::policy::PolicySet;
 
 /// Everything ztund knows about the mesh at one moment.
@@ -20,7 +21,11 @@ pub struct Snapshot {
     workload_by_uid: HashMap<String, Arc<Workload>>,
     /// Workloads per node name: "who runs here" is asked per connection on loopback clients.
     workloads_by_node: HashMap<String, Vec<Arc<Workload>>>,
+    /// Declared VIPs and the auto-allocated ones, so a connection to an address the DNS proxy
+    /// answered is routed like one to the ServiceEntry's own addresses.
     service_by_vip: HashMap<IpAddr, Arc<Service>>,
+    /// The auto-allocated VIPs by lowercase hostname ([`vip`]); empty for services with VIPs.
+    auto_vips: HashMap<String, AutoVip>,
     services_by_hostname: HashMap<String, Vec<Arc<Service>>>,
     /// Endpoints of each service by namespace, then hostname: looked up per connection without
     /// building a `namespace/hostname` key.
@@ -101,9 +106,36 @@ impl Snapshot {
                 .or_default()
                 .insert(service.hostname.clone(), members);
         }
+        snapshot.allocate_vips(&services);
         snapshot.workloads = workloads;
         snapshot.services = services;
         snapshot
+    }
+
+    /// Gives ServiceEntry hosts without addresses their VIPs and indexes them like declared
+    /// ones. The allocation depends on the services alone, so every node computes the same.
+    fn allocate_vips(&mut self, services: &[Arc<Service>]) {
+        let wanting: Vec<(String, &Arc<Service>)> = services
+            .iter()
+            .filter(|s| wants_auto_vip(s))
+            .map(|s| (s.hostname.to_ascii_lowercase(), s))
+            .collect();
+        if wanting.is_empty() {
+            return;
+        }
+        let declared = services.iter().flat_map(|s| s.vips.iter().copied());
+        self.auto_vips = vip::allocate(wanting.iter().map(|(host, _)| host.as_str()), declared);
+        // The same host in two namespaces shares its VIP; the first listed owns the route, as
+        // a declared VIP listed twice does.
+        for (host, service) in &wanting {
+            if let Some(vip) = self.auto_vips.get(host) {
+                for ip in vip.addresses() {
+                    self.service_by_vip
+                        .entry(ip)
+                        .or_insert_with(|| (*service).clone());
+                }
+            }
+        }
     }
 
     pub fn workloads(&self) -> &[Arc<Workload>] {
@@ -125,6 +157,22 @@ impl Snapshot {
 
     pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
         self.service_by_vip.get(&ip.to_canonical())
+    }
+
+    /// Every service VIP, declared and auto-allocated (canonical: v4-mapped ones as IPv4).
+    pub fn service_vips(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.service_by_vip.keys().copied()
+    }
+
+    /// The auto-allocated VIPs of a ServiceEntry host without addresses (any case; a wildcard
+    /// host as written, `*.example.com`).
+    pub fn auto_vip(&self, hostname: &str) -> Option<AutoVip> {
+        if self.auto_vips.is_empty() {
+            return None;
+        }
+        self.auto_vips
+            .get(hostname.to_ascii_lowercase().as_str())
+            .copied()
     }
 
     /// A service by hostname; with several of the same name, the one in the client's namespace.
@@ -177,6 +225,23 @@ impl Snapshot {
             .unwrap_or(&[])
             .iter()
     }
+}
+
+/// A service without VIPs that is not a Kubernetes Service: a ServiceEntry host, which gets
+/// an auto-allocated VIP. A Kubernetes Service without a VIP is headless (its endpoints'
+/// addresses are its DNS answer) and its hostname is always `<name>.<namespace>.svc.<domain>`,
+/// whatever the cluster domain, from the mesh file and from istiod alike.
+fn wants_auto_vip(service: &Service) -> bool {
+    if !service.vips.is_empty() {
+        return false;
+    }
+    let host = service.hostname.to_ascii_lowercase();
+    let mut labels = host.split('.');
+    let kubernetes = labels.next() == Some(service.name.to_ascii_lowercase().as_str())
+        && labels.next() == Some(service.namespace.to_ascii_lowercase().as_str())
+        && labels.next() == Some("svc")
+        && labels.next().is_some();
+    !kubernetes
 }
 
 /// `namespace/hostname`, the key Istio uses for services.

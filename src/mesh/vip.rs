@@ -1,6 +1,8 @@
 //! Virtual IPs for ServiceEntry hosts that declare no `addresses`: the DNS proxy must answer
-//! something an app can connect to, and the answer must be the same on every node and after
-//! every restart, or a pod's cached answer would point at nothing once ztund restarts.
+//! something an app can connect to, the outbound path must route that address like the
+//! ServiceEntry's own, and both must agree on every node and after every restart, or a pod's
+//! cached answer would point at nothing once ztund restarts. [`Snapshot`](super::Snapshot)
+//! allocates them once per mesh view; the DNS proxy and the route lookup read the same map.
 //!
 //! **How a VIP is chosen.** Each host name (a wildcard host `*.example.com` as written, so all
 //! its subdomains share one VIP) gets a 16-bit slot from an FNV-1a hash of its lowercase name;
