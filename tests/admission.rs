@@ -286,7 +286,15 @@ async fn idle_connections_to_15008_and_slowloris_on_15021_cannot_take_the_node_d
     );
 
     // Every shed handshake is counted and logged (rate-limited).
-    let shed = refused(&w.bed, 2, 15008, "handshakes_pending_from_source").await;
+    // The node sheds as it accepts; on a loaded machine its backlog may still hold some.
+    let mut shed = 0;
+    for _ in 0..50 {
+        shed = refused(&w.bed, 2, 15008, "handshakes_pending_from_source").await;
+        if shed as usize >= idle.len() - 64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert!(
         shed as usize >= idle.len() - 64,
         "{shed} shed of {}",

@@ -209,7 +209,7 @@ mod tests {
             assert!(h2.stream_window <= h2.connection_window, "{h2:?}");
         }
         // Sixteen streams at full window may hold at once before the growth stops.
-        assert!(Limits::server().max_recv_held_total >= 16 * 4 << 20);
+        assert!(Limits::server().max_recv_held_total >= 16 * (4 << 20));
     }
 
     #[test]
