@@ -3,6 +3,8 @@
 //! the HBONE client a 401 (a non-zero SOCKS5 reply) or closes the plaintext connection, and the
 //! access log names the policy. A policy applied while connections are open closes the ones it
 //! now denies, HBONE and plaintext alike, and no further byte reaches the app.
+//! Every case runs twice, `<case>::ipv4` and `<case>::ipv6` (`on_both_families!`): the v6 world
+//! has only v6 workload, service and client addresses.
 
 mod policy_world;
 mod support;

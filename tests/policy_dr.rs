@@ -3,6 +3,8 @@
 //! PERMISSIVE one serves; SIMPLE originates TLS to a server outside the mesh (its own CA, made
 //! here) while the app speaks plaintext, and a wrong `subjectAltNames` fails; MUTUAL presents the
 //! client certificate the server then sees.
+//! Every case runs twice, `<case>::ipv4` and `<case>::ipv6` (`on_both_families!`): the v6 world
+//! has only v6 workload, service and client addresses.
 
 mod policy_world;
 mod support;

@@ -3,6 +3,8 @@
 //! mesh-wide STRICT of the root namespace covers every namespace, a namespace PERMISSIVE
 //! overrides it, a workload's `portLevelMtls` opens only its port; the guide's DestinationRule
 //! ISTIO_MUTUAL reaches `example-service` over HBONE. Policies change by rewriting the mesh file.
+//! Every case runs twice, `<case>::ipv4` and `<case>::ipv6` (`on_both_families!`): the v6 world
+//! has only v6 workload, service and client addresses.
 
 mod policy_world;
 mod support;
