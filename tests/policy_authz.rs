@@ -3,6 +3,8 @@
 //! the HBONE client a 401 (a non-zero SOCKS5 reply) or closes the plaintext connection, and the
 //! access log names the policy. A policy applied while connections are open closes the ones it
 //! now denies, HBONE and plaintext alike, and no further byte reaches the app.
+//! Every case runs twice, `<case>::ipv4` and `<case>::ipv6` (`on_both_families!`): the v6 world
+//! has only v6 workload, service and client addresses.
 
 mod policy_world;
 mod support;
@@ -12,75 +14,87 @@ use std::time::Duration;
 
 use policy_world::*;
 
+on_both_families!(
+    deny_by_principal,
+    allow_by_namespace_then_by_port_then_by_when,
+    deny_by_ip_block_closes_that_plaintext_source_only,
+    a_policy_applied_while_connections_are_open_closes_the_ones_it_denies,
+);
+
 fn ap(name: &str, spec: &str) -> String {
     format!(
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  selector: {{matchLabels: {{app: echo}}}}\n{spec}"
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deny_by_principal() {
+async fn deny_by_principal(fam: Family) {
     let policy = ap(
         "deny-sleep",
         "  action: DENY\n  rules: [{from: [{source: {principals: [cluster.local/ns/default/sa/sleep]}}]}]\n",
     );
-    let w = World::new(&[&policy]).await;
-    assert_mesh_denied(&w, SLEEP, 9000, "default/deny-sleep").await;
-    assert_mesh_allowed(&w, FOO, 9000).await;
+    let w = World::of_family(fam, &[&policy]).await;
+    assert_mesh_denied(&w, fam.sleep(), 9000, "default/deny-sleep").await;
+    assert_mesh_allowed(&w, fam.foo(), 9000).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn allow_by_namespace_then_by_port_then_by_when() {
+async fn allow_by_namespace_then_by_port_then_by_when(fam: Family) {
     let by_namespace = ap(
         "from-foo",
         "  rules: [{from: [{source: {namespaces: [foo]}}]}]\n",
     );
-    let w = World::new(&[&by_namespace]).await;
-    assert_mesh_allowed(&w, FOO, 9000).await;
-    assert_mesh_denied(&w, SLEEP, 9000, "default/from-foo").await;
+    let w = World::of_family(fam, &[&by_namespace]).await;
+    assert_mesh_allowed(&w, fam.foo(), 9000).await;
+    assert_mesh_denied(&w, fam.sleep(), 9000, "default/from-foo").await;
 
     let by_port = ap(
         "port-9001",
         "  rules: [{to: [{operation: {ports: ['9001']}}]}]\n",
     );
     w.apply(&[&by_port]).await;
-    assert_mesh_allowed(&w, SLEEP, 9001).await;
-    assert_mesh_denied(&w, SLEEP, 9000, "default/port-9001").await;
+    assert_mesh_allowed(&w, fam.sleep(), 9001).await;
+    assert_mesh_denied(&w, fam.sleep(), 9000, "default/port-9001").await;
 
     let by_when = ap(
         "when-foo",
         "  rules: [{when: [{key: source.principal, values: [cluster.local/ns/foo/sa/foo]}]}]\n",
     );
     w.apply(&[&by_when]).await;
-    assert_mesh_allowed(&w, FOO, 9001).await;
-    assert_mesh_denied(&w, SLEEP, 9001, "default/when-foo").await;
+    assert_mesh_allowed(&w, fam.foo(), 9001).await;
+    assert_mesh_denied(&w, fam.sleep(), 9001, "default/when-foo").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deny_by_ip_block_closes_that_plaintext_source_only() {
+async fn deny_by_ip_block_closes_that_plaintext_source_only(fam: Family) {
     let policy = ap(
         "no-foo-ip",
-        "  action: DENY\n  rules: [{from: [{source: {ipBlocks: [10.200.0.11/32]}}]}]\n",
+        &format!(
+            "  action: DENY\n  rules: [{{from: [{{source: {{ipBlocks: ['{}']}}}}]}}]\n",
+            fam.host_cidr(fam.foo())
+        ),
     );
-    let w = World::new(&[&policy]).await;
-    let mut denied = w.plaintext(FOO, addr(ECHO, 9000)).await;
+    let w = World::of_family(fam, &[&policy]).await;
+    let mut denied = w.plaintext(fam.foo(), addr(fam.echo(), 9000)).await;
     assert!(!echoes(&mut denied).await, "the blocked address was served");
     assert_eq!(w.echo.accepted(), 0, "a denied client reached the app");
     let line = log_line(&w.node2, &["connection refused", "inbound_plaintext"]).await;
     assert!(
-        line.contains("default/no-foo-ip") && line.contains("10.200.0.11"),
+        line.contains("default/no-foo-ip") && line.contains(fam.foo()),
         "{line}"
     );
-    let mut allowed = w.plaintext(SLEEP, addr(ECHO, 9000)).await;
+    let mut allowed = w.plaintext(fam.sleep(), addr(fam.echo(), 9000)).await;
     assert!(echoes(&mut allowed).await, "another address was refused");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_policy_applied_while_connections_are_open_closes_the_ones_it_denies() {
-    let w = World::new(&[]).await;
-    let mut hbone_sleep = w.mesh_client(SLEEP, addr(ECHO, 9000)).await.expect("sleep");
-    let mut hbone_foo = w.mesh_client(FOO, addr(ECHO, 9000)).await.expect("foo");
-    let mut plain = w.plaintext(FOO, addr(ECHO, 9001)).await;
+async fn a_policy_applied_while_connections_are_open_closes_the_ones_it_denies(fam: Family) {
+    let w = World::of_family(fam, &[]).await;
+    let mut hbone_sleep = w
+        .mesh_client(fam.sleep(), addr(fam.echo(), 9000))
+        .await
+        .expect("sleep");
+    let mut hbone_foo = w
+        .mesh_client(fam.foo(), addr(fam.echo(), 9000))
+        .await
+        .expect("foo");
+    let mut plain = w.plaintext(fam.foo(), addr(fam.echo(), 9001)).await;
     for stream in [&mut hbone_sleep, &mut hbone_foo, &mut plain] {
         assert!(echoes(stream).await);
     }

@@ -3,6 +3,8 @@
 //! PERMISSIVE one serves; SIMPLE originates TLS to a server outside the mesh (its own CA, made
 //! here) while the app speaks plaintext, and a wrong `subjectAltNames` fails; MUTUAL presents the
 //! client certificate the server then sees.
+//! Every case runs twice, `<case>::ipv4` and `<case>::ipv6` (`on_both_families!`): the v6 world
+//! has only v6 workload, service and client addresses.
 
 mod policy_world;
 mod support;
@@ -17,6 +19,11 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use testbed::Place;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
+on_both_families!(
+    disable_sends_plain_tcp_that_strict_refuses_and_permissive_serves,
+    simple_and_mutual_originate_tls_and_a_wrong_subject_alt_name_fails,
+);
+
 const DR_EXAMPLE_DISABLE: &str = "apiVersion: networking.istio.io/v1
 kind: DestinationRule
 metadata: {name: example-plain, namespace: default}
@@ -25,68 +32,85 @@ spec:
   trafficPolicy: {tls: {mode: DISABLE}}
 ";
 
-const TLS_ECHO_ENTRY: &str = "apiVersion: networking.istio.io/v1
+/// The TLS echo server outside the mesh, at a VIP of `fam` (the pod's own address behind it).
+fn tls_echo_entry(fam: Family) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1
 kind: ServiceEntry
-metadata: {name: tls-echo, namespace: default}
+metadata: {{name: tls-echo, namespace: default}}
 spec:
   hosts: [tls-echo.example]
-  addresses: [240.240.0.10]
-  ports: [{number: 443, targetPort: 9443, name: tls, protocol: TLS}]
+  addresses: ['{}']
+  ports: [{{number: 443, targetPort: 9443, name: tls, protocol: TLS}}]
   location: MESH_EXTERNAL
   resolution: STATIC
-  endpoints: [{address: 10.201.2.2}]
-";
+  endpoints: [{{address: '{}'}}]
+",
+        tls_echo_vip(fam).ip(),
+        fam.outside()
+    )
+}
 
-const TLS_ECHO_VIP: &str = "240.240.0.10:443";
+fn tls_echo_vip(fam: Family) -> std::net::SocketAddr {
+    addr(
+        match fam {
+            Family::V4 => "240.240.0.10",
+            Family::V6 => "fd00:240::10",
+        },
+        443,
+    )
+}
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn disable_sends_plain_tcp_that_strict_refuses_and_permissive_serves() {
-    let w = World::new(&[PA_GLOBAL_STRICT, DR_EXAMPLE_DISABLE]).await;
+async fn disable_sends_plain_tcp_that_strict_refuses_and_permissive_serves(fam: Family) {
+    let w = World::of_family(fam, &[PA_GLOBAL_STRICT, DR_EXAMPLE_DISABLE]).await;
     // The TCP connection itself succeeds (the capture accepts it); then node 2 refuses it.
-    if let Ok(mut stream) = w.mesh_client(SLEEP, EXAMPLE_SERVICE.parse().unwrap()).await {
+    if let Ok(mut stream) = w.mesh_client(fam.sleep(), fam.example_service()).await {
         assert!(!echoes(&mut stream).await, "STRICT served a DISABLE client");
     }
     let out = log_line(&w.node1, &["connection complete", "\"path\":\"direct\""]).await;
-    assert!(out.contains("10.200.0.2:9000"), "{out}");
+    assert!(out.contains(&addr(fam.echo(), 9000).to_string()), "{out}");
     let refused = log_line(&w.node2, &["connection refused", "inbound_plaintext"]).await;
     assert!(refused.contains("istio-system/global-mtls"), "{refused}");
     assert_eq!(w.echo.accepted(), 0, "plaintext reached a STRICT app");
 
     w.apply(&[PA_DEFAULT_PERMISSIVE, DR_EXAMPLE_DISABLE]).await;
     let mut stream = w
-        .mesh_client(SLEEP, EXAMPLE_SERVICE.parse().unwrap())
+        .mesh_client(fam.sleep(), fam.example_service())
         .await
         .expect("DISABLE to a PERMISSIVE destination");
     assert!(echoes(&mut stream).await);
     drop(stream);
     let served = log_line(&w.node2, &["connection complete", "inbound_plaintext"]).await;
-    assert!(served.contains("10.200.0.2:9000"), "{served}");
+    assert!(
+        served.contains(&addr(fam.echo(), 9000).to_string()),
+        "{served}"
+    );
     assert_eq!(w.echo.accepted(), 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn simple_and_mutual_originate_tls_and_a_wrong_subject_alt_name_fails() {
-    let w = World::new(&[]).await;
+async fn simple_and_mutual_originate_tls_and_a_wrong_subject_alt_name_fails(fam: Family) {
+    let w = World::of_family(fam, &[]).await;
     let pki = Pki::new(&w);
     pki.serve(&w);
     let ca = pki.path("ca.pem");
+    let entry = tls_echo_entry(fam);
 
     // SIMPLE, checked against the host name: the app's plaintext arrives, no client certificate.
     w.apply(&[
-        TLS_ECHO_ENTRY,
+        &entry,
         &rule(&format!("{{mode: SIMPLE, caCertificates: {ca}}}")),
     ])
     .await;
     assert_eq!(round_trip(&w).await.as_deref(), Ok("-"));
     let out = log_line(&w.node1, &["connection complete", "tls-origination"]).await;
     assert!(
-        out.contains("10.201.2.2:9443") && out.contains("\"error\":\"\""),
+        out.contains(&addr(fam.outside(), 9443).to_string()) && out.contains("\"error\":\"\""),
         "{out}"
     );
 
     // SIMPLE with subjectAltNames: a right one passes, a wrong one fails the handshake.
     w.apply(&[
-        TLS_ECHO_ENTRY,
+        &entry,
         &rule(&format!(
             "{{mode: SIMPLE, caCertificates: {ca}, sni: other.example, subjectAltNames: [tls-echo.example]}}"
         )),
@@ -94,7 +118,7 @@ async fn simple_and_mutual_originate_tls_and_a_wrong_subject_alt_name_fails() {
     .await;
     assert_eq!(round_trip(&w).await.as_deref(), Ok("-"));
     w.apply(&[
-        TLS_ECHO_ENTRY,
+        &entry,
         &rule(&format!(
             "{{mode: SIMPLE, caCertificates: {ca}, subjectAltNames: [wrong.example]}}"
         )),
@@ -106,7 +130,7 @@ async fn simple_and_mutual_originate_tls_and_a_wrong_subject_alt_name_fails() {
 
     // MUTUAL: the server sees ztund's client certificate.
     w.apply(&[
-        TLS_ECHO_ENTRY,
+        &entry,
         &rule(&format!(
             "{{mode: MUTUAL, caCertificates: {ca}, clientCertificate: {}, privateKey: {}}}",
             pki.path("client.pem"),
@@ -127,7 +151,7 @@ fn rule(tls: &str) -> String {
 /// certificate name the server saw (`-` for none) once `ping` came back, or the SOCKS5 code.
 async fn round_trip(w: &World) -> Result<String, String> {
     let stream = w
-        .mesh_client(SLEEP, TLS_ECHO_VIP.parse().unwrap())
+        .mesh_client(w.fam.sleep(), tls_echo_vip(w.fam))
         .await
         .map_err(|code| format!("SOCKS5 reply {code}"))?;
     let mut stream = BufReader::new(stream);
@@ -192,7 +216,7 @@ impl Pki {
         self.dir.join(name).display().to_string()
     }
 
-    /// The TLS echo app on pod 10.201.2.2:9443: accepts an optional client certificate from
+    /// The TLS echo app on pod 10.201.2.2:9443 (fd00:201:2::2 in an IPv6 world): accepts an optional client certificate from
     /// this CA, writes its DNS name (or `-`), then echoes.
     fn serve(&self, w: &World) {
         let provider = Arc::new(ztund::tls::backend());
@@ -220,7 +244,7 @@ impl Pki {
         let listener = w
             .bed
             .app_sockets(Place::Pod(2, 1))
-            .listener(addr(OUTSIDE, 9443), false)
+            .listener(addr(w.fam.outside(), 9443), false)
             .expect("TLS app listener");
         w.bed.keep_task(tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
