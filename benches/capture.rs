@@ -1,7 +1,7 @@
 //! The paths users run (issue 16, item 1): traffic that enters ztund through transparent
 //! capture, against the same traffic without ztund, in the same run.
 //!
-//! Three worlds (benches/support/worlds.rs), each two testbed nodes with a ztund on each:
+//! Three worlds (support/capture_worlds.rs), each two testbed nodes with a ztund on each:
 //! - `inpod`: pod (1,1) → pod (2,1), both captured in standalone mode (nftables redirect inside
 //!   the pod to ztund's in-pod listener, HBONE to the peer's in-pod 15008), against
 //!   pod (1,2) → pod (2,2), not captured, over the same veths and bridge;
@@ -20,8 +20,9 @@
 //! in 10 s, so p99 rests on 100 of them); HTTP/1.1 with wrk -c4 against nginx answering 1 KiB,
 //! keep-alive and `Connection: close` (a new tunneled connection per request), with both
 //! daemons' CPU per 1 000 requests, and the conntrack entries the client and server pods gained
-//! under the `Connection: close` load (`nf_conntrack_count` of each netns). Once per world, on fresh daemons: a burst of connections
-//! held open, then closed, with both daemons' RSS for `settle` seconds after (item 5).
+//! under the `Connection: close` load (`nf_conntrack_count` of each netns). Once per world, on
+//! fresh daemons: a burst of connections held open, then closed, with both daemons' RSS for
+//! `settle` seconds after (item 5; in `inpod-ebpf` from sockets of the client pod's cgroup).
 //!
 //! Every figure is the median of the runs with min and max; ratios are taken within each run
 //! and direct and ztund alternate which goes first. Prints a table per world, the targets of
@@ -49,7 +50,7 @@ mod burst;
 mod report;
 #[path = "support/tools.rs"]
 mod tools;
-#[path = "support/worlds.rs"]
+#[path = "support/capture_worlds.rs"]
 mod worlds;
 
 use std::path::PathBuf;
