@@ -1,10 +1,13 @@
 //! The paths users run (issue 16, item 1): traffic that enters ztund through transparent
 //! capture, against the same traffic without ztund, in the same run.
 //!
-//! Two worlds, each two testbed nodes with a ztund on each:
-//! - in-pod: pod (1,1) → pod (2,1), both captured in standalone mode (nftables redirect inside
+//! Three worlds (support/capture_worlds.rs), each two testbed nodes with a ztund on each:
+//! - `inpod`: pod (1,1) → pod (2,1), both captured in standalone mode (nftables redirect inside
 //!   the pod to ztund's in-pod listener, HBONE to the peer's in-pod 15008), against
 //!   pod (1,2) → pod (2,2), not captured, over the same veths and bridge;
+//! - `inpod-ebpf` (issue 13, item 7): the same, captured by the eBPF programs
+//!   (`captureBackend: ebpf`); every pod has a sandbox cgroup, and the servers and load tools
+//!   run in their pod's cgroup, as a pod's containers do;
 //! - host: a VM host's own processes (`capture: host`): node 1 → node 2's address (a mesh
 //!   workload), against node 1 → pod (2,1) (no mesh member: not redirected).
 //!
@@ -16,8 +19,10 @@
 //! the maximum rate and at 1 000 messages/s (p50, p99, p99.9 over every message: 10 000 samples
 //! in 10 s, so p99 rests on 100 of them); HTTP/1.1 with wrk -c4 against nginx answering 1 KiB,
 //! keep-alive and `Connection: close` (a new tunneled connection per request), with both
-//! daemons' CPU per 1 000 requests. Once per world, on fresh daemons: a burst of connections
-//! held open, then closed, with both daemons' RSS for `settle` seconds after (item 5).
+//! daemons' CPU per 1 000 requests, and the conntrack entries the client and server pods gained
+//! under the `Connection: close` load (`nf_conntrack_count` of each netns). Once per world, on
+//! fresh daemons: a burst of connections held open, then closed, with both daemons' RSS for
+//! `settle` seconds after (item 5; in `inpod-ebpf` from sockets of the client pod's cgroup).
 //!
 //! Every figure is the median of the runs with min and max; ratios are taken within each run
 //! and direct and ztund alternate which goes first. Prints a table per world, the targets of
@@ -27,7 +32,8 @@
 //! `ZTUND_BENCH_QUICK=1`: 1 run, 1 s per case, no burst (tests/memory_after_burst.rs checks
 //! that in CI): ~40 s.
 //! `ZTUND_BENCH_RUNS` (3; 0: the burst only), `ZTUND_BENCH_SECONDS` (10), `ZTUND_BENCH_BURST` (5 000),
-//! `ZTUND_BENCH_SETTLE` (30 s), `ZTUND_BENCH_WORLDS` (inpod,host),
+//! `ZTUND_BENCH_SETTLE` (30 s), `ZTUND_BENCH_WORLDS` (inpod,host; also
+//! inpod-ebpf: `inpod,inpod-ebpf` puts the two capture backends side by side),
 //! `ZTUND_BENCH_AFTER=PATH`: measure that ztund binary instead of the one cargo built.
 //! `ZTUND_BENCH_CASES` (all): a comma list of bulk, pingpong, latency, keepalive, close, to run
 //! only those (an A/B of one change need not pay for the cases it cannot move).
@@ -44,22 +50,18 @@ mod burst;
 mod report;
 #[path = "support/tools.rs"]
 mod tools;
+#[path = "support/capture_worlds.rs"]
+mod worlds;
 
-use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use futures::future::BoxFuture;
 use report::{Column, Results, Target};
-use support::pods::{MESH_FILE, MeshPod, mesh_yaml};
-use support::{Cluster, Daemon, eventually};
-use testbed::{ChildGuard, Place, Testbed};
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
+use support::pods::Backend;
+use worlds::World;
 
 const FIXED_RATE: u32 = 1_000;
-const ECHO_PORT: u16 = 9000;
 
 struct Settings {
     runs: usize,
@@ -121,221 +123,6 @@ impl Settings {
     }
 }
 
-/// Where a client runs and whom it calls.
-#[derive(Debug, Clone, Copy)]
-struct Route {
-    client: Place,
-    server: IpAddr,
-}
-
-/// One world: both daemons, the servers behind both routes, the namespaces.
-struct World {
-    name: &'static str,
-    // Fields drop in order: daemons and servers first, the namespaces last.
-    daemons: [Daemon; 2],
-    _servers: Vec<ChildGuard>,
-    routes: [Route; 2],
-    /// The echo server the burst calls, through ztund.
-    echo: SocketAddr,
-    _cluster: Cluster,
-    bed: Testbed,
-}
-
-impl World {
-    fn pids(&self) -> [u32; 2] {
-        [self.daemons[0].pid(), self.daemons[1].pid()]
-    }
-
-    /// Both daemons' CPU seconds spent while `f` ran, and its result.
-    fn with_cpu<T>(&self, f: impl FnOnce() -> T) -> (T, f64) {
-        let total = |pids: [u32; 2]| pids.map(burst::cpu_seconds).iter().sum::<f64>();
-        let before = total(self.pids());
-        let value = f();
-        (value, total(self.pids()) - before)
-    }
-}
-
-fn echo(mut stream: TcpStream, _peer: SocketAddr) -> BoxFuture<'static, ()> {
-    Box::pin(async move {
-        let (mut r, mut w) = stream.split();
-        let _ = tokio::io::copy(&mut r, &mut w).await;
-        let _ = w.shutdown().await;
-    })
-}
-
-/// `ztund run` in node `n` logging at `info`, as in production: that includes one access-log
-/// line per connection and daemon (target `access`). Waits until it is ready.
-async fn start_daemon(ztund: &Path, bed: &Testbed, cluster: &Cluster, n: usize) -> Daemon {
-    let log = cluster.path(&format!("node{n}-{}.log", bed.prefix()));
-    let mut command = Command::new(ztund);
-    command
-        .args(["--log-json", "run", "--config"])
-        .arg(cluster.path(&format!("node{n}.yaml")))
-        .env("ZTUND_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log file"));
-    let daemon = Daemon {
-        child: bed.spawn_in(Place::Node(n), command),
-        log,
-        node: n,
-    };
-    daemon.wait_ready(bed).await;
-    daemon
-}
-
-/// Many short connections from one address: reuse TIME_WAIT, use every port.
-fn tune(bed: &Testbed, place: Place) {
-    bed.run_in(
-        place,
-        &[
-            "sysctl",
-            "-qw",
-            "net.ipv4.tcp_tw_reuse=1",
-            "net.ipv4.ip_local_port_range=1024 65000",
-            "net.core.somaxconn=8192",
-        ],
-    );
-}
-
-async fn inpod_world(ztund: &Path) -> World {
-    let bed = Testbed::new(2, 2);
-    let pods = [
-        MeshPod::captured(1, 1, "client"),
-        MeshPod::captured(2, 1, "server"),
-        MeshPod::uncaptured(1, 2, "plain-client"),
-        MeshPod::uncaptured(2, 2, "plain-server"),
-    ];
-    let cluster = Cluster::new();
-    cluster.write(MESH_FILE, &mesh_yaml(&bed, &pods));
-    for n in [1, 2] {
-        cluster.node_config(&format!("node{n}"), MESH_FILE, "capture: standalone\n");
-        for place in [Place::Node(n), Place::Pod(n, 1), Place::Pod(n, 2)] {
-            tune(&bed, place);
-        }
-    }
-    let node2 = start_daemon(ztund, &bed, &cluster, 2).await;
-    let node1 = start_daemon(ztund, &bed, &cluster, 1).await;
-    for n in [1, 2] {
-        eventually(
-            &format!("pod ({n},1) captured"),
-            Duration::from_secs(10),
-            || {
-                let tables = bed.run_in(Place::Pod(n, 1), &["nft", "list", "tables"]);
-                // One `inet` table for both families since IPv6 capture.
-                if tables.lines().any(|l| l.trim() == "table inet ztund") {
-                    Ok(())
-                } else {
-                    Err(tables)
-                }
-            },
-        )
-        .await;
-    }
-    let mut servers = Vec::new();
-    for p in [1, 2] {
-        let dir = cluster.path(&format!("servers-pod-2-{p}"));
-        servers.extend(tools::start_servers(
-            &bed,
-            Place::Pod(2, p),
-            bed.pod_ip(2, p),
-            &dir,
-        ));
-    }
-    let echo = bed.echo_server(2, 1, ECHO_PORT);
-    let routes = [
-        Route {
-            client: Place::Pod(1, 2),
-            server: bed.pod_ip(2, 2),
-        },
-        Route {
-            client: Place::Pod(1, 1),
-            server: bed.pod_ip(2, 1),
-        },
-    ];
-    World {
-        name: "inpod",
-        daemons: [node1, node2],
-        _servers: servers,
-        routes,
-        echo,
-        _cluster: cluster,
-        bed,
-    }
-}
-
-async fn host_world(ztund: &Path) -> World {
-    let bed = Testbed::new(2, 1);
-    let (n1, n2) = (bed.node_ip(1), bed.node_ip(2));
-    let cluster = Cluster::new();
-    cluster.write(
-        MESH_FILE,
-        &format!(
-            "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\n\
-             metadata: {{name: vm, namespace: default, annotations: {{ztund.io/node: node1}}}}\n\
-             spec: {{address: \"{n1}\", serviceAccount: vm}}\n---\n\
-             apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\n\
-             metadata: {{name: app, namespace: default, annotations: {{ztund.io/node: node2}}}}\n\
-             spec: {{address: \"{n2}\", serviceAccount: app}}\n"
-        ),
-    );
-    for n in [1, 2] {
-        cluster.node_config(&format!("node{n}"), MESH_FILE, "capture: host\n");
-        for place in [Place::Node(n), Place::Pod(n, 1)] {
-            tune(&bed, place);
-        }
-    }
-    let node2 = start_daemon(ztund, &bed, &cluster, 2).await;
-    let node1 = start_daemon(ztund, &bed, &cluster, 1).await;
-    let mut servers =
-        tools::start_servers(&bed, Place::Node(2), n2, &cluster.path("servers-node-2"));
-    servers.extend(tools::start_servers(
-        &bed,
-        Place::Pod(2, 1),
-        bed.pod_ip(2, 1),
-        &cluster.path("servers-pod-2-1"),
-    ));
-    let echo = bed.serve(Place::Node(2), SocketAddr::new(n2, ECHO_PORT), echo);
-    let routes = [
-        Route {
-            client: Place::Node(1),
-            server: bed.pod_ip(2, 1),
-        },
-        Route {
-            client: Place::Node(1),
-            server: n2,
-        },
-    ];
-    World {
-        name: "host",
-        daemons: [node1, node2],
-        _servers: servers,
-        routes,
-        echo,
-        _cluster: cluster,
-        bed,
-    }
-}
-
-/// Waits (bounded) until every server answers on both routes, and warms ztund's pool.
-fn wait_for_servers(world: &World) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    for route in world.routes {
-        let url = format!("http://{}:{}/", route.server, tools::HTTP_PORT);
-        while world
-            .bed
-            .try_run_in(route.client, &["wrk", "-t1", "-c1", "-d1s", &url])
-            .is_err()
-        {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{}: nginx on {url} did not answer",
-                world.name
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     tools::check_installed();
@@ -352,14 +139,15 @@ async fn main() {
     );
     for name in settings.worlds.clone() {
         let world = match name.as_str() {
-            "inpod" => inpod_world(&settings.ztund).await,
-            "host" => host_world(&settings.ztund).await,
-            other => panic!("ZTUND_BENCH_WORLDS: unknown world {other} (inpod, host)"),
+            "inpod" => worlds::inpod_world(&settings.ztund, Backend::Nftables).await,
+            "inpod-ebpf" => worlds::inpod_world(&settings.ztund, Backend::Ebpf).await,
+            "host" => worlds::host_world(&settings.ztund).await,
+            other => panic!("ZTUND_BENCH_WORLDS: unknown world {other} (inpod, inpod-ebpf, host)"),
         };
         let mut results = Results::default();
         // Fresh daemons: the burst first, so its idle RSS is a daemon that carried nothing.
         memory_after_burst(&world, &settings, &mut results).await;
-        wait_for_servers(&world);
+        worlds::wait_for_servers(&world);
         for run in 0..settings.runs {
             let order = if run % 2 == 0 { [0, 1] } else { [1, 0] };
             one_run(&world, &settings, order, &mut results);
@@ -439,10 +227,13 @@ fn latency(world: &World, time: Duration, order: [usize; 2], results: &mut Resul
 fn http(world: &World, time: Duration, order: [usize; 2], close: bool, results: &mut Results) {
     let mut rate = [0.0; 2];
     let mut cpu_per_1000 = 0.0;
+    let mut conntrack = [0.0; 2];
     for path in order {
         let route = world.routes[path];
-        let (http, cpu) =
-            world.with_cpu(|| tools::wrk(&world.bed, route.client, route.server, time, close));
+        let ((http, cpu), added) = conntrack_growth(world, route, || {
+            world.with_cpu(|| tools::wrk(&world.bed, route.client, route.server, time, close))
+        });
+        conntrack[path] = added;
         assert!(
             http.errors <= http.requests * 0.001,
             "{}: wrk saw {} errors in {} requests (close: {close})",
@@ -460,10 +251,42 @@ fn http(world: &World, time: Duration, order: [usize; 2], close: bool, results: 
     if close {
         results.pair("HTTP Connection: close", "req/s", rate[0], rate[1]);
         results.ztund("CPU per 1000 conns, both", "core-ms", cpu_per_1000);
+        results.pair(
+            "conntrack entries added, close",
+            "entries",
+            conntrack[0],
+            conntrack[1],
+        );
     } else {
         results.pair("HTTP keep-alive, wrk -c4", "req/s", rate[0], rate[1]);
         results.ztund("CPU per 1000 req keep-alive", "core-ms", cpu_per_1000);
     }
+}
+
+/// Runs `f` while sampling the conntrack tables of the route's client and server pods every
+/// 100 ms: `f`'s result and the most entries they held above their count before `f` began (the
+/// connection-rate load's own entries; those of earlier cases linger in TIME_WAIT).
+fn conntrack_growth<T: Send>(
+    world: &World,
+    route: worlds::Route,
+    f: impl FnOnce() -> T + Send,
+) -> (T, f64) {
+    let before = world.conntrack_entries(route);
+    let done = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let sampler = scope.spawn(|| {
+            let mut peak = before;
+            while !done.load(Ordering::Relaxed) {
+                peak = peak.max(world.conntrack_entries(route));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            peak.max(world.conntrack_entries(route))
+        });
+        let value = f();
+        done.store(true, Ordering::Relaxed);
+        let peak = sampler.join().expect("conntrack sampler");
+        (value, peak - before)
+    })
 }
 
 async fn memory_after_burst(world: &World, s: &Settings, results: &mut Results) {
@@ -472,7 +295,7 @@ async fn memory_after_burst(world: &World, s: &Settings, results: &mut Results) 
     }
     let client = world.routes[1].client;
     let b = burst::run(
-        world.bed.app_sockets(client),
+        || world.connect(client, world.echo),
         world.echo,
         s.burst,
         world.pids(),

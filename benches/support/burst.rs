@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use ztund::net::SocketFactory;
+use tokio::net::TcpStream;
 
 /// Connections being opened at once during the burst.
 const OPENING_AT_ONCE: usize = 64;
@@ -43,24 +43,29 @@ impl Burst {
     }
 }
 
-/// Opens `count` connections from `sockets` to the echo server `target` (each proves its tunnel
-/// with one byte echoed), holds them for a second, closes them all, then samples RSS every
-/// second for `settle`.
-pub async fn run(
-    sockets: SocketFactory,
+/// Opens `count` connections with `connect` (an app's socket to the echo server `target`; each
+/// proves its tunnel with one byte echoed), holds them for a second, closes them all, then
+/// samples RSS every second for `settle`.
+pub async fn run<F>(
+    connect: impl Fn() -> F,
     target: SocketAddr,
     count: usize,
     pids: [u32; 2],
     settle: Duration,
-) -> Burst {
+) -> Burst
+where
+    F: Future<Output = std::io::Result<TcpStream>>,
+{
     let rss = || pids.map(|pid| rss_kib(pid) / 1024.0);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let idle = rss();
     let held: Vec<_> = futures::stream::iter(0..count)
         .map(|_| {
-            let sockets = sockets.clone();
+            let connecting = connect();
             async move {
-                let mut s = sockets.connect(target, None).await.expect("burst connect");
+                let mut s = connecting
+                    .await
+                    .unwrap_or_else(|e| panic!("burst connect to {target}: {e}"));
                 s.write_all(b"b").await.expect("burst write");
                 let mut byte = [0u8; 1];
                 s.read_exact(&mut byte).await.expect("burst echo");

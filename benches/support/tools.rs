@@ -1,13 +1,15 @@
 //! Real servers and load generators of the capture benchmark, run inside testbed places: nginx
 //! (1 KiB answers), iperf3 and sockperf servers, and their clients wrk, iperf3 and sockperf,
-//! whose reports are parsed here. Knows nothing about daemons or reporting.
+//! whose reports are parsed here. In a pod with a sandbox (eBPF worlds) every one of them joins
+//! the pod's cgroup. Knows nothing about daemons or reporting.
 
+use std::fs::File;
 use std::net::IpAddr;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::testbed::{ChildGuard, Place, Testbed};
+use crate::testbed::{ChildGuard, Place, Testbed, bpf};
 
 pub const HTTP_PORT: u16 = 8080;
 pub const IPERF_PORT: u16 = 5201;
@@ -35,6 +37,52 @@ pub fn check_installed() {
     }
 }
 
+/// Makes `command` join pod `place`'s cgroup when the pod has a sandbox: the eBPF programs
+/// capture a socket by the cgroup of the process that made it, and ztund finds a pod's cgroup
+/// from the processes in its netns (a process outside it would hide the pod). The returned
+/// file must stay open until the command is started.
+fn join_pod_cgroup(bed: &Testbed, place: Place, command: &mut Command) -> Option<File> {
+    let Place::Pod(n, p) = place else {
+        return None;
+    };
+    let sandbox = bed.sandbox(n, p)?;
+    Some(bpf::in_cgroup(command, &sandbox.cgroup.0))
+}
+
+/// Starts a program inside `place` (and its pod's cgroup); it is killed when the guard drops.
+pub fn spawn(bed: &Testbed, place: Place, mut command: Command) -> ChildGuard {
+    let procs = join_pod_cgroup(bed, place, &mut command);
+    let child = bed.spawn_in(place, command);
+    drop(procs);
+    child
+}
+
+/// Runs a program inside `place` (and its pod's cgroup); its stdout, or why it failed.
+pub fn try_run(bed: &Testbed, place: Place, args: &[&str]) -> Result<String, String> {
+    let (program, rest) = args.split_first().expect("a program");
+    let mut command = Command::new(program);
+    command.args(rest).stdin(Stdio::null());
+    let procs = join_pod_cgroup(bed, place, &mut command);
+    ztund::net::enter_before_exec(&mut command, &bed.netns(place));
+    let output = command
+        .output()
+        .map_err(|e| format!("{program} in {place:?}: {e}"))?;
+    drop(procs);
+    if !output.status.success() {
+        return Err(format!(
+            "{program} in {place:?}: {}: {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// [`try_run`], panicking with the reason.
+pub fn run(bed: &Testbed, place: Place, args: &[&str]) -> String {
+    try_run(bed, place, args).unwrap_or_else(|e| panic!("capture bench: {e}"))
+}
+
 /// nginx, iperf3 and sockperf servers on `ip` inside `place`; they stop when the guards drop.
 /// `dir` holds nginx's config, pid file and error log.
 pub fn start_servers(bed: &Testbed, place: Place, ip: IpAddr, dir: &Path) -> Vec<ChildGuard> {
@@ -58,7 +106,7 @@ pub fn start_servers(bed: &Testbed, place: Place, ip: IpAddr, dir: &Path) -> Vec
         .into_iter()
         .map(|mut command| {
             command.stdout(Stdio::null()).stderr(Stdio::null());
-            bed.spawn_in(place, command)
+            spawn(bed, place, command)
         })
         .collect()
 }
@@ -107,7 +155,7 @@ pub fn wrk(bed: &Testbed, place: Place, ip: IpAddr, time: Duration, close: bool)
         args.extend(["-H", "Connection: close"]);
     }
     args.push(&url);
-    let out = bed.run_in(place, &args);
+    let out = run(bed, place, &args);
     let field = |prefix: &str| -> Option<f64> {
         out.lines()
             .find_map(|l| l.trim().strip_prefix(prefix))
@@ -144,7 +192,8 @@ pub struct Bulk {
 /// One iperf3 stream from `place` to `ip` for `time`.
 pub fn iperf3(bed: &Testbed, place: Place, ip: IpAddr, time: Duration) -> Bulk {
     let seconds = time.as_secs().max(1).to_string();
-    let out = bed.run_in(
+    let out = run(
+        bed,
         place,
         &[
             "iperf3",
@@ -187,7 +236,8 @@ pub fn sockperf(
     rate: Option<u32>,
 ) -> PingPong {
     let mps = rate.map_or_else(|| "max".to_string(), |r| r.to_string());
-    let out = bed.run_in(
+    let out = run(
+        bed,
         place,
         &[
             "sockperf",
