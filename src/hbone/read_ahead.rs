@@ -1,8 +1,10 @@
 //! A read buffer under TLS on HBONE connections. rustls asks its transport for at most 4 KiB
 //! more than it holds, so a 16 KiB record took four `recvfrom` calls, and a 62 KiB DATA frame
-//! sixteen. Here one system call takes whatever the socket has, up to [`CAPACITY`], and
-//! rustls' small reads are served from memory. The buffer exists only while it holds bytes:
-//! an idle connection keeps none.
+//! sixteen. Here, once a read fills all rustls asked for (more is likely waiting), one system
+//! call takes whatever the socket has, up to [`CAPACITY`], and rustls' small reads are served
+//! from memory. When the socket runs dry the buffer is freed and reads go straight through
+//! again, so request/response traffic, whose messages fit one read, never allocates it, and an
+//! idle connection keeps none.
 
 use std::io;
 use std::pin::Pin;
@@ -20,6 +22,8 @@ pub struct ReadAhead<IO> {
     buffer: Vec<u8>,
     /// `buffer[start..]` is still to be handed out.
     start: usize,
+    /// The last direct read filled the caller's buffer: read ahead until the socket runs dry.
+    ahead: bool,
 }
 
 impl<IO> ReadAhead<IO> {
@@ -28,6 +32,7 @@ impl<IO> ReadAhead<IO> {
             io,
             buffer: Vec::new(),
             start: 0,
+            ahead: false,
         }
     }
 
@@ -63,14 +68,21 @@ impl<IO: AsyncRead + Unpin> AsyncRead for ReadAhead<IO> {
             this.hand_out(out);
             return Poll::Ready(Ok(()));
         }
-        if out.remaining() >= CAPACITY {
-            return Pin::new(&mut this.io).poll_read(cx, out);
+        if !this.ahead || out.remaining() >= CAPACITY {
+            let wanted = out.remaining();
+            let before = out.filled().len();
+            let read = Pin::new(&mut this.io).poll_read(cx, out);
+            if read.is_ready() && wanted > 0 && out.filled().len() - before == wanted {
+                this.ahead = true;
+            }
+            return read;
         }
         this.buffer.reserve_exact(CAPACITY);
         let mut fill = ReadBuf::uninit(this.buffer.spare_capacity_mut());
         match Pin::new(&mut this.io).poll_read(cx, &mut fill) {
             Poll::Pending => {
                 this.buffer = Vec::new();
+                this.ahead = false;
                 return Poll::Pending;
             }
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
@@ -134,12 +146,20 @@ mod tests {
         assert_eq!(&first[..], &data[..4096]);
         assert_eq!(
             reader.buffered(),
+            0,
+            "a read that fills its buffer goes straight through"
+        );
+        let mut second = [0u8; 4096];
+        reader.read_exact(&mut second).await.unwrap();
+        assert_eq!(&second[..], &data[4096..8192]);
+        assert_eq!(
+            reader.buffered(),
             CAPACITY - 4096,
-            "one read took a whole buffer"
+            "then one read takes a whole buffer"
         );
         let mut rest = Vec::new();
         reader.read_to_end(&mut rest).await.unwrap();
-        assert_eq!(rest, data[4096..]);
+        assert_eq!(rest, data[8192..]);
         assert_eq!(reader.buffered(), 0);
     }
 
@@ -160,6 +180,19 @@ mod tests {
             0,
             "an idle connection keeps no buffer"
         );
+    }
+
+    #[tokio::test]
+    async fn messages_that_fit_one_read_never_allocate_a_buffer() {
+        let (mut writer, reader) = tokio::io::duplex(4 * CAPACITY);
+        let mut reader = ReadAhead::new(reader);
+        for round in 0..3u8 {
+            writer.write_all(&[round; 1024]).await.unwrap();
+            let mut got = [0u8; 4096];
+            let n = reader.read(&mut got).await.unwrap();
+            assert_eq!(&got[..n], &[round; 1024][..]);
+            assert_eq!(reader.buffer.capacity(), 0);
+        }
     }
 
     #[tokio::test]
