@@ -14,7 +14,6 @@ mod testbed;
 
 use std::fs::File;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -169,7 +168,6 @@ async fn app_in(
     port: u16,
     mark: bool,
 ) -> String {
-    use std::os::unix::process::CommandExt;
     let mut command = Command::new("python3");
     command.args([
         "-c",
@@ -179,26 +177,7 @@ async fn app_in(
         if mark { "1" } else { "0" },
     ]);
     ztund::net::enter_before_exec(&mut command, netns);
-    let procs = cgroup.map(|dir| {
-        File::options()
-            .write(true)
-            .open(dir.join("cgroup.procs"))
-            .unwrap()
-    });
-    if let Some(procs) = &procs {
-        let fd = procs.as_raw_fd();
-        // SAFETY: between fork and exec the child only makes one write(2) on an inherited fd:
-        // "0" moves the writing process itself into the cgroup.
-        unsafe {
-            command.pre_exec(move || {
-                if libc::write(fd, b"0".as_ptr().cast(), 1) == 1 {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::last_os_error())
-                }
-            });
-        }
-    }
+    let procs = cgroup.map(|dir| testbed::bpf::in_cgroup(&mut command, dir));
     let out = tokio::task::spawn_blocking(move || command.output())
         .await
         .unwrap()
