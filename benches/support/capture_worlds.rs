@@ -189,9 +189,10 @@ fn captured(bed: &Testbed, backend: Backend, n: usize) -> Result<(), String> {
 }
 
 /// pod (1,1) → pod (2,1), both captured through `backend`, against pod (1,2) → pod (2,2), not
-/// captured; and pod (1,1) → pod (2,2), the capture hop alone ([`World::hop`]). With eBPF every pod gets a sandbox (a process in its netns and own cgroup, as
-/// kubelet's pause container): ztund finds the pod's cgroup from it, and the servers and load
-/// tools join that cgroup ([`tools::spawn`]).
+/// captured; and pod (1,1) → pod (2,2), the capture hop alone ([`World::hop`]). With eBPF
+/// every pod gets a sandbox (a process in its netns and own cgroup, as kubelet's pause
+/// container): ztund finds the pod's cgroup from it, and the servers and load tools join that
+/// cgroup ([`tools::spawn`]).
 pub async fn inpod_world(ztund: &Path, backend: Backend) -> World {
     let bed = Testbed::new(2, 2);
     let bpffs = (backend == Backend::Ebpf).then(|| {
