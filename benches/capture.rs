@@ -24,6 +24,14 @@
 //! fresh daemons: a burst of connections held open, then closed, with both daemons' RSS for
 //! `settle` seconds after (item 5; in `inpod-ebpf` from sockets of the client pod's cgroup).
 //!
+//! The `hop` case (issue 13, item 7: the app↔ztund hop alone), in the in-pod worlds only: the
+//! captured pod (1,1) calls pod (2,2), which is no mesh workload, so node 1's ztund passes the
+//! connection through as plain TCP (app → capture → 15001 → ztund dials the server; no HBONE,
+//! node 2's ztund idle), against the uncaptured pod (1,2) calling the same server. wrk
+//! `Connection: close` req/s with both daemons' CPU per 1 000 connections and the conntrack
+//! entries added, and 1 KiB ping-pong p50/p99 at 1 000 messages/s; rows `capture hop only (no
+//! HBONE): …`. The host world has no such route (host capture redirects mesh destinations only).
+//!
 //! Every figure is the median of the runs with min and max; ratios are taken within each run
 //! and direct and ztund alternate which goes first. Prints a table per world, the targets of
 //! issue 16, and this run against the last (`target/capture-<world>.json`, then overwritten).
@@ -35,8 +43,8 @@
 //! `ZTUND_BENCH_SETTLE` (30 s), `ZTUND_BENCH_WORLDS` (inpod,host; also
 //! inpod-ebpf: `inpod,inpod-ebpf` puts the two capture backends side by side),
 //! `ZTUND_BENCH_AFTER=PATH`: measure that ztund binary instead of the one cargo built.
-//! `ZTUND_BENCH_CASES` (all): a comma list of bulk, pingpong, latency, keepalive, close, to run
-//! only those (an A/B of one change need not pay for the cases it cannot move).
+//! `ZTUND_BENCH_CASES` (all): a comma list of bulk, pingpong, latency, keepalive, close, hop, to
+//! run only those (an A/B of one change need not pay for the cases it cannot move).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -59,7 +67,7 @@ use std::time::Duration;
 
 use report::{Column, Results, Target};
 use support::pods::Backend;
-use worlds::World;
+use worlds::{Route, World};
 
 const FIXED_RATE: u32 = 1_000;
 
@@ -75,7 +83,7 @@ struct Settings {
 }
 
 /// Every case, in the order they run.
-const CASES: [&str; 5] = ["bulk", "pingpong", "latency", "keepalive", "close"];
+const CASES: [&str; 6] = ["bulk", "pingpong", "latency", "keepalive", "close", "hop"];
 
 impl Settings {
     fn runs_case(&self, case: &str) -> bool {
@@ -148,6 +156,12 @@ async fn main() {
         // Fresh daemons: the burst first, so its idle RSS is a daemon that carried nothing.
         memory_after_burst(&world, &settings, &mut results).await;
         worlds::wait_for_servers(&world);
+        if settings.runs_case("hop") && world.hop.is_none() {
+            eprintln!(
+                "capture: {}: no `hop` case (host capture redirects mesh destinations only)",
+                world.name
+            );
+        }
         for run in 0..settings.runs {
             let order = if run % 2 == 0 { [0, 1] } else { [1, 0] };
             one_run(&world, &settings, order, &mut results);
@@ -178,6 +192,9 @@ fn one_run(world: &World, s: &Settings, order: [usize; 2], results: &mut Results
             http(world, time, order, close, results);
         }
     }
+    if let Some(hop) = world.hop.filter(|_| s.runs_case("hop")) {
+        hop_only(world, [world.routes[0], hop], time, order, results);
+    }
 }
 
 fn bulk(world: &World, time: Duration, order: [usize; 2], results: &mut Results) {
@@ -206,9 +223,23 @@ fn ping_pong(world: &World, time: Duration, order: [usize; 2], results: &mut Res
 }
 
 fn latency(world: &World, time: Duration, order: [usize; 2], results: &mut Results) {
+    let fixed = fixed_rate(world, world.routes, time, order);
+    results.pair("p50 @1000/s", "µs", fixed[0][0], fixed[1][0]);
+    results.pair("p99 @1000/s", "µs", fixed[0][1], fixed[1][1]);
+    results.pair("p99.9 @1000/s", "µs", fixed[0][2], fixed[1][2]);
+    results.ztund("added p99 @1000/s", "µs", fixed[1][1] - fixed[0][1]);
+}
+
+/// p50, p99 and p99.9 (µs) of 1 KiB ping-pong at [`FIXED_RATE`] on each of `routes`.
+fn fixed_rate(
+    world: &World,
+    routes: [Route; 2],
+    time: Duration,
+    order: [usize; 2],
+) -> [[f64; 3]; 2] {
     let mut fixed = [[0.0; 3]; 2];
     for path in order {
-        let route = world.routes[path];
+        let route = routes[path];
         let p = tools::sockperf(
             &world.bed,
             route.client,
@@ -218,36 +249,11 @@ fn latency(world: &World, time: Duration, order: [usize; 2], results: &mut Resul
         );
         fixed[path] = [p.p50, p.p99, p.p999];
     }
-    results.pair("p50 @1000/s", "µs", fixed[0][0], fixed[1][0]);
-    results.pair("p99 @1000/s", "µs", fixed[0][1], fixed[1][1]);
-    results.pair("p99.9 @1000/s", "µs", fixed[0][2], fixed[1][2]);
-    results.ztund("added p99 @1000/s", "µs", fixed[1][1] - fixed[0][1]);
+    fixed
 }
 
 fn http(world: &World, time: Duration, order: [usize; 2], close: bool, results: &mut Results) {
-    let mut rate = [0.0; 2];
-    let mut cpu_per_1000 = 0.0;
-    let mut conntrack = [0.0; 2];
-    for path in order {
-        let route = world.routes[path];
-        let ((http, cpu), added) = conntrack_growth(world, route, || {
-            world.with_cpu(|| tools::wrk(&world.bed, route.client, route.server, time, close))
-        });
-        conntrack[path] = added;
-        assert!(
-            http.errors <= http.requests * 0.001,
-            "{}: wrk saw {} errors in {} requests (close: {close})",
-            world.name,
-            http.errors,
-            http.requests
-        );
-        rate[path] = http.per_second;
-        if path == 1 {
-            cpu_per_1000 = cpu * 1e3 / (http.requests / 1e3);
-        }
-        // Closed connections' last packets settle before the next measurement.
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    let (rate, cpu_per_1000, conntrack) = http_pair(world, world.routes, time, order, close);
     if close {
         results.pair("HTTP Connection: close", "req/s", rate[0], rate[1]);
         results.ztund("CPU per 1000 conns, both", "core-ms", cpu_per_1000);
@@ -263,12 +269,90 @@ fn http(world: &World, time: Duration, order: [usize; 2], close: bool, results: 
     }
 }
 
+/// The capture hop alone ([`World::hop`]), against the direct route to the same server: new
+/// connections/s and CPU, then the fixed-rate latency. Only node 1's ztund carries anything,
+/// so the CPU of both daemons is node 1's hop (and node 2's idle cost).
+fn hop_only(world: &World, routes: [Route; 2], time: Duration, order: [usize; 2], r: &mut Results) {
+    let (rate, cpu_per_1000, conntrack) = http_pair(world, routes, time, order, true);
+    r.pair(
+        "capture hop only (no HBONE): HTTP Connection: close",
+        "req/s",
+        rate[0],
+        rate[1],
+    );
+    r.ztund(
+        "capture hop only (no HBONE): CPU per 1000 conns, both",
+        "core-ms",
+        cpu_per_1000,
+    );
+    r.pair(
+        "capture hop only (no HBONE): conntrack entries added, close",
+        "entries",
+        conntrack[0],
+        conntrack[1],
+    );
+    let fixed = fixed_rate(world, routes, time, order);
+    r.pair(
+        "capture hop only (no HBONE): p50 @1000/s",
+        "µs",
+        fixed[0][0],
+        fixed[1][0],
+    );
+    r.pair(
+        "capture hop only (no HBONE): p99 @1000/s",
+        "µs",
+        fixed[0][1],
+        fixed[1][1],
+    );
+    r.ztund(
+        "capture hop only (no HBONE): added p99 @1000/s",
+        "µs",
+        fixed[1][1] - fixed[0][1],
+    );
+}
+
+/// wrk on each of `routes` (keep-alive or `close`): req/s per route, both daemons' CPU per
+/// 1 000 requests on route 1, and the conntrack entries each route's load added.
+fn http_pair(
+    world: &World,
+    routes: [Route; 2],
+    time: Duration,
+    order: [usize; 2],
+    close: bool,
+) -> ([f64; 2], f64, [f64; 2]) {
+    let mut rate = [0.0; 2];
+    let mut cpu_per_1000 = 0.0;
+    let mut conntrack = [0.0; 2];
+    for path in order {
+        let route = routes[path];
+        let ((http, cpu), added) = conntrack_growth(world, route, || {
+            world.with_cpu(|| tools::wrk(&world.bed, route.client, route.server, time, close))
+        });
+        conntrack[path] = added;
+        assert!(
+            http.errors <= http.requests * 0.001,
+            "{}: wrk to {} saw {} errors in {} requests (close: {close})",
+            world.name,
+            route.server,
+            http.errors,
+            http.requests
+        );
+        rate[path] = http.per_second;
+        if path == 1 {
+            cpu_per_1000 = cpu * 1e3 / (http.requests / 1e3);
+        }
+        // Closed connections' last packets settle before the next measurement.
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    (rate, cpu_per_1000, conntrack)
+}
+
 /// Runs `f` while sampling the conntrack tables of the route's client and server pods every
 /// 100 ms: `f`'s result and the most entries they held above their count before `f` began (the
 /// connection-rate load's own entries; those of earlier cases linger in TIME_WAIT).
 fn conntrack_growth<T: Send>(
     world: &World,
-    route: worlds::Route,
+    route: Route,
     f: impl FnOnce() -> T + Send,
 ) -> (T, f64) {
     let before = world.conntrack_entries(route);

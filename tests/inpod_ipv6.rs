@@ -3,13 +3,16 @@
 //! 15008 crosses the bridge) and the server's access log names the client's identity; a
 //! dual-stack Service is reachable on each of its VIPs; an AuthorizationPolicy with a v6 CIDR
 //! lets one source through and keeps another from the app; a pod whose namespace has IPv6
-//! disabled gets IPv4 listeners and rules and works as before. All but the policy case (its
-//! app counts in statics) run against both capture backends (`<case>::nftables`, `::ebpf`).
+//! disabled gets IPv4 listeners and rules and works as before. Every case runs against both
+//! capture backends (`<case>::nftables`, `::ebpf`); the policy case's app counts what reaches
+//! it in counters of its own world, so the two variants running in parallel cannot disturb
+//! each other's counts.
 
 mod support;
 mod testbed;
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -40,35 +43,57 @@ fn whoami(mut stream: TcpStream, peer: SocketAddr) -> BoxFuture<'static, ()> {
     })
 }
 
-/// Connections and bytes that reached the policy test's app.
-static GUARDED_ACCEPTED: AtomicUsize = AtomicUsize::new(0);
-static GUARDED_BYTES: AtomicUsize = AtomicUsize::new(0);
+/// What reached the policy test's app: connections accepted and bytes read.
+#[derive(Default)]
+struct Reached {
+    accepted: AtomicUsize,
+    bytes: AtomicUsize,
+}
 
-/// An echo app that counts what reaches it.
-fn guarded_echo(mut stream: TcpStream, _peer: SocketAddr) -> BoxFuture<'static, ()> {
-    GUARDED_ACCEPTED.fetch_add(1, Ordering::SeqCst);
-    Box::pin(async move {
-        let mut buf = [0u8; 4096];
-        loop {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => {
-                    GUARDED_BYTES.fetch_add(n, Ordering::SeqCst);
-                    if stream.write_all(&buf[..n]).await.is_err() {
-                        return;
+impl Reached {
+    fn now(&self) -> (usize, usize) {
+        (
+            self.accepted.load(Ordering::SeqCst),
+            self.bytes.load(Ordering::SeqCst),
+        )
+    }
+}
+
+/// An echo app on `addr` in `place` that counts what reaches it. Not [`Testbed::serve`]: its
+/// handler is a plain `fn`, so the counts would have to be statics, shared by every world of
+/// the test binary (both backends' variants run in parallel).
+fn guarded_echo(bed: &Testbed, place: Place, addr: SocketAddr) -> Arc<Reached> {
+    let reached = Arc::new(Reached::default());
+    let listener = bed
+        .app_sockets(place)
+        .listener(addr, false)
+        .unwrap_or_else(|e| panic!("the guarded app's listener on {addr}: {e}"));
+    let counts = reached.clone();
+    bed.keep_task(tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            counts.accepted.fetch_add(1, Ordering::SeqCst);
+            let counts = counts.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                loop {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            counts.bytes.fetch_add(n, Ordering::SeqCst);
+                            if stream.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
                     }
                 }
-            }
+            });
         }
-    })
+    }));
+    reached
 }
 
-/// Starts the world with `extra` documents (Services, policies) after the pods.
-async fn world(nodes: usize, pods_per_node: usize, pods: &[MeshPod], extra: &str) -> PodWorld {
-    world_with(Backend::Nftables, nodes, pods_per_node, pods, extra, |_| {}).await
-}
-
-/// [`world`], with `prepare` run on the testbed before any daemon starts.
+/// Starts the world on `backend` with `extra` documents (Services, policies) after the pods,
+/// with `prepare` run on the testbed before any daemon starts.
 async fn world_with(
     backend: Backend,
     nodes: usize,
@@ -124,6 +149,7 @@ async fn seen_by(bed: &Testbed, n: usize, p: usize, target: SocketAddr) -> Socke
 on_both_backends!(
     v6_pod_to_v6_pod_is_hbone_and_the_server_logs_the_client_identity,
     a_dual_stack_service_is_reachable_on_each_vip,
+    a_v6_cidr_allows_one_source_and_keeps_another_from_the_app,
     a_pod_with_ipv6_disabled_works_ipv4_only,
 );
 
@@ -254,8 +280,7 @@ async fn a_dual_stack_service_is_reachable_on_each_vip(backend: Backend) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_v6_cidr_allows_one_source_and_keeps_another_from_the_app() {
+async fn a_v6_cidr_allows_one_source_and_keeps_another_from_the_app(backend: Backend) {
     let pods = [
         MeshPod::captured(1, 1, "allowed").dual_stack(),
         MeshPod::captured(1, 2, "other").dual_stack(),
@@ -270,21 +295,15 @@ spec:
   action: ALLOW
   rules: [{from: [{source: {ipBlocks: [\"fd00:201:1::2/128\"]}}]}]
 ";
-    let w = world(2, 2, &pods, policy).await;
+    let w = world_with(backend, 2, 2, &pods, policy, |_| {}).await;
     let bed = &w.bed;
     assert_eq!(bed.pod_ip6(1, 1).to_string(), "fd00:201:1::2");
-    let target = bed.serve(
-        Place::Pod(2, 1),
-        SocketAddr::new(bed.pod_ip6(2, 1), ECHO_PORT),
-        guarded_echo,
-    );
+    let target = SocketAddr::new(bed.pod_ip6(2, 1), ECHO_PORT);
+    let reached = guarded_echo(bed, Place::Pod(2, 1), target);
 
     let text = b"from the allowed address".to_vec();
     assert_eq!(exchange(bed, 1, 1, target, &text).await, text);
-    let served = (
-        GUARDED_ACCEPTED.load(Ordering::SeqCst),
-        GUARDED_BYTES.load(Ordering::SeqCst),
-    );
+    let served = reached.now();
     assert_eq!(served, (1, text.len()));
 
     let denied = exchange(bed, 1, 2, target, b"from another address").await;
@@ -299,10 +318,7 @@ spec:
     );
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
-        (
-            GUARDED_ACCEPTED.load(Ordering::SeqCst),
-            GUARDED_BYTES.load(Ordering::SeqCst)
-        ),
+        reached.now(),
         served,
         "a denied client's connection or bytes reached the app"
     );

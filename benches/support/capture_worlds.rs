@@ -1,8 +1,9 @@
 //! The capture benchmark's worlds, each two testbed nodes with a ztund on each: `inpod` and
 //! `inpod-ebpf` (the same pods captured in standalone mode through nftables, or through the
 //! eBPF programs), and `host` (a VM host's own processes). Starts the daemons and the servers,
-//! waits until capture is installed, and reads a netns's conntrack table size. Knows nothing
-//! about what is measured.
+//! waits until capture is installed, and reads a netns's conntrack table size. The in-pod
+//! worlds also have a route through the capture hop alone (no HBONE: a captured client to a
+//! server no mesh workload owns). Knows nothing about what is measured.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
@@ -38,6 +39,11 @@ pub struct World {
     _bpffs: Option<Bpffs>,
     /// Route 0 is direct (no ztund), route 1 goes through both daemons.
     pub routes: [Route; 2],
+    /// The capture hop alone: a captured client to route 0's server, which no mesh workload
+    /// owns, so node 1's ztund passes the connection through as plain TCP (app → capture →
+    /// 15001 → ztund dials the server). Compared with route 0, it is the hop's cost without
+    /// HBONE. `None` in the host world: host capture redirects mesh destinations only.
+    pub hop: Option<Route>,
     /// The echo server the burst calls, through ztund.
     pub echo: SocketAddr,
     _cluster: Cluster,
@@ -183,20 +189,24 @@ fn captured(bed: &Testbed, backend: Backend, n: usize) -> Result<(), String> {
 }
 
 /// pod (1,1) → pod (2,1), both captured through `backend`, against pod (1,2) → pod (2,2), not
-/// captured. With eBPF every pod gets a sandbox (a process in its netns and own cgroup, as
-/// kubelet's pause container): ztund finds the pod's cgroup from it, and the servers and load
-/// tools join that cgroup ([`tools::spawn`]).
+/// captured; and pod (1,1) → pod (2,2), the capture hop alone ([`World::hop`]). With eBPF
+/// every pod gets a sandbox (a process in its netns and own cgroup, as kubelet's pause
+/// container): ztund finds the pod's cgroup from it, and the servers and load tools join that
+/// cgroup ([`tools::spawn`]).
 pub async fn inpod_world(ztund: &Path, backend: Backend) -> World {
     let bed = Testbed::new(2, 2);
     let bpffs = (backend == Backend::Ebpf).then(|| {
         bed.sandbox_pods();
         Bpffs::new()
     });
+    // Pod (2,2) is left out of the mesh: ztund reaches a mesh workload, even an uncaptured
+    // one, through HBONE (or as a `Direct` workload when it opts out of the tunnel), and passes
+    // an address no workload owns through as plain TCP (`proxy::route::plan`), which is what
+    // the hop route measures. Route 0 never meets ztund either way.
     let pods = [
         MeshPod::captured(1, 1, "client"),
         MeshPod::captured(2, 1, "server"),
         MeshPod::uncaptured(1, 2, "plain-client"),
-        MeshPod::uncaptured(2, 2, "plain-server"),
     ];
     let cluster = Cluster::new();
     cluster.write(MESH_FILE, &mesh_yaml(&bed, &pods));
@@ -247,6 +257,10 @@ pub async fn inpod_world(ztund: &Path, backend: Backend) -> World {
             server: bed.pod_ip(2, 1),
         },
     ];
+    let hop = Route {
+        client: Place::Pod(1, 1),
+        server: bed.pod_ip(2, 2),
+    };
     World {
         name: match backend {
             Backend::Nftables => "inpod",
@@ -256,11 +270,13 @@ pub async fn inpod_world(ztund: &Path, backend: Backend) -> World {
         _servers: servers,
         _bpffs: bpffs,
         routes,
+        hop: Some(hop),
         echo,
         _cluster: cluster,
         bed,
     }
 }
+
 /// A VM host's own processes (`capture: host`): node 1 → node 2's address, against node 1 →
 /// pod (2,1), no mesh member.
 pub async fn host_world(ztund: &Path) -> World {
@@ -311,16 +327,18 @@ pub async fn host_world(ztund: &Path) -> World {
         daemons: [node1, node2],
         _servers: servers,
         routes,
+        hop: None,
         echo,
         _cluster: cluster,
         bed,
     }
 }
 
-/// Waits (bounded) until every server answers on both routes, and warms ztund's pool.
+/// Waits (bounded) until every server answers on every route (the hop's too), and warms
+/// ztund's pool.
 pub fn wait_for_servers(world: &World) {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    for route in world.routes {
+    for route in world.routes.into_iter().chain(world.hop) {
         let url = format!("http://{}:{}/", route.server, tools::HTTP_PORT);
         while tools::try_run(
             &world.bed,

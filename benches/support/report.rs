@@ -86,10 +86,19 @@ impl Results {
         self.series.get(name)
     }
 
+    /// The width of the metric column: the longest name, 34 at least.
+    fn name_width(&self) -> usize {
+        self.order
+            .iter()
+            .map(|n| n.chars().count())
+            .fold(34, usize::max)
+    }
+
     /// The table: one row per metric, median [min..max] per column.
     pub fn table(&self) -> String {
+        let w = self.name_width();
         let mut out = format!(
-            "{:<34} {:<10} {:>28} {:>28} {:>24}\n",
+            "{:<w$} {:<10} {:>28} {:>28} {:>24}\n",
             "metric", "unit", "direct", "ztund", "ztund/direct"
         );
         for name in &self.order {
@@ -102,7 +111,7 @@ impl Results {
             };
             let _ = writeln!(
                 out,
-                "{:<34} {:<10} {:>28} {:>28} {:>24}",
+                "{:<w$} {:<10} {:>28} {:>28} {:>24}",
                 name,
                 s.unit,
                 cell(&s.direct),
@@ -247,13 +256,14 @@ pub fn json_path(name: &str) -> PathBuf {
 
 /// Before → after, per metric: the medians of the ztund column and of the ratio, and the change.
 pub fn compare(before: &Results, after: &Results) -> String {
-    let mut out = comparison_header("before -> after (medians, same run)");
+    let w = after.name_width();
+    let mut out = comparison_header("before -> after (medians, same run)", w);
     for name in &after.order {
         let (Some(b), Some(a)) = (before.get(name), after.get(name)) else {
             continue;
         };
         let before = (median(&b.ztund), median(&b.ratio));
-        comparison_row(&mut out, name, a, before);
+        comparison_row(&mut out, w, name, a, before);
     }
     out
 }
@@ -271,12 +281,16 @@ pub fn compare_with_last(last: &serde_json::Value, this: &Results) -> Option<Str
     } else {
         ""
     };
-    let mut out = comparison_header(&format!(
-        "this run vs the last (medians; the last: {} run(s) x {} s{quick}, build {})",
-        settings["runs"],
-        settings["seconds"],
-        build["binary"].as_str().unwrap_or("?"),
-    ));
+    let w = this.name_width();
+    let mut out = comparison_header(
+        &format!(
+            "this run vs the last (medians; the last: {} run(s) x {} s{quick}, build {})",
+            settings["runs"],
+            settings["seconds"],
+            build["binary"].as_str().unwrap_or("?"),
+        ),
+        w,
+    );
     let mut rows = 0;
     for name in &this.order {
         let Some(metric) = metrics.iter().find(|m| m["name"] == *name) else {
@@ -286,7 +300,7 @@ pub fn compare_with_last(last: &serde_json::Value, this: &Results) -> Option<Str
             metric["ztund"]["median"].as_f64(),
             metric["ratio"]["median"].as_f64(),
         );
-        comparison_row(&mut out, name, &this.series[name], last);
+        comparison_row(&mut out, w, name, &this.series[name], last);
         rows += 1;
     }
     (rows > 0).then_some(out)
@@ -296,15 +310,22 @@ fn median(values: &[f64]) -> Option<f64> {
     Summary::of(values).map(|m| m.median)
 }
 
-fn comparison_header(title: &str) -> String {
+fn comparison_header(title: &str, w: usize) -> String {
     format!(
-        "{title}\n{:<34} {:<10} {:>24} {:>9} {:>22}\n",
+        "{title}\n{:<w$} {:<10} {:>24} {:>9} {:>22}\n",
         "metric", "unit", "ztund", "change", "ztund/direct"
     )
 }
 
-/// One metric: the earlier (ztund, ratio) medians against `now`'s, and the ztund change.
-fn comparison_row(out: &mut String, name: &str, now: &Series, earlier: (Option<f64>, Option<f64>)) {
+/// One metric: the earlier (ztund, ratio) medians against `now`'s, and the ztund change; `w`
+/// is the metric column's width.
+fn comparison_row(
+    out: &mut String,
+    w: usize,
+    name: &str,
+    now: &Series,
+    earlier: (Option<f64>, Option<f64>),
+) {
     let pair = |x: Option<f64>, y: Option<f64>| match (x, y) {
         (Some(x), Some(y)) => (format!("{} -> {}", num(x), num(y)), Some(y / x - 1.0)),
         _ => ("-".to_string(), None),
@@ -314,7 +335,7 @@ fn comparison_row(out: &mut String, name: &str, now: &Series, earlier: (Option<f
     let change = change.map_or_else(|| "-".to_string(), |c| format!("{:+.0}%", c * 100.0));
     let _ = writeln!(
         out,
-        "{:<34} {:<10} {:>24} {:>9} {:>22}",
+        "{:<w$} {:<10} {:>24} {:>9} {:>22}",
         name, now.unit, ztund, change, ratio
     );
 }
