@@ -334,7 +334,7 @@ impl Pool {
     ) -> Result<H2Stream, Attempt> {
         let peer = connection.state.peer;
         let mut sender = connection.send.clone();
-        let (response, send_stream) = match sender.send_request(http_request, false) {
+        let (response, mut send_stream) = match sender.send_request(http_request, false) {
             Ok(sent) => sent,
             Err(source) => {
                 // The connection is going away or gone: nothing was sent on it.
@@ -342,9 +342,23 @@ impl Pool {
                 return Err(Attempt::Retry(HboneError::H2 { peer, source }));
             }
         };
+        let id = send_stream.stream_id().as_u32();
+        let first = request.first_data();
+        if !first.is_empty() {
+            // Queued beyond any capacity yet granted: HTTP/2 asks for it and sends the frame
+            // as the window allows. A retry on another connection sends the same bytes again.
+            connection.ledger.queue(id, first.len());
+            if let Err(source) = send_stream.send_data(first.clone(), false) {
+                connection.ledger.discard(id);
+                return Err(Attempt::Retry(HboneError::H2 { peer, source }));
+            }
+        }
+        // On any failure below the stream is dropped unfinished: HTTP/2 resets it and drops
+        // what it still holds of the first bytes.
         let response = match response.await {
             Ok(response) => response,
             Err(source) => {
+                connection.ledger.discard(id);
                 // The peer never processed it: refused, or above a graceful GOAWAY's last
                 // stream id (RFC 9113 §6.8), so another connection may carry it.
                 let going_away = source.is_go_away()
@@ -363,6 +377,7 @@ impl Pool {
             }
         };
         if response.status() != StatusCode::OK {
+            connection.ledger.discard(id);
             self.inner.streams_refused.fetch_add(1, Ordering::Relaxed);
             return Err(Attempt::Fail(HboneError::Status {
                 peer,

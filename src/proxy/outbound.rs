@@ -86,6 +86,57 @@ struct Connection {
     upstream: Result<Upstream, Failure>,
     client: TcpStream,
     started: Instant,
+    /// How many of the client's bytes went out with the CONNECT, before the copy.
+    first_sent: u64,
+}
+
+/// The client's first bytes, for a tunnel's CONNECT to carry
+/// ([`ConnectRequest::with_first_data`]).
+enum FirstData<'a> {
+    /// Not for this client (SOCKS5: it waits for our reply).
+    None,
+    /// Read what the client has sent so far from this socket, if the plan is a tunnel.
+    Take(&'a TcpStream),
+    /// Read and handed to the CONNECT.
+    Sent(u64),
+}
+
+/// Read without waiting: at most what fits the send budget's per-stream floor, so that the
+/// bytes never wait for room (and a client that has sent nothing yet is not waited for).
+const FIRST_DATA_MAX: usize = 16 << 10;
+
+impl FirstData<'_> {
+    fn take(&mut self) -> bytes::Bytes {
+        let FirstData::Take(client) = *self else {
+            return bytes::Bytes::new();
+        };
+        let data = read_ready(client);
+        *self = FirstData::Sent(data.len() as u64);
+        data
+    }
+
+    fn sent(&self) -> u64 {
+        match self {
+            FirstData::Sent(n) => *n,
+            _ => 0,
+        }
+    }
+}
+
+/// What `client` has already received, without waiting: one `recv(MSG_DONTWAIT)` straight on
+/// the socket (tokio's readiness for a socket just accepted is not known yet, so its
+/// `try_read` would not even look). Nothing on EOF or any error: the copy meets those again.
+fn read_ready(client: &TcpStream) -> bytes::Bytes {
+    let mut buf = bytes::BytesMut::with_capacity(FIRST_DATA_MAX);
+    let spare = &mut buf.spare_capacity_mut()[..FIRST_DATA_MAX];
+    match socket2::SockRef::from(client).recv_with_flags(spare, libc::MSG_DONTWAIT) {
+        Ok(n) if n > 0 => {
+            // SAFETY: the kernel initialised the first `n` bytes of the spare capacity.
+            unsafe { buf.set_len(n) };
+            buf.freeze()
+        }
+        _ => bytes::Bytes::new(),
+    }
 }
 
 async fn set_up_transparent(
@@ -106,8 +157,10 @@ async fn set_up_transparent(
         destination,
         ctx.config.ports.hbone,
     );
-    let upstream = connect(ctx, scope, source.as_deref(), peer, &plan).await;
+    let mut first_data = FirstData::Take(&client);
+    let upstream = connect(ctx, scope, source.as_deref(), peer, &plan, &mut first_data).await;
     count_refusal(ctx, ctx.config.ports.outbound, peer, &upstream);
+    let first_sent = first_data.sent();
     Ok(Box::new(Connection {
         source,
         peer,
@@ -116,6 +169,7 @@ async fn set_up_transparent(
         upstream,
         client,
         started,
+        first_sent,
     }))
 }
 
@@ -154,7 +208,8 @@ async fn set_up_socks5(
         destination,
         ctx.config.ports.hbone,
     );
-    let upstream = connect(ctx, scope, Some(&source), peer, &plan).await;
+    // The client sends nothing before our SOCKS5 reply, which waits for the upstream.
+    let upstream = connect(ctx, scope, Some(&source), peer, &plan, &mut FirstData::None).await;
     count_refusal(ctx, ctx.config.ports.socks5, peer, &upstream);
     let code = match &upstream {
         Ok(_) => socks5::Reply::Succeeded,
@@ -173,6 +228,7 @@ async fn set_up_socks5(
         upstream,
         client,
         started,
+        first_sent: 0,
     }))
 }
 
@@ -221,6 +277,7 @@ async fn connect(
     source: Option<&Workload>,
     client: SocketAddr,
     plan: &Plan,
+    first_data: &mut FirstData<'_>,
 ) -> Result<Upstream, Failure> {
     match plan {
         Plan::Refuse(reason) => Err(Failure::Refused(reason.clone())),
@@ -259,8 +316,11 @@ async fn connect(
                     "{client} is not a mesh workload of this node; it cannot use HBONE"
                 )));
             };
+            // Read as late as possible: the more of the client's first message is here, the
+            // fewer round trips the tunnel costs.
             let request = ConnectRequest::new(authority.to_string())
-                .forwarded(client, service.as_ref().map(|s| s.hostname.as_str()));
+                .forwarded(client, service.as_ref().map(|s| s.hostname.as_str()))
+                .with_first_data(first_data.take());
             // In-pod, each pod dials from its own namespace and address: never share its tunnels.
             let source_ip = match scope.owner {
                 super::context::Owner::Pod(_) => source.addresses.first().copied(),
@@ -346,6 +406,7 @@ async fn carry(ctx: &ProxyContext, connection: Box<Connection>) {
         upstream,
         client,
         started,
+        first_sent,
     } = super::unbox(connection);
     let Route {
         path,
@@ -374,7 +435,7 @@ async fn carry(ctx: &ProxyContext, connection: Box<Connection>) {
         Err(failure) => Err(failure.to_string()),
     };
     let (received, sent) = match &result {
-        Ok(t) => (t.to_upstream, t.to_downstream),
+        Ok(t) => (first_sent + t.to_upstream, t.to_downstream),
         Err(_) => (0, 0),
     };
     ctx.metrics.close(&series, received, sent);
