@@ -106,14 +106,10 @@ fn preflight(backend: CaptureBackend) -> Result<(), DemoError> {
     if !nix::unistd::geteuid().is_root() {
         return Err(DemoError::NotRoot);
     }
+    backend_built_in(backend)?;
     let mut tools = vec![("ip", "iproute2")];
-    match backend {
-        CaptureBackend::Nftables => tools.push(("nft", "nftables")),
-        // No fall-back to nftables: the user asked to see eBPF capture.
-        CaptureBackend::Ebpf if !crate::capture::bpf::built_in() => {
-            return Err(DemoError::Bpf(BpfError::Unavailable));
-        }
-        CaptureBackend::Ebpf => {}
+    if backend == CaptureBackend::Nftables {
+        tools.push(("nft", "nftables"));
     }
     for (tool, package) in tools {
         if !on_path(tool) {
@@ -121,6 +117,17 @@ fn preflight(backend: CaptureBackend) -> Result<(), DemoError> {
         }
     }
     Ok(())
+}
+
+/// The eBPF backend needs the programs build.rs compiles with clang; without them the demo
+/// stops with the backend's own reason. No fall-back to nftables: the user asked to see eBPF.
+fn backend_built_in(backend: CaptureBackend) -> Result<(), DemoError> {
+    match backend {
+        CaptureBackend::Ebpf if !crate::capture::bpf::built_in() => {
+            Err(DemoError::Bpf(BpfError::Unavailable))
+        }
+        _ => Ok(()),
+    }
 }
 
 fn on_path(tool: &str) -> bool {
@@ -288,5 +295,28 @@ impl DemoLock {
             return Err(DemoError::AlreadyRunning);
         }
         Ok(DemoLock(file))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A build without clang refuses `--capture-backend ebpf` before building anything, with
+    /// the backend's message; a build with it (CI's) goes on. nftables needs no programs.
+    #[test]
+    fn ebpf_without_the_built_programs_is_refused_with_the_backends_reason() {
+        assert!(backend_built_in(CaptureBackend::Nftables).is_ok());
+        match backend_built_in(CaptureBackend::Ebpf) {
+            Ok(()) => assert!(crate::capture::bpf::built_in()),
+            Err(e) => {
+                assert!(!crate::capture::bpf::built_in());
+                let text = e.to_string();
+                assert!(
+                    text.contains("eBPF capture unavailable: built without clang"),
+                    "{text}"
+                );
+            }
+        }
     }
 }

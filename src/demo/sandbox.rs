@@ -20,10 +20,10 @@ use std::time::Duration;
 use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
 use socket2::{Domain, Protocol, Socket, Type};
 
+use super::DemoError;
 use super::scenario::{self, PODS, Pod};
 use super::world;
 use crate::capture::bpf::cgroup;
-use super::DemoError;
 use crate::topology::{ChildGuard, Place, Topology, TopologyError};
 
 /// The cgroup2 directory (below the hierarchy's root) holding the demo pods' cgroups; the same
@@ -287,12 +287,13 @@ impl PodSandbox {
             });
         }
         // Enters the pod's netns (after the hook above, which needs none of it).
-        let child = topology
-            .spawn_in(pod.place(), command)
-            .map_err(|source| SandboxError::Start {
-                pod: pod.name,
-                source,
-            })?;
+        let child =
+            topology
+                .spawn_in(pod.place(), command)
+                .map_err(|source| SandboxError::Start {
+                    pod: pod.name,
+                    source,
+                })?;
         drop((procs, theirs));
         Ok(PodSandbox {
             pod,
@@ -330,7 +331,9 @@ impl PodSandbox {
                 return Ok(Socket::from(owned));
             }
         }
-        Err(io::Error::other("the pod's sandbox could not make a socket"))
+        Err(io::Error::other(
+            "the pod's sandbox could not make a socket",
+        ))
     }
 }
 

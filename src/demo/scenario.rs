@@ -374,7 +374,10 @@ mod tests {
 
     /// Node 1's config with the control plane's files in `dir`.
     fn config_text(dir: &Path, bpf_dir: Option<&Path>) -> String {
-        let (root, token) = (dir.join("cp-state/ca/root-cert.pem"), dir.join("token-node1"));
+        let (root, token) = (
+            dir.join("cp-state/ca/root-cert.pem"),
+            dir.join("token-node1"),
+        );
         let source = NodeSource {
             address: "10.200.0.1:15012".parse().unwrap(),
             root_cert: &root,
