@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 
 /// ztund: a node-level zero-trust tunnel daemon (HBONE, SPIFFE, Istio policy).
 #[derive(Debug, Parser)]
@@ -52,6 +52,17 @@ enum Command {
         /// Run every pod, the Service VIP, the control plane and every flow on IPv6 addresses.
         #[arg(long)]
         ipv6: bool,
+        /// How the daemons capture the pods' traffic (`captureBackend`); `ebpf` needs ztund
+        /// built with clang.
+        #[arg(long, value_enum, default_value_t = DemoBackend::Nftables)]
+        capture_backend: DemoBackend,
+    },
+    /// The demo's pod sandbox (eBPF backend): started by `ztund demo` in a pod's netns and
+    /// cgroup, makes that pod's sockets on request over the inherited unix socket `fd`.
+    #[command(name = ztund::demo::POD_SANDBOX_SUBCOMMAND, hide = true)]
+    DemoPodSandbox {
+        #[arg(long)]
+        fd: i32,
     },
     /// Serve Delta ADS and Istio's CA API over TLS from a directory of mesh YAML (for fleets
     /// without Istio); `controlplane token` makes a node's bearer token.
@@ -94,6 +105,22 @@ enum Command {
         #[arg(long, default_value = "istio-system")]
         root_namespace: String,
     },
+}
+
+/// `ztund demo --capture-backend`: the config's `captureBackend` values.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum DemoBackend {
+    Nftables,
+    Ebpf,
+}
+
+impl From<DemoBackend> for ztund::config::CaptureBackend {
+    fn from(backend: DemoBackend) -> Self {
+        match backend {
+            DemoBackend::Nftables => ztund::config::CaptureBackend::Nftables,
+            DemoBackend::Ebpf => ztund::config::CaptureBackend::Ebpf,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -175,10 +202,19 @@ fn main() -> ExitCode {
             }
             Err(e) => fail(&e),
         },
-        Command::Demo { hold, ipv6 } => {
+        Command::Demo {
+            hold,
+            ipv6,
+            capture_backend,
+        } => {
             let _log = ztund::logging::init(format, "warn");
-            report(ztund::demo::run(hold, ipv6))
+            report(ztund::demo::run(ztund::demo::Options {
+                hold,
+                ipv6,
+                backend: capture_backend.into(),
+            }))
         }
+        Command::DemoPodSandbox { fd } => report(ztund::demo::serve_pod_sandbox(fd)),
         Command::Controlplane {
             command:
                 Some(ControlplaneCommand::Token {

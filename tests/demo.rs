@@ -2,7 +2,8 @@
 //! row, shows the AuthorizationPolicy denying and STRICT refusing plaintext, every flow ends as
 //! the policies say, a policy added while sleep → echo streams closes that connection and refuses
 //! the next one, and nothing of the demo (namespaces, daemons, files) is left afterwards —
-//! also after Ctrl-C. Without root it refuses with a clear message and builds nothing.
+//! also after Ctrl-C. The same with `--capture-backend ebpf`, which also leaves no pod cgroups
+//! and no bpffs mounted. Without root it refuses with a clear message and builds nothing.
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
@@ -38,6 +39,35 @@ fn demo_dirs() -> Vec<String> {
         .collect()
 }
 
+/// The demo's pod cgroups (`<cgroup2>/ztdemo/pod<uid>`, the eBPF backend's), and the parent
+/// itself as `ztdemo`.
+fn demo_cgroups() -> Vec<String> {
+    let mount = ztund::capture::bpf::cgroup::mount().expect("a cgroup2 hierarchy");
+    let parent = mount.join("ztdemo");
+    if !parent.exists() {
+        return Vec::new();
+    }
+    let mut found = vec!["ztdemo".to_string()];
+    found.extend(
+        std::fs::read_dir(&parent)
+            .expect("reading the demo's cgroup")
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .map(|e| e.file_name().to_string_lossy().into_owned()),
+    );
+    found
+}
+
+/// The mount points of the demo's bpffs (in its work directory).
+fn demo_bpffs_mounts() -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .expect("mountinfo")
+        .lines()
+        .filter(|l| l.contains(" - bpf ") && l.contains("/ztund-demo-"))
+        .map(|l| l.split_whitespace().nth(4).unwrap_or("").to_string())
+        .collect()
+}
+
 /// The table row whose first cell is `from_to`.
 fn row<'a>(stdout: &'a str, from_to: &str) -> &'a str {
     stdout
@@ -57,25 +87,38 @@ fn assert_nothing_left(stdout: &str) {
         Vec::<String>::new(),
         "demo directories left behind"
     );
+    assert_eq!(
+        demo_cgroups(),
+        Vec::<String>::new(),
+        "demo cgroups left behind"
+    );
+    assert_eq!(
+        demo_bpffs_mounts(),
+        Vec::<String>::new(),
+        "demo bpffs left mounted"
+    );
 }
 
-#[test]
-fn the_demo_shows_identities_and_policies_then_leaves_nothing() {
-    let _one = ONE_DEMO.lock().unwrap_or_else(|e| e.into_inner());
-    let started = Instant::now();
+/// Runs `ztund demo` with `args`; its stdout once it succeeded.
+fn run_demo(args: &[&str]) -> String {
     let out = Command::new(ztund())
         .arg("demo")
+        .args(args)
         .output()
         .expect("running ztund demo");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
-        "ztund demo failed ({}):\n{stdout}\n{stderr}",
+        "ztund demo {args:?} failed ({}):\n{stdout}\n{stderr}",
         out.status
     );
+    stdout
+}
 
-    let hbone = row(&stdout, "sleep → echo:8080");
+/// The rows and the second act every IPv4 demo shows, whatever captures the pods.
+fn assert_identities_and_policies(stdout: &str) {
+    let hbone = row(stdout, "sleep → echo:8080");
     assert!(hbone.contains("HBONE node1→node2"), "{hbone}");
     assert!(
         hbone.contains("spiffe://cluster.local/ns/default/sa/sleep"),
@@ -83,14 +126,14 @@ fn the_demo_shows_identities_and_policies_then_leaves_nothing() {
     );
     assert!(hbone.trim_end().ends_with("| ok"), "{hbone}");
 
-    let via_service = row(&stdout, "httpbin → echo VIP");
+    let via_service = row(stdout, "httpbin → echo VIP");
     assert!(
         via_service.contains("spiffe://cluster.local/ns/default/sa/httpbin"),
         "{via_service}"
     );
     assert!(via_service.trim_end().ends_with("| ok"), "{via_service}");
 
-    let denied = row(&stdout, "httpbin → db:5432");
+    let denied = row(stdout, "httpbin → db:5432");
     assert!(
         denied.contains("denied by AuthorizationPolicy default/db-deny-httpbin"),
         "{denied}"
@@ -100,7 +143,7 @@ fn the_demo_shows_identities_and_policies_then_leaves_nothing() {
         "{denied}"
     );
 
-    let refused = row(&stdout, "node1 (no mesh) → db:5432");
+    let refused = row(stdout, "node1 (no mesh) → db:5432");
     assert!(refused.contains("plaintext"), "{refused}");
     assert!(
         // PeerAuthentication db-strict reaches the node as istiod sends STRICT: the static policy.
@@ -109,7 +152,7 @@ fn the_demo_shows_identities_and_policies_then_leaves_nothing() {
     );
 
     // The same outside client is let into a PERMISSIVE pod: STRICT above was the policy's doing.
-    let permissive = row(&stdout, "node1 (no mesh) → echo:8080");
+    let permissive = row(stdout, "node1 (no mesh) → echo:8080");
     assert!(permissive.trim_end().ends_with("| ok"), "{permissive}");
 
     // The second act: the policy change reaches the running flow and the next connection.
@@ -131,10 +174,51 @@ fn the_demo_shows_identities_and_policies_then_leaves_nothing() {
         stdout.lines().count() <= 24,
         "the demo's output should read in about 20 lines:\n{stdout}"
     );
+}
+
+#[test]
+fn the_demo_shows_identities_and_policies_then_leaves_nothing() {
+    let _one = ONE_DEMO.lock().unwrap_or_else(|e| e.into_inner());
+    let started = Instant::now();
+    let stdout = run_demo(&[]);
+    assert!(
+        stdout.contains("capture backend: nftables"),
+        "the default backend: {stdout}"
+    );
+    assert_identities_and_policies(&stdout);
     assert!(
         started.elapsed() < Duration::from_secs(30),
         "the demo took {:?}",
         started.elapsed()
+    );
+    assert_nothing_left(&stdout);
+}
+
+/// `ztund demo --capture-backend ebpf`: the same rows with the pods captured by ztund's eBPF
+/// programs. The demo installs no nftables rule then, so an HBONE row with the client's identity
+/// is an outbound connection the pod's cgroup hooks captured (the pod's sandbox made its socket),
+/// and a STRICT refusal of plaintext is sk_lookup's steering to ztund.
+#[test]
+fn the_demo_captures_with_ebpf_and_leaves_no_cgroups_or_bpffs() {
+    let _one = ONE_DEMO.lock().unwrap_or_else(|e| e.into_inner());
+    let started = Instant::now();
+    let stdout = run_demo(&["--capture-backend", "ebpf"]);
+    assert!(
+        stdout
+            .lines()
+            .next()
+            .is_some_and(|l| l.contains("capture backend: eBPF")),
+        "the demo must say it captures with eBPF:\n{stdout}"
+    );
+    assert_identities_and_policies(&stdout);
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "the demo took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        stdout.contains("pod cgroups removed, bpffs unmounted"),
+        "{stdout}"
     );
     assert_nothing_left(&stdout);
 }
@@ -188,8 +272,28 @@ fn the_demo_runs_on_ipv6_addresses() {
 #[test]
 fn ctrl_c_while_holding_tears_everything_down() {
     let _one = ONE_DEMO.lock().unwrap_or_else(|e| e.into_inner());
+    hold_then_ctrl_c(&[], |seen| {
+        assert_eq!(demo_cgroups(), Vec::<String>::new(), "{seen}");
+    });
+}
+
+/// With eBPF the held demo has a cgroup per pod and its bpffs mounted; Ctrl-C removes them too.
+#[test]
+fn ctrl_c_while_holding_with_ebpf_removes_cgroups_and_bpffs() {
+    let _one = ONE_DEMO.lock().unwrap_or_else(|e| e.into_inner());
+    hold_then_ctrl_c(&["--capture-backend", "ebpf"], |seen| {
+        // `ztdemo` and its four pods' cgroups.
+        assert_eq!(demo_cgroups().len(), 5, "held cgroups:\n{seen}");
+        assert_eq!(demo_bpffs_mounts().len(), 1, "held bpffs:\n{seen}");
+    });
+}
+
+/// Runs `ztund demo --hold` with `args` until it holds, checks the held topology (`held` gets
+/// the output so far), sends SIGINT and checks that nothing is left.
+fn hold_then_ctrl_c(args: &[&str], held: impl FnOnce(&str)) {
     let mut demo = Command::new(ztund())
         .args(["demo", "--hold"])
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -206,6 +310,7 @@ fn ctrl_c_while_holding_tears_everything_down() {
         }
     }
     assert_eq!(demo_namespaces().len(), 7, "held topology:\n{seen}");
+    held(&seen);
 
     let pid = nix::unistd::Pid::from_raw(demo.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("SIGINT");

@@ -38,8 +38,8 @@ pub async fn run(world: &World) -> Result<(Outcome, String), DemoError> {
     let target = ECHO
         .addr(&world.topology, world.ipv6)
         .ok_or_else(|| DemoError::Setup("the echo pod has no port to stream to".into()))?;
-    let sockets = world.topology.app_sockets(SLEEP.place())?;
-    let mut stream = tokio::time::timeout(Duration::from_secs(3), sockets.connect(target, None))
+    let connect = world.connect(SLEEP.place(), target);
+    let mut stream = tokio::time::timeout(Duration::from_secs(3), connect)
         .await
         .map_err(|_| DemoError::Setup(format!("sleep → {target}: connect timed out")))?
         .map_err(|e| DemoError::Setup(format!("sleep → {target}: {e}")))?;

@@ -11,6 +11,7 @@ use super::scenario::{self, PODS};
 use crate::capture::cni::{CniConnection, CniServer, SnapshotPod};
 use crate::capture::nft::{self, RedirectPorts};
 use crate::capture::{CaptureError, PodInfo, ZdsError};
+use crate::config::CaptureBackend;
 use crate::topology::{Topology, TopologyError};
 
 /// Why a node's ztund did not take its pods; the demo reports it with the daemon's log, after
@@ -63,9 +64,14 @@ impl CniAgent {
         })
     }
 
-    /// Accepts the node's ztund, sends it the snapshot of the node's pods and then redirects
-    /// each pod's traffic to it. `Err(reason)` for the caller to report with the daemon's log.
-    pub async fn hand_over_pods(&mut self, topology: &Topology) -> Result<(), HandOverError> {
+    /// Accepts the node's ztund, sends it the snapshot of the node's pods and then, for the
+    /// nftables backend, redirects each pod's traffic to it (the eBPF backend's ztund captures
+    /// the pods itself). `Err(reason)` for the caller to report with the daemon's log.
+    pub async fn hand_over_pods(
+        &mut self,
+        topology: &Topology,
+        backend: CaptureBackend,
+    ) -> Result<(), HandOverError> {
         let connection = tokio::time::timeout(CONNECT_DEADLINE, self.server.accept())
             .await
             .map_err(|_| HandOverError::NoConnection(CONNECT_DEADLINE))?
@@ -97,7 +103,11 @@ impl CniAgent {
             .map_err(HandOverError::Snapshot)?;
         // istio-cni redirects a pod's traffic once ztund has acknowledged the pod.
         let ports = RedirectPorts::default();
-        for (info, netns) in &handed {
+        let redirected = match backend {
+            CaptureBackend::Nftables => &handed[..],
+            CaptureBackend::Ebpf => &[],
+        };
+        for (info, netns) in redirected {
             nft::install_pod_redirection(netns, &ports).map_err(|source| {
                 HandOverError::Redirect {
                     pod: info.name.clone(),

@@ -2,13 +2,15 @@
 //! `ztund controlplane` the demo starts, the real daemons in in-pod capture with the demo as each
 //! node's istio-cni agent, real traffic between pods and a table of what the daemons saw; then a
 //! policy change pushed while traffic flows; then everything is torn down, also on Ctrl-C. The
-//! mesh itself is in `scenario`, the running pieces in `world` (`controlplane`, `agent`), the
-//! flows in `traffic`, the policy change in `act`, the printing in `report`.
+//! mesh itself is in `scenario`, the running pieces in `world` (`controlplane`, `agent`, and for
+//! the eBPF capture backend `sandbox`), the flows in `traffic`, the policy change in `act`, the
+//! printing in `report`.
 
 mod act;
 mod agent;
 mod controlplane;
 mod report;
+mod sandbox;
 mod scenario;
 mod traffic;
 mod world;
@@ -20,8 +22,12 @@ use std::time::Instant;
 
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
+use crate::capture::bpf::BpfError;
+use crate::config::CaptureBackend;
 use crate::topology::TopologyError;
 use world::World;
+
+pub use sandbox::{SUBCOMMAND as POD_SANDBOX_SUBCOMMAND, SandboxError, serve as serve_pod_sandbox};
 
 /// Only one demo at a time: the namespace names are fixed so a user can find them.
 const LOCK_FILE: &str = "/run/ztund-demo.lock";
@@ -62,32 +68,66 @@ pub enum DemoError {
     Unexpected(usize),
     #[error("starting the runtime: {0}")]
     Runtime(std::io::Error),
+    /// `--capture-backend ebpf` cannot run here (built without clang): the backend's own reason.
+    #[error("--capture-backend ebpf: {0}")]
+    Bpf(#[source] BpfError),
+    /// The eBPF backend's pod sandboxes, cgroups or bpffs.
+    #[error("--capture-backend ebpf: {0}")]
+    Sandbox(#[from] SandboxError),
+}
+
+/// How the demo runs: its command line.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// Keep the topology up until Ctrl-C.
+    pub hold: bool,
+    /// The pods', the nodes' and the control plane's IPv6 addresses.
+    pub ipv6: bool,
+    /// How the daemons capture the pods' traffic.
+    pub backend: CaptureBackend,
 }
 
 /// Runs the demo; with `hold`, keeps the topology up until Ctrl-C; with `ipv6`, on the pods',
-/// the nodes' and the control plane's IPv6 addresses.
-pub fn run(hold: bool, ipv6: bool) -> Result<(), DemoError> {
-    preflight()?;
+/// the nodes' and the control plane's IPv6 addresses; the daemons capture with `backend`.
+pub fn run(options: Options) -> Result<(), DemoError> {
+    preflight(options.backend)?;
     let _lock = DemoLock::acquire()?;
     // One thread: daemons are forked from it and die with it (PR_SET_PDEATHSIG).
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(DemoError::Runtime)?;
-    runtime.block_on(demo(hold, ipv6))
+    runtime.block_on(demo(options))
 }
 
-/// Root, `ip` and `nft`, checked before anything is made.
-fn preflight() -> Result<(), DemoError> {
+/// Root, `ip`, and `nft` for the nftables backend or the eBPF programs for the eBPF one,
+/// checked before anything is made.
+fn preflight(backend: CaptureBackend) -> Result<(), DemoError> {
     if !nix::unistd::geteuid().is_root() {
         return Err(DemoError::NotRoot);
     }
-    for (tool, package) in [("ip", "iproute2"), ("nft", "nftables")] {
+    backend_built_in(backend)?;
+    let mut tools = vec![("ip", "iproute2")];
+    if backend == CaptureBackend::Nftables {
+        tools.push(("nft", "nftables"));
+    }
+    for (tool, package) in tools {
         if !on_path(tool) {
             return Err(DemoError::MissingTool { tool, package });
         }
     }
     Ok(())
+}
+
+/// The eBPF backend needs the programs build.rs compiles with clang; without them the demo
+/// stops with the backend's own reason. No fall-back to nftables: the user asked to see eBPF.
+fn backend_built_in(backend: CaptureBackend) -> Result<(), DemoError> {
+    match backend {
+        CaptureBackend::Ebpf if !crate::capture::bpf::built_in() => {
+            Err(DemoError::Bpf(BpfError::Unavailable))
+        }
+        _ => Ok(()),
+    }
 }
 
 fn on_path(tool: &str) -> bool {
@@ -102,17 +142,19 @@ fn is_executable(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
-async fn demo(hold: bool, ipv6: bool) -> Result<(), DemoError> {
+async fn demo(options: Options) -> Result<(), DemoError> {
+    let Options { hold, .. } = options;
     let started = Instant::now();
     let mut stop = Stop::install()?;
     println!(
-        "ztund demo: {} nodes × {} pods from network namespaces ({}-*), handed to the real daemons as istio-cni does",
+        "ztund demo: {} nodes × {} pods from network namespaces ({}-*), handed to the real daemons as istio-cni does; capture backend: {}",
         scenario::NODES,
         scenario::PODS_PER_NODE,
-        world::PREFIX
+        world::PREFIX,
+        backend_label(options.backend),
     );
     let world = tokio::select! {
-        world = World::start(ipv6) => world?,
+        world = World::start(options.ipv6, options.backend) => world?,
         signal = stop.wait() => return Err(DemoError::Interrupted(signal)),
     };
     print!("{}", describe(&world));
@@ -147,8 +189,12 @@ async fn demo(hold: bool, ipv6: bool) -> Result<(), DemoError> {
         println!("{signal}: tearing down");
     }
     drop(world);
+    let ebpf = match options.backend {
+        CaptureBackend::Ebpf => ", pod cgroups removed, bpffs unmounted",
+        CaptureBackend::Nftables => "",
+    };
     println!(
-        "torn down: daemons stopped, namespaces deleted ({:.1}s in all)",
+        "torn down: daemons stopped, namespaces deleted{ebpf} ({:.1}s in all)",
         started.elapsed().as_secs_f32()
     );
     let unexpected =
@@ -156,6 +202,16 @@ async fn demo(hold: bool, ipv6: bool) -> Result<(), DemoError> {
     match unexpected {
         0 => Ok(()),
         n => Err(DemoError::Unexpected(n)),
+    }
+}
+
+/// The capture backend as the header names it.
+fn backend_label(backend: CaptureBackend) -> &'static str {
+    match backend {
+        CaptureBackend::Nftables => "nftables (istio-cni's rules in each pod)",
+        CaptureBackend::Ebpf => {
+            "eBPF (cgroup connect hooks and sk_lookup per pod, no netfilter rules)"
+        }
     }
 }
 
@@ -239,5 +295,28 @@ impl DemoLock {
             return Err(DemoError::AlreadyRunning);
         }
         Ok(DemoLock(file))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A build without clang refuses `--capture-backend ebpf` before building anything, with
+    /// the backend's message; a build with it (CI's) goes on. nftables needs no programs.
+    #[test]
+    fn ebpf_without_the_built_programs_is_refused_with_the_backends_reason() {
+        assert!(backend_built_in(CaptureBackend::Nftables).is_ok());
+        match backend_built_in(CaptureBackend::Ebpf) {
+            Ok(()) => assert!(crate::capture::bpf::built_in()),
+            Err(e) => {
+                assert!(!crate::capture::bpf::built_in());
+                let text = e.to_string();
+                assert!(
+                    text.contains("eBPF capture unavailable: built without clang"),
+                    "{text}"
+                );
+            }
+        }
     }
 }

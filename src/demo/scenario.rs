@@ -242,8 +242,8 @@ pub fn zds_socket(n: usize, dir: &Path) -> PathBuf {
 }
 
 /// Node `n`'s ztund config: pods from istio-cni (the demo) over ZDS, mesh and certificates from
-/// `source`.
-pub fn node_config(n: usize, dir: &Path, source: NodeSource) -> String {
+/// `source`; with `bpf_dir`, captured by the eBPF backend pinning there.
+pub fn node_config(n: usize, dir: &Path, source: NodeSource, bpf_dir: Option<&Path>) -> String {
     let node = node_name(n);
     let common = format!(
         "node: {node}
@@ -261,7 +261,11 @@ zdsSocket: {zds}
         root = source.root_cert.display(),
         token = source.token_file.display(),
     );
-    common + &source
+    let backend = match bpf_dir {
+        Some(bpf_dir) => format!("captureBackend: ebpf\nbpfDir: {}\n", bpf_dir.display()),
+        None => String::new(),
+    };
+    common + &source + &backend
 }
 
 #[cfg(test)]
@@ -368,19 +372,40 @@ mod tests {
         assert_eq!(verdict("httpbin"), Decision::Allow);
     }
 
+    /// Node 1's config with the control plane's files in `dir`.
+    fn config_text(dir: &Path, bpf_dir: Option<&Path>) -> String {
+        let (root, token) = (
+            dir.join("cp-state/ca/root-cert.pem"),
+            dir.join("token-node1"),
+        );
+        let source = NodeSource {
+            address: "10.200.0.1:15012".parse().unwrap(),
+            root_cert: &root,
+            token_file: &token,
+        };
+        node_config(1, dir, source, bpf_dir)
+    }
+
+    #[test]
+    fn the_ebpf_configs_pick_the_backend_and_its_pin_directory() {
+        let dir = Path::new("/tmp/ztdemo-x");
+        let pins = dir.join("bpf/node1");
+        let text = config_text(dir, Some(&pins));
+        let config = crate::config::Config::parse(&text, "node1.yaml").expect("valid config");
+        assert_eq!(config.capture_backend, crate::config::CaptureBackend::Ebpf);
+        assert_eq!(config.bpf_dir, pins);
+        assert_eq!(config.capture, crate::config::CaptureMode::IstioCni);
+    }
+
     #[test]
     fn the_configs_take_pods_from_istio_cni_and_the_mesh_from_their_source() {
         let dir = Path::new("/tmp/ztdemo-x");
-        let text = node_config(
-            1,
-            dir,
-            NodeSource {
-                address: "10.200.0.1:15012".parse().unwrap(),
-                root_cert: &dir.join("cp-state/ca/root-cert.pem"),
-                token_file: &dir.join("token-node1"),
-            },
-        );
+        let text = config_text(dir, None);
         let config = crate::config::Config::parse(&text, "node1.yaml").expect("valid config");
+        assert_eq!(
+            config.capture_backend,
+            crate::config::CaptureBackend::Nftables
+        );
         assert_eq!(config.node, "node1");
         assert_eq!(config.capture, crate::config::CaptureMode::IstioCni);
         assert_eq!(config.zds_socket, dir.join("zds-node1.sock"));

@@ -144,12 +144,8 @@ async fn send(world: &World, flow: &Flow) -> ClientSide {
         error: None,
     };
     let exchange = async {
-        let sockets = world
-            .topology
-            .app_sockets(place)
-            .map_err(|e| e.to_string())?;
-        let mut stream = sockets
-            .connect(flow.target, None)
+        let mut stream = world
+            .connect(place, flow.target)
             .await
             .map_err(|e| format!("connect: {e}"))?;
         stream

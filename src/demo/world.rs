@@ -1,10 +1,13 @@
 //! The demo's running world: the namespace topology, a private working directory (mesh, node
 //! configs, logs), the apps in the pods, the mesh's source (a `ztund controlplane` it started, or
 //! a mesh file and a built-in CA), one real `ztund run` per node with the demo as its istio-cni
-//! agent. Dropping it kills the daemons, closes the agents, kills the control plane, deletes the
-//! namespaces and removes the directory, in that order.
+//! agent; with the eBPF capture backend also the pods' sandboxes, cgroups and a bpffs
+//! (`sandbox`). Dropping it kills the daemons, closes the agents, kills the sandboxes and removes
+//! their cgroups and the bpffs, kills the control plane, deletes the namespaces and removes the
+//! directory, in that order.
 
 use std::fs::{DirBuilder, File};
+use std::io;
 use std::net::SocketAddr;
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::process::CommandExt;
@@ -13,11 +16,14 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 use super::DemoError;
 use super::agent::CniAgent;
 use super::controlplane::{self, ControlPlane};
+use super::sandbox::{self, EbpfPods};
 use super::scenario::{self, NODES, NodeSource, PODS, PODS_PER_NODE};
+use crate::config::CaptureBackend;
 use crate::topology::{ChildGuard, Place, Topology};
 
 /// The prefix of every namespace the demo creates.
@@ -53,6 +59,8 @@ impl NodeDaemon {
 pub struct World {
     pub daemons: Vec<NodeDaemon>,
     agents: Vec<CniAgent>,
+    /// The eBPF backend's sandboxes, cgroups and bpffs; `None` with nftables.
+    ebpf: Option<EbpfPods>,
     /// The mesh's source when it is `ztund controlplane`; `None`: the mesh file.
     pub control_plane: Option<ControlPlane>,
     pub topology: Topology,
@@ -64,11 +72,11 @@ pub struct World {
 }
 
 impl World {
-    /// Builds the namespaces, writes the mesh into the control plane's directory and starts
-    /// it, starts the apps and the daemons, hands each daemon its
-    /// node's pods, and waits until every daemon is ready. Anything made before a failure is
-    /// removed again.
-    pub async fn start(ipv6: bool) -> Result<World, DemoError> {
+    /// Builds the namespaces (for eBPF, with the pods' sandboxes), writes the mesh into the
+    /// control plane's directory and starts it, starts the apps and the daemons, hands each
+    /// daemon its node's pods, and waits until every daemon is ready. Anything made before a
+    /// failure is removed again.
+    pub async fn start(ipv6: bool, backend: CaptureBackend) -> Result<World, DemoError> {
         let dir = WorkDir::create()?;
         let topology = Topology::with_prefix(PREFIX, NODES, PODS_PER_NODE)?;
         let mesh = scenario::mesh_yaml(
@@ -78,12 +86,17 @@ impl World {
         let mut world = World {
             daemons: Vec::new(),
             agents: Vec::new(),
+            ebpf: None,
             control_plane: None,
             topology,
             dir,
             ipv6,
             mesh,
         };
+        if backend == CaptureBackend::Ebpf {
+            // Before the daemons: ztund finds a pod's cgroup from its sandbox when handed it.
+            world.ebpf = Some(EbpfPods::start(&world.topology, world.dir.path())?);
+        }
         let cp_dir = world.dir.path().join("cp");
         DirBuilder::new()
             .mode(0o700)
@@ -107,7 +120,7 @@ impl World {
             world.daemons.push(daemon);
         }
         for (agent, daemon) in world.agents.iter_mut().zip(&world.daemons) {
-            if let Err(reason) = agent.hand_over_pods(&world.topology).await {
+            if let Err(reason) = agent.hand_over_pods(&world.topology, backend).await {
                 return Err(DemoError::Daemon {
                     node: scenario::node_name(daemon.node),
                     reason: reason.to_string(),
@@ -142,7 +155,8 @@ impl World {
             root_cert: &root,
             token_file: &token,
         };
-        let text = scenario::node_config(n, self.dir.path(), source);
+        let bpf_dir = self.ebpf.as_ref().map(|e| e.bpffs.node_dir(n));
+        let text = scenario::node_config(n, self.dir.path(), source, bpf_dir.as_deref());
         self.dir.write(&format!("{node}.yaml"), &text)
     }
 
@@ -175,6 +189,21 @@ impl World {
             log,
             child,
         })
+    }
+
+    /// Connects to `target` from an app at `place`, with a plain unmarked socket; in a pod of the
+    /// eBPF world the socket is made by the pod's sandbox, so it belongs to the pod's cgroup
+    /// and ztund captures it.
+    pub async fn connect(&self, place: Place, target: SocketAddr) -> io::Result<TcpStream> {
+        if let Some(sandbox) = self.ebpf.as_ref().and_then(|e| e.sandbox(place)) {
+            let socket = sandbox.socket(target.is_ipv6())?;
+            socket.set_nonblocking(true)?;
+            socket.set_tcp_nodelay(true)?;
+            let socket = tokio::net::TcpSocket::from_std_stream(socket.into());
+            return socket.connect(target).await;
+        }
+        let sockets = self.topology.app_sockets(place).map_err(io::Error::other)?;
+        sockets.connect(target, None).await
     }
 
     /// The daemon of node `n`.
@@ -262,6 +291,7 @@ impl WorkDir {
                     .to_string_lossy()
                     .starts_with(WORK_DIR_PREFIX)
                 {
+                    sandbox::remove_leftovers(&entry.path());
                     let _ = std::fs::remove_dir_all(entry.path());
                 }
             }
