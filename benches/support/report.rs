@@ -327,7 +327,11 @@ fn comparison_row(
     earlier: (Option<f64>, Option<f64>),
 ) {
     let pair = |x: Option<f64>, y: Option<f64>| match (x, y) {
-        (Some(x), Some(y)) => (format!("{} -> {}", num(x), num(y)), Some(y / x - 1.0)),
+        // A change from zero has no percentage (0 -> 0 is no change, not NaN).
+        (Some(x), Some(y)) => (
+            format!("{} -> {}", num(x), num(y)),
+            (x != 0.0).then(|| y / x - 1.0),
+        ),
         _ => ("-".to_string(), None),
     };
     let (ztund, change) = pair(earlier.0, median(&now.ztund));
