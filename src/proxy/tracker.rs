@@ -72,6 +72,16 @@ impl TrackedConnection {
         &self.registration.facts
     }
 
+    /// The workload the connection reaches.
+    pub fn workload(&self) -> &Arc<Workload> {
+        &self.registration.workload
+    }
+
+    /// The client's socket, as registered.
+    pub fn client(&self) -> SocketAddr {
+        self.registration.client
+    }
+
     /// Resolves with the denial once the connection must close; never while it may stay (nor
     /// once the tracker is gone: the daemon is stopping and nothing will close it).
     pub async fn closed(&self) -> String {
