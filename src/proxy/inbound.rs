@@ -475,10 +475,12 @@ mod tests {
 
     /// Every CONNECT stream's task holds this future for the stream's whole life; the set-up
     /// state (authorization, the app connect: 2.7 KiB inline) must not be part of it, nor what
-    /// the tracker's registration already keeps (workload, client, target: 672 bytes before).
+    /// the tracker's registration already keeps (workload, client, target), nor a waiting
+    /// `Notify` future (672 bytes before both). tokio adds ~112 bytes and rounds the task up
+    /// to 128: 480 bytes make a 640-byte task.
     #[test]
     fn an_open_stream_keeps_only_the_copy_state_on_its_task() {
         let size = output_size(handle_connect);
-        assert!(size <= 640, "the inbound stream future is {size} bytes");
+        assert!(size <= 512, "the inbound stream future is {size} bytes");
     }
 }
