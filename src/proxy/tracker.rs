@@ -6,12 +6,13 @@
 use std::collections::HashMap;
 use std::future::poll_fn;
 use std::net::SocketAddr;
-use std::pin::{Pin, pin};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
-use std::task::Poll;
+use std::task::{Context, Poll};
 
-use tokio::sync::{Notify, watch};
+use futures::task::AtomicWaker;
+use tokio::sync::watch;
 use tracing::info;
 
 use super::copy::Transferred;
@@ -42,8 +43,10 @@ struct Registration {
     client: SocketAddr,
     /// Set once, to the denial reason, to close the connection.
     close: OnceLock<String>,
-    /// Woken after `close` is set; keeps the wake-up if the connection is not waiting yet.
-    wake: Notify,
+    /// The connection's task, woken after `close` is set. Not a `Notify`: its waiting future
+    /// (~100 bytes) would sit on every connection's task for the connection's whole life, and
+    /// polling it takes a mutex; `close` keeps the decision for a task not waiting yet.
+    wake: AtomicWaker,
 }
 
 /// One connection closed by a re-check.
@@ -72,24 +75,39 @@ impl TrackedConnection {
         &self.registration.facts
     }
 
+    /// The workload the connection reaches.
+    pub fn workload(&self) -> &Arc<Workload> {
+        &self.registration.workload
+    }
+
+    /// The client's socket, as registered.
+    pub fn client(&self) -> SocketAddr {
+        self.registration.client
+    }
+
     /// Resolves with the denial once the connection must close; never while it may stay (nor
-    /// once the tracker is gone: the daemon is stopping and nothing will close it).
+    /// once the tracker is gone: the daemon is stopping and nothing will close it). One task
+    /// at a time may wait.
     pub async fn closed(&self) -> String {
-        loop {
-            if let Some(reason) = self.registration.close.get() {
-                return reason.clone();
-            }
-            self.registration.wake.notified().await;
+        poll_fn(|cx| self.poll_closed(cx)).await
+    }
+
+    fn poll_closed(&self, cx: &mut Context<'_>) -> Poll<String> {
+        if let Some(reason) = self.registration.close.get() {
+            return Poll::Ready(reason.clone());
+        }
+        self.registration.wake.register(cx.waker());
+        // Checked again: a close between the first check and the register woke no one.
+        match self.registration.close.get() {
+            Some(reason) => Poll::Ready(reason.clone()),
+            None => Poll::Pending,
         }
     }
 
     /// Runs `copy` until it ends or policy closes the connection. Dropping the copy drops both
     /// sockets, so after a policy close the app gets no further byte. `copy` stays where it is
     /// (polled in place, not moved into a second slot): this future lives as long as the
-    /// connection.
-    // Not an `async fn`: that would keep a second copy of `copy` in the future (~270 bytes
-    // more per connection).
-    #[allow(clippy::manual_async_fn)]
+    /// connection, and holds nothing but `copy` and `self`.
     pub fn guard<'a, C>(
         &'a self,
         mut copy: C,
@@ -97,19 +115,13 @@ impl TrackedConnection {
     where
         C: Future<Output = std::io::Result<Transferred>> + Unpin + Send + 'a,
     {
-        async move {
-            let mut closed = pin!(self.closed());
-            poll_fn(|cx| {
-                if let Poll::Ready(result) = Pin::new(&mut copy).poll(cx) {
-                    return Poll::Ready(result);
-                }
-                closed
-                    .as_mut()
-                    .poll(cx)
-                    .map(|reason| Err(std::io::Error::other(format!("closed by policy: {reason}"))))
-            })
-            .await
-        }
+        poll_fn(move |cx| {
+            if let Poll::Ready(result) = Pin::new(&mut copy).poll(cx) {
+                return Poll::Ready(result);
+            }
+            self.poll_closed(cx)
+                .map(|reason| Err(std::io::Error::other(format!("closed by policy: {reason}"))))
+        })
     }
 }
 
@@ -167,7 +179,7 @@ impl ConnectionTracker {
             facts,
             client,
             close: OnceLock::new(),
-            wake: Notify::new(),
+            wake: AtomicWaker::new(),
         });
         if let Ok(mut open) = self.open.lock() {
             open.insert(id, registration.clone());
@@ -212,7 +224,7 @@ impl ConnectionTracker {
                 Decision::Allow => true,
                 Decision::Deny(reason) => {
                     let _ = entry.close.set(reason.clone());
-                    entry.wake.notify_one();
+                    entry.wake.wake();
                     closed.push(Closed {
                         workload_uid: entry.workload.uid.clone(),
                         workload_name: entry.workload.name.clone(),
