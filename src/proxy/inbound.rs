@@ -65,6 +65,7 @@ async fn handle_connection(
     drop(snapshot);
     let server_config = ctx.credentials.server_config(&workload.identity()).await?;
     let acceptor = TlsAcceptor::from(server_config);
+    let lingering = super::linger::Lingering::keep(&tcp);
     let tls = tokio::select! {
         tls = tls_accept(ReadAhead::new(tcp), &acceptor, peer) => tls,
         why = pending.shed() => {
@@ -100,6 +101,9 @@ async fn handle_connection(
         ));
     })
     .await;
+    if let Some(lingering) = lingering {
+        lingering.close().await;
+    }
     match served {
         Err(e @ HboneError::Alpn { .. }) => {
             refusals.record(port, RefusalReason::Alpn, peer, &e);

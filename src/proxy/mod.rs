@@ -10,6 +10,7 @@ pub mod error;
 pub mod inbound;
 pub mod inbound_plaintext;
 pub mod labels;
+pub mod linger;
 pub mod originate;
 pub mod outbound;
 pub mod refusals;

@@ -407,6 +407,15 @@ async fn carry(ctx: &ProxyContext, connection: Box<Connection>) {
     record.finish(ctx, result);
 }
 
+/// Why an outbound connection ended in error: its set-up failed, or its copy did.
+#[derive(Debug, thiserror::Error)]
+enum Ended {
+    #[error("{0}")]
+    SetUp(Failure),
+    #[error("{0}")]
+    Copy(std::io::Error),
+}
+
 /// What an outbound connection's access-log line and metrics need once its copy has ended.
 struct Record {
     source: Option<Arc<Workload>>,
@@ -424,7 +433,7 @@ struct Record {
 fn start(
     ctx: &ProxyContext,
     connection: Box<Connection>,
-) -> (Record, impl Future<Output = Result<Transferred, String>>) {
+) -> (Record, impl Future<Output = Result<Transferred, Ended>>) {
     use futures::future::{Either, FutureExt, ready};
     let Connection {
         source,
@@ -443,7 +452,7 @@ fn start(
         Ok(Upstream::Tunnel(stream)) => stream.peer_identity().cloned(),
         _ => None,
     };
-    let text = |result: std::io::Result<Transferred>| result.map_err(|e| e.to_string());
+    let text = |result: std::io::Result<Transferred>| result.map_err(Ended::Copy);
     let copy = match upstream {
         Ok(Upstream::Tunnel(stream)) => {
             Either::Left(Either::Left(copy_tcp_h2(client, stream).map(text)))
@@ -455,7 +464,7 @@ fn start(
         Ok(Upstream::Tls(tls)) => Either::Right(Either::Left(
             Box::pin(copy_bidirectional(client, *tls)).map(text),
         )),
-        Err(failure) => Either::Right(Either::Right(ready(Err(failure.to_string())))),
+        Err(failure) => Either::Right(Either::Right(ready(Err(Ended::SetUp(failure))))),
     };
     let record = Record {
         source,
@@ -472,7 +481,7 @@ fn start(
 
 impl Record {
     /// Counts the connection closed and writes its access-log line.
-    fn finish(self, ctx: &ProxyContext, result: Result<Transferred, String>) {
+    fn finish(self, ctx: &ProxyContext, result: Result<Transferred, Ended>) {
         let Record {
             source,
             peer,
@@ -508,7 +517,7 @@ impl Record {
             bytes_sent = received,
             bytes_received = sent,
             duration_ms = started.elapsed().as_millis() as u64,
-            error = result.as_ref().err().map(String::as_str).unwrap_or(""),
+            error = %Optional(result.as_ref().err()),
             "connection complete"
         );
     }
