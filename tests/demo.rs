@@ -77,26 +77,18 @@ fn row<'a>(stdout: &'a str, from_to: &str) -> &'a str {
 }
 
 fn assert_nothing_left(stdout: &str) {
-    assert_eq!(
-        demo_namespaces(),
-        Vec::<String>::new(),
-        "demo namespaces left behind:\n{stdout}"
-    );
-    assert_eq!(
-        demo_dirs(),
-        Vec::<String>::new(),
-        "demo directories left behind"
-    );
-    assert_eq!(
-        demo_cgroups(),
-        Vec::<String>::new(),
-        "demo cgroups left behind"
-    );
-    assert_eq!(
-        demo_bpffs_mounts(),
-        Vec::<String>::new(),
-        "demo bpffs left mounted"
-    );
+    let leftovers = [
+        ("namespaces", demo_namespaces()),
+        ("directories", demo_dirs()),
+        ("cgroups", demo_cgroups()),
+        ("bpffs mounts", demo_bpffs_mounts()),
+    ];
+    for (what, left) in leftovers {
+        assert!(
+            left.is_empty(),
+            "demo {what} left behind: {left:?}\n{stdout}"
+        );
+    }
 }
 
 /// Runs `ztund demo` with `args`; its stdout once it succeeded.
