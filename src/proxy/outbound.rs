@@ -126,14 +126,15 @@ impl FirstData<'_> {
 /// What `client` has already received, without waiting: one `recv(MSG_DONTWAIT)` straight on
 /// the socket (tokio's readiness for a socket just accepted is not known yet, so its
 /// `try_read` would not even look). Nothing on EOF or any error: the copy meets those again.
+/// Read onto the stack and copied out at its size: a client that has not spoken yet (or a
+/// server-first protocol) costs no allocation, one that has costs only what it sent.
 fn read_ready(client: &TcpStream) -> bytes::Bytes {
-    let mut buf = bytes::BytesMut::with_capacity(FIRST_DATA_MAX);
-    let spare = &mut buf.spare_capacity_mut()[..FIRST_DATA_MAX];
-    match socket2::SockRef::from(client).recv_with_flags(spare, libc::MSG_DONTWAIT) {
+    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); FIRST_DATA_MAX];
+    match socket2::SockRef::from(client).recv_with_flags(&mut buf, libc::MSG_DONTWAIT) {
         Ok(n) if n > 0 => {
-            // SAFETY: the kernel initialised the first `n` bytes of the spare capacity.
-            unsafe { buf.set_len(n) };
-            buf.freeze()
+            // SAFETY: the kernel initialised the first `n` bytes.
+            let read = unsafe { std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), n) };
+            bytes::Bytes::copy_from_slice(read)
         }
         _ => bytes::Bytes::new(),
     }
