@@ -7,10 +7,8 @@
 //! found through a [`SeriesKey`] naming what the labels were derived from, so a connection
 //! between a pair already seen neither builds labels nor hashes them.
 
-use std::any::Any;
-use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::hash::{Hash, Hasher};
+use std::hash::Hash;
 use std::sync::{Arc, OnceLock, RwLock};
 
 use prometheus_client::encoding::{
@@ -23,138 +21,8 @@ use prometheus_client::registry::Registry;
 
 use super::labels::{Reporter, TrafficLabels, encode_label};
 use super::process::ProcessCollector;
-use crate::identity::SpiffeId;
-
-/// One label set's traffic counters. Each is taken from its family on first use, so the
-/// exposition lists exactly the series that the label-by-label API would have created.
-#[derive(Debug)]
-pub struct TrafficSeries {
-    labels: TrafficLabels,
-    opened: OnceLock<Counter>,
-    closed: OnceLock<Counter>,
-    failed: OnceLock<Counter>,
-    received: OnceLock<Counter>,
-    sent: OnceLock<Counter>,
-}
-
-impl TrafficSeries {
-    fn new(labels: TrafficLabels) -> Self {
-        TrafficSeries {
-            labels,
-            opened: OnceLock::new(),
-            closed: OnceLock::new(),
-            failed: OnceLock::new(),
-            received: OnceLock::new(),
-            sent: OnceLock::new(),
-        }
-    }
-
-    pub fn labels(&self) -> &TrafficLabels {
-        &self.labels
-    }
-
-    fn counter<'a>(
-        &self,
-        slot: &'a OnceLock<Counter>,
-        family: &Family<TrafficLabels, Counter>,
-    ) -> &'a Counter {
-        slot.get_or_init(|| family.get_or_create(&self.labels).clone())
-    }
-}
-
-/// What a connection's labels were derived from: a derivation name, the shared objects it read
-/// (compared by address, and kept alive by the key so an address cannot be reused while it is
-/// cached) and the peer's identity. The caller promises that equal keys give equal labels,
-/// which holds when the objects are immutable (snapshot entries).
-#[derive(Clone)]
-pub struct SeriesKey {
-    derivation: &'static str,
-    sources: [Option<Arc<dyn Any + Send + Sync>>; 3],
-    peer: Option<SpiffeId>,
-}
-
-impl SeriesKey {
-    pub fn new(
-        derivation: &'static str,
-        sources: [Option<Arc<dyn Any + Send + Sync>>; 3],
-        peer: Option<SpiffeId>,
-    ) -> Self {
-        SeriesKey {
-            derivation,
-            sources,
-            peer,
-        }
-    }
-
-    fn addresses(&self) -> [*const (); 3] {
-        self.sources.each_ref().map(|source| {
-            source
-                .as_ref()
-                .map_or(std::ptr::null(), |s| Arc::as_ptr(s).cast::<()>())
-        })
-    }
-
-    /// Whether anyone but the cache still holds the objects (a snapshot or a connection).
-    fn in_use(&self) -> bool {
-        self.sources
-            .iter()
-            .flatten()
-            .all(|source| Arc::strong_count(source) > 1)
-    }
-}
-
-impl PartialEq for SeriesKey {
-    fn eq(&self, other: &Self) -> bool {
-        self.derivation == other.derivation
-            && self.addresses() == other.addresses()
-            && self.peer == other.peer
-    }
-}
-
-impl Eq for SeriesKey {}
-
-impl Hash for SeriesKey {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        self.derivation.hash(state);
-        self.addresses().hash(state);
-        self.peer.hash(state);
-    }
-}
-
-impl std::fmt::Debug for SeriesKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SeriesKey")
-            .field("derivation", &self.derivation)
-            .field("sources", &self.addresses())
-            .field("peer", &self.peer)
-            .finish()
-    }
-}
-
-/// Series by key. Entries whose objects left every snapshot are dropped when the cache has
-/// doubled since the last sweep; past [`SeriesCache::MAX`] live entries it starts over.
-#[derive(Debug, Default)]
-struct SeriesCache {
-    series: HashMap<SeriesKey, Arc<TrafficSeries>>,
-    sweep_at: usize,
-}
-
-impl SeriesCache {
-    const FIRST_SWEEP: usize = 1024;
-    const MAX: usize = 1 << 16;
-
-    fn insert(&mut self, key: SeriesKey, series: Arc<TrafficSeries>) -> Arc<TrafficSeries> {
-        let series = self.series.entry(key).or_insert(series).clone();
-        if self.series.len() >= self.sweep_at.max(Self::FIRST_SWEEP) {
-            self.series.retain(|key, _| key.in_use());
-            if self.series.len() >= Self::MAX {
-                self.series.clear();
-            }
-            self.sweep_at = 2 * self.series.len();
-        }
-        series
-    }
-}
+use super::series::SeriesCache;
+pub use super::series::{SeriesKey, TrafficSeries};
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ReporterLabels {

@@ -9,6 +9,7 @@ mod labels;
 mod metrics;
 mod process;
 mod readiness;
+mod series;
 mod server;
 
 #[cfg(test)]

@@ -71,6 +71,20 @@ pub struct H2Settings {
 }
 
 impl H2Settings {
+    /// The HTTP/2 client (the pool's side) with these settings applied; push is refused.
+    pub(crate) fn client_builder(&self) -> h2::client::Builder {
+        let mut builder = h2::client::Builder::new();
+        builder
+            .initial_window_size(self.stream_window)
+            .initial_connection_window_size(self.connection_window)
+            .max_frame_size(self.max_frame_size)
+            .max_header_list_size(self.max_header_list_size)
+            .max_send_buffer_size(self.max_send_buffer)
+            .initial_max_send_streams(self.max_concurrent_streams as usize)
+            .enable_push(false);
+        builder
+    }
+
     /// The pool (client) side.
     pub fn client() -> Self {
         H2Settings {

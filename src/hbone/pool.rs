@@ -30,7 +30,7 @@ use super::frames::FrameWatch;
 use super::keepalive::keepalive;
 use super::recv_window::ConnectionWindow;
 use super::send_budget::{ConnectionLedger, SendBudget};
-use super::{ALPN_H2, ConnectRequest, H2Settings, H2Stream, HboneError};
+use super::{ALPN_H2, ConnectRequest, H2Stream, HboneError};
 use crate::identity::SpiffeId;
 
 /// The HBONE client pool. Cheap to clone; clones share connections.
@@ -257,7 +257,8 @@ impl Pool {
         let peer_identity = crate::tls::peer_identity(tls.get_ref().1).map(Arc::new);
         let not_after = connection_expiry(local_not_after, tls.get_ref().1);
         let ledger = ConnectionLedger::new(Arc::clone(&inner.send_budget));
-        let (send, mut conn) = client_builder(h2)
+        let (send, mut conn) = h2
+            .client_builder()
             .handshake::<_, Bytes>(FrameWatch::client(tls, Arc::clone(&ledger)))
             .await
             .map_err(|source| HboneError::H2 { peer, source })?;
@@ -495,19 +496,6 @@ impl PooledConnection {
             Poll::Pending => true,
         }
     }
-}
-
-fn client_builder(settings: &H2Settings) -> h2::client::Builder {
-    let mut builder = h2::client::Builder::new();
-    builder
-        .initial_window_size(settings.stream_window)
-        .initial_connection_window_size(settings.connection_window)
-        .max_frame_size(settings.max_frame_size)
-        .max_header_list_size(settings.max_header_list_size)
-        .max_send_buffer_size(settings.max_send_buffer)
-        .initial_max_send_streams(settings.max_concurrent_streams as usize)
-        .enable_push(false);
-    builder
 }
 
 /// Runs one client connection: HTTP/2 I/O, the keepalive, and the idle timer. Ends when the

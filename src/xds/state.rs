@@ -362,3 +362,7 @@ impl FileMesh {
 #[cfg(test)]
 #[path = "state_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "state_update_tests.rs"]
+mod update_tests;

@@ -3,6 +3,7 @@
 
 mod hostile;
 mod pool_expiry_tests;
+mod pool_open_tests;
 mod pool_tests;
 mod server_tests;
 
