@@ -10,7 +10,6 @@ use crate::hbone::request::forwarded_for;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resets_spread_over_connections_cancel_their_dials_and_spend_the_peers_budget() {
     let app = App::start(Behaviour::Echo).await;
-    let dials = Arc::new(AtomicUsize::new(0));
     let (connections, streams) = (10u32, 5u32);
     let mut limits = Limits::server();
     limits.early_reset_burst = 4 * streams;
@@ -19,8 +18,8 @@ async fn resets_spread_over_connections_cancel_their_dials_and_spend_the_peers_b
     limits.early_resets_per_second = 0;
     // The caller's authorization of CLIENT_ID outlasts the test: every reset lands while it
     // runs, however slowly the resets travel, and a caller the reset did not cancel is a task
-    // left behind. OTHER_ID is authorized at once.
-    let held = cancellable_forward(4 * WAIT, dials.clone());
+    // left behind (it would dial only after the test). OTHER_ID is authorized at once.
+    let held = cancellable_forward(4 * WAIT, Arc::default());
     let prompt = cancellable_forward(Duration::ZERO, Arc::default());
     let on_connect: OnConnect = Arc::new(move |incoming: IncomingConnect| {
         let other = incoming.peer_identity.as_ref().map(ToString::to_string);
@@ -79,7 +78,7 @@ async fn resets_spread_over_connections_cancel_their_dials_and_spend_the_peers_b
     }
     assert_eq!(
         early(),
-        20,
+        u64::from(4 * streams),
         "early resets counted before the budget closed in"
     );
     assert_eq!(
@@ -89,12 +88,7 @@ async fn resets_spread_over_connections_cancel_their_dials_and_spend_the_peers_b
     );
     assert!(
         tasks_back_to(baseline).await,
-        "a reset left its caller running"
-    );
-    assert_eq!(
-        dials.load(Ordering::SeqCst),
-        0,
-        "a cancelled CONNECT was dialled"
+        "a reset left its caller running: its CONNECT would still be dialled"
     );
     assert_eq!(app.accepted(), 0, "a cancelled CONNECT reached the app");
 
