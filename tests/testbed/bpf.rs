@@ -125,10 +125,11 @@ pub fn in_cgroup(command: &mut Command, cgroup: &Path) -> File {
     procs
 }
 
-/// The sandbox: reads a family byte on fd 3, answers with a new TCP socket of it (SCM_RIGHTS).
+/// The sandbox: reads a family byte on the fd its first argument names, answers with a new TCP
+/// socket of it (SCM_RIGHTS).
 const SANDBOX: &str = r#"
-import socket
-ctl = socket.socket(fileno=3)
+import socket, sys
+ctl = socket.socket(fileno=int(sys.argv[1]))
 while True:
     want = ctl.recv(1)
     if not want:
@@ -151,12 +152,17 @@ impl Sandbox {
         let cgroup = Cgroup::new(&format!("bpf2-{name}"));
         let (ours, theirs) = UnixStream::pair().expect("socketpair");
         let mut command = Command::new("python3");
-        command.args(["-c", SANDBOX]).stdin(Stdio::null());
         let fd = theirs.as_raw_fd();
-        // SAFETY: between fork and exec the child only calls dup2 on an inherited fd.
+        // The socket keeps its number and only loses close-on-exec: moving it to a fixed number
+        // (dup2 onto 3) would overwrite whatever this process had there, such as the netns or
+        // cgroup fd that the hooks below still need.
+        command
+            .args(["-c", SANDBOX, &fd.to_string()])
+            .stdin(Stdio::null());
+        // SAFETY: between fork and exec the child only calls fcntl on an inherited fd.
         unsafe {
             command.pre_exec(move || {
-                if libc::dup2(fd, 3) == 3 {
+                if libc::fcntl(fd, libc::F_SETFD, 0) == 0 {
                     Ok(())
                 } else {
                     Err(io::Error::last_os_error())
